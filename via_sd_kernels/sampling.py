@@ -1,0 +1,61 @@
+"""Turning logits into the distributions that sampling and verification use.
+
+`logits_to_probs` applies each row's temperature, top-k and top-p (in that order, as vLLM and
+Hugging Face do) and returns probabilities; a row with temperature 0 becomes the one-hot of its
+argmax, so greedy and sampled rows share one code path downstream.
+
+Randomness comes from a `torch.Generator` per request, so a request with a seed is reproducible
+whatever else is in the batch. `sample_from_probs` uses the exponential race
+(argmax p / E, E ~ Exp(1)), which is exact and needs one noise vector per row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def logits_to_probs(
+    logits: torch.Tensor,  # [N, V]
+    temperature: torch.Tensor,  # [N] float; 0 = greedy
+    top_k: torch.Tensor | None = None,  # [N] int; 0 = off
+    top_p: torch.Tensor | None = None,  # [N] float; 1 = off
+) -> torch.Tensor:  # [N, V] float32
+    logits = logits.float()
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
+    scaled = logits / t[:, None]
+    if top_k is not None and bool((top_k > 0).any()):
+        k = torch.where(top_k > 0, top_k, torch.full_like(top_k, logits.shape[-1])).clamp(max=logits.shape[-1])
+        kth = torch.sort(scaled, dim=-1, descending=True).values.gather(-1, (k - 1).long()[:, None])
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p is not None and bool((top_p < 1).any()):
+        sorted_logits, idx = torch.sort(scaled, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        # keep a token while the mass before it is < top_p (the top token is always kept)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        drop_sorted = mass_before >= top_p.float()[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    probs = scaled.softmax(-1)
+    if bool(greedy.any()):
+        onehot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(greedy[:, None], onehot, probs)
+    return probs
+
+
+def exponential_noise(
+    num_rows_per_request: list[int], vocab: int, generators: list[torch.Generator | None], device=None
+) -> torch.Tensor:  # [sum(num_rows_per_request), V]
+    """Exp(1) noise, each request's rows drawn from its own generator."""
+    chunks = []
+    for n, g in zip(num_rows_per_request, generators):
+        chunks.append(torch.empty(n, vocab, device=device).exponential_(generator=g))
+    if not chunks:
+        return torch.empty(0, vocab, device=device)
+    return torch.cat(chunks)
+
+
+def sample_from_probs(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:  # [N] int64
+    """Exact sampling by the exponential race: argmax(probs / noise). A one-hot row returns its
+    argmax whatever the noise."""
+    return (probs / noise).argmax(-1)
