@@ -1,0 +1,97 @@
+"""Tokenizer of a model folder: encode, decode, chat template, incremental detokenization.
+
+Wraps the folder's `tokenizer.json` (through transformers' fast tokenizer, offline) so that the
+engine, the gateway and the benchmark agree on one set of ids.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+class Tokenizer:
+    def __init__(self, hf_tokenizer, eos_token_ids: tuple[int, ...]):
+        self._tok = hf_tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.vocab_size = len(hf_tokenizer)
+
+    @classmethod
+    def from_folder(cls, path: str | Path, extra_eos: tuple[int, ...] = ()) -> "Tokenizer":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        eos = set(extra_eos)
+        if tok.eos_token_id is not None:
+            eos.add(int(tok.eos_token_id))
+        return cls(tok, tuple(sorted(eos)))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self._tok, "chat_template", None))
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a chat (`[{"role": ..., "content": ...}]`) ready for generation."""
+        text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.encode(text)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token as OpenAI's `logprobs.content[].token` shows it."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, holding back bytes of an incomplete
+    UTF-8 character, and finds stop strings (the text up to a stop string is kept, the stop
+    string itself is not, as OpenAI does)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+        self.tok = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.text = ""  # text confirmed so far (emitted or ready to emit)
+        self.emitted = 0  # characters of `text` already returned
+        self.stopped = False
+        self._max_stop = max((len(s) for s in stop), default=0)
+
+    def add(self, new_ids: list[int]) -> str:
+        """Append tokens; return the new text that is safe to emit."""
+        if self.stopped:
+            return ""
+        self.ids.extend(new_ids)
+        full = self.tok.decode(self.ids)
+        if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more tokens
+            full = full.rstrip("\ufffd")
+        self.text = full
+        if self.stop:
+            search_from = max(0, self.emitted - self._max_stop)
+            hits = [i for i in (full.find(s, search_from) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = full[: min(hits)]
+                self.stopped = True
+                return self._take(len(self.text))
+            # hold back a tail that could still become a stop string
+            return self._take(max(self.emitted, len(full) - (self._max_stop - 1)))
+        return self._take(len(full))
+
+    def flush(self) -> str:
+        """At the end of a request: whatever was held back."""
+        if self.stopped:
+            return ""
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        out = self.text[self.emitted : upto]
+        self.emitted = upto
+        return out
