@@ -1,0 +1,245 @@
+"""`/v1/completions` and `/v1/chat/completions`: from a `PreparedRequest` to a response.
+
+Non-streamed calls collect every choice and answer one JSON body; streamed calls answer SSE
+frames `data: {json}\\n\\n` and end with `data: [DONE]\\n\\n`. Chat streams start with one chunk
+per choice carrying `delta.role`; with `stream_options.include_usage` one last chunk carries
+`usage` and empty `choices` (no other chunk has a `usage` key).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncGenerator, Literal
+
+from starlette.types import Receive
+
+from server.engine.api import AsyncEngineClient, GenerationRequest, RequestOutput, SpecUsage, TokenLogprob
+from server.gateway.errors import APIError, from_engine_error
+from server.gateway.metrics import GatewayMetrics
+from server.gateway.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatCompletionResponse,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    TopLogprob,
+    Usage,
+    ViaSDUsage,
+)
+from server.gateway.streaming import SSEResponse, merged, open_runs, until_disconnect
+from server.gateway.translate import PreparedRequest
+
+Kind = Literal["chat", "completion"]
+DONE_FRAME = b"data: [DONE]\n\n"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def frame(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+@dataclass
+class ChoiceState:
+    """What one choice has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    via_sd: SpecUsage = field(default_factory=SpecUsage)
+    finish_reason: str | None = None
+    text_offset: int = 0  # completions' logprobs.text_offset runs across chunks
+
+    def add(self, out: RequestOutput) -> None:
+        self.text.append(out.text)
+        if out.logprobs:
+            self.logprobs.extend(out.logprobs)
+        self.completion_tokens = out.completion_tokens or self.completion_tokens
+        self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
+        self.via_sd = out.via_sd
+        if out.finished:
+            self.finish_reason = out.finish_reason
+
+
+def check_failed(out: RequestOutput) -> None:
+    if out.finished and out.finish_reason == "error":
+        raise APIError(500, f"the request failed inside the engine: {out.error or 'unknown error'}", code="engine_error")
+
+
+def usage_of(states: list[ChoiceState], prompt_len: int) -> Usage:
+    via = SpecUsage()
+    for s in states:
+        via.add(s.via_sd)
+    prompt = max((s.prompt_tokens for s in states), default=0) or prompt_len
+    completion = sum(s.completion_tokens for s in states)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        via_sd=ViaSDUsage(**via.to_dict()),
+    )
+
+
+class LogprobFormatter:
+    def __init__(self, tokenizer, top_k: int):
+        self.tok = tokenizer
+        self.k = top_k
+
+    def _text(self, token_id: int) -> str:
+        return self.tok.token_text(token_id)
+
+    def chat(self, items: list[TokenLogprob]) -> ChatChoiceLogprobs:
+        content = []
+        for lp in items:
+            text = self._text(lp.token_id)
+            top = [
+                TopLogprob(token=(t := self._text(tid)), logprob=v, bytes=list(t.encode("utf-8")))
+                for tid, v in lp.top[: self.k]
+            ]
+            content.append(
+                ChatTokenLogprob(token=text, logprob=lp.logprob, bytes=list(text.encode("utf-8")), top_logprobs=top)
+            )
+        return ChatChoiceLogprobs(content=content)
+
+    def completion(self, items: list[TokenLogprob], state: ChoiceState) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for lp in items:
+            text = self._text(lp.token_id)
+            out.tokens.append(text)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append({self._text(tid): v for tid, v in lp.top[: self.k]})
+            out.text_offset.append(state.text_offset)
+            state.text_offset += len(text)
+        return out
+
+
+class Serving:
+    def __init__(self, engine: AsyncEngineClient, metrics: GatewayMetrics | None, request_timeout_s: float):
+        self.engine = engine
+        self.metrics = metrics
+        self.timeout_s = request_timeout_s
+
+    async def handle(self, kind: Kind, prep: PreparedRequest, receive: Receive):
+        call_id = new_id("chatcmpl" if kind == "chat" else "cmpl")
+        created = now()
+        requests = [
+            GenerationRequest(
+                request_id=f"{call_id}-{i}",
+                prompt_token_ids=prep.prompt_token_ids,
+                sampling=sp,
+                spec=prep.spec,
+            )
+            for i, sp in enumerate(prep.sampling)
+        ]
+        deadline = time.monotonic() + self.timeout_s
+        fmt = LogprobFormatter(self.engine.tokenizer, prep.logprobs or 0) if prep.logprobs is not None else None
+
+        if prep.stream:
+            runs = await until_disconnect(open_runs(self.engine, self.metrics, requests), receive)
+            if runs is None:
+                return None  # the client left before the first token; open_runs aborted it
+            frames = self._stream(kind, prep, runs, deadline, call_id, created, fmt)
+
+            async def close_all() -> None:  # also when the stream never got to start
+                for run in runs:
+                    await run.close()
+
+            return SSEResponse(frames, on_close=close_all)
+
+        async def collect():
+            runs = await open_runs(self.engine, self.metrics, requests)
+            states = [ChoiceState() for _ in runs]
+            async for index, out in merged(runs, deadline):
+                check_failed(out)
+                states[index].add(out)
+            return states
+
+        states = await until_disconnect(collect(), receive)
+        if states is None:
+            return None
+        usage = usage_of(states, len(prep.prompt_token_ids))
+        if kind == "chat":
+            return ChatCompletionResponse(
+                id=call_id,
+                created=created,
+                model=prep.model,
+                choices=[
+                    ChatChoice(
+                        index=i,
+                        message=AssistantMessage(content="".join(s.text)),
+                        logprobs=fmt.chat(s.logprobs) if fmt else None,
+                        finish_reason=s.finish_reason,
+                    )
+                    for i, s in enumerate(states)
+                ],
+                usage=usage,
+            )
+        return CompletionResponse(
+            id=call_id,
+            created=created,
+            model=prep.model,
+            choices=[
+                CompletionChoice(
+                    index=i,
+                    text="".join(s.text),
+                    logprobs=fmt.completion(s.logprobs, s) if fmt else None,
+                    finish_reason=s.finish_reason,
+                )
+                for i, s in enumerate(states)
+            ],
+            usage=usage,
+        )
+
+    async def _stream(
+        self, kind: Kind, prep: PreparedRequest, runs, deadline: float, call_id: str, created: int, fmt
+    ) -> AsyncGenerator[bytes, None]:
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        head = {"id": call_id, "object": obj, "created": created, "model": prep.model}
+        states = [ChoiceState() for _ in runs]
+        try:
+            if kind == "chat":
+                for i in range(len(runs)):
+                    yield frame(
+                        {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                              "logprobs": None, "finish_reason": None}]}
+                    )
+            async for index, out in merged(runs, deadline):
+                check_failed(out)
+                state = states[index]
+                state.add(out)
+                if not (out.text or out.logprobs or out.finished):
+                    continue
+                logprobs = None
+                if fmt is not None and out.logprobs:
+                    lp = fmt.chat(out.logprobs) if kind == "chat" else fmt.completion(out.logprobs, state)
+                    logprobs = lp.model_dump(mode="json")
+                elif fmt is not None and kind == "chat":
+                    logprobs = {"content": []}
+                finish = out.finish_reason if out.finished else None
+                if kind == "chat":
+                    delta = {"content": out.text} if out.text else {}
+                    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+                else:
+                    choice = {"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": finish}
+                yield frame({**head, "choices": [choice]})
+            if prep.include_usage:
+                usage = usage_of(states, len(prep.prompt_token_ids))
+                yield frame({**head, "choices": [], "usage": usage.model_dump(mode="json")})
+        except APIError as e:
+            yield e.sse_bytes()
+        except Exception as e:  # an engine failure after the stream started
+            yield from_engine_error(e).sse_bytes()
+        yield DONE_FRAME

@@ -1,0 +1,255 @@
+"""API parameters -> engine parameters, once, at the edge.
+
+`prepare_chat` and `prepare_completion` validate an OpenAI request, tokenize its prompt and return a
+`PreparedRequest`: the prompt ids plus one validated `SamplingParams` per choice and one
+`SpecParams`. Everything the engine cannot honour is rejected here as a 400 that says what to
+change; nothing past this point looks at the HTTP body again.
+
+Context length follows vLLM: `len(prompt) + max_tokens > max_model_len` is rejected with code
+`context_length_exceeded`. When `max_tokens` is omitted, chat defaults to the remaining context
+and completions to OpenAI's legacy 16 (cut to the remaining context).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+from server.engine.config import ConfigError, SamplingParams, SpecParams
+from server.gateway.errors import APIError
+from server.gateway.protocol import ChatCompletionRequest, CompletionRequest, LenientModel
+
+log = logging.getLogger("via_sd.gateway")
+
+MAX_N = 16
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    model: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: tuple[SamplingParams, ...]  # one per choice; len == n
+    spec: SpecParams
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # None: off; k: the chosen token plus the top k
+
+
+def log_unknown_fields(body: LenientModel, where: str = "") -> None:
+    """Unknown fields are ignored, with their names (never their values) in the log."""
+    extra = sorted((body.model_extra or {}).keys())
+    if extra:
+        log.info("ignoring unknown request fields%s: %s", f" in {where}" if where else "", ", ".join(extra))
+
+
+def _reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
+    if req.n < 1 or req.n > MAX_N:
+        raise APIError(400, f"n must be between 1 and {MAX_N}, got {req.n}", param="n")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise APIError(400, f"{name} is not supported by this server; omit it or set it to 0", param=name)
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported by this server; omit it", param="logit_bias")
+
+
+def _check_context(
+    prompt_len: int, max_tokens: int | None, max_model_len: int, prompt_param: str, max_param: str = "max_tokens"
+) -> int:
+    if prompt_len == 0:
+        raise APIError(400, "the prompt is empty; send at least one token", param=prompt_param)
+    if prompt_len >= max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+            f"{prompt_len} tokens, which leaves no room for a completion. Shorten the prompt.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if max_tokens is not None and max_tokens > 0 and prompt_len + max_tokens > max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+            f"completion). Reduce the prompt or max_tokens.",
+            param=max_param,
+            code="context_length_exceeded",
+        )
+    return max_model_len - prompt_len
+
+
+def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def _spec(req: CompletionRequest | ChatCompletionRequest) -> SpecParams:
+    if req.via_sd is None:
+        return SpecParams()
+    log_unknown_fields(req.via_sd, "via_sd")
+    v = req.via_sd
+    return SpecParams(
+        mode=v.mode,
+        accept_threshold=v.accept_threshold,
+        escalate_threshold=v.escalate_threshold,
+        num_draft_tokens=v.num_draft_tokens,
+    )
+
+
+def _sampling(
+    req: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int,
+    max_tokens_param: str,
+    logprobs: int | None,
+    logprobs_param: str,
+) -> tuple[SamplingParams, ...]:
+    top_k = req.top_k if req.top_k is not None else 0
+    base = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else float(req.temperature),
+        top_p=1.0 if req.top_p is None else float(req.top_p),
+        top_k=0 if top_k == -1 else top_k,  # -1 disables top-k, as in vLLM
+        seed=req.seed,
+        stop=_stop(req.stop),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+    )
+    try:
+        base.validate()
+    except ConfigError as e:
+        param = {"max_tokens": max_tokens_param, "top_logprobs": logprobs_param}.get(e.param or "", e.param)
+        raise APIError(400, str(e), param=param, code=e.code) from None
+    # n > 1: n engine requests; a given seed s gives choice i the seed s + i
+    return tuple(
+        replace(base, seed=None if req.seed is None else req.seed + i) for i in range(req.n)
+    )
+
+
+def _validated_spec(req) -> SpecParams:
+    try:
+        return _spec(req).validate()
+    except ConfigError as e:
+        raise APIError(400, str(e), param=e.param, code=e.code) from None
+
+
+def _check_token_ids(ids: list[int], vocab_size: int | None, param: str) -> None:
+    bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param=param)
+
+
+def prepare_completion(req: CompletionRequest, tokenizer, max_model_len: int, model: str) -> PreparedRequest:
+    log_unknown_fields(req)
+    _reject_unsupported(req)
+    if req.echo:
+        raise APIError(400, "echo is not supported by this server; omit it", param="echo")
+    if req.best_of not in (None, 1):
+        raise APIError(400, "best_of is not supported by this server; use n instead", param="best_of")
+    if req.suffix:
+        raise APIError(400, "suffix is not supported by this server; omit it", param="suffix")
+
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise APIError(
+                400,
+                f"batched prompts are not supported: got {len(prompt)} prompts; send one prompt per request",
+                param="prompt",
+            )
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
+    else:
+        ids = list(prompt)
+        _check_token_ids(ids, getattr(tokenizer, "vocab_size", None), "prompt")
+
+    if req.logprobs is not None and not (0 <= req.logprobs <= 20):
+        raise APIError(400, f"logprobs must be in [0, 20], got {req.logprobs}", param="logprobs")
+    remaining = _check_context(len(ids), req.max_tokens, max_model_len, "prompt")
+    max_tokens = req.max_tokens if req.max_tokens is not None else min(COMPLETION_DEFAULT_MAX_TOKENS, remaining)
+    return PreparedRequest(
+        model=model,
+        prompt_token_ids=tuple(ids),
+        sampling=_sampling(req, max_tokens, "max_tokens", req.logprobs, "logprobs"),
+        spec=_validated_spec(req),
+        stream=req.stream,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        logprobs=req.logprobs,
+    )
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict]:
+    """OpenAI messages -> the `[{"role", "content"}]` list a chat template takes."""
+    if not req.messages:
+        raise APIError(400, "messages must contain at least one message", param="messages")
+    out = []
+    for i, m in enumerate(req.messages):
+        role = CHAT_ROLES.get(m.role)
+        if role is None:
+            hint = " (tools are not supported)" if m.role in ("tool", "function") else ""
+            raise APIError(
+                400,
+                f"messages[{i}].role {m.role!r} is not supported{hint}; use one of system, developer, user, assistant",
+                param=f"messages.{i}.role",
+            )
+        content = m.content
+        if content is None:
+            text = ""
+        elif isinstance(content, str):
+            text = content
+        else:
+            pieces = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise APIError(
+                        400,
+                        f"messages[{i}].content[{j}] has type {part.type!r}; only text parts are supported",
+                        param=f"messages.{i}.content.{j}.type",
+                    )
+                pieces.append(part.text)
+            text = "".join(pieces)
+        out.append({"role": role, "content": text})
+    return out
+
+
+def prepare_chat(req: ChatCompletionRequest, tokenizer, max_model_len: int, model: str) -> PreparedRequest:
+    log_unknown_fields(req)
+    for name in ("tools", "tool_choice", "functions", "function_call"):
+        if getattr(req, name) not in (None, [], "none"):
+            raise APIError(400, f"{name} is not supported by this server (no tool calling); omit it", param=name)
+    if req.response_format is not None and req.response_format.type != "text":
+        raise APIError(
+            400,
+            f"response_format type {req.response_format.type!r} is not supported; only 'text' is",
+            param="response_format",
+        )
+    _reject_unsupported(req)
+    messages = chat_messages(req)
+
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+
+    try:
+        ids = tokenizer.apply_chat_template(messages)
+    except Exception as e:  # a template that rejects the conversation (e.g. role order)
+        raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+
+    max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    remaining = _check_context(len(ids), requested, max_model_len, "messages", max_param)
+    max_tokens = requested if requested is not None else remaining
+    return PreparedRequest(
+        model=model,
+        prompt_token_ids=tuple(ids),
+        sampling=_sampling(req, max_tokens, max_param, logprobs, "top_logprobs"),
+        spec=_validated_spec(req),
+        stream=req.stream,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        logprobs=logprobs,
+    )
