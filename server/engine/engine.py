@@ -1,0 +1,299 @@
+"""The embedded engine: requests in, token deltas out, one batched step at a time.
+
+`LLMEngine.step()` runs one scheduling round for every running sequence together:
+prefill chunks and plain decodes go through one full forward; speculative sequences go through
+`server.engine.spec_step` (draft -> slim pass -> gate -> full pass only where needed -> verify).
+Each step reads the device once for its decisions (the host sync).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from server.engine.api import (
+    CompletionResult,
+    EngineStats,
+    GenerationRequest,
+    RequestOutput,
+    RequestRejected,
+    SpecUsage,
+    TokenLogprob,
+)
+from server.engine.config import ConfigError, EngineConfig
+from server.engine.kv_cache import Chunk, KVCache
+from server.engine.model import LlamaModel
+from server.engine.runner import ModelRunner
+from server.engine.scheduler import ScheduledSeq, Scheduler
+from server.engine.sequence import Sequence, Status
+from server.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from via_sd_kernels.sampling import exponential_noise, logits_to_probs, sample_from_probs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, *, model: LlamaModel | None = None, tokenizer: Tokenizer | None = None):
+        self.config = config
+        path = Path(config.model)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.model = model or LlamaModel.from_folder(path, DTYPES[config.dtype])
+        mcfg = self.model.cfg
+        self.tokenizer = tokenizer or Tokenizer.from_folder(path, extra_eos=mcfg.eos_token_ids)
+        self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mcfg.eos_token_ids)
+        self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
+        dtype = DTYPES[config.dtype]
+        num_blocks = config.num_blocks or KVCache.num_blocks_for_memory(mcfg, config.block_size, config.kv_cache_memory_gb, dtype)
+        self.cache = KVCache(mcfg, num_blocks, config.block_size, dtype)
+        self.runner = ModelRunner(self.model, self.cache)
+        self.max_lookahead = max(1, config.spec.num_draft_tokens, 16) if config.spec.mode != "off" else 16
+        self.scheduler = Scheduler(
+            self.cache.pool,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            prefill_chunk=config.prefill_chunk,
+            max_lookahead=self.max_lookahead,
+        )
+        self.seqs: dict[str, Sequence] = {}
+        self.stats_ = EngineStats()
+        from server.engine.spec_step import SpecDecoder
+
+        self.spec = SpecDecoder(self)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request: GenerationRequest) -> Sequence:
+        if request.request_id in self.seqs:
+            raise RequestRejected(f"duplicate request id {request.request_id!r}")
+        try:
+            sampling = request.sampling.validate()
+            spec_req = request.spec.validate()
+        except ConfigError as e:
+            raise RequestRejected(str(e), e.param) from e
+        n_prompt = len(request.prompt_token_ids)
+        if n_prompt == 0:
+            raise RequestRejected("the prompt is empty", "prompt")
+        vocab = self.model.cfg.vocab_size
+        if any(not (0 <= t < vocab) for t in request.prompt_token_ids):
+            raise RequestRejected(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if n_prompt + sampling.max_tokens > self.max_model_len:
+            raise RequestRejected(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{n_prompt} tokens and max_tokens is {sampling.max_tokens}; shorten the prompt or lower max_tokens",
+                "max_tokens" if n_prompt < self.max_model_len else "messages",
+                "context_length_exceeded",
+            )
+        spec = self.config.spec.resolve(spec_req)
+        if spec.num_draft_tokens == 0 and spec.mode != "off":
+            spec = replace(spec, mode="off")
+        gen = None
+        if not sampling.greedy:
+            gen = torch.Generator()
+            gen.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        seq = Sequence(
+            request=replace(request, sampling=sampling),
+            spec=spec,
+            table=self.cache.new_table(),
+            detok=IncrementalDetokenizer(self.tokenizer, sampling.stop),
+            token_ids=list(request.prompt_token_ids),
+            num_prompt=n_prompt,
+            generator=gen,
+        )
+        self.seqs[request.request_id] = seq
+        self.scheduler.add(seq)
+        self.stats_.prompt_tokens += n_prompt
+        return seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.finished:
+            return None
+        self._finish(seq, "abort")
+        return self._delta(seq)
+
+    def fail(self, request_id: str, message: str) -> RequestOutput | None:
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.finished:
+            return None
+        seq.error = message
+        self._finish(seq, "error")
+        return self._delta(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        s = replace(self.stats_)
+        s.requests_running = len(self.scheduler.running)
+        s.requests_waiting = len(self.scheduler.waiting)
+        s.kv_cache_usage = self.cache.pool.usage
+        s.preemptions = self.scheduler.num_preemptions
+        return s
+
+    # ------------------------------------------------------------------ the step
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        self.stats_.num_steps += 1
+        prefills = [s for s in scheduled if not s.decode]
+        decodes = [s for s in scheduled if s.decode]
+        plain = [s for s in decodes if s.seq.spec.mode == "off"]
+        specs = [s for s in decodes if s.seq.spec.mode != "off"]
+        committed: dict[Sequence, tuple[list[int], list[TokenLogprob] | None]] = {}
+        # speculative sequences decide which of them need the full pass; the rest are done
+        full_chunks: list[Chunk] = [Chunk(s.seq.table, s.seq.full_frontier, s.seq.token_ids[s.seq.full_frontier:s.seq.full_frontier + s.num_new], 0) for s in prefills]
+        plain_chunks = [Chunk(s.seq.table, s.seq.full_frontier, s.seq.token_ids[s.seq.full_frontier:], 1) for s in plain]
+        spec_job = self.spec.begin(specs) if specs else None
+        extra = spec_job.full_chunks if spec_job else []
+        all_chunks = full_chunks + plain_chunks + extra
+        out = None
+        if all_chunks:
+            start = spec_job.prefix_start(len(full_chunks) + len(plain_chunks)) if spec_job else None
+            if start is not None:
+                out = self.runner.forward(all_chunks, start_sublayer=start[0], start_hidden=start[1], want_hidden=True)
+            else:
+                out = self.runner.forward(all_chunks, want_hidden=spec_job is not None and spec_job.wants_hidden)
+        for s in prefills:
+            s.seq.full_frontier += s.num_new
+            s.seq.slim_frontier = max(s.seq.slim_frontier, s.seq.full_frontier)
+        if plain:
+            logits = out.logits[: len(plain)]  # prefill chunks asked for no logits
+            toks, lps = self._sample([s.seq for s in plain], logits)
+            for s, t, lp in zip(plain, toks, lps):
+                s.seq.full_frontier = s.seq.num_tokens
+                s.seq.slim_frontier = s.seq.full_frontier
+                committed[s.seq] = ([t], lp)
+        if spec_job:
+            logits = out.logits[len(plain):] if out is not None else None
+            hidden = out.hidden[len(plain):] if out is not None and out.hidden.numel() else None
+            committed.update(spec_job.finish(logits, hidden))
+        outputs = []
+        for seq, (toks, lps) in committed.items():
+            self._commit(seq, toks, lps)
+        for seq in [s.seq for s in scheduled]:
+            if seq.pending_ids or seq.finished:
+                outputs.append(self._delta(seq))
+        return outputs
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor):  # logits [B, V]
+        """One new token per sequence; the per-step host sync happens here."""
+        greedy = all(s.request.sampling.greedy for s in seqs)
+        if greedy:
+            toks = logits.argmax(-1)
+        else:
+            sp = [s.request.sampling for s in seqs]
+            probs = logits_to_probs(
+                logits,
+                torch.tensor([p.temperature for p in sp]),
+                torch.tensor([p.top_k for p in sp]),
+                torch.tensor([p.top_p for p in sp]),
+            )
+            noise = exponential_noise([1] * len(seqs), logits.shape[-1], [s.generator for s in seqs])
+            toks = sample_from_probs(probs, noise)
+        lps = self.logprobs_for(seqs, logits, toks)
+        return toks.tolist(), lps
+
+    def logprobs_for(self, seqs: list[Sequence], logits: torch.Tensor, toks: torch.Tensor):
+        """Log-probabilities of the chosen tokens (raw model distribution, as vLLM reports)."""
+        ks = [s.request.sampling.logprobs for s in seqs]
+        if all(k is None for k in ks):
+            return [None] * len(seqs)
+        lsm = torch.log_softmax(logits.float(), -1)
+        kmax = max(k or 0 for k in ks)
+        top_v, top_i = lsm.topk(max(kmax, 1), -1)
+        chosen = lsm.gather(-1, toks.view(-1, 1)).squeeze(-1)
+        res = []
+        for b, k in enumerate(ks):
+            if k is None:
+                res.append(None)
+                continue
+            top = tuple(zip(top_i[b, :k].tolist(), top_v[b, :k].tolist()))
+            res.append([TokenLogprob(int(toks[b]), float(chosen[b]), top)])
+        return res
+
+    # ------------------------------------------------------------------ commit
+    def _commit(self, seq: Sequence, toks: list[int], lps) -> None:
+        if seq.finished:
+            return
+        sp = seq.request.sampling
+        now = time.monotonic()
+        if seq.first_token_time is None:
+            seq.first_token_time = now - seq.arrival
+        reason = None
+        kept: list[int] = []
+        for t in toks:
+            kept.append(t)
+            if (t in self.eos_ids and not sp.ignore_eos) or t in sp.stop_token_ids:
+                reason = "stop"
+                break
+            if seq.num_output + len(kept) >= sp.max_tokens:
+                reason = "length"
+                break
+        seq.token_ids.extend(kept)
+        seq.pending_ids.extend(kept)
+        if lps:
+            seq.pending_logprobs.extend(lps[: len(kept)])
+        self.stats_.generation_tokens += len(kept)
+        # whole tail blocks beyond what the committed tokens need go back to the pool
+        seq.table.truncate(self.cache.pool, max(seq.num_tokens, seq.full_frontier, seq.slim_frontier))
+        seq.pending_text += seq.detok.add([t for t in kept if t not in self.eos_ids])
+        if reason is None and seq.detok.stopped:
+            reason = "stop"
+        if reason:
+            self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.pending_text += seq.detok.flush()
+        seq.finish_reason = reason
+        seq.status = Status.FINISHED
+        self.scheduler.remove(seq)
+
+    def _delta(self, seq: Sequence) -> RequestOutput:
+        ids = seq.pending_ids
+        text = seq.pending_text
+        lps = seq.pending_logprobs if seq.request.sampling.logprobs is not None else None
+        out = RequestOutput(
+            request_id=seq.request_id,
+            token_ids=list(ids),
+            text=text,
+            finished=seq.finished,
+            finish_reason=seq.finish_reason,
+            prompt_tokens=seq.num_prompt,
+            completion_tokens=seq.num_output,
+            via_sd=SpecUsage(**seq.usage.to_dict()),
+            logprobs=list(lps) if lps is not None else None,
+            error=seq.error,
+        )
+        seq.pending_ids = []
+        seq.pending_text = ""
+        seq.pending_logprobs = []
+        if seq.finished:
+            self.seqs.pop(seq.request_id, None)
+        return out
+
+    # ------------------------------------------------------------------ offline
+    def generate(self, requests: list[GenerationRequest]) -> list[CompletionResult]:
+        t0 = time.monotonic()
+        acc: dict[str, CompletionResult] = {}
+        for r in requests:
+            self.add_request(r)
+            acc[r.request_id] = CompletionResult(r.request_id, list(r.prompt_token_ids), [], "", "", SpecUsage(), None)
+        while self.has_unfinished():
+            for o in self.step():
+                c = acc[o.request_id]
+                c.token_ids.extend(o.token_ids)
+                c.text += o.text
+                if o.logprobs is not None:
+                    c.logprobs = (c.logprobs or []) + o.logprobs
+                if o.token_ids and c.first_token_time is None:
+                    c.first_token_time = time.monotonic() - t0
+                if o.finished:
+                    c.finish_reason = o.finish_reason or ""
+                    c.via_sd = o.via_sd
+                    c.finish_time = time.monotonic() - t0
+        return [acc[r.request_id] for r in requests]

@@ -1,0 +1,247 @@
+"""A Llama-family forward written for serving: ragged batches over a paged KV cache, with routes.
+
+One call runs a *ragged batch*: sequence b feeds tokens at positions [start_b, start_b + n_b)
+and attends to its whole context [0, start_b + n_b) through its block table. All sequences are
+flat along the token axis (`[num_tokens, ...]`); `ForwardBatch` holds the offsets.
+
+A *route* says which sub-layers run: `route.attn[i]` / `route.mlp[i]` (all True for the full
+model). A skipped attention sub-layer neither reads nor writes its K/V: a route writes K/V only
+for the layers it runs, into the same cache the full model uses. That is what makes the slim
+verifier and the `self` drafter views of one network (DESIGN.md section 2).
+
+The forward can also start *inside* the network (`start_sublayer`, with the hidden state and
+residual a previous pass left there), which is how a full pass reuses the prefix a slim pass just
+computed: up to the first skipped sub-layer both routes compute the same values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_folder(cls, path: Path) -> "ModelConfig":
+        c = json.loads((path / "config.json").read_text())
+        arch = (c.get("architectures") or ["LlamaForCausalLM"])[0]
+        if c.get("model_type", "llama") not in ("llama", "mistral", "qwen2") and "Llama" not in arch:
+            raise ValueError(f"unsupported model type {c.get('model_type')!r}: a Llama-family folder is needed")
+        if c.get("rope_scaling"):
+            raise ValueError("rope_scaling is not supported yet")
+        heads = c["num_attention_heads"]
+        eos = c.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        rope_theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return cls(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads", heads),
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=c.get("max_position_embeddings", 2048),
+            tie_word_embeddings=c.get("tie_word_embeddings", False),
+            bos_token_id=c.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    def sublayer_params(self) -> tuple[int, int, int]:
+        """Parameters of one attention sub-layer, one MLP sub-layer, and the fixed part (LM head
+        plus final norm; the embedding lookup reads one row per token and is not counted)."""
+        h, hd = self.hidden_size, self.head_dim
+        attn = h * hd * (self.num_heads * 2 + self.num_kv_heads * 2) + h
+        mlp = 3 * h * self.intermediate_size + h
+        fixed = self.vocab_size * h + h
+        return attn, mlp, fixed
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [H]
+    wqkv: torch.Tensor  # [(nh + 2 nkv) * hd, H]
+    wo: torch.Tensor  # [H, nh * hd]
+    mlp_norm: torch.Tensor  # [H]
+    w_gate_up: torch.Tensor  # [2 I, H]
+    w_down: torch.Tensor  # [H, I]
+    qkv_bias: torch.Tensor | None = None
+
+
+@dataclass
+class ForwardBatch:
+    """Metadata of one ragged forward. Built on the host once, shared by every layer."""
+
+    input_ids: torch.Tensor  # [N]
+    positions: torch.Tensor  # [N]
+    slot_mapping: torch.Tensor  # [N] flat cache slot of each new token
+    ctx_slots: torch.Tensor  # [B, L] cache slots of each sequence's context (0-padded)
+    q_index: torch.Tensor  # [B, Q] index into the flat tokens (N = a zero pad row)
+    out_index: torch.Tensor  # [N] index into the flattened [B * Q] padded queries
+    attn_mask: torch.Tensor | None  # [B, 1, Q, L] bool, None when every query sees its whole context
+    logits_index: torch.Tensor  # [M] flat tokens whose logits are wanted
+    num_seqs: int
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # [M, V] at logits_index
+    hidden: torch.Tensor  # [M, H] final-norm hidden states at logits_index
+    prefix_hidden: torch.Tensor | None = None  # [N, H] hidden (h + residual folded) at `save_at`
+
+
+class LlamaModel:
+    """Weights and the forward. Holds no per-request state; the KV cache is passed in."""
+
+    def __init__(self, cfg: ModelConfig, layers: list[LayerWeights], embed: torch.Tensor, norm: torch.Tensor,
+                 lm_head: torch.Tensor, dtype: torch.dtype):
+        self.cfg = cfg
+        self.layers = layers
+        self.embed = embed  # [V, H]
+        self.norm = norm
+        self.lm_head = lm_head  # [V, H]
+        self.dtype = dtype
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_folder(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "LlamaModel":
+        path = Path(path)
+        cfg = ModelConfig.from_folder(path)
+        tensors: dict[str, torch.Tensor] = {}
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {path}")
+        for f in files:
+            tensors.update(load_file(str(f)))
+
+        def get(name: str) -> torch.Tensor:
+            return tensors[name].to(dtype).contiguous()
+
+        layers = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            wqkv = torch.cat([get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
+                              get(p + "self_attn.v_proj.weight")]).contiguous()
+            bias = None
+            if p + "self_attn.q_proj.bias" in tensors:
+                bias = torch.cat([get(p + "self_attn.q_proj.bias"), get(p + "self_attn.k_proj.bias"),
+                                  get(p + "self_attn.v_proj.bias")]).contiguous()
+            layers.append(LayerWeights(
+                attn_norm=get(p + "input_layernorm.weight"),
+                wqkv=wqkv,
+                wo=get(p + "self_attn.o_proj.weight"),
+                mlp_norm=get(p + "post_attention_layernorm.weight"),
+                w_gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]).contiguous(),
+                w_down=get(p + "mlp.down_proj.weight"),
+                qkv_bias=bias,
+            ))
+        embed = get("model.embed_tokens.weight")
+        lm_head = embed if cfg.tie_word_embeddings or "lm_head.weight" not in tensors else get("lm_head.weight")
+        return cls(cfg, layers, embed, get("model.norm.weight"), lm_head, dtype)
+
+    # ---------------------------------------------------------------- rotary
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        need = int(cfg.max_position_embeddings)
+        if self._rope_cache is None:
+            inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+            t = torch.arange(need, dtype=torch.float64)
+            freqs = torch.outer(t, inv)
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self._rope_cache = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
+        cos, sin = self._rope_cache
+        return cos[positions], sin[positions]  # [N, hd]
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        batch: ForwardBatch,
+        k_cache: list[torch.Tensor],  # per layer [num_slots, nkv, hd]
+        v_cache: list[torch.Tensor],
+        route=None,
+        *,
+        start_sublayer: int = 0,
+        start_hidden: torch.Tensor | None = None,  # [N, H] when start_sublayer > 0
+        save_at: int | None = None,
+        want_hidden: bool = False,
+    ) -> ForwardOutput:
+        cfg = self.cfg
+        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        eps = cfg.rms_norm_eps
+        if start_sublayer > 0:
+            assert start_hidden is not None
+            x = start_hidden
+        else:
+            x = self.embed[batch.input_ids]  # [N, H]
+        cos, sin = self.rope(batch.positions)
+        cos, sin = cos[:, None, :], sin[:, None, :]  # [N, 1, hd]
+        half = hd // 2
+        n_tok = x.shape[0]
+        B, Q = batch.q_index.shape
+        scale = 1.0 / math.sqrt(hd)
+        prefix = None
+        for i, lw in enumerate(self.layers):
+            if save_at is not None and save_at == 2 * i:
+                prefix = x
+            if 2 * i >= start_sublayer and (route is None or route.attn[i]):
+                h = F.rms_norm(x, (x.shape[-1],), lw.attn_norm, eps)
+                qkv = F.linear(h, lw.wqkv, lw.qkv_bias)  # [N, (nh + 2 nkv) hd]
+                q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+                q = q.view(n_tok, nh, hd)
+                k = k.view(n_tok, nkv, hd)
+                v = v.view(n_tok, nkv, hd)
+                q = q * cos + torch.cat([-q[..., half:], q[..., :half]], dim=-1) * sin
+                k = k * cos + torch.cat([-k[..., half:], k[..., :half]], dim=-1) * sin
+                kc, vc = k_cache[i], v_cache[i]
+                kc[batch.slot_mapping] = k
+                vc[batch.slot_mapping] = v
+                keys = kc[batch.ctx_slots].transpose(1, 2)  # [B, nkv, L, hd]
+                vals = vc[batch.ctx_slots].transpose(1, 2)
+                if B == 1 and Q == n_tok:
+                    qp = q.unsqueeze(0)
+                else:
+                    qp = torch.cat([q, q.new_zeros(1, nh, hd)])[batch.q_index]  # [B, Q, nh, hd]
+                att = F.scaled_dot_product_attention(
+                    qp.transpose(1, 2), keys, vals, attn_mask=batch.attn_mask, scale=scale, enable_gqa=nkv != nh
+                )  # [B, nh, Q, hd]
+                att = att.transpose(1, 2).reshape(B * Q, nh * hd)
+                if not (B == 1 and Q == n_tok):
+                    att = att[batch.out_index]
+                x = x + F.linear(att, lw.wo)
+            if save_at is not None and save_at == 2 * i + 1:
+                prefix = x
+            if 2 * i + 1 >= start_sublayer and (route is None or route.mlp[i]):
+                h = F.rms_norm(x, (x.shape[-1],), lw.mlp_norm, eps)
+                gu = F.linear(h, lw.w_gate_up)
+                g, u = gu.chunk(2, dim=-1)
+                x = x + F.linear(F.silu(g) * u, lw.w_down)
+        if save_at is not None and save_at >= 2 * len(self.layers):
+            prefix = x
+        xs = x[batch.logits_index]
+        hidden = F.rms_norm(xs, (xs.shape[-1],), self.norm, eps)
+        logits = F.linear(hidden, self.lm_head)
+        return ForwardOutput(logits=logits.float(), hidden=hidden if want_hidden else hidden[:0], prefix_hidden=prefix)

@@ -1,0 +1,114 @@
+"""Continuous batching: which sequences run in the next step, and with how many tokens.
+
+Every step, running sequences keep their place (oldest first), waiting ones join while the caps
+allow (`max_num_seqs`, `max_num_batched_tokens`, free blocks), long prompts are prefilled in
+chunks, and when the block pool runs dry the newest running sequence is preempted (its blocks
+freed, its tokens kept for recompute) and put at the front of the queue. A request can be aborted
+at any time; every block it held goes back to the pool.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from server.engine.block_pool import BlockPool, OutOfBlocks
+from server.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new: int  # committed tokens fed this step (from full_frontier)
+    decode: bool  # True: the step samples (num_new == seq.uncomputed); False: a prefill chunk
+    lookahead: int  # draft slots reserved after the committed tokens
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefill_chunk: int, max_lookahead: int):
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_chunk = prefill_chunk
+        self.max_lookahead = max_lookahead
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out (finished or aborted) and return all its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.table.release(self.pool)
+
+    def _plan(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
+        unc = seq.uncomputed
+        if unc <= self.prefill_chunk and unc <= budget:
+            la = self.max_lookahead if seq.spec.mode != "off" else 0
+            return ScheduledSeq(seq, unc, True, la)
+        n = min(self.prefill_chunk, budget, unc - 1)
+        if n <= 0:
+            return None
+        return ScheduledSeq(seq, n, False, 0)
+
+    def _reserve(self, s: ScheduledSeq) -> bool:
+        try:
+            s.seq.table.ensure(self.pool, s.seq.full_frontier + s.num_new + s.lookahead)
+            return True
+        except OutOfBlocks:
+            return False
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        seq.table.release(self.pool)
+        seq.reset_for_recompute()
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> list[ScheduledSeq]:
+        out: list[ScheduledSeq] = []
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            plan = self._plan(seq, budget)
+            if plan is None:  # out of token budget this step; keep its place
+                i += 1
+                continue
+            while not self._reserve(plan):
+                victim = self.running[-1]
+                if victim is seq:
+                    break
+                self._preempt(victim)
+                out = [s for s in out if s.seq is not victim]
+            else:
+                out.append(plan)
+                budget -= plan.num_new + plan.lookahead
+                i += 1
+                continue
+            # could not fit even alone among the survivors: preempt it too
+            self._preempt(seq)
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            seq = self.waiting[0]
+            plan = self._plan(seq, budget)
+            if plan is None or not self._reserve(plan):
+                if plan is not None:
+                    seq.table.release(self.pool)  # partial reservation, if any
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.append(plan)
+            budget -= plan.num_new + plan.lookahead
+        return out
