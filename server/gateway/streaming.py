@@ -84,20 +84,24 @@ class ChoiceRun:
 async def open_runs(
     engine: AsyncEngineClient, metrics: GatewayMetrics | None, requests: list[GenerationRequest]
 ) -> list[ChoiceRun]:
-    """Start every choice; if one fails to start, abort the others and raise an `APIError`."""
+    """Start every choice at once; if one fails to start, abort the others and raise an
+    `APIError`."""
     t0 = time.perf_counter()
-    runs: list[ChoiceRun] = []
+    runs = [ChoiceRun(engine, metrics, i, t0) for i in range(len(requests))]
     try:
-        for i, req in enumerate(requests):
-            run = ChoiceRun(engine, metrics, i, t0)
-            runs.append(run)
-            await run.open(req)
-    except BaseException as e:
+        results = await asyncio.gather(*(r.open(q) for r, q in zip(runs, requests)), return_exceptions=True)
+    except BaseException:  # cancelled: the client left while waiting for the first tokens
         for run in runs:
             await run.close()
+        raise
+    failures = [e for e in results if isinstance(e, BaseException)]
+    if failures:
+        for run in runs:
+            await run.close()
+        e = failures[0]
         if isinstance(e, Exception):
             raise from_engine_error(e) from None
-        raise
+        raise e
     return runs
 
 
