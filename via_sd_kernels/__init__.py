@@ -13,6 +13,8 @@ runs the Triton kernels (triton/) on CUDA tensors and the torch reference elsewh
 
 from .gate import TIER_ACCEPT, TIER_FULL, TIER_SLIM, TIER_UNDECIDED, GateOutput, gate, gate_torch
 from .metadata import SpecMetadata
+from .route_search import Evaluation, SearchResult, matchness, search_route
+from .routes import Route, SublayerCosts
 from .verify import VerifyCounts, VerifyOutput, verify_binary, verify_three_tier
 
 __all__ = [
@@ -20,12 +22,18 @@ __all__ = [
     "TIER_FULL",
     "TIER_SLIM",
     "TIER_UNDECIDED",
+    "Evaluation",
     "GateOutput",
+    "Route",
+    "SearchResult",
     "SpecMetadata",
+    "SublayerCosts",
     "VerifyCounts",
     "VerifyOutput",
     "gate",
     "gate_torch",
+    "matchness",
+    "search_route",
     "verify_binary",
     "verify_three_tier",
 ]
