@@ -1,9 +1,357 @@
-"""Speculative steps (binary and three-tier); filled in below."""
+"""One speculative step for a batch of sequences in `binary` or `three_tier` mode.
+
+DESIGN.md section 2, for every speculative sequence of the batch together:
+
+1. **Draft**: the drafter proposes up to γ tokens (maybe none).
+2. **Slim pass** (three-tier sequences with a draft, when the controller keeps the tier on and the
+   slim backlog is below `max_slim_backlog`): the slim route over the tokens it has not seen plus
+   the draft, writing K/V only for its sub-layers into the shared paged cache.
+3. **Gate** (via_sd_kernels): tier A / B / C per draft token; which sequences need the full model.
+   This is a host sync: the full pass's batch depends on it.
+4. **Full pass**, batched with the engine's prefill chunks and plain decodes, only for the
+   sequences that need it: binary ones, three-tier ones that escalated or whose slim tier is
+   bypassed, and those without a draft. Each starts at its *full frontier*, so it rewrites every
+   layer's K/V over the slim backlog (catch-up). When every sequence in the full pass comes
+   straight from this step's slim pass over the same positions, the full pass starts at the
+   first sub-layer the slim route skips, from the hidden states the slim pass left there.
+5. **Verify** (via_sd_kernels) and hand the tokens back to the engine, which commits them; the
+   frontiers advance to the last position whose input token is now committed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from server.engine.api import SpecUsage, TokenLogprob
+from server.engine.controller import ControllerState, SlimController
+from server.engine.drafters import DraftBatch, make_drafter
+from server.engine.kv_cache import Chunk
+from server.engine.scheduler import ScheduledSeq
+from server.engine.sequence import Sequence
+from via_sd_kernels import SpecMetadata, gate, verify_binary, verify_three_tier
+from via_sd_kernels.routes import Route, SublayerCosts
+from via_sd_kernels.sampling import exponential_noise, logits_to_probs
+
+INF = 2.0  # a threshold above every possible ratio
+
+
+def shipped_route_path(model_dir: str | Path, kind: str) -> Path | None:
+    """The route shipped for a model: `<model>/via_sd_<kind>_route.json` if the folder has one,
+    else the package's `assets/<name>.<kind>.json` for the bundled model."""
+    p = Path(model_dir) / f"via_sd_{kind}_route.json"
+    if p.exists():
+        return p
+    name = Path(model_dir).name
+    asset = resources.files("server.engine") / "assets" / f"{name}.{kind}.json"
+    return Path(str(asset)) if asset.is_file() else None
+
+
+def default_slim_route(num_layers: int) -> Route:
+    """Without a calibrated route: skip the MLP of the middle layer(s), keeping first and last."""
+    if num_layers <= 2:
+        return Route.full(num_layers, name="slim(full)")
+    mid = num_layers // 2
+    skips = (mid,) if num_layers < 8 else tuple(range(mid, mid + max(1, num_layers // 8)))
+    return Route.from_skips(num_layers, skip_attn=(), skip_mlp=skips, name="slim(default)")
+
+
+def load_route(path: str | Path) -> Route:
+    data = json.loads(Path(path).read_text())
+    return Route.from_dict(data["route"] if "route" in data else data)
+
+
+@dataclass
+class _SeqPlan:
+    sched: ScheduledSeq
+    drafts: list[int]
+    slim: bool  # runs the slim pass this step
+    full: bool = False  # runs the full pass this step
+    slim_row: int = -1  # index among slim sequences
+    full_row: int = -1  # index among full-pass sequences (within the spec part)
+
+
+@dataclass
+class SpecJob:
+    """The state of one speculative step between the engine's full pass and verification."""
+
+    decoder: "SpecDecoder"
+    plans: list[_SeqPlan]
+    full_chunks: list[Chunk]
+    slim_logits: torch.Tensor | None = None  # [rows of slim seqs, V]
+    slim_hidden: torch.Tensor | None = None
+    slim_meta: SpecMetadata | None = None
+    gate_out: object | None = None
+    prefix: tuple[int, torch.Tensor] | None = None
+    wants_hidden: bool = False
+    prefix_used: bool = False
+    draft_probs: dict[int, torch.Tensor] = field(default_factory=dict)
+    slim_hidden_prefix: torch.Tensor | None = None  # [slim tokens, H] at the first skipped sub-layer
+    slim_token_rows: list[tuple[int, int]] = field(default_factory=list)
+
+    def prefix_start(self, rows_before: int):
+        """(start_sublayer, hidden) when the whole full pass can start from the slim prefix."""
+        if self.prefix is None or rows_before:
+            return None
+        self.prefix_used = True
+        return self.prefix
+
+    def finish(self, full_logits: torch.Tensor | None, full_hidden: torch.Tensor | None):
+        return self.decoder.finish(self, full_logits, full_hidden)
 
 
 class SpecDecoder:
     def __init__(self, engine):
         self.engine = engine
+        cfg = engine.config.spec
+        mcfg = engine.model.cfg
+        self.drafter = make_drafter(cfg.drafter, engine)
+        path = cfg.slim_route or shipped_route_path(engine.config.model, "slim")
+        self.slim_route = load_route(path) if path else default_slim_route(mcfg.num_layers)
+        if self.slim_route.num_layers != mcfg.num_layers:
+            raise ValueError(f"slim route has {self.slim_route.num_layers} layers, the model {mcfg.num_layers}")
+        attn, mlp, fixed = mcfg.sublayer_params()
+        self.costs = SublayerCosts(attn=float(attn), mlp=float(mlp), fixed=float(fixed))
+        self.slim_cost = self.slim_route.cost(self.costs)
+        self.prefix_sublayers = self.slim_route.shared_prefix_sublayers()
+        prefix_layers_cost = (self.prefix_sublayers // 2) * (attn + mlp) + (self.prefix_sublayers % 2) * attn
+        self.prefix_share = prefix_layers_cost / (mcfg.num_layers * (attn + mlp) + fixed)
+        self.controller = SlimController(self.slim_cost, self.prefix_share, enabled=cfg.controller)
 
-    def begin(self, scheduled):
-        raise NotImplementedError
+    # ------------------------------------------------------------------ begin
+    def begin(self, scheduled: list[ScheduledSeq]) -> SpecJob:
+        eng = self.engine
+        cfg = eng.config.spec
+        max_tokens = []
+        for s in scheduled:
+            seq = s.seq
+            left = seq.request.sampling.max_tokens - seq.num_output - 1  # the last token comes free
+            room = eng.max_model_len - seq.num_tokens - 1
+            max_tokens.append(max(0, min(seq.spec.num_draft_tokens, left, room, s.lookahead)))
+        drafts: DraftBatch = self.drafter.propose([s.seq for s in scheduled], max_tokens)
+        plans: list[_SeqPlan] = []
+        for s, d in zip(scheduled, drafts.tokens):
+            seq = s.seq
+            if seq.controller is None:
+                seq.controller = ControllerState()
+            backlog = seq.num_tokens - 1 - seq.full_frontier
+            slim = (
+                seq.spec.mode == "three_tier"
+                and len(d) > 0
+                and backlog < cfg.max_slim_backlog
+                and self.controller.want_slim(seq.controller)
+            )
+            plans.append(_SeqPlan(s, list(d), slim))
+        job = SpecJob(self, plans, [], wants_hidden=self.drafter.wants_hidden)
+        if drafts.draft_probs is not None:
+            off = 0
+            for i, p in enumerate(plans):
+                n = len(p.drafts)
+                if n:
+                    job.draft_probs[i] = drafts.draft_probs[off:off + n]
+                    off += n
+        slim_plans = [p for p in plans if p.slim]
+        if slim_plans:
+            self._slim_pass(job, slim_plans)
+        # the full pass: everything that did not stop at the slim tier
+        needs = None
+        if slim_plans:
+            needs = job.gate_out.needs_full.tolist()  # host sync: the full batch depends on it
+        for p in plans:
+            if p.slim:
+                p.full = bool(needs[p.slim_row])
+            else:
+                p.full = True
+        full_plans = [p for p in plans if p.full]
+        for i, p in enumerate(full_plans):
+            seq = p.sched.seq
+            p.full_row = i
+            job.full_chunks.append(Chunk(seq.table, seq.full_frontier, seq.token_ids[seq.full_frontier:] + p.drafts,
+                                         len(p.drafts) + 1))
+        # reuse the slim prefix when every full-pass sequence just ran the slim pass from its full frontier
+        if (
+            full_plans
+            and self.prefix_sublayers > 0
+            and job.slim_hidden_prefix is not None
+            and all(p.slim and p.sched.seq.slim_frontier == p.sched.seq.full_frontier for p in full_plans)
+        ):
+            rows = []
+            for p in full_plans:
+                a, b = job.slim_token_rows[p.slim_row]
+                rows.append(torch.arange(a, b))
+            idx = torch.cat(rows)
+            job.prefix = (self.prefix_sublayers, job.slim_hidden_prefix[idx])
+        return job
+
+    def _slim_pass(self, job: SpecJob, slim_plans: list[_SeqPlan]) -> None:
+        eng = self.engine
+        chunks = []
+        token_rows = []
+        off = 0
+        for i, p in enumerate(slim_plans):
+            seq = p.sched.seq
+            p.slim_row = i
+            toks = seq.token_ids[seq.slim_frontier:] + p.drafts
+            chunks.append(Chunk(seq.table, seq.slim_frontier, toks, len(p.drafts) + 1))
+            token_rows.append((off, off + len(toks)))
+            off += len(toks)
+        save_at = self.prefix_sublayers if 0 < self.prefix_sublayers < 2 * eng.model.cfg.num_layers else None
+        out = eng.runner.forward(chunks, self.slim_route, save_at=save_at, want_hidden=self.drafter.wants_hidden)
+        job.slim_logits = out.logits
+        job.slim_hidden = out.hidden if out.hidden.numel() else None
+        job.slim_hidden_prefix = out.prefix_hidden
+        job.slim_token_rows = token_rows
+        meta = SpecMetadata.from_lists([p.drafts for p in slim_plans])
+        job.slim_meta = meta
+        probs1 = torch.softmax(out.logits, -1)  # the gate reads q' at temperature 1
+        acc, esc, bon = [], [], []
+        for p in slim_plans:
+            seq = p.sched.seq
+            acc.append(seq.spec.accept_threshold)
+            esc.append(seq.spec.escalate_threshold)
+            bon.append(seq.spec.bonus_confidence)
+        job.gate_out = gate(probs1, meta, torch.tensor(acc), torch.tensor(esc), torch.tensor(bon))
+
+    # ------------------------------------------------------------------ finish
+    def _probs(self, seqs: list[Sequence], rows_per_seq: list[int], logits: torch.Tensor, greedy: bool):
+        if greedy:
+            return logits  # argmax is all verification needs
+        sp = [s.request.sampling for s in seqs]
+        rep = torch.tensor(rows_per_seq)
+        return logits_to_probs(
+            logits,
+            torch.tensor([p.temperature for p in sp]).repeat_interleave(rep),
+            torch.tensor([p.top_k for p in sp]).repeat_interleave(rep),
+            torch.tensor([p.top_p for p in sp]).repeat_interleave(rep),
+        )
+
+    def _randoms(self, seqs: list[Sequence], n_drafts: list[int], vocab: int):
+        uniforms = []
+        for s, n in zip(seqs, n_drafts):
+            uniforms.append(torch.rand(n, generator=s.generator))
+        noise = exponential_noise([n + 1 for n in n_drafts], vocab, [s.generator for s in seqs])
+        return torch.cat(uniforms) if uniforms else torch.empty(0), noise
+
+    def finish(self, job: SpecJob, full_logits: torch.Tensor | None, full_hidden: torch.Tensor | None):
+        eng = self.engine
+        plans = job.plans
+        committed: dict[Sequence, tuple[list[int], list[TokenLogprob] | None]] = {}
+        full_plans = [p for p in plans if p.full]
+        full_offsets = []
+        off = 0
+        for p in full_plans:
+            full_offsets.append(off)
+            off += len(p.drafts) + 1
+        results: dict[int, tuple[list[int], dict]] = {}  # plan index -> (tokens, counts)
+        vocab = eng.model.cfg.vocab_size
+        # --- three-tier sequences (ran the slim pass)
+        slim_plans = [p for p in plans if p.slim]
+        if slim_plans:
+            seqs = [p.sched.seq for p in slim_plans]
+            n_d = [len(p.drafts) for p in slim_plans]
+            greedy = all(s.request.sampling.greedy for s in seqs)
+            slim_scaled = self._probs(seqs, [n + 1 for n in n_d], job.slim_logits, greedy)
+            full_rows = torch.zeros_like(job.slim_logits) if greedy else torch.zeros_like(slim_scaled)
+            for p in slim_plans:
+                if p.full:
+                    a = full_offsets[p.full_row]
+                    n = len(p.drafts) + 1
+                    r0 = int(job.slim_meta.cu_num_rows[p.slim_row])
+                    full_rows[r0:r0 + n] = full_logits[a:a + n]
+            full_scaled = full_rows if greedy else self._probs(seqs, [n + 1 for n in n_d], full_rows, False)
+            if greedy:
+                uni = noise = None
+            else:
+                uni, noise = self._randoms(seqs, n_d, vocab)
+            draft_probs = None
+            if job.draft_probs:
+                draft_probs = torch.cat([job.draft_probs[plans.index(p)] for p in slim_plans if p.drafts])
+            vo = verify_three_tier(job.slim_meta, job.gate_out, slim_scaled, full_scaled, draft_probs, uni, noise).cpu()
+            for i, p in enumerate(slim_plans):
+                m = int(vo.num_output[i])
+                toks = vo.output_token_ids[i, :m].tolist()
+                results[plans.index(p)] = (toks, {k: int(getattr(vo.counts, k)[i]) for k in
+                                                  ("draft_tokens", "accepted", "tier_accept", "tier_slim", "tier_full", "slim_regenerated")})
+        # --- binary sequences (and three-tier ones that bypassed the slim tier)
+        bin_plans = [p for p in plans if not p.slim]
+        if bin_plans:
+            seqs = [p.sched.seq for p in bin_plans]
+            n_d = [len(p.drafts) for p in bin_plans]
+            rows = torch.cat([torch.arange(full_offsets[p.full_row], full_offsets[p.full_row] + len(p.drafts) + 1)
+                              for p in bin_plans])
+            logits = full_logits[rows]
+            greedy = all(s.request.sampling.greedy for s in seqs)
+            probs = self._probs(seqs, [n + 1 for n in n_d], logits, greedy)
+            uni, noise = (None, None) if greedy else self._randoms(seqs, n_d, vocab)
+            meta = SpecMetadata.from_lists([p.drafts for p in bin_plans])
+            draft_probs = None
+            if job.draft_probs:
+                draft_probs = torch.cat([job.draft_probs[plans.index(p)] for p in bin_plans if p.drafts])
+            vo = verify_binary(meta, probs, draft_probs, uni, noise).cpu()
+            for i, p in enumerate(bin_plans):
+                m = int(vo.num_output[i])
+                toks = vo.output_token_ids[i, :m].tolist()
+                results[plans.index(p)] = (toks, {k: int(getattr(vo.counts, k)[i]) for k in
+                                                  ("draft_tokens", "accepted", "tier_accept", "tier_slim", "tier_full", "slim_regenerated")})
+        # --- bookkeeping
+        st = eng.stats_
+        for i, p in enumerate(plans):
+            seq = p.sched.seq
+            toks, c = results[i]
+            m = len(toks)
+            n = len(p.drafts)
+            end = seq.num_tokens - 1 + m  # last position whose input is committed, exclusive
+            if p.full:
+                seq.full_frontier = end
+                seq.slim_frontier = end
+            elif p.slim:
+                seq.slim_frontier = end
+            u = seq.usage
+            u.steps += 1
+            u.draft_tokens += n
+            u.accepted += c["accepted"]
+            u.slim_regenerated += c["slim_regenerated"]
+            u.full_verified += c["tier_full"]
+            u.slim_passes += int(p.slim)
+            u.full_passes += int(p.full)
+            if n:
+                st.num_drafts += 1
+            st.draft_tokens += n
+            st.accepted_tokens += c["accepted"]
+            st.tier_accept += c["tier_accept"]
+            st.tier_slim += c["tier_slim"]
+            st.tier_full += c["tier_full"]
+            st.slim_regenerated += c["slim_regenerated"]
+            st.slim_passes += int(p.slim)
+            st.full_passes += int(p.full)
+            if seq.spec.mode == "three_tier" and n:
+                if p.slim:
+                    st.controller_slim_on += 1
+                else:
+                    st.controller_slim_off += 1
+                self.controller.update(seq.controller, slim_ran=p.slim, full_ran=p.full,
+                                       prefix_reused=job.prefix_used, tokens=m)
+            lps = None
+            if seq.request.sampling.logprobs is not None:
+                if p.full:
+                    a = full_offsets[p.full_row]
+                    lg = full_logits[a:a + m]
+                else:
+                    r0 = int(job.slim_meta.cu_num_rows[p.slim_row])
+                    lg = job.slim_logits[r0:r0 + m]
+                lps = []
+                for j in range(m):
+                    lps.extend(eng.logprobs_for([seq], lg[j:j + 1], torch.tensor([toks[j]])))
+            if self.drafter.wants_hidden:
+                h = None
+                if p.full and full_hidden is not None:
+                    h = full_hidden[full_offsets[p.full_row] + m - 1]
+                elif p.slim and job.slim_hidden is not None:
+                    h = job.slim_hidden[int(job.slim_meta.cu_num_rows[p.slim_row]) + m - 1]
+                self.drafter.observe(seq, h)
+            committed[seq] = (toks, lps)
+        return committed

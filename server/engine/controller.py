@@ -1,0 +1,68 @@
+"""The slim-tier controller: does the middle tier pay for this request, right now?
+
+A three-tier step costs one slim pass (`slim_cost`, its share of the full model's weights, read
+once per pass on a memory-bound machine) plus, when it escalates, a full pass less the prefix the
+slim pass already computed. A binary step costs one full pass. What each buys is the tokens it
+commits. The controller keeps, per request, an exponentially weighted estimate of tokens per
+full-pass-equivalent for both kinds of step, runs the better one, and tries the other every
+`explore_every` steps so that a change in the text (a code block, a quote to copy) is noticed.
+
+Example: slim_cost 0.8, prefix share 0.1. Three-tier steps that escalate 90% of the time and
+commit 1.3 tokens cost 0.8 + 0.9 * 0.9 = 1.61 -> 0.81 tokens per unit; binary steps committing
+1.25 tokens cost 1 -> 1.25 tokens per unit: the controller bypasses the slim tier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ControllerState:
+    value_three: float | None = None  # tokens per unit cost, EWMA
+    value_binary: float | None = None
+    steps: int = 0
+    since_explore: int = 0
+    last_on: bool = True
+
+
+class SlimController:
+    def __init__(self, slim_cost: float, prefix_share: float, *, alpha: float = 0.25, warmup: int = 4,
+                 explore_every: int = 12, enabled: bool = True):
+        self.slim_cost = slim_cost
+        self.prefix_share = prefix_share
+        self.alpha = alpha
+        self.warmup = warmup
+        self.explore_every = explore_every
+        self.enabled = enabled
+
+    def want_slim(self, st: ControllerState) -> bool:
+        if not self.enabled:
+            return True
+        if st.steps < self.warmup or st.value_three is None:
+            return True  # measure the three-tier step first
+        if st.value_binary is None:
+            return False  # then measure the binary step once
+        best_three = st.value_three >= st.value_binary
+        if st.since_explore >= self.explore_every:
+            return not best_three  # try the other kind now and then
+        return best_three
+
+    def update(self, st: ControllerState, *, slim_ran: bool, full_ran: bool, prefix_reused: bool, tokens: int) -> None:
+        if slim_ran:
+            cost = self.slim_cost + (1.0 - (self.prefix_share if prefix_reused else 0.0)) * float(full_ran)
+            v = tokens / max(cost, 1e-6)
+            st.value_three = v if st.value_three is None else (1 - self.alpha) * st.value_three + self.alpha * v
+        else:
+            v = float(tokens)
+            st.value_binary = v if st.value_binary is None else (1 - self.alpha) * st.value_binary + self.alpha * v
+        explored = slim_ran != self._preferred(st)
+        st.since_explore = 0 if explored else st.since_explore + 1
+        st.last_on = slim_ran
+        st.steps += 1
+
+    @staticmethod
+    def _preferred(st: ControllerState) -> bool:
+        if st.value_three is None or st.value_binary is None:
+            return True
+        return st.value_three >= st.value_binary

@@ -1,0 +1,41 @@
+"""The drafter interface.
+
+A drafter proposes up to `max_tokens[i]` tokens for each sequence of a batch, in one call (so a
+model-based drafter batches its forwards). It may propose fewer, or none: the n-gram drafter
+proposes nothing when the context has no match, a model drafter stops where it is unsure.
+
+`draft_probs` is None for a deterministic drafter (verification then treats p as one-hot), or a
+`[T, V]` tensor of the drafter's distributions, flat in the same order as the tokens.
+
+After each step the engine calls `observe` with the target's final hidden state at the last
+committed position (from the full pass when it ran, else from the slim pass), which is what a
+head reading hidden states (EAGLE family) needs; other drafters ignore it.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DraftBatch:
+    tokens: list[list[int]]
+    draft_probs: torch.Tensor | None = None  # [T, V]
+
+
+class Drafter(abc.ABC):
+    name: str = "drafter"
+    wants_hidden: bool = False
+
+    @abc.abstractmethod
+    def propose(self, seqs: list, max_tokens: list[int]) -> DraftBatch: ...
+
+    def observe(self, seq, hidden: torch.Tensor | None) -> None:  # hidden [H]
+        return None
+
+    def release(self, seq) -> None:
+        """The sequence finished, was aborted or preempted: drop any state held for it."""
+        return None
