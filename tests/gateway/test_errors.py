@@ -235,3 +235,15 @@ async def test_models_and_unknown_route(engine):
         assert [m["id"] for m in r.json()["data"]] == ["a", "b"]
         assert r.json()["object"] == "list"
         assert_error(await c.get("/v1/nothing"), 404)
+
+
+async def test_request_timeout_504_and_abort():
+    engine = FakeEngine(step_delay_s=0.02)
+    async with client_for(engine, request_timeout_s=0.2) as c:
+        assert_error(await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 400}), 504, code="timeout")
+        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 400, "stream": True})
+        assert r.status_code == 200
+        assert '"code":"timeout"' in r.text and r.text.endswith("data: [DONE]\n\n")
+    s = engine.stats()
+    assert s.kv_cache_usage == 0 and s.requests_running == 0
+    assert len(engine.aborted) == 2
