@@ -18,8 +18,10 @@ bonus   when all n_i drafts are tier A, position n_i (the bonus) comes from the 
 Positions after `stop` are not decided by the gate (tier -1); when the stop is tier C the full
 model decides some of them later and `verify_three_tier` marks those tier 2.
 
-Per-sequence thresholds let modes share a batch: escalate_threshold > 1 makes every draft tier C
-(`binary` sequences), bonus_confidence > 1 sends the bonus to the full model.
+Tier C is decided first (r < escalate_threshold), then A (r >= accept_threshold), else B; with
+the usual escalate <= accept this is the table above. Per-sequence thresholds let modes share a
+batch: escalate_threshold > 1 makes every draft tier C whatever accept_threshold is (`binary`
+sequences), bonus_confidence > 1 sends the bonus to the full model.
 
 Worked example (θ_accept = 0.7, θ_escalate = 0.5, bonus_confidence = 0.9), one sequence with
 drafts d = [3, 1, 2] over a 4-token vocabulary:
@@ -96,10 +98,10 @@ def gate_torch(
     acc = accept_threshold.float()[seq]
     esc = escalate_threshold.float()[seq]
     positive = m > 0
+    # tier C is tested first, so escalate > 1 forces C whatever accept is
+    escalate_ok = positive & (qd >= esc * m)
     tier = torch.where(
-        positive & (qd >= acc * m),
-        TIER_ACCEPT,
-        torch.where(positive & (qd >= esc * m), TIER_SLIM, TIER_FULL),
+        ~escalate_ok, TIER_FULL, torch.where(qd >= acc * m, TIER_ACCEPT, TIER_SLIM)
     )  # [T] int64
 
     # stop = min over the sequence of the positions that are not A (n_i if none)

@@ -49,7 +49,8 @@ def _gate_kernel(
         d = tl.load(draft_ptr + start + j)
         qd = tl.load(probs_ptr + row * stride + d).to(tl.float32)
         positive = m > 0
-        tier = tl.where(positive & (qd >= acc * m), 0, tl.where(positive & (qd >= esc * m), 1, 2)).to(tl.int32)
+        escalate_ok = positive & (qd >= esc * m)  # C first: escalate > 1 forces C
+        tier = tl.where(escalate_ok, tl.where(qd >= acc * m, 0, 1), 2).to(tl.int32)
         tl.store(tiers_ptr + start + j, tier.to(tl.int8))
         stop = tl.where(tier != 0, j, stop)
         stop_tier = tier
