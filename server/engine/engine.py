@@ -65,9 +65,8 @@ class LLMEngine:
         self.spec = SpecDecoder(self)
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, request: GenerationRequest) -> Sequence:
-        if request.request_id in self.seqs:
-            raise RequestRejected(f"duplicate request id {request.request_id!r}")
+    def validate(self, request: GenerationRequest) -> GenerationRequest:
+        """Check a request without touching engine state; raises RequestRejected."""
         try:
             sampling = request.sampling.validate()
             spec_req = request.spec.validate()
@@ -86,6 +85,14 @@ class LLMEngine:
                 "max_tokens" if n_prompt < self.max_model_len else "messages",
                 "context_length_exceeded",
             )
+        return replace(request, sampling=sampling, spec=spec_req)
+
+    def add_request(self, request: GenerationRequest) -> Sequence:
+        if request.request_id in self.seqs:
+            raise RequestRejected(f"duplicate request id {request.request_id!r}")
+        request = self.validate(request)
+        sampling, spec_req = request.sampling, request.spec
+        n_prompt = len(request.prompt_token_ids)
         spec = self.config.spec.resolve(spec_req)
         if spec.num_draft_tokens == 0 and spec.mode != "off":
             spec = replace(spec, mode="off")
@@ -252,6 +259,7 @@ class LLMEngine:
         seq.finish_reason = reason
         seq.status = Status.FINISHED
         self.scheduler.remove(seq)
+        self.spec.drafter.release(seq)
 
     def _delta(self, seq: Sequence) -> RequestOutput:
         ids = seq.pending_ids
