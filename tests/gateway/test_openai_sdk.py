@@ -25,10 +25,13 @@ def sdk(url: str, key: str = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key=key, timeout=20, max_retries=0)
 
 
-def check_chat_and_completions(client: openai.OpenAI, model: str, max_tokens: int = 24):
+def check_chat_and_completions(client: openai.OpenAI, model: str, max_tokens: int = 24, extra_body=None):
+    """Chat and completions, streamed and not, greedy with logprobs: the streamed deltas join to
+    exactly the non-streamed text."""
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
     full = client.chat.completions.create(
-        model=model, messages=msgs, max_tokens=max_tokens, temperature=0, logprobs=True, top_logprobs=2
+        model=model, messages=msgs, max_tokens=max_tokens, temperature=0, logprobs=True, top_logprobs=2,
+        extra_body=extra_body,
     )
     choice = full.choices[0]
     assert choice.finish_reason in ("stop", "length")
@@ -40,7 +43,7 @@ def check_chat_and_completions(client: openai.OpenAI, model: str, max_tokens: in
 
     stream = client.chat.completions.create(
         model=model, messages=msgs, max_tokens=max_tokens, temperature=0, stream=True,
-        stream_options={"include_usage": True}, logprobs=True, top_logprobs=2,
+        stream_options={"include_usage": True}, logprobs=True, top_logprobs=2, extra_body=extra_body,
     )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -52,10 +55,12 @@ def check_chat_and_completions(client: openai.OpenAI, model: str, max_tokens: in
     streamed_lp = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
     assert [t.token for t in streamed_lp] == [t.token for t in choice.logprobs.content]
 
-    comp = client.completions.create(model=model, prompt="Once upon a time", max_tokens=max_tokens, temperature=0, logprobs=2)
+    comp = client.completions.create(model=model, prompt="Once upon a time", max_tokens=max_tokens, temperature=0, logprobs=2,
+                                  extra_body=extra_body)
     c0 = comp.choices[0]
     assert len(c0.logprobs.tokens) == len(c0.logprobs.token_logprobs) == len(c0.logprobs.text_offset)
-    pieces = list(client.completions.create(model=model, prompt="Once upon a time", max_tokens=max_tokens, temperature=0, stream=True))
+    pieces = list(client.completions.create(model=model, prompt="Once upon a time", max_tokens=max_tokens, temperature=0,
+                                          stream=True, extra_body=extra_body))
     assert "".join(p.choices[0].text for p in pieces if p.choices) == c0.text
     assert pieces[-1].choices[0].finish_reason == c0.finish_reason
 
