@@ -1,0 +1,70 @@
+"""The plugin's settings: engine-wide ones from `vllm_config.additional_config["via_sd"]`,
+per-request ones from `SamplingParams.extra_args["via_sd"]`.
+
+Both reach every worker process through vLLM's own config and request plumbing, so nothing is
+passed through globals or environment variables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+# The plugin's schedule variants (see server/vllm_plugin/runner.py):
+#   "prune":   the slim pass runs under vLLM's own verification step and only gates; vLLM's full
+#              forward runs every step and verifies every token (output exact, no pass saved).
+#   "skip":    when the gate needs no full pass for any sequence of a (greedy) batch, the full
+#              forward is skipped and the slim verifier's tokens are emitted; the next full pass
+#              first rewrites the skipped layers' K/V (backfill). Lossy, as VIA-SD is.
+SCHEDULES = ("prune", "skip")
+
+
+@dataclass(frozen=True)
+class PluginSettings:
+    mode: str = "three_tier"  # "binary" (no slim pass) | "three_tier"
+    schedule: str = "skip"
+    accept_threshold: float = 0.7
+    escalate_threshold: float = 0.5
+    bonus_confidence: float = 0.9
+    max_slim_backlog: int = 32
+    slim_route: Any = None  # path to a route JSON, an inline dict, or None (default route)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "PluginSettings":
+        d = dict(d or {})
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown via_sd plugin settings {unknown}; known: {sorted(names)}")
+        s = cls(**d)
+        if s.mode not in ("binary", "three_tier"):
+            raise ValueError(f"via_sd plugin mode must be 'binary' or 'three_tier', got {s.mode!r}")
+        if s.schedule not in SCHEDULES:
+            raise ValueError(f"via_sd plugin schedule must be one of {SCHEDULES}, got {s.schedule!r}")
+        return s
+
+
+@dataclass(frozen=True)
+class RequestSettings:
+    """What one request asks for (`extra_args["via_sd"]`), resolved against the engine's."""
+
+    mode: str
+    accept_threshold: float
+    escalate_threshold: float
+    bonus_confidence: float
+    num_draft_tokens: int | None
+
+    @classmethod
+    def resolve(cls, engine: PluginSettings, extra_args: dict | None) -> "RequestSettings":
+        r = (extra_args or {}).get("via_sd") or {}
+        return cls(
+            mode=r.get("mode") or engine.mode,
+            accept_threshold=engine.accept_threshold if r.get("accept_threshold") is None else float(r["accept_threshold"]),
+            escalate_threshold=engine.escalate_threshold if r.get("escalate_threshold") is None else float(r["escalate_threshold"]),
+            bonus_confidence=engine.bonus_confidence,
+            num_draft_tokens=r.get("num_draft_tokens"),
+        )
+
+    @property
+    def slim(self) -> bool:
+        return self.mode == "three_tier"
