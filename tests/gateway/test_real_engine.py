@@ -149,3 +149,25 @@ def test_cancelled_stream_returns_every_block_on_real_engine(real_server):
         if hasattr(engine, "fault_hook"):
             engine.fault_hook = None
     assert 0 < s.generation_tokens - before < 400  # aborted, not finished
+
+
+def test_engine_step_failure_is_500_and_frees_blocks(real_server):
+    url, engine = real_server
+    if not hasattr(engine, "fault_hook"):
+        pytest.skip("this engine has no fault hook")
+    wait_idle(engine)
+
+    def boom(_engine):
+        raise RuntimeError("injected step failure")
+
+    engine.fault_hook = boom
+    try:
+        r = httpx.post(url + "/v1/completions", timeout=60,
+                       json={"model": MODEL, "prompt": "fail me", "max_tokens": 8})
+    finally:
+        engine.fault_hook = None
+    assert r.status_code == 500, r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    wait_idle(engine)
+    ok = httpx.post(url + "/v1/completions", timeout=60, json={"model": MODEL, "prompt": "fine", "max_tokens": 4})
+    assert ok.status_code == 200
