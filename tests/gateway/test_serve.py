@@ -118,3 +118,45 @@ def test_sigterm_drains_and_exits_zero():
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_run_serve_with_embedded_engine_end_to_end(tmp_path):
+    pytest.importorskip("server.engine.async_engine")
+    from server.engine.testing import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "tiny")
+    port = free_port()
+    code = (
+        "import argparse, sys; from server.gateway import serve; p = argparse.ArgumentParser(); "
+        "serve.add_serve_arguments(p); sys.exit(serve.run_serve(p.parse_args(sys.argv[1:])))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "--model", str(folder), "--port", str(port), "--spec-mode", "binary",
+         "--max-num-seqs", "2", "--log-level", "warning"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "VIA_SD_API_KEY": "k"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become healthy"
+            time.sleep(0.1)
+        assert httpx.get(url + "/v1/models", timeout=5).status_code == 401
+        r = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}, timeout=5)
+        assert [m["id"] for m in r.json()["data"]] == ["tiny"]
+        r = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k"}, timeout=30,
+                       json={"model": "tiny", "prompt": "hello", "max_tokens": 5, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
