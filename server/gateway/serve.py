@@ -108,6 +108,10 @@ def build_engine(s: argparse.Namespace):
             raise SystemExit(f"via-sd serve: the embedded engine cannot be imported ({e})") from None
         return EmbeddedAsyncEngine(config)
     try:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ImportError("no module named 'vllm'")
         from server.vllm_plugin.backend import VLLMAsyncEngine
     except ImportError as e:
         raise SystemExit(
