@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -88,26 +88,24 @@ def test_sigterm_drains_and_exits_zero():
             assert time.monotonic() < deadline, "the server did not become healthy"
             time.sleep(0.05)
 
-        result: dict = {}
-
-        def long_request():
-            body = {"prompt": "abc", "max_tokens": 120, "temperature": 0}  # about 2 s of fake steps
-            result["r"] = httpx.post(url + "/v1/completions", json=body, timeout=30)
-
-        t = threading.Thread(target=long_request)
-        t.start()
-        time.sleep(0.4)  # the request is in flight
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        try:  # new work is refused: 503 on a live connection, or no connection at all
-            assert httpx.get(url + "/health", timeout=2).status_code == 503
-        except httpx.TransportError:
-            pass
-        t.join(timeout=30)
-        r = result["r"]
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["finish_reason"] == "length"
-        assert r.json()["usage"]["completion_tokens"] == 120
+        # a streamed request is surely in flight once its first chunk has arrived
+        body = {"prompt": "abc", "max_tokens": 120, "temperature": 0, "stream": True}  # ~2 s of fake steps
+        with httpx.Client(timeout=30) as c, c.stream("POST", url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            first = next(lines)
+            assert first.startswith("data: ")
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            try:  # new work is refused: 503 on a live connection, or no connection at all
+                assert httpx.get(url + "/health", timeout=2).status_code == 503
+            except httpx.TransportError:
+                pass
+            rest = [first] + [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        chunks = [json.loads(line[len("data: "):]) for line in rest[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert sum(len(ch["choices"][0]["text"].encode()) for ch in chunks) == 120  # byte-level fake tokens
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
