@@ -5,6 +5,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+MAX_BLOCK = 4096  # vocabulary elements per loop iteration; tests lower it to exercise the loop
+
+
+def block_size(vocab: int) -> int:
+    return min(triton.next_power_of_2(max(vocab, 1)), MAX_BLOCK)
+
 
 @triton.jit
 def row_max(ptr, row, stride, V, BLOCK: tl.constexpr):

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ..gate import GateOutput
 from ..metadata import SpecMetadata
-from ._common import row_max
+from ._common import block_size, row_max
 
 
 @triton.jit
@@ -66,10 +66,6 @@ def _gate_kernel(
     tl.store(stop_tier_ptr + i, stop_tier.to(tl.int8))
     tl.store(needs_full_ptr + i, needs_full.to(tl.int8))
     tl.store(bonus_slim_ptr + i, bonus_slim.to(tl.int8))
-
-
-def block_size(vocab: int) -> int:
-    return min(triton.next_power_of_2(max(vocab, 1)), 4096)
 
 
 def gate_triton(

@@ -18,8 +18,7 @@ import triton.language as tl
 
 from ..metadata import SpecMetadata
 from ..verify import VerifyCounts, VerifyOutput
-from ._common import select_row_argmax
-from .gate import block_size
+from ._common import block_size, select_row_argmax
 
 
 @triton.jit
