@@ -86,7 +86,8 @@ class ViaSDRunnerMixin:
         self._vs_common = None
         self._vs_plan: _StepPlan | None = None
         self._vs_backlog: dict[str, int] = {}  # req_id -> first position whose K/V is slim-only
-        self._vs_usage: dict[str, dict[str, int]] = {}
+        self._vs_usage: dict[str, dict[str, int]] = {}  # keyed by the caller's request id
+        self._vs_ids: dict[str, str] = {}  # vLLM's internal request id -> the caller's
         self._vs_finished: OrderedDict[str, dict[str, int]] = OrderedDict()
         self._vs_totals = {k: 0 for k in TOTAL_FIELDS}
         if self.speculative_config is None:
@@ -113,10 +114,20 @@ class ViaSDRunnerMixin:
     # ---- counters ----------------------------------------------------------------------------
 
     def _usage(self, req_id: str) -> dict[str, int]:
-        u = self._vs_usage.get(req_id)
+        key = self._external_id(req_id)
+        u = self._vs_usage.get(key)
         if u is None:
-            u = self._vs_usage[req_id] = {k: 0 for k in USAGE_FIELDS}
+            u = self._vs_usage[key] = {k: 0 for k in USAGE_FIELDS}
         return u
+
+    def _external_id(self, req_id: str) -> str:
+        # AsyncLLM makes request ids unique internally; the backend sends the caller's id along
+        ext = self._vs_ids.get(req_id)
+        if ext is None:
+            state = self.requests.get(req_id)
+            extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
+            ext = self._vs_ids[req_id] = (extra.get("via_sd") or {}).get("request_id") or req_id
+        return ext
 
     def _count(self, req_id: str, **kw: int) -> None:
         u = self._usage(req_id)
@@ -145,9 +156,10 @@ class ViaSDRunnerMixin:
     def _update_states(self, scheduler_output):
         for r in scheduler_output.finished_req_ids:
             self._vs_backlog.pop(r, None)
-            u = self._vs_usage.pop(r, None)
+            ext = self._vs_ids.pop(r, r)
+            u = self._vs_usage.pop(ext, None)
             if u is not None:
-                self._vs_finished[r] = u
+                self._vs_finished[ext] = u
                 while len(self._vs_finished) > _MAX_FINISHED:
                     self._vs_finished.popitem(last=False)
         return super()._update_states(scheduler_output)
