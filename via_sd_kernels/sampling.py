@@ -59,3 +59,18 @@ def sample_from_probs(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Exact sampling by the exponential race: argmax(probs / noise). A one-hot row returns its
     argmax whatever the noise."""
     return (probs / noise).argmax(-1)
+
+
+def uniforms_and_noise(
+    num_draft_tokens: list[int], vocab: int, generators: list[torch.Generator | None], device=None
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([T], [T+B, V])
+    """The randoms verification needs, each request's drawn from its own generator in a fixed
+    order (its n uniforms, then its n+1 noise rows), so a seeded request samples the same tokens
+    whatever shares its batch. Returns (uniforms [T], noise [T+B, V]) in `SpecMetadata` layout."""
+    uniforms, noise = [], []
+    for n, g in zip(num_draft_tokens, generators):
+        uniforms.append(torch.rand(n, device=device, generator=g))
+        noise.append(torch.empty(n + 1, vocab, device=device).exponential_(generator=g))
+    if not uniforms:
+        return torch.empty(0, device=device), torch.empty(0, vocab, device=device)
+    return torch.cat(uniforms), torch.cat(noise)
