@@ -35,6 +35,7 @@ def wait_for(check, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary; run tests/gateway/ensure_prometheus.sh")
 def test_prometheus_scrapes_and_answers_promql(tmp_path):
     engine = FakeEngine()

@@ -26,6 +26,12 @@ def real_server(tmp_path_factory):
     folder = testing.write_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
     config = EngineConfig(model=str(folder), num_blocks=128, max_num_seqs=4, spec=SpecConfig(mode="three_tier"))
     engine = async_engine.EmbeddedAsyncEngine(config)
+    # Import and compile in this thread first: CPython 3.11 before 3.11.8 can fail with "AST
+    # constructor recursion depth mismatch" when two threads compile at once (the server thread
+    # importing the engine while another compiles the jinja chat template).
+    import server.engine.engine  # noqa: F401
+
+    engine.tokenizer.apply_chat_template([{"role": "user", "content": "warm up"}])
     app = create_app(engine, api_key=None, served_model_names=[MODEL], lifespan_start=True, shutdown_grace_s=5)
     with running_server(app, start_timeout_s=60) as url:
         yield url, engine

@@ -113,6 +113,7 @@ def test_sigterm_drains_and_exits_zero():
             proc.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_run_serve_with_embedded_engine_end_to_end(tmp_path):
     pytest.importorskip("server.engine.async_engine")
     from server.engine.testing import write_tiny_model
