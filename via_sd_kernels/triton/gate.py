@@ -100,6 +100,7 @@ def gate_triton(
             flags[2],
             BLOCK=blk,
             num_warps=8 if blk >= 2048 else 4,
+            enable_fp_fusion=False,  # no a*b+c contraction: decisions match the reference bit for bit
         )
     return GateOutput(
         tiers=tiers,
