@@ -76,7 +76,7 @@ def serve_flags() -> set[str]:
 
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
-    return {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
+    return {s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
 
 
 def serve_env_vars() -> set[str]:

@@ -76,3 +76,14 @@ def test_grafana_provisioning_matches_compose_and_dashboard():
     assert var["current"]["value"] == prom[0]["uid"]
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_readme_configuration_table_is_complete():
+    """deploy/README.md lists every flag and VIA_SD_* variable of `via-sd serve`, and the pending
+    flags the manifests pass."""
+    from tests.deploy.conftest import PENDING_SERVE_FLAGS, serve_env_vars, serve_flags
+
+    text = (DEPLOY / "README.md").read_text()
+    table = text.split("## Configuration of `via-sd serve`", 1)[1].split("\n## ", 1)[0]
+    for name in sorted(serve_flags() | PENDING_SERVE_FLAGS | serve_env_vars()):
+        assert f"`{name}`" in table, f"deploy/README.md does not list {name}"
