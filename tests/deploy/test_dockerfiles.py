@@ -113,3 +113,13 @@ def test_cpu_image_builds():
     r = subprocess.run(["docker", "build", "-f", str(DOCKER / "Dockerfile.cpu"), "-t", "via-sd:test-cpu", str(ROOT)],
                        capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+
+
+def test_dockerignore_keeps_the_venv_out_and_the_build_inputs_in():
+    path = ROOT / ".dockerignore"
+    if not path.is_file():
+        pytest.skip("no .dockerignore at the repository root yet")
+    patterns = [l.strip().rstrip("/") for l in path.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert ".venv" in patterns or ".venv*" in patterns, ".dockerignore must exclude the local .venv"
+    needed = {"pyproject.toml", "Makefile", "docker", "docker/pyproject_pin.py", "server", "via_sd_kernels"}
+    assert not needed & set(patterns), f".dockerignore excludes {sorted(needed & set(patterns))}, which the images need"

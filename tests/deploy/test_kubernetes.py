@@ -60,7 +60,7 @@ def serving_containers() -> list[tuple[str, dict, str]]:
     for owner, tpl in pod_templates():
         for c in tpl["spec"]["containers"]:
             line = " ".join(c.get("command", []) + c.get("args", []))
-            if re.search(r"via-sd\s+serve|\bserve\b", line) and "via-sd" in line:
+            if (c.get("command", [])[:2] == ["via-sd", "serve"]) or re.search(r"\bvia-sd\s+serve\b", line):
                 out.append((owner, c, line))
     return out
 
