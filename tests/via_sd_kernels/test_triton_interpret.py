@@ -74,7 +74,7 @@ def _check_batch(b):
 
 
 @interpreted
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
     batch=st.integers(1, 5),
