@@ -83,13 +83,13 @@ def build_batch(chunks: list[Chunk], device: torch.device | str = "cpu") -> Forw
         mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < lens[:, None, None])
         mask = mask[:, None]  # [B, 1, Q, L]
     return ForwardBatch(
-        input_ids=torch.tensor(input_ids, device=device),
-        positions=torch.tensor(positions, device=device),
-        slot_mapping=torch.tensor(slot_mapping, device=device),
-        ctx_slots=torch.tensor(ctx_rows, device=device),
-        q_index=torch.tensor(q_rows, device=device),
-        out_index=torch.tensor(out_index, device=device),
+        input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+        ctx_slots=torch.tensor(ctx_rows, dtype=torch.long, device=device),
+        q_index=torch.tensor(q_rows, dtype=torch.long, device=device),
+        out_index=torch.tensor(out_index, dtype=torch.long, device=device),
         attn_mask=None if mask is None else mask.to(device),
-        logits_index=torch.tensor(logits_index, device=device),
+        logits_index=torch.tensor(logits_index, dtype=torch.long, device=device),
         num_seqs=B,
     )

@@ -1,0 +1,31 @@
+"""Fixtures shared by every test package: the tiny random Llama and the bundled real model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 4-layer random Llama (hidden 64, byte-level vocab) in a Hugging Face folder."""
+    from server.engine.testing import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", num_layers=4, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    """The bundled SmolLM2-135M-Instruct, prepared once into the cache."""
+    from server.engine.model_files import prepare_model
+
+    return prepare_model(None, progress=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -1,0 +1,42 @@
+"""Helpers for engine tests: build engines, run Hugging Face greedy as the reference."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.api import GenerationRequest
+from server.engine.config import EngineConfig, SamplingParams, SpecConfig, SpecParams
+from server.engine.engine import LLMEngine
+
+
+def make_engine(model_dir, **kw) -> LLMEngine:
+    spec_kw = kw.pop("spec", {})
+    return LLMEngine(EngineConfig(model=str(model_dir), spec=SpecConfig(**spec_kw), **kw))
+
+
+def greedy_requests(prompts: list[list[int]], max_tokens: int, mode: str | None = None, prefix="r", **sp):
+    return [
+        GenerationRequest(f"{prefix}{i}", tuple(p), SamplingParams(max_tokens=max_tokens, temperature=0.0, **sp),
+                          SpecParams(mode=mode))
+        for i, p in enumerate(prompts)
+    ]
+
+
+def hf_greedy(model_dir, prompts: list[list[int]], max_tokens: int, eos: int | None = None) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    m.eval()
+    out = []
+    for p in prompts:
+        kw = {} if eos is not None else {"eos_token_id": None}
+        with torch.inference_mode():
+            o = m.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0, **kw)
+        out.append(o[0, len(p):].tolist())
+    return out
+
+
+def assert_pool_full(engine: LLMEngine) -> None:
+    pool = engine.cache.pool
+    assert pool.num_free == pool.num_usable, f"{pool.num_usable - pool.num_free} blocks leaked"
+    assert not engine.has_unfinished()
