@@ -25,25 +25,29 @@ def sdk(url: str, key: str = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key=key, timeout=20, max_retries=0)
 
 
-def check_chat_and_completions(client: openai.OpenAI, model: str, max_tokens: int = 24, extra_body=None):
-    """Chat and completions, streamed and not, greedy with logprobs: the streamed deltas join to
-    exactly the non-streamed text."""
+def check_chat_and_completions(
+    client: openai.OpenAI, model: str, max_tokens: int = 24, extra_body=None, logprobs: bool = True
+):
+    """Chat and completions, streamed and not, greedy (with logprobs unless told otherwise): the
+    streamed deltas join to exactly the non-streamed text."""
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    lp = {"logprobs": True, "top_logprobs": 2} if logprobs else {}
+    clp = {"logprobs": 2} if logprobs else {}
     full = client.chat.completions.create(
-        model=model, messages=msgs, max_tokens=max_tokens, temperature=0, logprobs=True, top_logprobs=2,
-        extra_body=extra_body,
+        model=model, messages=msgs, max_tokens=max_tokens, temperature=0, extra_body=extra_body, **lp
     )
     choice = full.choices[0]
     assert choice.finish_reason in ("stop", "length")
     assert full.usage.completion_tokens > 0
     assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
     assert "via_sd" in full.usage.model_extra
-    assert len(choice.logprobs.content) == full.usage.completion_tokens or choice.finish_reason == "stop"
-    assert all(len(t.top_logprobs) <= 2 for t in choice.logprobs.content)
+    if logprobs:
+        assert len(choice.logprobs.content) == full.usage.completion_tokens or choice.finish_reason == "stop"
+        assert all(len(t.top_logprobs) <= 2 for t in choice.logprobs.content)
 
     stream = client.chat.completions.create(
         model=model, messages=msgs, max_tokens=max_tokens, temperature=0, stream=True,
-        stream_options={"include_usage": True}, logprobs=True, top_logprobs=2, extra_body=extra_body,
+        stream_options={"include_usage": True}, extra_body=extra_body, **lp
     )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -52,13 +56,15 @@ def check_chat_and_completions(client: openai.OpenAI, model: str, max_tokens: in
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
     finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
     assert finish == [choice.finish_reason]
-    streamed_lp = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
-    assert [t.token for t in streamed_lp] == [t.token for t in choice.logprobs.content]
+    if logprobs:
+        streamed_lp = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+        assert [t.token for t in streamed_lp] == [t.token for t in choice.logprobs.content]
 
-    comp = client.completions.create(model=model, prompt="Once upon a time", max_tokens=max_tokens, temperature=0, logprobs=2,
-                                  extra_body=extra_body)
+    comp = client.completions.create(model=model, prompt="Once upon a time", max_tokens=max_tokens, temperature=0,
+                                  extra_body=extra_body, **clp)
     c0 = comp.choices[0]
-    assert len(c0.logprobs.tokens) == len(c0.logprobs.token_logprobs) == len(c0.logprobs.text_offset)
+    if logprobs:
+        assert len(c0.logprobs.tokens) == len(c0.logprobs.token_logprobs) == len(c0.logprobs.text_offset)
     pieces = list(client.completions.create(model=model, prompt="Once upon a time", max_tokens=max_tokens, temperature=0,
                                           stream=True, extra_body=extra_body))
     assert "".join(p.choices[0].text for p in pieces if p.choices) == c0.text
