@@ -275,7 +275,7 @@ class FakeEngine(AsyncEngineClient):
             usage.full_passes += 1
             self.s.full_passes += 1
             emitted += f
-        self.s.accepted_tokens += usage_delta_accepted(a, emitted)
+        self.s.accepted_tokens += emitted - 1  # all but the regenerated or bonus token
         return emitted
 
     def _logprobs(self, ids: list[int], k: int) -> list[TokenLogprob]:
@@ -310,8 +310,3 @@ class FakeEngine(AsyncEngineClient):
             seq.blocks = 0
             self._slots.release()
 
-
-def usage_delta_accepted(tier_a: int, emitted: int) -> int:
-    """Accepted draft tokens of a step: every emitted token except the one regenerated or
-    supplied as a bonus."""
-    return emitted - 1
