@@ -19,7 +19,7 @@ pytest.importorskip("vllm", reason="needs the vLLM environment (.venv-vllm, `mak
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.real_model]
 
 ROOT = Path(__file__).resolve().parents[2]
-MAX_TOKENS = 48
+MAX_TOKENS = 32
 
 
 @pytest.fixture(scope="session")
