@@ -1,0 +1,267 @@
+"""`via-sd bench`: Spec-Bench prompts through every row, one process per row; a table, JSON,
+per-output texts, Markdown and plots. `via-sd bench --load ...` is the load test (`server.bench.load`).
+
+    via-sd bench --prompts question.jsonl [--categories a,b] [--limit-per-category N]
+        [--max-tokens N] [--modes off,binary,three_tier] [--drafters ngram,...]
+        [--peers hf,hf_pld,vllm,vllm_ngram] [--temperature T] [--sweep [SPEC]] --out FILE.json
+
+Writes FILE.json (`{"machine", "model", "command", "date", "settings", "runs", "skipped",
+"sweep"?, "outputs"}`), FILE.outputs.jsonl (one line per run and prompt: the text and token ids),
+FILE.md and FILE_*.png beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+from server.bench import report as R
+from server.bench.prompts import PromptFileError, read_questions, select_prompts
+from server.bench.rows import PEERS, Row, RowError, build_rows, parse_list, parse_sweep, sweep_points, sweep_row
+from server.bench.runner import Skipped, find_vllm_python, run_row
+from server.engine.config import DRAFTERS, SPEC_MODES
+
+
+def _die(msg: str, code: int = 2) -> int:
+    print(f"via-sd bench: error: {msg}", file=sys.stderr)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="via-sd bench", description="Spec-Bench benchmark of via-sd against peers")
+    p.add_argument("--prompts", help="Spec-Bench question.jsonl")
+    p.add_argument("--categories", default=None, help="comma-separated; `mt_bench` = the eight MT-Bench categories")
+    p.add_argument("--limit-per-category", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modes", default="off,binary,three_tier", help=f"of {', '.join(SPEC_MODES)}")
+    p.add_argument("--drafters", default=None, help=f"of {', '.join(DRAFTERS)}; default: the engine's default drafter")
+    p.add_argument("--peers", default="hf,hf_pld,vllm,vllm_ngram", help=f"of {', '.join(PEERS)}; '' for none")
+    p.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens of the hf_pld row")
+    p.add_argument("--model", default=None, help="bundled model name or a local folder (default: the bundled model)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in every row (default: all cores)")
+    p.add_argument("--out", default="benchmarks/results/latest.json")
+    p.add_argument("--vllm-python", default=None, help="interpreter of the vLLM environment (default .venv-vllm/bin/python)")
+    p.add_argument("--row-timeout", type=float, default=3600.0, help="seconds one row may take")
+    p.add_argument("--sweep", nargs="?", const="default", default=None,
+                   help="sweep three_tier settings: 'accept_threshold=0.6,0.8;escalate_threshold=...;"
+                        "bonus_confidence=...;gamma=3,5' (no value: a default grid)")
+    p.add_argument("--sweep-mode", choices=("one_at_a_time", "full"), default="one_at_a_time",
+                   help="one key at a time around the defaults, or the full product")
+    p.add_argument("--sweep-quality", choices=("prefix_agreement", "match_off"), default="prefix_agreement")
+    p.add_argument("--min-quality", type=float, default=0.9, help="quality floor of the best sweep setting")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--load", action="store_true", help="load test of `via-sd serve` instead (see --help with --load)")
+    return p
+
+
+def machine_info(threads: int) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count(),
+            "threads": threads, "cpu": platform.processor() or platform.machine()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory_gb"] = int(line.split()[1]) / 2**20
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+        import transformers
+
+        info["torch"] = torch.__version__
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        info["load_average"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+def model_eos_ids(folder: Path) -> list[int]:
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        f = folder / name
+        if f.is_file():
+            v = json.loads(f.read_text()).get("eos_token_id")
+            if isinstance(v, int):
+                ids.add(v)
+            elif isinstance(v, list):
+                ids.update(int(x) for x in v)
+    return sorted(ids)
+
+
+def pareto(points: list[dict], key: str) -> None:
+    """Mark points that no other point beats on both tokens/s and quality."""
+    for p in points:
+        q = p["quality"].get(key)
+        p["pareto"] = q is not None and not any(
+            o is not p and o["quality"].get(key) is not None and o["tokens_per_s"] >= p["tokens_per_s"]
+            and o["quality"][key] >= q and (o["tokens_per_s"] > p["tokens_per_s"] or o["quality"][key] > q)
+            for o in points)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--load" in argv:
+        from server.bench import load
+
+        return load.main([a for a in argv if a != "--load"])
+    args = build_parser().parse_args(argv)
+    if not args.prompts:
+        return _die("--prompts is required (a Spec-Bench question.jsonl)")
+    if args.max_tokens <= 0:
+        return _die(f"--max-tokens must be a positive integer, got {args.max_tokens}")
+    if args.limit_per_category is not None and args.limit_per_category <= 0:
+        return _die(f"--limit-per-category must be positive, got {args.limit_per_category}")
+    if args.temperature < 0:
+        return _die(f"--temperature must be >= 0, got {args.temperature}")
+    try:
+        modes = parse_list(args.modes, SPEC_MODES, "--modes")
+        drafters = parse_list(args.drafters, DRAFTERS, "--drafters")
+        peers = parse_list(args.peers, PEERS, "--peers")
+        grid = parse_sweep(args.sweep) if args.sweep is not None else None
+        if grid is not None and "off" not in modes:
+            modes = ["off"] + modes  # the sweep's quality is agreement with off
+        rows = build_rows(modes, drafters, peers, pld_tokens=args.pld_tokens)
+        categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+        prompts = select_prompts(read_questions(args.prompts), categories, args.limit_per_category)
+    except (RowError, PromptFileError) as e:
+        return _die(str(e))
+    if not rows and grid is None:
+        return _die("nothing to run: give --modes or --peers")
+    if not prompts:
+        return _die("no prompt selected")
+
+    from server.engine.model_files import prepare_model
+    from server.engine.tokenizer import Tokenizer
+
+    try:
+        folder = Path(prepare_model(args.model, progress=not args.no_progress))
+    except (ValueError, FileNotFoundError) as e:
+        return _die(str(e))
+    eos = model_eos_ids(folder)
+    tok = Tokenizer.from_folder(folder, extra_eos=tuple(eos))
+    eos = sorted(set(eos) | set(tok.eos_token_ids))
+    if not tok.has_chat_template:
+        return _die(f"the model folder {folder} has no chat template; the benchmark applies it to every prompt")
+    token_prompts = [{"question_id": p.question_id, "category": p.category,
+                      "prompt_token_ids": tok.apply_chat_template([{"role": "user", "content": p.text}])} for p in prompts]
+    threads = args.threads or os.cpu_count() or 1
+    model_max = json.loads((folder / "config.json").read_text()).get("max_position_embeddings", 4096)
+    longest = max(len(p["prompt_token_ids"]) for p in token_prompts)
+    if longest + args.max_tokens > model_max:
+        return _die(f"the longest prompt has {longest} tokens; with --max-tokens {args.max_tokens} it exceeds the model's "
+                    f"{model_max}; lower --max-tokens or drop that category")
+    job = {"model": str(folder), "prompts": token_prompts, "max_tokens": args.max_tokens,
+           "temperature": args.temperature, "seed": args.seed, "threads": threads, "eos_token_ids": eos,
+           "warmup_tokens": min(16, args.max_tokens), "progress": not args.no_progress,
+           "max_model_len": min(model_max, -(-(longest + args.max_tokens + 16) // 256) * 256)}
+    vllm_python = find_vllm_python(args.vllm_python)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    results: list[tuple[Row, dict]] = []
+    skipped: list[Skipped] = []
+
+    def run_all(todo: list[Row], label: str) -> None:
+        for i, row in enumerate(todo, 1):
+            print(f"[{label} {i}/{len(todo)}] {row.name} ...", file=sys.stderr, flush=True)
+            res = run_row(row, job, vllm_python=vllm_python, row_timeout_s=args.row_timeout)
+            if isinstance(res, Skipped):
+                print(f"[{label} {i}/{len(todo)}] {row.name}: skipped: {res.reason}", file=sys.stderr, flush=True)
+                skipped.append(res)
+            else:
+                results.append((row, res))
+
+    run_all(rows, "row")
+    sweep_rows: list[Row] = []
+    if grid is not None:
+        drafter = drafters[0] if drafters else None
+        # the main three_tier row is the sweep's default point; it is not run twice
+        main_tt = next((r for r, _ in results if r.name == sweep_row({}, drafter).name), None)
+        sweep_rows = [sweep_row(p, drafter) for p in sweep_points(grid, args.sweep_mode)
+                      if not (p == {} and main_tt is not None)]
+        run_all(sweep_rows, "sweep")
+
+    # texts and runs
+    texts: dict[str, dict] = {}
+    for row, res in results:
+        texts[row.name] = {o["question_id"]: tok.decode([t for t in o["token_ids"] if t not in eos]) for o in res["outputs"]}
+    off = next((res for row, res in results if row.name == "off"), None)
+    off_ids = {o["question_id"]: o["token_ids"] for o in off["outputs"]} if off else None
+    sweep_names = {r.name for r in sweep_rows}
+    all_runs = [R.build_run(row, res, prompts, texts[row.name], off_ids) for row, res in results]
+    R.add_speedups(all_runs)
+    runs = [r for r in all_runs if r["name"] not in sweep_names]
+
+    report = {
+        "machine": machine_info(threads),
+        "model": str(folder),
+        "command": "via-sd bench " + shlex.join(argv),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {"prompts": len(prompts), "categories": list(dict.fromkeys(p.category for p in prompts)),
+                     "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
+                     "batch_size": 1, "threads": threads, "prompt_file": str(args.prompts)},
+        "runs": runs,
+        "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
+    }
+    if grid is not None:
+        default_name = sweep_row({}, drafters[0] if drafters else None).name
+        pts = [r for r in all_runs if r["name"] in sweep_names or r["name"] == default_name]
+        pareto(pts, args.sweep_quality)
+        ok = [p for p in pts if (p["quality"].get(args.sweep_quality) or 0) >= args.min_quality]
+        best = max(ok, key=lambda p: p["tokens_per_s"]) if ok else None
+        report["sweep"] = {"grid": grid, "mode": args.sweep_mode, "quality_key": args.sweep_quality,
+                           "min_quality": args.min_quality, "points": pts,
+                           "best": {"name": best["name"], "params": best.get("params", {}), "tokens_per_s": best["tokens_per_s"],
+                                    "speedup_vs_off": best["speedup_vs_off"], "quality": best["quality"]} if best else None}
+
+    outputs_path = out.with_suffix(".outputs.jsonl")
+    with outputs_path.open("w", encoding="utf-8") as f:
+        by_id = {p.question_id: p for p in prompts}
+        for row, res in results:
+            for o in res["outputs"]:
+                f.write(json.dumps({"run": row.name, "question_id": o["question_id"], "category": by_id[o["question_id"]].category,
+                                    "text": texts[row.name][o["question_id"]], "token_ids": o["token_ids"],
+                                    "finish_reason": o.get("finish_reason"), "seconds": o["seconds"]}, ensure_ascii=False) + "\n")
+    report["outputs"] = outputs_path.name
+    plots: list[Path] = []
+    if not args.no_plots and results:
+        from server.bench.plots import write_plots
+
+        plots = write_plots(report, out.with_suffix(""))
+        report["plots"] = [p.name for p in plots]
+    out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    out.with_suffix(".md").write_text(R.render_markdown(report, [p.name for p in plots]))
+
+    print(R.render_table(runs))
+    for s in skipped:
+        print(f"skipped {s.name}: {s.reason}")
+    if report.get("sweep"):
+        b = report["sweep"]["best"]
+        if b:
+            print(f"best three_tier setting ({args.sweep_quality} >= {args.min_quality}): {b['name']} "
+                  f"{b['tokens_per_s']:.1f} tok/s, params {b['params'] or 'defaults'}")
+        else:
+            print(f"no three_tier setting reached {args.sweep_quality} >= {args.min_quality}")
+    print(f"wrote {out}, {outputs_path.name}, {out.with_suffix('.md').name}" + "".join(f", {p.name}" for p in plots))
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""From per-prompt worker results to the JSON runs, the printed table and the Markdown report.
+
+Definitions (per run, and per category over that category's prompts):
+
+- `tokens`: generated tokens (an eos that ends an output counts); `seconds`: the sum of the
+  per-prompt wall times (warm-up and model load excluded); `tokens_per_s` = tokens / seconds.
+- `speedup_vs_off` = tokens_per_s / tokens_per_s of `off` (None without an `off` row).
+- `mean_accepted_tokens` = tokens / steps: tokens committed per decoding step (1.0 for `off`).
+- `acceptance_rate` = accepted draft tokens / draft tokens.
+- `tier_rates` = tier decisions / all decided draft positions, for accept (A), slim (B) and
+  full (C); lossless peers that draft have everything decided by the full model; None for rows
+  that do not draft.
+- `full_passes_per_token` = full-model passes / tokens (1.0 for `off`; the lower, the more the
+  speculation saved).
+- `slim_tier_on`: share of `three_tier` steps with a draft where the controller kept the slim tier.
+"""
+
+from __future__ import annotations
+
+import math
+
+from server.bench import quality as Q
+from server.bench.prompts import categories_in_order
+
+
+def _div(a, b):
+    return a / b if b else None
+
+
+def _sum(items, key):
+    vals = [it.get(key) for it in items]
+    if any(v is None for v in vals):
+        return None
+    return sum(vals)
+
+
+def metrics(items: list[dict], drafts: bool, peer: bool) -> dict:
+    """Speed and speculation numbers over `items` (one dict per prompt from the worker)."""
+    tokens = sum(len(it["token_ids"]) for it in items)
+    seconds = sum(it["seconds"] for it in items)
+    steps = _sum(items, "steps")
+    full = _sum(items, "full_passes")
+    draft_tokens = _sum(items, "draft_tokens")
+    accepted = _sum(items, "accepted")
+    ta, ts, tf = (_sum(items, k) for k in ("tier_accept", "tier_slim", "tier_full"))
+    if not drafts:
+        tiers = None
+    elif peer:
+        tiers = {"accept": 0.0, "slim": 0.0, "full": 1.0}
+    elif None not in (ta, ts, tf) and ta + ts + tf > 0:
+        tot = ta + ts + tf
+        tiers = {"accept": ta / tot, "slim": ts / tot, "full": tf / tot}
+    else:
+        tiers = {"accept": 0.0, "slim": 0.0, "full": 0.0}
+    on, off = _sum(items, "slim_on") or 0, _sum(items, "slim_off") or 0
+    ttfts = [it["ttft"] for it in items if it.get("ttft") is not None]
+    return {
+        "prompts": len(items),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": _div(tokens, seconds),
+        "mean_accepted_tokens": _div(tokens, steps) if steps is not None else None,
+        "acceptance_rate": _div(accepted, draft_tokens) if drafts and draft_tokens else None,
+        "tier_rates": tiers,
+        "full_passes_per_token": _div(full, tokens) if full is not None else None,
+        "slim_tier_on": _div(on, on + off) if on + off else None,
+        "ttft_mean_s": sum(ttfts) / len(ttfts) if ttfts else None,
+    }
+
+
+def build_run(row, result: dict, prompts: list, texts: dict, off_ids: dict | None) -> dict:
+    """One `runs[]` entry. `prompts` are the BenchPrompts in order; `texts` maps question id to the
+    decoded output; `off_ids` maps question id to `off`'s token ids (None: no `off` row)."""
+    by_id = {p.question_id: p for p in prompts}
+    items = []
+    for o in result["outputs"]:
+        p = by_id[o["question_id"]]
+        items.append({**o, "category": p.category, "references": p.references, "text": texts[o["question_id"]]})
+    peer = row.kind != "engine"
+    run = {"name": row.name, "kind": row.kind}
+    for k in ("mode", "drafter", "params", "prompt_lookup_num_tokens", "speculative_config"):
+        v = getattr(row, k)
+        if v not in (None, {}):
+            run[k] = v
+    run.update(metrics(items, row.drafts, peer))
+    run["speedup_vs_off"] = None
+    run["quality"] = Q.score(items, off_ids)
+    run["per_category"] = {}
+    for cat in categories_in_order(prompts):
+        sub = [it for it in items if it["category"] == cat]
+        if sub:
+            m = metrics(sub, row.drafts, peer)
+            m["speedup_vs_off"] = None
+            m["quality"] = Q.score(sub, off_ids)
+            run["per_category"][cat] = m
+    run["load_seconds"] = result.get("load_seconds")
+    if result.get("vllm_version"):
+        run["vllm_version"] = result["vllm_version"]
+    return run
+
+
+def add_speedups(runs: list[dict]) -> None:
+    off = next((r for r in runs if r["name"] == "off"), None)
+    if off is None:
+        return
+    for r in runs:
+        r["speedup_vs_off"] = _div(r["tokens_per_s"], off["tokens_per_s"])
+        for cat, m in r["per_category"].items():
+            base = off["per_category"].get(cat)
+            m["speedup_vs_off"] = _div(m["tokens_per_s"], base["tokens_per_s"]) if base else None
+
+
+# ------------------------------------------------------------------ rendering
+def _f(v, fmt: str = ".2f", none: str = "-") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return none
+    return format(v, fmt)
+
+
+COLUMNS = ("run", "tok/s", "speedup", "tok/step", "accept/slim/full", "full/tok", "=off", "BLEU", "ROUGE-L", "math")
+
+
+def table_rows(runs: list[dict]) -> list[list[str]]:
+    out = []
+    for r in runs:
+        q = r.get("quality", {})
+        t = r.get("tier_rates")
+        tiers = "/".join(_f(t[k], ".2f") for k in ("accept", "slim", "full")) if t else "-"
+        out.append([
+            r["name"], _f(r["tokens_per_s"], ".1f"), _f(r["speedup_vs_off"], ".2f") + ("x" if r["speedup_vs_off"] else ""),
+            _f(r["mean_accepted_tokens"]), tiers, _f(r["full_passes_per_token"]), _f(q.get("match_off")),
+            _f(q.get("bleu"), ".1f"), _f(q.get("rouge_l"), ".1f"), _f(q.get("math_accuracy")),
+        ])
+    return out
+
+
+def render_table(runs: list[dict]) -> str:
+    """Plain text, columns aligned; one line per run."""
+    rows = [list(COLUMNS)] + table_rows(runs)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = []
+    for j, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict, plots: list[str] | None = None) -> str:
+    runs = report["runs"]
+    m = report["machine"]
+    out = [
+        "# via-sd bench",
+        "",
+        f"- date: {report['date']}",
+        f"- machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('threads', '?')} threads, "
+        f"{_f(m.get('memory_gb'), '.0f')} GiB, {m.get('platform', '')}",
+        f"- model: {report['model']}",
+        f"- settings: {report['settings']['prompts']} prompts, max {report['settings']['max_tokens']} tokens, "
+        f"temperature {report['settings']['temperature']}, batch 1",
+        f"- command: `{report['command']}`",
+        "",
+        "## Overall",
+        "",
+        _md_table(list(COLUMNS), table_rows(runs)),
+    ]
+    cats = list(runs[0]["per_category"]) if runs else []
+    if cats:
+        out += ["", "## Speed-up over `off` per category", ""]
+        rows = [[r["name"]] + [_f(r["per_category"].get(c, {}).get("speedup_vs_off")) for c in cats] for r in runs]
+        out.append(_md_table(["run"] + cats, rows))
+        out += ["", "## Tier rates per category (accept / slim / full)", ""]
+        rows = []
+        for r in runs:
+            if r.get("kind") != "engine" or not r.get("tier_rates"):
+                continue
+            cells = []
+            for c in cats:
+                t = r["per_category"].get(c, {}).get("tier_rates")
+                cells.append("/".join(_f(t[k]) for k in ("accept", "slim", "full")) if t else "-")
+            rows.append([r["name"]] + cells)
+        if rows:
+            out.append(_md_table(["run"] + cats, rows))
+    if report.get("skipped"):
+        out += ["", "## Skipped", ""] + [f"- `{s['name']}`: {s['reason']}" for s in report["skipped"]]
+    if report.get("sweep"):
+        sw = report["sweep"]
+        out += ["", "## Threshold sweep (three_tier)", ""]
+        rows = [[p["name"], _f(p["tokens_per_s"], ".1f"), _f(p.get("speedup_vs_off")), _f(p["quality"].get("match_off")),
+                 _f(p["quality"].get("prefix_agreement")), "yes" if p.get("pareto") else ""] for p in sw["points"]]
+        out.append(_md_table(["setting", "tok/s", "speedup", "=off", "prefix agreement", "frontier"], rows))
+        if sw.get("best"):
+            out += ["", f"Best setting (fastest with {sw['quality_key']} >= {sw['min_quality']}): `{sw['best']['name']}` "
+                        f"{_f(sw['best']['tokens_per_s'], '.1f')} tok/s"]
+    if plots:
+        out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(out) + "\n"

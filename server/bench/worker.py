@@ -1,0 +1,183 @@
+"""One benchmark row in its own process: `python -m server.bench.worker JOB.json RESULT.json`.
+
+The job (written by `server.bench.runner`) names the row (`kind` engine or hf), the model folder,
+the prompts as token ids and the sampling settings. The worker loads the model, runs one warm-up
+generation that is not timed, then generates the prompts one at a time at batch 1 and writes,
+per prompt, the output token ids, the wall time and the counts the report needs:
+
+- `steps`: forward passes that committed tokens (a plain decode, a speculative step; the
+  prompt's own pass counts when it emits the first token);
+- `full_passes`: those of them that ran the full model;
+- `draft_tokens`, `accepted`, `tier_accept`, `tier_slim`, `tier_full`, `slim_on`, `slim_off`.
+
+A row that cannot run (a drafter without its weights, a missing package) writes
+`{"ok": false, "error": ...}` and exits 0, so that the other rows still run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def _progress(job: dict, n: int):
+    return tqdm(total=n, desc=f"{job['row']['name']:>14}", unit="prompt", file=sys.stderr,
+                disable=not job.get("progress", True), leave=True, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------ the embedded engine
+def run_engine(job: dict) -> dict:
+    import torch
+
+    from server.engine.api import GenerationRequest
+    from server.engine.config import EngineConfig, SamplingParams, SpecConfig, SpecParams
+    from server.engine.engine import LLMEngine
+
+    row = job["row"]
+    spec_kw = {"mode": row["mode"]}
+    if row.get("drafter"):
+        spec_kw["drafter"] = row["drafter"]
+    spec_kw.update(row.get("params") or {})
+    t0 = time.perf_counter()
+    engine = LLMEngine(EngineConfig(model=job["model"], dtype=job.get("dtype", "float32"),
+                                    num_threads=job["threads"], spec=SpecConfig(**spec_kw)))
+    load_s = time.perf_counter() - t0
+
+    def request(i: int, ids: list[int], max_tokens: int) -> GenerationRequest:
+        temp = job["temperature"]
+        seed = None if temp == 0 else job["seed"] + i
+        return GenerationRequest(f"bench-{i}", tuple(ids), SamplingParams(max_tokens=max_tokens, temperature=temp, seed=seed),
+                                 SpecParams())
+
+    prompts = job["prompts"]
+    engine.generate([request(-1, prompts[0]["prompt_token_ids"], job["warmup_tokens"])])
+    outputs = []
+    with _progress(job, len(prompts)) as bar:
+        for i, p in enumerate(prompts):
+            before = engine.stats()
+            t = time.perf_counter()
+            res = engine.generate([request(i, p["prompt_token_ids"], job["max_tokens"])])[0]
+            seconds = time.perf_counter() - t
+            after = engine.stats()
+            u = res.via_sd
+            n = len(res.token_ids)
+            spec = row["mode"] != "off" and u.steps > 0
+            d = {k: getattr(after, k) - getattr(before, k)
+                 for k in ("tier_accept", "tier_slim", "tier_full", "controller_slim_on", "controller_slim_off")}
+            outputs.append({
+                "question_id": p["question_id"], "token_ids": res.token_ids, "seconds": seconds,
+                "ttft": res.first_token_time, "finish_reason": res.finish_reason,
+                "steps": u.steps if spec else n, "full_passes": u.full_passes if spec else n,
+                "slim_passes": u.slim_passes, "draft_tokens": u.draft_tokens, "accepted": u.accepted,
+                "tier_accept": d["tier_accept"], "tier_slim": d["tier_slim"], "tier_full": d["tier_full"],
+                "slim_on": d["controller_slim_on"], "slim_off": d["controller_slim_off"],
+            })
+            bar.update(1)
+    return {"load_seconds": load_s, "outputs": outputs, "torch_threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------ Hugging Face transformers
+class _FirstTokenTimer:
+    """A `generate` streamer that only notes when the first new token arrives."""
+
+    def __init__(self):
+        self.calls = 0
+        self.t0 = 0.0
+        self.first: float | None = None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2 and self.first is None:  # the first call carries the prompt
+            self.first = time.perf_counter() - self.t0
+
+    def end(self):
+        pass
+
+
+def run_hf(job: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    row = job["row"]
+    torch.set_num_threads(job["threads"])
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32, local_files_only=True)
+    model.eval()
+    load_s = time.perf_counter() - t0
+    calls = [0]
+    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    eos = list(job["eos_token_ids"])
+    temp = job["temperature"]
+    kw = {"do_sample": temp > 0, "eos_token_id": eos, "pad_token_id": eos[0]}
+    if temp > 0:
+        kw.update(temperature=temp, top_k=0, top_p=1.0)
+    else:
+        kw.update(temperature=None, top_k=None, top_p=None)
+    if row.get("prompt_lookup_num_tokens"):
+        kw["prompt_lookup_num_tokens"] = int(row["prompt_lookup_num_tokens"])
+        if row.get("max_matching_ngram_size"):
+            kw["max_matching_ngram_size"] = int(row["max_matching_ngram_size"])
+
+    def gen(ids: list[int], max_tokens: int, seed: int, timer=None) -> list[int]:
+        x = torch.tensor([ids])
+        if temp > 0:
+            torch.manual_seed(seed)
+        with torch.inference_mode():
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, streamer=timer, **kw)
+        return out[0, len(ids):].tolist()
+
+    prompts = job["prompts"]
+    gen(prompts[0]["prompt_token_ids"], job["warmup_tokens"], job["seed"])
+    outputs = []
+    with _progress(job, len(prompts)) as bar:
+        for i, p in enumerate(prompts):
+            timer = _FirstTokenTimer()
+            c0 = calls[0]
+            timer.t0 = t = time.perf_counter()
+            toks = gen(p["prompt_token_ids"], job["max_tokens"], job["seed"] + i, timer)
+            seconds = time.perf_counter() - t
+            # `generate` pads nothing at batch 1, but cut at the first eos to be safe
+            for j, tk in enumerate(toks):
+                if tk in eos:
+                    toks = toks[: j + 1]
+                    break
+            n_calls = calls[0] - c0
+            lookup = bool(row.get("prompt_lookup_num_tokens"))
+            outputs.append({
+                "question_id": p["question_id"], "token_ids": toks, "seconds": seconds, "ttft": timer.first,
+                "finish_reason": "stop" if toks and toks[-1] in eos else "length",
+                "steps": n_calls, "full_passes": n_calls, "slim_passes": 0,
+                # each pass of assisted generation emits its accepted drafts plus one token
+                "draft_tokens": None, "accepted": max(0, len(toks) - n_calls) if lookup else 0,
+                "tier_accept": 0, "tier_slim": 0, "tier_full": None, "slim_on": 0, "slim_off": 0,
+            })
+            bar.update(1)
+    return {"load_seconds": load_s, "outputs": outputs, "torch_threads": torch.get_num_threads()}
+
+
+RUNNERS = {"engine": run_engine, "hf": run_hf}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m server.bench.worker JOB.json RESULT.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(argv[0]).read_text())
+    name = job["row"]["name"]
+    try:
+        res = RUNNERS[job["row"]["kind"]](job)
+        res.update(ok=True, name=name)
+    except Exception as e:  # a row that cannot run is reported, not fatal
+        res = {"ok": False, "name": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    Path(argv[1]).write_text(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
