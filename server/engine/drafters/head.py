@@ -136,14 +136,11 @@ def chain_drafts(head: DraftHead, h: torch.Tensor, tok: torch.Tensor, steps: int
 
 def accepted_lengths(probs: torch.Tensor, max_tokens: torch.Tensor, threshold: float, min_tokens: int) -> torch.Tensor:
     """How many leading drafts to propose: probs [B, S], max_tokens [B] -> [B]. The block ends
-    before the first token whose probability is below `threshold` (the first `min_tokens` are
-    always kept), and at max_tokens."""
+    before the first token whose probability is below `threshold`, but holds at least
+    `min_tokens`, and at most max_tokens."""
     S = probs.shape[1]
-    conf = probs >= threshold
-    if min_tokens:
-        conf[:, :min_tokens] = True
-    run = conf.long().cumprod(1).sum(1)  # leading confident tokens
-    return torch.minimum(run, max_tokens).clamp(max=S)
+    run = (probs >= threshold).long().cumprod(1).sum(1)  # leading confident tokens
+    return torch.minimum(run.clamp(min=min_tokens), max_tokens).clamp(max=S)
 
 
 class HeadDrafter(Drafter):

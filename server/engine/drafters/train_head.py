@@ -62,8 +62,9 @@ class _RecordingRunner:
 
 
 def collect(model_dir: str, prompts: list[dict], *, max_tokens: int, sampled: int, temperature: float, seed: int,
-            batch: int, threads: int | None) -> list[dict]:
-    """Generate answers with the engine (mode off) and record per-position features."""
+            batch: int, threads: int | None, done: list[dict] | None = None, checkpoint=None) -> list[dict]:
+    """Generate answers with the engine (mode off) and record per-position features. Answers in
+    `done` (a checkpoint) are kept, not regenerated; `checkpoint(answers)` runs after each batch."""
     from tqdm import tqdm
 
     from server.engine.api import GenerationRequest
@@ -81,7 +82,9 @@ def collect(model_dir: str, prompts: list[dict], *, max_tokens: int, sampled: in
         for k in range(sampled):
             jobs.append((r, f"sampled{k}", ids, SamplingParams(max_tokens=max_tokens, temperature=temperature,
                                                               seed=seed * 100003 + r["id"] * 31 + k)))
-    out = []
+    out = list(done or [])
+    have = {(a["prompt_id"], a["kind"]) for a in out}
+    jobs = [j for j in jobs if (j[0]["id"], j[1]) not in have]
     bar = tqdm(total=len(jobs), desc="collect", unit="answer")
     for b0 in range(0, len(jobs), batch):
         part = jobs[b0:b0 + batch]
@@ -109,6 +112,8 @@ def collect(model_dir: str, prompts: list[dict], *, max_tokens: int, sampled: in
                 "greedy": torch.tensor([keep[p][1] for p in poss]),  # [T], argmax at p
             })
         bar.update(len(part))
+        if checkpoint is not None:
+            checkpoint(out)
     bar.close()
     return out
 
@@ -118,14 +123,214 @@ def load_prompts(path: Path, limit: int | None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
+# ---------------------------------------------------------------------------- data
+def split_by_prompt(seqs: list[dict], heldout: float, seed: int) -> tuple[list[dict], list[dict]]:
+    ids = sorted({s["prompt_id"] for s in seqs})
+    rng = random.Random(seed)
+    rng.shuffle(ids)
+    held = set(ids[: max(1, round(len(ids) * heldout))])
+    return [s for s in seqs if s["prompt_id"] not in held], [s for s in seqs if s["prompt_id"] in held]
+
+
+def reduced_vocabulary(seqs: list[dict], size: int, always: tuple[int, ...]) -> torch.Tensor:
+    """The `size` most frequent greedy next tokens of the target (ties by id), `always` included."""
+    counts = torch.bincount(torch.cat([s["greedy"] for s in seqs]))
+    order = sorted(range(len(counts)), key=lambda t: (-int(counts[t]), t))
+    keep = [t for t in always]
+    for t in order:
+        if len(keep) >= size or counts[t] == 0:
+            break
+        if t not in keep:
+            keep.append(t)
+    return torch.tensor(sorted(keep), dtype=torch.int64)
+
+
+def flatten(seqs: list[dict]) -> dict[str, torch.Tensor]:
+    """Training pairs of every answer, flat. Entry j of an answer with T positions:
+    input (h_j, x_{j+1}), target (h_{j+1}, y_{j+1}); `remain` = chained steps available from j."""
+    h_in, x_next, h_tgt, y_tgt, remain = [], [], [], [], []
+    for s in seqs:
+        T = len(s["hidden"])
+        if T < 2:
+            continue
+        h_in.append(s["hidden"][:-1])
+        h_tgt.append(s["hidden"][1:])
+        x_next.append(s["tokens"][1:T])
+        y_tgt.append(s["greedy"][1:])
+        remain.append(torch.arange(T - 1, 0, -1))
+    return {
+        "h_in": torch.cat(h_in).float(),  # [N, H]
+        "x_next": torch.cat(x_next),  # [N]
+        "h_tgt": torch.cat(h_tgt).float(),  # [N, H]
+        "y_tgt": torch.cat(y_tgt),  # [N] full ids
+        "remain": torch.cat(remain),  # [N]
+    }
+
+
+def to_reduced(full_ids: torch.Tensor, reduced_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Full ids -> reduced index, -100 (ignored by cross-entropy) for tokens outside it."""
+    table = torch.full((vocab,), -100, dtype=torch.int64)
+    table[reduced_ids] = torch.arange(len(reduced_ids))
+    return table[full_ids]
+
+
+# ---------------------------------------------------------------------------- train
+def unrolled_loss(head, d: dict[str, torch.Tensor], idx: torch.Tensor, unroll: int, feature_weight: float):
+    """Chained loss over `unroll` steps from the entries `idx` [B]: step u feeds the head's own
+    prediction of step u-1 with the true next token, as drafting will."""
+    N = d["h_in"].shape[0]
+    h = d["h_in"][idx]
+    total, ce_sum, n_sum = 0.0, 0.0, 0
+    for u in range(unroll):
+        j = (idx + u).clamp(max=N - 1)
+        mask = (d["remain"][idx] > u).float()  # [B]
+        if mask.sum() == 0:
+            break
+        h = head.step(h, d["x_next"][j])
+        feat = F.smooth_l1_loss(h, d["h_tgt"][j], reduction="none").mean(-1)  # [B]
+        y = torch.where(mask.bool(), d["y_red"][j], torch.full_like(j, -100))
+        ce = F.cross_entropy(head.logits(h), y, ignore_index=-100, reduction="sum") / mask.sum()
+        w = 0.8 ** u  # later steps count a little less
+        total = total + w * (ce + feature_weight * (feat * mask).sum() / mask.sum())
+        ce_sum += float(ce.detach())
+        n_sum += 1
+    return total, ce_sum / max(n_sum, 1)
+
+
+@torch.no_grad()
+def evaluate(head, seqs: list[dict], reduced: torch.Tensor, gamma: int = 5, thresholds=(0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+             draft_cost: float = 0.1) -> dict:
+    """Held-out numbers. `top1`: head argmax (true features) == target greedy token, over every
+    position (tokens outside the reduced vocabulary count as misses). Chained, on greedy answers
+    (where the answer is the target's greedy continuation): from each position, draft γ tokens
+    on the head's own features and count the leading matches; `tau` = expected tokens per step
+    (matches + the bonus token). Per threshold: the block stops at the first draft whose head
+    probability is below it; `est_speedup` = tau / (1 + draft_cost * drafted) ranks thresholds."""
+    from server.engine.drafters.head import accepted_lengths, chain_drafts
+
+    d = flatten(seqs)
+    pred = reduced[head.logits(head.step(d["h_in"], d["x_next"])).argmax(-1)]
+    top1 = float((pred == d["y_tgt"]).float().mean())
+    starts_h, starts_x, conts = [], [], []
+    for s in seqs:
+        if s["kind"] != "greedy":
+            continue
+        T = len(s["hidden"])
+        toks = s["tokens"]  # x_0 .. x_T, greedy continuation
+        for j in range(T - 1):
+            starts_h.append(s["hidden"][j].float())
+            starts_x.append(toks[j + 1])
+            c = toks[j + 2: j + 2 + gamma]
+            conts.append(torch.cat([c, torch.full((gamma - len(c),), -1, dtype=c.dtype)]))
+    res = {"top1": top1, "positions": int(len(d["y_tgt"])), "gamma": gamma}
+    if not starts_h:
+        return res
+    ids, probs = chain_drafts(head, torch.stack(starts_h), torch.stack(starts_x), gamma)
+    cont = torch.stack(conts)  # [S, γ]
+    match = (ids == cont).long().cumprod(1)  # leading matches
+    res["chain_positions"] = int(len(cont))
+    res["chained_accept_per_position"] = [round(float(v), 4) for v in match.float().mean(0)]
+    res["tau"] = round(float(match.sum(1).float().mean()) + 1.0, 4)
+    per = []
+    for th in thresholds:
+        for mt in (0, 1):
+            n = accepted_lengths(probs, torch.full((len(cont),), gamma), th, mt)
+            keep = torch.arange(gamma)[None, :] < n[:, None]
+            acc = (match.bool() & keep).long().sum(1).float().mean()
+            drafted = n.float().mean()
+            tau = float(acc) + 1.0
+            per.append({"threshold": th, "min_tokens": mt, "tau": round(tau, 4), "drafted": round(float(drafted), 4),
+                        "est_speedup": round(tau / (1 + draft_cost * float(drafted)), 4)})
+    res["per_threshold"] = per
+    return res
+
+
+def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
+    from tqdm import tqdm
+
+    from server.engine.drafters.head import DraftHead
+    from server.engine.model import LlamaModel
+
+    torch.manual_seed(args.seed)
+    t0 = time.monotonic()
+    model = LlamaModel.from_folder(model_dir)
+    train, held = split_by_prompt(data["seqs"], args.heldout, args.seed)
+    eos = tuple(model.cfg.eos_token_ids)
+    reduced = reduced_vocabulary(train, args.vocab, eos)
+    d = flatten(train)
+    d["y_red"] = to_reduced(d["y_tgt"], reduced, model.cfg.vocab_size)
+    coverage = float((d["y_red"] >= 0).float().mean())
+    print(f"train: {len(train)} answers, {len(d['y_tgt'])} pairs; held out: {len(held)} answers; "
+          f"reduced vocabulary {len(reduced)} covers {coverage:.3f} of the target's greedy tokens")
+    head = DraftHead(model.cfg.hidden_size, args.ffn, reduced).attach(model.embed, model.lm_head)
+    with torch.no_grad():
+        head.w_out.copy_(model.norm.float())
+    del model
+    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.01)
+    N = len(d["y_tgt"])
+    steps_per_epoch = math.ceil(N / args.batch_size)
+    total = steps_per_epoch * args.epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total, pct_start=0.05)
+    g = torch.Generator().manual_seed(args.seed)
+    bar = tqdm(total=total, desc="train", unit="batch")
+    head.train()
+    for epoch in range(args.epochs):
+        perm = torch.randperm(N, generator=g)
+        for b in range(steps_per_epoch):
+            idx = perm[b * args.batch_size:(b + 1) * args.batch_size]
+            loss, ce = unrolled_loss(head, d, idx, args.unroll, args.feature_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}", ce=f"{ce:.3f}")
+    bar.close()
+    head.eval()
+    train_seconds = time.monotonic() - t0
+    ev = evaluate(head, held, reduced)
+    best = max(ev["per_threshold"], key=lambda r: (r["est_speedup"], r["threshold"]))
+    print(f"held-out top-1 acceptance {ev['top1']:.3f} over {ev['positions']} positions")
+    print(f"held-out chained (γ=5, own features): per position {ev['chained_accept_per_position']}, "
+          f"expected tokens per step {ev['tau']:.3f}")
+    print(f"chosen threshold {best['threshold']} (min_tokens {best['min_tokens']}): tokens per step {best['tau']:.3f}, "
+          f"drafted {best['drafted']:.2f}")
+    stem = Path(args.out) if args.out else ASSETS / f"{model_dir.name}.head"
+    record = {
+        "model": model_dir.name,
+        "command": "via-sd train-head " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seed": args.seed,
+        "prompts": str(Path(args.prompts).name),
+        "data": {"answers": len(data["seqs"]), "train_answers": len(train), "heldout_answers": len(held),
+                 "train_pairs": N, "num_prompts": data.get("num_prompts"), "max_tokens": args.max_tokens,
+                 "sampled_per_prompt": args.sampled, "temperature": args.temperature,
+                 "collect_seconds": round(float(data.get("collect_seconds", 0.0)), 1)},
+        "head": {"hidden": head.hidden, "ffn": args.ffn, "reduced_vocab": len(reduced), "params": head.num_params(),
+                 "reduced_vocab_coverage_train": round(coverage, 4)},
+        "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "unroll": args.unroll,
+                     "feature_weight": args.feature_weight, "seconds": round(train_seconds, 1),
+                     "torch_threads": torch.get_num_threads()},
+        "heldout": ev,
+        "threshold": best["threshold"],
+        "min_tokens": best["min_tokens"],
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    head.save(Path(str(stem) + ".safetensors"), {"threshold": best["threshold"], "min_tokens": best["min_tokens"],
+                                                 "model": model_dir.name})
+    Path(str(stem) + ".json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {stem.with_suffix('.safetensors')} and {stem.with_suffix('.json')}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="via-sd train-head", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
     p.add_argument("--limit-prompts", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=96)
-    p.add_argument("--sampled", type=int, default=1, help="sampled answers per prompt, besides the greedy one")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--sampled", type=int, default=0, help="sampled answers per prompt, besides the greedy one")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
@@ -153,18 +358,28 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     data_path = Path(args.data) if args.data else Path.home() / ".cache" / "via-sd" / f"{model_dir.name}.head-data.pt"
     prompts_path = Path(args.prompts)
+    prompts = load_prompts(prompts_path, args.limit_prompts)
+    key = {"model": model_dir.name, "prompts": prompts_path.name, "max_tokens": args.max_tokens,
+           "sampled": args.sampled, "temperature": args.temperature, "seed": args.seed}
+    data = {"key": key, "seqs": [], "collect_seconds": 0.0, "num_prompts": len(prompts)}
     if data_path.exists():
-        data = torch.load(data_path)
-        print(f"loaded {len(data['seqs'])} answers from {data_path}")
-    else:
-        t0 = time.monotonic()
-        prompts = load_prompts(prompts_path, args.limit_prompts)
-        seqs = collect(str(model_dir), prompts, max_tokens=args.max_tokens, sampled=args.sampled,
-                       temperature=args.temperature, seed=args.seed, batch=args.batch, threads=args.threads)
-        data = {"seqs": seqs, "collect_seconds": time.monotonic() - t0, "num_prompts": len(prompts)}
+        old = torch.load(data_path)
+        if old.get("key") == key:
+            data["seqs"], data["collect_seconds"] = old["seqs"], old["collect_seconds"]
+            print(f"loaded {len(data['seqs'])} answers from {data_path}")
+    wanted = {r["id"] for r in prompts}
+    data["seqs"] = [a for a in data["seqs"] if a["prompt_id"] in wanted]
+    if len(data["seqs"]) < len(prompts) * (1 + args.sampled):
+        t0, base = time.monotonic(), data["collect_seconds"]
         data_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(data, data_path)
-        print(f"collected {len(seqs)} answers, {sum(len(s['hidden']) for s in seqs)} positions "
+
+        def checkpoint(answers):
+            data["seqs"], data["collect_seconds"] = answers, base + time.monotonic() - t0
+            torch.save(data, data_path)
+
+        collect(str(model_dir), prompts, max_tokens=args.max_tokens, sampled=args.sampled, temperature=args.temperature,
+                seed=args.seed, batch=args.batch, threads=args.threads, done=data["seqs"], checkpoint=checkpoint)
+        print(f"collected {len(data['seqs'])} answers, {sum(len(s['hidden']) for s in data['seqs'])} positions "
               f"in {data['collect_seconds']:.0f}s -> {data_path}")
     if args.collect_only:
         return 0

@@ -1,0 +1,189 @@
+"""The `head` drafter: the block's shapes, the reduced vocabulary, the chained drafting loop,
+losslessness of `binary` with it, the training command end to end (tiny model), and the shipped
+head on the real model (marked `real_model`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.engine.api import GenerationRequest
+from server.engine.config import EngineConfig, SamplingParams, SpecConfig, SpecParams
+from server.engine.drafters.head import DraftHead, HeadDrafter, accepted_lengths, chain_drafts, shipped_head_path
+from server.engine.drafters.train_head import reduced_vocabulary, to_reduced
+from server.engine.engine import LLMEngine
+
+ASSETS = Path(__file__).resolve().parents[2] / "server" / "engine" / "assets"
+RECORD = ASSETS / "SmolLM2-135M-Instruct.head.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from server.engine.testing import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tinyhead") / "tiny-llama", num_layers=4)
+
+
+def random_head(hidden: int, vocab: int, seed: int = 0, ffn: int = 96, reduced: int = 128) -> DraftHead:
+    torch.manual_seed(seed)
+    ids = torch.randperm(vocab)[:reduced].sort().values
+    return DraftHead(hidden, ffn, ids)
+
+
+@pytest.fixture(scope="module")
+def tiny_head_path(tiny_dir, tmp_path_factory):
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    head = random_head(cfg["hidden_size"], cfg["vocab_size"])
+    path = tmp_path_factory.mktemp("heads") / "tiny.head.safetensors"
+    head.save(path, {"threshold": 0.0, "min_tokens": 1})
+    return path
+
+
+def engine_with_head(model_dir, head_path, mode="binary", **kw) -> LLMEngine:
+    spec = SpecConfig(mode=mode, drafter="head", head_path=str(head_path), **kw)
+    return LLMEngine(EngineConfig(model=str(model_dir), spec=spec, num_blocks=128))
+
+
+def run_greedy(engine: LLMEngine, prompts, max_tokens: int, mode: str):
+    reqs = [GenerationRequest(f"{mode}{i}", tuple(p), SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                              SpecParams(mode=mode)) for i, p in enumerate(prompts)]
+    return engine.generate(reqs)
+
+
+# ------------------------------------------------------------------ the block
+def test_head_forward_shapes_and_determinism():
+    V, H = 300, 64
+    embed = torch.randn(V, H)
+    a = random_head(H, V, seed=1).attach(embed, embed)
+    b = random_head(H, V, seed=1).attach(embed, embed)
+    h = torch.randn(5, H)
+    tok = torch.tensor([0, 3, 7, 299, 42])
+    with torch.no_grad():
+        out = a.step(h, tok)
+        assert out.shape == (5, H)
+        assert a.logits(out).shape == (5, 128)
+        assert torch.equal(out, b.step(h, tok))  # same seed, same weights
+        ids, probs = chain_drafts(a, h, tok, 4)
+    assert ids.shape == probs.shape == (5, 4)
+    assert set(ids.flatten().tolist()) <= set(a.reduced_ids.tolist())  # drafts come from the reduced vocabulary
+    assert ((probs > 0) & (probs <= 1)).all()
+
+
+def test_save_load_roundtrip(tmp_path):
+    V, H = 300, 64
+    head = random_head(H, V, seed=2)
+    head.save(tmp_path / "h.safetensors", {"threshold": 0.35})
+    back, info = DraftHead.load(tmp_path / "h.safetensors")
+    assert info["threshold"] == 0.35 and info["hidden"] == H
+    assert torch.equal(back.reduced_ids, head.reduced_ids)
+    for (k, v), (k2, v2) in zip(head.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.allclose(v.half().float(), v2)  # stored in fp16
+
+
+def test_accepted_lengths_threshold_and_cap():
+    probs = torch.tensor([[0.9, 0.8, 0.2, 0.9],
+                          [0.1, 0.9, 0.9, 0.9],
+                          [0.9, 0.9, 0.9, 0.9]])
+    assert accepted_lengths(probs, torch.tensor([4, 4, 2]), 0.5, 0).tolist() == [2, 0, 2]
+    assert accepted_lengths(probs, torch.tensor([4, 4, 2]), 0.5, 1).tolist() == [2, 1, 2]  # first token always
+
+
+# ------------------------------------------------------------------ reduced vocabulary
+def test_reduced_vocabulary_is_most_frequent_with_eos():
+    seqs = [{"greedy": torch.tensor([5, 5, 5, 9, 9, 1, 7])}, {"greedy": torch.tensor([9, 5, 2])}]
+    red = reduced_vocabulary(seqs, 3, always=(100,))
+    assert red.tolist() == [5, 9, 100]  # 5 (x4), 9 (x3), and EOS
+    idx = to_reduced(torch.tensor([5, 9, 100, 7]), red, 128)
+    assert idx.tolist() == [0, 1, 2, -100]
+    assert red[idx[:3]].tolist() == [5, 9, 100]  # reduced -> full is the inverse
+
+
+# ------------------------------------------------------------------ the drafter in the engine
+def test_drafter_proposes_after_observe_only(tiny_dir, tiny_head_path):
+    eng = engine_with_head(tiny_dir, tiny_head_path)
+    drafter = eng.spec.drafter
+    assert isinstance(drafter, HeadDrafter) and drafter.wants_hidden
+    seq = eng.add_request(GenerationRequest("a", (1, 2, 3, 4), SamplingParams(max_tokens=8, temperature=0.0)))
+    assert drafter.propose([seq], [4]).tokens == [[]]  # no hidden state yet: nothing to propose
+    H = eng.model.cfg.hidden_size
+    drafter.observe(seq, torch.randn(H))
+    assert drafter.propose([seq], [4]).tokens == [[]]  # the step's tokens are not committed yet
+    seq.token_ids.append(5)
+    d1 = drafter.propose([seq], [4]).tokens[0]
+    d2 = drafter.propose([seq], [4]).tokens[0]
+    assert 1 <= len(d1) <= 4 and d1 == d2  # deterministic
+    assert all(0 <= t < eng.model.cfg.vocab_size for t in d1)
+    assert drafter.propose([seq], [0]).tokens == [[]]
+    drafter.release(seq)
+    assert drafter.propose([seq], [4]).tokens == [[]]
+    eng.abort("a")
+
+
+def test_binary_with_head_equals_off(tiny_dir, tiny_head_path):
+    prompts = [[1, 2, 3, 4, 5], [10, 20, 30], list(range(40, 70))]
+    eng = engine_with_head(tiny_dir, tiny_head_path)
+    off = run_greedy(eng, prompts, 16, "off")
+    binary = run_greedy(eng, prompts, 16, "binary")
+    assert [o.token_ids for o in off] == [b.token_ids for b in binary]
+    assert sum(b.via_sd.draft_tokens for b in binary) > 0  # the head drafted
+    three = run_greedy(eng, prompts, 16, "three_tier")
+    assert all(len(t.token_ids) == 16 for t in three)
+    pool = eng.cache.pool
+    assert pool.num_free == pool.num_usable
+
+
+def test_missing_head_is_a_clear_error(tiny_dir):
+    with pytest.raises(FileNotFoundError, match="train-head"):
+        LLMEngine(EngineConfig(model=str(tiny_dir), spec=SpecConfig(mode="binary", drafter="head"), num_blocks=16))
+
+
+def test_wrong_hidden_size_is_rejected(tiny_dir, tmp_path):
+    random_head(32, 100).save(tmp_path / "bad.safetensors", {})
+    with pytest.raises(ValueError, match="hidden size"):
+        engine_with_head(tiny_dir, tmp_path / "bad.safetensors")
+
+
+# ------------------------------------------------------------------ training, end to end
+def test_train_head_command_on_tiny_model(tiny_dir, tmp_path):
+    from server.engine.drafters.train_head import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "category": "t", "prompt": f"say {w}"}) + "\n"
+                               for i, w in enumerate(["a", "bb", "ccc", "dddd", "e", "ff"])))
+    out = tmp_path / "tiny.head"
+    rc = main(["--model", str(tiny_dir), "--prompts", str(prompts), "--max-tokens", "12", "--sampled", "1",
+               "--data", str(tmp_path / "d.pt"), "--vocab", "64", "--ffn", "32", "--epochs", "2",
+               "--batch-size", "32", "--heldout", "0.34", "--out", str(out)])
+    assert rc == 0
+    rec = json.loads(Path(str(out) + ".json").read_text())
+    assert rec["seed"] == 0 and rec["data"]["answers"] == 12
+    assert 0.0 <= rec["heldout"]["top1"] <= 1.0 and 1.0 <= rec["heldout"]["tau"] <= 6.0
+    eng = engine_with_head(tiny_dir, Path(str(out) + ".safetensors"))
+    assert eng.spec.drafter.head.reduced_ids.numel() <= 64
+
+
+# ------------------------------------------------------------------ the shipped head
+def test_shipped_record_meets_floor():
+    rec = json.loads(RECORD.read_text())
+    assert rec["model"] == "SmolLM2-135M-Instruct"
+    assert rec["heldout"]["top1"] >= 0.55, rec["heldout"]
+    assert rec["heldout"]["tau"] >= 2.0, rec["heldout"]
+    assert rec["command"].startswith("via-sd train-head")
+    assert shipped_head_path("/nowhere/SmolLM2-135M-Instruct") is not None
+
+
+@pytest.mark.real_model
+def test_shipped_head_binary_is_lossless(real_model_dir):
+    eng = LLMEngine(EngineConfig(model=str(real_model_dir), spec=SpecConfig(mode="binary", drafter="head")))
+    tok = eng.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in
+               ("What is the capital of France?", "Write a haiku about the sea.", "Explain recursion in one paragraph.")]
+    off = run_greedy(eng, prompts, 40, "off")
+    binary = run_greedy(eng, prompts, 40, "binary")
+    assert [o.token_ids for o in off] == [b.token_ids for b in binary]
+    acc = sum(b.via_sd.accepted for b in binary)
+    steps = sum(b.via_sd.steps for b in binary)
+    assert acc / steps > 0.5  # the trained head is mostly right
