@@ -1,0 +1,383 @@
+"""`via-sd bench --load`: throughput and time to first token of a live server under concurrency.
+
+    via-sd bench --load [--concurrency 1,4,16,64] [--requests N] [--modes off,binary,three_tier]
+        [--peers vllm] [--max-tokens N] [--prompts question.jsonl] [--endpoint chat|completions]
+        [--out FILE.json]
+
+Starts `via-sd serve` on a free loopback port in a subprocess, waits for `GET /health` 200, then for
+each mode and concurrency sends `--requests` streaming requests, at most `concurrency` in flight,
+each with `via_sd: {"mode": MODE}`; measures total tokens/s (completion tokens over the wall time
+of the whole batch) and TTFT p50/p99 (send to first content delta). With `--peers vllm` and the
+vLLM environment present it does the same against `vllm serve` (no `via_sd` field). Every server
+is stopped at the end (SIGTERM, then SIGKILL after a grace period). Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from server.engine.config import SPEC_MODES
+
+HOST = "127.0.0.1"  # loopback only
+DEFAULT_PROMPTS = (
+    "Explain in three sentences why the sky is blue.",
+    "Write a short poem about the sea.",
+    "List five uses of a paperclip.",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "What is 17 times 23? Show your steps.",
+    "Translate to French: The weather is nice today.",
+    "Give three tips for learning a new language.",
+    "Describe how a bicycle works.",
+)
+
+
+def _die(msg: str, code: int = 2) -> int:
+    print(f"via-sd bench --load: error: {msg}", file=sys.stderr)
+    return code
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile, q in [0, 100]: [1, 2, 3, 4] at 50 -> 2, at 99 -> 4."""
+    if not values:
+        return None
+    v = sorted(values)
+    k = max(0, min(len(v) - 1, int(-(-q * len(v) // 100)) - 1))
+    return v[k]
+
+
+# ------------------------------------------------------------------ servers
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    base_url: str
+    log_path: Path
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def start_server(name: str, cmd: list[str], port: int, log_dir: Path, env: dict | None = None) -> Server:
+    log_path = log_dir / f"{name}-server.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
+    return Server(name, proc, f"http://{HOST}:{port}", log_path)
+
+
+def wait_healthy(server: Server, timeout_s: float) -> str | None:
+    """None once GET /health answers 200; else why not (the process died, or the time ran out)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            return f"the server exited with code {server.proc.returncode}:\n{server.log_tail()}"
+        try:
+            if httpx.get(server.base_url + "/health", timeout=2.0).status_code == 200:
+                return None
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return f"no 200 from /health within {timeout_s:.0f} s:\n{server.log_tail()}"
+
+
+def served_model(server: Server, fallback: str) -> str:
+    import httpx
+
+    try:
+        data = httpx.get(server.base_url + "/v1/models", timeout=5.0).json()
+        return data["data"][0]["id"]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError):
+        return fallback
+
+
+# ------------------------------------------------------------------ one batch of requests
+@dataclass
+class RequestResult:
+    ok: bool
+    tokens: int = 0
+    ttft: float | None = None
+    latency: float = 0.0
+    error: str | None = None
+    via_sd: dict | None = None  # usage.via_sd of the final chunk, when the server sends it
+
+
+def request_body(endpoint: str, model: str, prompt: str, max_tokens: int, mode: str | None) -> dict:
+    body: dict = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+                  "stream_options": {"include_usage": True}}
+    if endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    if mode is not None:
+        body["via_sd"] = {"mode": mode}
+    return body
+
+
+async def one_request(client, url: str, body: dict, timeout_s: float) -> RequestResult:
+    t0 = time.perf_counter()
+    ttft = None
+    tokens = 0
+    deltas = 0
+    via_sd = None
+
+    async def run() -> None:
+        nonlocal ttft, tokens, deltas, via_sd
+        async with client.stream("POST", url, json=body) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")[:200]
+                raise RuntimeError(f"HTTP {resp.status_code}: {text}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("usage"):
+                    tokens = int(chunk["usage"].get("completion_tokens") or 0)
+                    via_sd = chunk["usage"].get("via_sd") or via_sd
+                for ch in chunk.get("choices") or []:
+                    piece = (ch.get("delta") or {}).get("content") if "delta" in ch else ch.get("text")
+                    if piece:
+                        deltas += 1
+                        if ttft is None:
+                            ttft = time.perf_counter() - t0
+
+    try:
+        await asyncio.wait_for(run(), timeout_s)
+    except Exception as e:  # a failed request is counted, not fatal
+        return RequestResult(False, ttft=ttft, latency=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}"[:200])
+    return RequestResult(True, tokens or deltas, ttft, time.perf_counter() - t0, via_sd=via_sd)
+
+
+async def run_batch(base_url: str, endpoint: str, model: str, prompts: list[str], n: int, concurrency: int,
+                    max_tokens: int, mode: str | None, timeout_s: float) -> tuple[list[RequestResult], float]:
+    import httpx
+
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
+        async def bounded(i: int) -> RequestResult:
+            async with sem:
+                body = request_body(endpoint, model, prompts[i % len(prompts)], max_tokens, mode)
+                return await one_request(client, base_url + path, body, timeout_s)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(bounded(i) for i in range(n)))
+        return list(results), time.perf_counter() - t0
+
+
+@dataclass
+class LoadPoint:
+    name: str
+    concurrency: int
+    requests: int
+    completed: int
+    errors: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float | None
+    ttft_p50_s: float | None
+    ttft_p99_s: float | None
+    latency_p50_s: float | None
+    first_error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def summarize(name: str, concurrency: int, results: list[RequestResult], wall: float) -> LoadPoint:
+    ok = [r for r in results if r.ok]
+    tokens = sum(r.tokens for r in ok)
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    errs = [r.error for r in results if not r.ok]
+    via_sd: dict[str, int] = {}
+    for r in ok:
+        for k, v in (r.via_sd or {}).items():
+            if isinstance(v, (int, float)):
+                via_sd[k] = via_sd.get(k, 0) + v
+    return LoadPoint(name, concurrency, len(results), len(ok), len(errs), tokens, wall,
+                     tokens / wall if wall > 0 else None, percentile(ttfts, 50), percentile(ttfts, 99),
+                     percentile([r.latency for r in ok], 50), errs[0] if errs else None,
+                     {"via_sd": via_sd} if via_sd else {})
+
+
+# ------------------------------------------------------------------ rendering
+def render_load_table(points: list[dict]) -> str:
+    header = ["server/mode", "conc", "ok/req", "tok/s", "TTFT p50", "TTFT p99", "lat p50"]
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    rows = [header] + [[p["name"], str(p["concurrency"]), f"{p['completed']}/{p['requests']}", f(p["tokens_per_s"], ".1f"),
+                        f(p["ttft_p50_s"], ".3f"), f(p["ttft_p99_s"], ".3f"), f(p["latency_p50_s"], ".2f")] for p in points]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="via-sd bench --load", description="load test of via-sd serve (and vllm serve)")
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--requests", type=int, default=64, help="requests per mode and concurrency")
+    p.add_argument("--modes", default="off,binary,three_tier")
+    p.add_argument("--peers", default="", help="`vllm` to also load `vllm serve` from the vLLM environment")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompts", default=None, help="Spec-Bench question.jsonl (first turns); default: built-in prompts")
+    p.add_argument("--categories", default=None)
+    p.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
+    p.add_argument("--model", default=None)
+    p.add_argument("--drafter", default=None)
+    p.add_argument("--port", type=int, default=None, help="default: a free loopback port")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
+    p.add_argument("--start-timeout", type=float, default=300.0, help="seconds for /health to turn 200")
+    p.add_argument("--vllm-python", default=None)
+    p.add_argument("--out", default="benchmarks/results/load.json")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        concs = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError:
+        return _die(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
+    if not concs or any(c <= 0 or c > 1024 for c in concs):
+        return _die("--concurrency values must be in [1, 1024]")
+    if not (0 < args.requests <= 100_000):
+        return _die(f"--requests must be in [1, 100000], got {args.requests}")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in SPEC_MODES]
+    if bad:
+        return _die(f"--modes: unknown {', '.join(bad)}; choose from {', '.join(SPEC_MODES)}")
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    if any(p != "vllm" for p in peers):
+        return _die("--peers: only `vllm` is available in load mode")
+    prompts = list(DEFAULT_PROMPTS)
+    if args.prompts:
+        from server.bench.prompts import PromptFileError, read_questions, select_prompts
+
+        try:
+            cats = args.categories.split(",") if args.categories else None
+            prompts = [p.text for p in select_prompts(read_questions(args.prompts), cats)]
+        except PromptFileError as e:
+            return _die(str(e))
+    from server.bench.cli import machine_info
+    from server.bench.runner import find_vllm_python
+    from server.engine.model_files import prepare_model
+
+    try:
+        folder = Path(prepare_model(args.model, progress=True))
+    except (ValueError, FileNotFoundError) as e:
+        return _die(str(e))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    points: list[LoadPoint] = []
+    skipped: list[dict] = []
+
+    def drive(server: Server, names_modes: list[tuple[str, str | None]]) -> None:
+        model = served_model(server, str(folder))
+        for name, mode in names_modes:
+            for c in concs:
+                print(f"[load] {name} concurrency {c}: {args.requests} requests ...", file=sys.stderr, flush=True)
+                res, wall = asyncio.run(run_batch(server.base_url, args.endpoint, model, prompts, args.requests, c,
+                                                  args.max_tokens, mode, args.request_timeout))
+                pt = summarize(name, c, res, wall)
+                points.append(pt)
+                print(f"[load] {name} c={c}: {pt.completed}/{pt.requests} ok, "
+                      f"{(pt.tokens_per_s or 0):.1f} tok/s", file=sys.stderr, flush=True)
+
+    servers: list[Server] = []
+    try:
+        if modes:
+            port = args.port or free_port()
+            cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(folder), "--host", HOST,
+                   "--port", str(port), "--spec-mode", "three_tier", "--max-num-seqs", str(max(concs))]
+            if args.drafter:
+                cmd += ["--drafter", args.drafter]
+            srv = start_server("via-sd", cmd, port, out.parent)
+            servers.append(srv)
+            why = wait_healthy(srv, args.start_timeout)
+            if why:
+                skipped.append({"name": "via-sd", "reason": why})
+                print(f"[load] via-sd serve did not start: {why}", file=sys.stderr)
+            else:
+                drive(srv, [(m, m) for m in modes])
+            srv.stop()
+        if "vllm" in peers:
+            vpy = find_vllm_python(args.vllm_python)
+            if vpy is None:
+                skipped.append({"name": "vllm", "reason": "no vLLM environment (.venv-vllm/bin/python not found)"})
+                print("[load] skipping vllm: no vLLM environment", file=sys.stderr)
+            else:
+                port = free_port()
+                launcher = [str(vpy.with_name("vllm"))] if vpy.with_name("vllm").is_file() else [str(vpy), "-m", "vllm.entrypoints.cli.main"]
+                cmd = launcher + ["serve", str(folder), "--host", HOST,
+                       "--port", str(port), "--dtype", "float32", "--enforce-eager",
+                       "--kv-cache-memory-bytes", str(1 << 30), "--max-num-seqs", str(max(concs)),
+                       "--max-model-len", "4096"]
+                srv = start_server("vllm", cmd, port, out.parent, {"HF_HUB_OFFLINE": "1", "VLLM_USE_V2_MODEL_RUNNER": "0"})
+                servers.append(srv)
+                why = wait_healthy(srv, args.start_timeout)
+                if why:
+                    skipped.append({"name": "vllm", "reason": why[-500:]})
+                    print(f"[load] vllm serve did not start: {why}", file=sys.stderr)
+                else:
+                    drive(srv, [("vllm", None)])
+                srv.stop()
+    except KeyboardInterrupt:
+        print("[load] interrupted", file=sys.stderr)
+    finally:
+        for s in servers:
+            s.stop(grace_s=10)
+
+    report = {"machine": machine_info(os.cpu_count() or 1), "model": str(folder),
+              "command": "via-sd bench --load " + shlex.join(argv),
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "settings": {"concurrency": concs, "requests": args.requests, "max_tokens": args.max_tokens,
+                           "endpoint": args.endpoint, "prompts": len(prompts)},
+              "load": [asdict(p) for p in points], "skipped": skipped}
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    table = render_load_table(report["load"])
+    out.with_suffix(".md").write_text(
+        f"# via-sd bench --load\n\n- date: {report['date']}\n- model: {report['model']}\n"
+        f"- machine: {report['machine'].get('cpu')}, {report['machine'].get('cores')} cores\n"
+        f"- command: `{report['command']}`\n\n```\n{table}\n```\n")
+    print(table)
+    for s in skipped:
+        print(f"skipped {s['name']}: {s['reason'].splitlines()[0]}")
+    print(f"wrote {out}")
+    return 0 if points else 1
