@@ -31,7 +31,9 @@ serve: install
 	$(VENV)/bin/via-sd serve --host $(HOST) --port $(PORT) --spec-mode three_tier $(SERVE_ARGS)
 
 test: install-test
+	sh tests/gateway/ensure_prometheus.sh
 	$(PY) -m pytest -q
+	$(MAKE) test-vllm
 
 test-fast: install-test
 	$(PY) -m pytest -q -m "not real_model and not slow and not vllm"

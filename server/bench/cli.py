@@ -242,10 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     report["outputs"] = outputs_path.name
     plots: list[Path] = []
     if not args.no_plots and results:
-        from server.bench.plots import write_plots
+        try:
+            from server.bench.plots import write_plots
 
-        plots = write_plots(report, out.with_suffix(""))
-        report["plots"] = [p.name for p in plots]
+            plots = write_plots(report, out.with_suffix(""))
+            report["plots"] = [p.name for p in plots]
+        except ImportError as e:  # matplotlib is in the `bench` extra
+            print(f"no plots: {e} (pip install -e '.[bench]')", file=sys.stderr)
     out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     out.with_suffix(".md").write_text(R.render_markdown(report, [p.name for p in plots]))
 

@@ -140,6 +140,8 @@ class EngineConfig:
     max_waiting: int = 256  # queue bound; the gateway answers 429 beyond it
     prefill_chunk: int = 512
     num_threads: int | None = None
+    tensor_parallel_size: int = 1  # vLLM backend only
+    pipeline_parallel_size: int = 1  # vLLM backend only
     spec: SpecConfig = field(default_factory=SpecConfig)
 
     def with_spec(self, **kw) -> "EngineConfig":

@@ -343,9 +343,8 @@ class SpecDecoder:
                 else:
                     r0 = int(job.slim_meta.cu_num_rows[p.slim_row])
                     lg = job.slim_logits[r0:r0 + m]
-                lps = []
-                for j in range(m):
-                    lps.extend(eng.logprobs_for([seq], lg[j:j + 1], torch.tensor([toks[j]])))
+                # one row per emitted token: the full model's when it ran, else the slim verifier's
+                lps = [eng.logprobs_for([seq], lg[j:j + 1], torch.tensor([toks[j]]))[0][0] for j in range(m)]
             if self.drafter.wants_hidden:
                 h = None
                 if p.full and full_hidden is not None:

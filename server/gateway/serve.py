@@ -40,6 +40,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-waiting", type=int, default=None, help="waiting queue bound; 429 beyond it")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=None)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--tensor-parallel-size", type=int, default=None,
+                        help="vLLM backend: GPUs per model replica (env VIA_SD_TENSOR_PARALLEL_SIZE; default 1)")
+    parser.add_argument("--pipeline-parallel-size", type=int, default=None,
+                        help="vLLM backend: pipeline stages, e.g. across nodes (env VIA_SD_PIPELINE_PARALLEL_SIZE; default 1)")
     parser.add_argument("--served-model-name", default=None, help="the name clients send as `model`")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
     parser.add_argument("--request-timeout-s", type=float, default=600.0)
@@ -65,6 +69,10 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     out.spec_mode = _env(args.spec_mode, "VIA_SD_SPEC_MODE", "three_tier")
     out.drafter = _env(args.drafter, "VIA_SD_DRAFTER", "ngram")
     out.api_key = _env(args.api_key, "VIA_SD_API_KEY", None)
+    out.tensor_parallel_size = _env(getattr(args, "tensor_parallel_size", None), "VIA_SD_TENSOR_PARALLEL_SIZE", 1, int)
+    out.pipeline_parallel_size = _env(getattr(args, "pipeline_parallel_size", None), "VIA_SD_PIPELINE_PARALLEL_SIZE", 1, int)
+    if out.tensor_parallel_size < 1 or out.pipeline_parallel_size < 1:
+        raise ValueError("--tensor-parallel-size and --pipeline-parallel-size must be >= 1")
     if out.spec_mode not in SPEC_MODES:
         raise ValueError(f"VIA_SD_SPEC_MODE must be one of {', '.join(SPEC_MODES)}, got {out.spec_mode!r}")
     if out.drafter not in DRAFTERS:
@@ -82,6 +90,8 @@ def engine_config(s: argparse.Namespace, model_folder: Path) -> EngineConfig:
         max_waiting=s.max_waiting if s.max_waiting is not None else base.max_waiting,
         kv_cache_memory_gb=s.kv_cache_memory_gb if s.kv_cache_memory_gb is not None else base.kv_cache_memory_gb,
         max_model_len=s.max_model_len if s.max_model_len is not None else base.max_model_len,
+        tensor_parallel_size=s.tensor_parallel_size,
+        pipeline_parallel_size=s.pipeline_parallel_size,
         spec=replace(SpecConfig(), mode=s.spec_mode, drafter=s.drafter),
     )
     return cfg

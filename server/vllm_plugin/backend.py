@@ -84,6 +84,8 @@ def engine_kwargs(config: EngineConfig, folder: Path, max_model_len: int, schedu
         max_model_len=max_model_len,
         max_num_seqs=config.max_num_seqs,
         disable_log_stats=False,
+        tensor_parallel_size=config.tensor_parallel_size,
+        pipeline_parallel_size=config.pipeline_parallel_size,
     )
     if s.mode != "off":
         from vllm.platforms import current_platform

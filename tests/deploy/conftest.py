@@ -19,7 +19,7 @@ ADAPTER_VALUES = DEPLOY / "prometheus" / "adapter-values.yaml"
 
 # Flags the manifests pass that `via-sd serve` does not have yet; each has the VIA_SD_* variable
 # of the same name in the manifests' ConfigMaps. Remove a name here once serve.py defines it.
-PENDING_SERVE_FLAGS = {"--tensor-parallel-size", "--pipeline-parallel-size"}
+PENDING_SERVE_FLAGS: set[str] = set()
 
 # a metric name in PromQL: ours all start with via_sd_ or with vLLM's vllm: prefix
 METRIC_RE = re.compile(r"\b(via_sd_[a-z0-9_]+|vllm:[a-z0-9_:]+)")
