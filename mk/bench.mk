@@ -1,0 +1,38 @@
+# Benchmark targets (server/bench). Included by the main Makefile, which defines PY, PIP, VENV.
+# The `bench` extra (sacrebleu, matplotlib) is installed for `make bench` and for the tests.
+
+BENCH_PROMPTS ?= ../shared/data/spec_bench/question.jsonl
+BENCH_CATEGORIES ?= mt_bench,translation,summarization,qa,math_reasoning,rag
+BENCH_LIMIT ?= 2
+BENCH_MAX_TOKENS ?= 64
+BENCH_PEERS ?= hf,hf_pld,vllm,vllm_ngram
+BENCH_OUT ?= benchmarks/results
+
+.PHONY: bench-install bench-quick bench-sweep bench-load
+
+$(VENV)/.installed-bench: $(VENV)/.installed pyproject.toml
+	$(PIP) install --cache-dir $(PIP_CACHE) -q -e '.[bench]'
+	touch $@
+
+bench-install: $(VENV)/.installed-bench
+
+# extra prerequisites of the main Makefile's targets: plots and BLEU need the extra
+bench: $(VENV)/.installed-bench
+install-test: $(VENV)/.installed-bench
+
+# the six Spec-Bench tasks, BENCH_LIMIT prompts each, every row
+bench-quick: install bench-install
+	$(VENV)/bin/via-sd bench --prompts $(BENCH_PROMPTS) --categories $(BENCH_CATEGORIES) \
+		--limit-per-category $(BENCH_LIMIT) --max-tokens $(BENCH_MAX_TOKENS) --peers $(BENCH_PEERS) \
+		--out $(BENCH_OUT)/quick.json
+
+# the three_tier speed-quality frontier over accept/escalate thresholds, bonus confidence and gamma
+bench-sweep: install bench-install
+	$(VENV)/bin/via-sd bench --prompts $(BENCH_PROMPTS) --categories $(BENCH_CATEGORIES) \
+		--limit-per-category $(BENCH_LIMIT) --max-tokens $(BENCH_MAX_TOKENS) --modes off,binary,three_tier \
+		--peers '' --sweep --out $(BENCH_OUT)/sweep.json
+
+# throughput and TTFT of `via-sd serve` (and `vllm serve` when .venv-vllm exists) under concurrency
+bench-load: install bench-install
+	$(VENV)/bin/via-sd bench --load --concurrency 1,4,16,64 --requests 64 --max-tokens $(BENCH_MAX_TOKENS) \
+		--peers vllm --out $(BENCH_OUT)/load.json

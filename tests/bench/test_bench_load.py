@@ -1,0 +1,57 @@
+"""`via-sd bench --load`: the pieces without a server, and one short run against a real one."""
+
+import json
+
+import pytest
+
+from server.bench import load
+from server.bench.load import RequestResult, percentile, render_load_table, request_body, summarize
+
+
+def test_percentile_nearest_rank():
+    assert percentile([4, 1, 3, 2], 50) == 2
+    assert percentile([1, 2, 3, 4], 99) == 4
+    assert percentile(list(range(1, 101)), 99) == 99
+    assert percentile([], 50) is None
+
+
+def test_request_body_carries_the_mode_extension():
+    b = request_body("chat", "m", "hi", 8, "binary")
+    assert b["messages"] == [{"role": "user", "content": "hi"}] and b["stream"] is True
+    assert b["via_sd"] == {"mode": "binary"} and b["stream_options"] == {"include_usage": True}
+    c = request_body("completions", "m", "hi", 8, None)
+    assert c["prompt"] == "hi" and "via_sd" not in c
+
+
+def test_summarize_and_table():
+    res = [RequestResult(True, 10, 0.1, 1.0, via_sd={"steps": 3}), RequestResult(True, 6, 0.3, 2.0, via_sd={"steps": 2}),
+           RequestResult(False, error="HTTP 429: busy")]
+    pt = summarize("three_tier", 4, res, 2.0)
+    assert (pt.completed, pt.errors, pt.tokens, pt.tokens_per_s) == (2, 1, 16, 8.0)
+    assert pt.ttft_p50_s == 0.1 and pt.ttft_p99_s == 0.3 and pt.first_error.startswith("HTTP 429")
+    assert pt.extra == {"via_sd": {"steps": 5}}
+    table = render_load_table([vars(pt)])
+    assert "three_tier" in table and "2/3" in table and "8.0" in table
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--concurrency", "a,b"], "--concurrency"),
+    (["--concurrency", "0"], "[1, 1024]"),
+    (["--modes", "fast"], "unknown fast"),
+    (["--peers", "sglang"], "only `vllm`"),
+])
+def test_bad_arguments(argv, msg, capsys):
+    assert load.main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_load_against_a_live_tiny_server(tiny_model_dir, tmp_path):
+    out = tmp_path / "load.json"
+    rc = load.main(["--model", str(tiny_model_dir), "--concurrency", "1,2", "--requests", "2", "--max-tokens", "4",
+                    "--modes", "off,three_tier", "--start-timeout", "120", "--request-timeout", "60", "--out", str(out)])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert [(p["name"], p["concurrency"]) for p in rep["load"]] == [("off", 1), ("off", 2), ("three_tier", 1), ("three_tier", 2)]
+    assert all(p["completed"] == 2 and p["tokens"] > 0 and p["ttft_p50_s"] is not None for p in rep["load"])
+    assert rep["load"][2]["extra"]["via_sd"]["steps"] > 0

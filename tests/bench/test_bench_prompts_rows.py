@@ -1,0 +1,71 @@
+"""Prompt selection (categories, the mt_bench group, limits) and row naming."""
+
+import json
+
+import pytest
+
+from server.bench.prompts import PromptFileError, read_questions, select_prompts
+from server.bench.rows import RowError, build_rows, parse_list, parse_sweep, sweep_points, sweep_row
+
+QUESTIONS = [
+    {"question_id": 81, "category": "writing", "turns": ["w1", "w2"]},
+    {"question_id": 91, "category": "roleplay", "turns": ["r1"]},
+    {"question_id": 161, "category": "translation", "turns": ["t1"], "reference": ["ref t1"]},
+    {"question_id": 162, "category": "translation", "turns": ["t2"], "reference": ["ref t2"]},
+]
+
+
+def test_default_selection_groups_mt_bench_and_keeps_the_first_turn():
+    ps = select_prompts(QUESTIONS)
+    assert [(p.question_id, p.category, p.text) for p in ps] == [
+        (81, "mt_bench", "w1"), (91, "mt_bench", "r1"), (161, "translation", "t1"), (162, "translation", "t2")]
+    assert ps[2].references == ("ref t1",)
+
+
+def test_limit_per_category_and_raw_mt_bench_category():
+    ps = select_prompts(QUESTIONS, ["mt_bench", "translation"], limit_per_category=1)
+    assert [p.question_id for p in ps] == [81, 161]
+    assert [p.category for p in select_prompts(QUESTIONS, ["roleplay"])] == ["roleplay"]
+
+
+def test_unknown_category_is_named():
+    with pytest.raises(PromptFileError, match="nope"):
+        select_prompts(QUESTIONS, ["nope"])
+
+
+def test_read_questions_reports_the_bad_line(tmp_path):
+    f = tmp_path / "q.jsonl"
+    f.write_text(json.dumps(QUESTIONS[0]) + "\n{bad\n")
+    with pytest.raises(PromptFileError, match=":2:"):
+        read_questions(f)
+    with pytest.raises(PromptFileError, match="does not exist"):
+        read_questions(tmp_path / "missing.jsonl")
+
+
+def test_row_names():
+    rows = build_rows(["off", "binary", "three_tier"], ["ngram", "head"], ["hf", "hf_pld", "vllm", "vllm_ngram"])
+    assert [r.name for r in rows] == ["off", "binary", "binary_head", "three_tier", "three_tier_head",
+                                      "hf", "hf_pld", "vllm", "vllm_ngram"]
+    assert rows[6].prompt_lookup_num_tokens == 10 and rows[8].speculative_config["method"] == "ngram"
+    assert not rows[0].drafts and rows[1].drafts and not rows[5].drafts and rows[6].drafts
+
+
+def test_bad_lists_are_rejected():
+    with pytest.raises(RowError, match="choose from"):
+        parse_list("off,fast", ("off", "binary"), "--modes")
+    with pytest.raises(RowError):
+        build_rows(["off"], ["nope"], [])
+
+
+def test_sweep_parsing_and_points():
+    grid = parse_sweep("a=0.6,0.8;gamma=3,5")
+    assert grid == {"accept_threshold": [0.6, 0.8], "num_draft_tokens": [3, 5]}
+    one = sweep_points(grid, "one_at_a_time")
+    assert {} in one and {"accept_threshold": 0.6} in one and {"num_draft_tokens": 3} in one
+    assert len(sweep_points(grid, "full")) == 4
+    # escalate above accept is dropped
+    assert sweep_points({"accept_threshold": [0.3]}, "one_at_a_time") == [{}]
+    assert sweep_row({"accept_threshold": 0.8, "num_draft_tokens": 3}).name == "three_tier[a=0.8,g=3]"
+    assert sweep_row({}).name == "three_tier"
+    with pytest.raises(RowError):
+        parse_sweep("zeta=1")

@@ -1,0 +1,97 @@
+"""Aggregation of per-prompt results into runs, and the table, Markdown and plot rendering."""
+
+import pytest
+
+from server.bench import report as R
+from server.bench.cli import pareto
+from server.bench.prompts import BenchPrompt
+from server.bench.rows import Row
+
+PROMPTS = [BenchPrompt(1, "translation", "t", ("a b c",)), BenchPrompt(2, "qa", "q")]
+
+
+def _out(qid, toks, seconds, **kw):
+    base = {"question_id": qid, "token_ids": toks, "seconds": seconds, "ttft": 0.1, "steps": len(toks),
+            "full_passes": len(toks), "slim_passes": 0, "draft_tokens": 0, "accepted": 0,
+            "tier_accept": 0, "tier_slim": 0, "tier_full": 0, "slim_on": 0, "slim_off": 0}
+    return {**base, **kw}
+
+
+def _runs():
+    off = {"outputs": [_out(1, [1, 2, 3, 4], 1.0), _out(2, [5, 6], 1.0)]}
+    tt = {"outputs": [_out(1, [1, 2, 3, 4], 0.5, steps=2, full_passes=1, slim_passes=2, draft_tokens=6, accepted=2,
+                           tier_accept=2, tier_slim=1, tier_full=1, slim_on=2),
+                      _out(2, [5, 7], 0.5, steps=1, full_passes=1, draft_tokens=0)]}
+    texts = {1: "a b c", 2: "x"}
+    off_ids = {1: [1, 2, 3, 4], 2: [5, 6]}
+    runs = [R.build_run(Row("off", "engine", mode="off"), off, PROMPTS, texts, off_ids),
+            R.build_run(Row("three_tier", "engine", mode="three_tier", drafter="ngram"), tt, PROMPTS, texts, off_ids)]
+    R.add_speedups(runs)
+    return runs
+
+
+def test_run_metrics_follow_their_definitions():
+    off, tt = _runs()
+    assert off["tokens"] == 6 and off["tokens_per_s"] == pytest.approx(3.0)
+    assert off["mean_accepted_tokens"] == 1.0 and off["full_passes_per_token"] == 1.0 and off["tier_rates"] is None
+    assert tt["speedup_vs_off"] == pytest.approx(2.0)
+    assert tt["mean_accepted_tokens"] == pytest.approx(6 / 3)
+    assert tt["full_passes_per_token"] == pytest.approx(2 / 6)
+    assert tt["tier_rates"] == pytest.approx({"accept": 0.5, "slim": 0.25, "full": 0.25})
+    assert tt["acceptance_rate"] == pytest.approx(2 / 6)
+    assert tt["quality"]["match_off"] == 0.5
+    assert set(tt["per_category"]) == {"translation", "qa"}
+    assert tt["per_category"]["translation"]["speedup_vs_off"] == pytest.approx(2.0)
+    assert tt["per_category"]["qa"]["quality"]["prefix_agreement"] == pytest.approx(0.5)
+
+
+def test_contract_keys_present():
+    for run in _runs():
+        for k in ("name", "tokens", "seconds", "tokens_per_s", "speedup_vs_off", "mean_accepted_tokens",
+                  "tier_rates", "full_passes_per_token", "quality", "per_category"):
+            assert k in run
+
+
+def test_peers_that_draft_are_decided_by_the_full_model():
+    res = {"outputs": [_out(1, [1, 2, 3], 1.0, steps=2, full_passes=2, draft_tokens=None, accepted=1, tier_full=None)]}
+    run = R.build_run(Row("hf_pld", "hf", prompt_lookup_num_tokens=10), res, PROMPTS[:1], {1: "a"}, None)
+    assert run["tier_rates"] == {"accept": 0.0, "slim": 0.0, "full": 1.0}
+    assert run["speedup_vs_off"] is None and "match_off" not in run["quality"]
+    assert run["mean_accepted_tokens"] == pytest.approx(1.5)
+
+
+def test_render_table_and_markdown():
+    runs = _runs()
+    table = R.render_table(runs)
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["run", "tok/s", "speedup"]
+    assert lines[2].startswith("off") and "2.00x" in lines[3]
+    assert "0.50/0.25/0.25" in lines[3]
+    report = {"runs": runs, "machine": {"cpu": "cpu", "cores": 2, "threads": 2, "memory_gb": 8.0},
+              "model": "/m", "date": "2026-01-01T00:00:00+00:00", "command": "via-sd bench --prompts q.jsonl",
+              "settings": {"prompts": 2, "max_tokens": 4, "temperature": 0.0},
+              "skipped": [{"name": "vllm", "reason": "no env"}]}
+    md = R.render_markdown(report, ["x_speedup.png"])
+    assert "`via-sd bench --prompts q.jsonl`" in md
+    assert "| three_tier | 2.0" in md.replace("  ", " ") or "| three_tier |" in md
+    assert "| run | translation | qa |" in md
+    assert "- `vllm`: no env" in md and "![x_speedup.png](x_speedup.png)" in md
+
+
+def test_pareto_marks_undominated_points():
+    pts = [{"tokens_per_s": 10, "quality": {"q": 0.9}}, {"tokens_per_s": 12, "quality": {"q": 0.8}},
+           {"tokens_per_s": 9, "quality": {"q": 0.85}}]
+    pareto(pts, "q")
+    assert [p["pareto"] for p in pts] == [True, True, False]
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from server.bench.plots import write_plots
+
+    runs = _runs()
+    report = {"runs": runs, "machine": {"cpu": "cpu", "threads": 2}, "model": "/m", "date": "2026-01-01",
+              "sweep": {"quality_key": "match_off", "points": [dict(runs[1], pareto=True)]}}
+    made = write_plots(report, tmp_path / "r")
+    assert sorted(p.name for p in made) == ["r_speedup.png", "r_sweep.png", "r_tiers.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in made)
