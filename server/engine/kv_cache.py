@@ -45,50 +45,56 @@ class Chunk:
 
 
 def build_batch(chunks: list[Chunk], device: torch.device | str = "cpu") -> ForwardBatch:
+    """Flatten the chunks into one ragged batch. Per-token Python work is limited to the new
+    tokens; context slots come from the block tables as one tensor expression."""
+    B = len(chunks)
+    lens = [len(c.token_ids) for c in chunks]
+    ends = [c.start + n for c, n in zip(chunks, lens)]
+    Q = max(lens)
+    L = max(ends)
+    bs = chunks[0].table.block_size
+    n_total = sum(lens)
     input_ids: list[int] = []
     positions: list[int] = []
-    slot_mapping: list[int] = []
     logits_index: list[int] = []
-    B = len(chunks)
-    Q = max(len(c.token_ids) for c in chunks)
-    L = max(c.start + len(c.token_ids) for c in chunks)
-    n_total = sum(len(c.token_ids) for c in chunks)
-    ctx_rows: list[list[int]] = []
-    q_rows: list[list[int]] = []
-    out_index: list[int] = []
-    need_mask = False
-    qpos_rows: list[list[int]] = []
-    ctx_lens: list[int] = []
-    for b, c in enumerate(chunks):
-        n = len(c.token_ids)
-        end = c.start + n
-        base = len(input_ids)
+    base = 0
+    for c, n in zip(chunks, lens):
         input_ids.extend(c.token_ids)
-        positions.extend(range(c.start, end))
-        slot_mapping.extend(c.table.slots(c.start, end))
+        positions.extend(range(c.start, c.start + n))
         logits_index.extend(range(base + n - c.num_logits, base + n))
-        ctx = c.table.slots(0, end)
-        ctx_rows.append(ctx + [0] * (L - end))
-        q_rows.append(list(range(base, base + n)) + [n_total] * (Q - n))
-        out_index.extend(range(b * Q, b * Q + n))
-        qpos_rows.append(list(range(c.start, end)) + [0] * (Q - n))
-        ctx_lens.append(end)
-        if n > 1 or end < L or n < Q:
-            need_mask = True
+        base += n
+    nblk = -(-L // bs)
+    tab = torch.zeros(B, nblk, dtype=torch.long)  # padded with the null block
+    for b, c in enumerate(chunks):
+        k = min(len(c.table.blocks), nblk)
+        if k:
+            tab[b, :k] = torch.tensor(c.table.blocks[:k], dtype=torch.long)
+    kpos = torch.arange(L)
+    ctx_slots = tab[:, kpos // bs] * bs + kpos % bs  # [B, L]
+    pos_t = torch.tensor(positions, dtype=torch.long)
+    seq_of_tok = torch.repeat_interleave(torch.arange(B), torch.tensor(lens))
+    slot_mapping = tab[seq_of_tok, pos_t // bs] * bs + pos_t % bs  # [N]
+    lens_t = torch.tensor(lens)
+    starts_t = torch.tensor([c.start for c in chunks])
+    qi = torch.arange(Q)
+    cu = torch.cumsum(lens_t, 0) - lens_t
+    valid = qi[None, :] < lens_t[:, None]  # [B, Q]
+    q_index = torch.where(valid, cu[:, None] + qi[None, :], torch.full((B, Q), n_total))
+    out_index = (torch.arange(B)[:, None] * Q + qi[None, :])[valid]
+    need_mask = Q > 1 or any(e < L for e in ends)
     mask = None
     if need_mask:
-        qpos = torch.tensor(qpos_rows)  # [B, Q]
-        kpos = torch.arange(L)
-        lens = torch.tensor(ctx_lens)
-        mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < lens[:, None, None])
+        qpos = torch.where(valid, starts_t[:, None] + qi[None, :], torch.zeros(B, Q, dtype=torch.long))  # [B, Q]
+        ends_t = torch.tensor(ends)
+        mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < ends_t[:, None, None])
         mask = mask[:, None]  # [B, 1, Q, L]
     return ForwardBatch(
         input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-        ctx_slots=torch.tensor(ctx_rows, dtype=torch.long, device=device),
-        q_index=torch.tensor(q_rows, dtype=torch.long, device=device),
-        out_index=torch.tensor(out_index, dtype=torch.long, device=device),
+        positions=pos_t.to(device),
+        slot_mapping=slot_mapping.to(device),
+        ctx_slots=ctx_slots.to(device),
+        q_index=q_index.to(device),
+        out_index=out_index.to(device),
         attn_mask=None if mask is None else mask.to(device),
         logits_index=torch.tensor(logits_index, dtype=torch.long, device=device),
         num_seqs=B,
