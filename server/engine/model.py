@@ -203,6 +203,11 @@ class LlamaModel:
         n_tok = x.shape[0]
         B, Q = batch.q_index.shape
         scale = 1.0 / math.sqrt(hd)
+        G = nh // nkv
+        single = B == 1 and Q == n_tok
+        mask_g = None
+        if batch.attn_mask is not None:
+            mask_g = batch.attn_mask.repeat(1, 1, G, 1)  # [B, 1, G*Q, L], rows ordered (g, q)
         prefix = None
         for i, lw in enumerate(self.layers):
             if save_at is not None and save_at == 2 * i:
@@ -210,26 +215,26 @@ class LlamaModel:
             if 2 * i >= start_sublayer and (route is None or route.attn[i]):
                 h = F.rms_norm(x, (x.shape[-1],), lw.attn_norm, eps)
                 qkv = F.linear(h, lw.wqkv, lw.qkv_bias)  # [N, (nh + 2 nkv) hd]
-                q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-                q = q.view(n_tok, nh, hd)
-                k = k.view(n_tok, nkv, hd)
-                v = v.view(n_tok, nkv, hd)
-                q = q * cos + torch.cat([-q[..., half:], q[..., :half]], dim=-1) * sin
-                k = k * cos + torch.cat([-k[..., half:], k[..., :half]], dim=-1) * sin
+                qk = qkv[:, : (nh + nkv) * hd].view(n_tok, nh + nkv, hd)
+                qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin  # rotary, q and k at once
+                q, k = qk.split([nh, nkv], dim=1)
+                v = qkv[:, (nh + nkv) * hd :].view(n_tok, nkv, hd)
                 kc, vc = k_cache[i], v_cache[i]
                 kc[batch.slot_mapping] = k
                 vc[batch.slot_mapping] = v
-                keys = kc[batch.ctx_slots].transpose(1, 2)  # [B, nkv, L, hd]
-                vals = vc[batch.ctx_slots].transpose(1, 2)
-                if B == 1 and Q == n_tok:
-                    qp = q.unsqueeze(0)
+                flat = batch.ctx_slots.view(-1)
+                keys = kc.index_select(0, flat).view(B, -1, nkv, hd).transpose(1, 2)  # [B, nkv, L, hd]
+                vals = vc.index_select(0, flat).view(B, -1, nkv, hd).transpose(1, 2)
+                if single:
+                    qp = q.unsqueeze(0)  # [1, Q, nh, hd]
                 else:
                     qp = torch.cat([q, q.new_zeros(1, nh, hd)])[batch.q_index]  # [B, Q, nh, hd]
-                att = F.scaled_dot_product_attention(
-                    qp.transpose(1, 2), keys, vals, attn_mask=batch.attn_mask, scale=scale, enable_gqa=nkv != nh
-                )  # [B, nh, Q, hd]
-                att = att.transpose(1, 2).reshape(B * Q, nh * hd)
-                if not (B == 1 and Q == n_tok):
+                # grouped-query attention folded into the query axis: the G query heads that share
+                # a K/V head become G*Q queries of that head, so K/V are never expanded
+                qg = qp.view(B, Q, nkv, G, hd).permute(0, 2, 3, 1, 4).reshape(B, nkv, G * Q, hd)
+                att = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask_g, scale=scale)  # [B, nkv, G*Q, hd]
+                att = att.view(B, nkv, G, Q, hd).permute(0, 3, 1, 2, 4).reshape(B * Q, nh * hd)
+                if not single:
                     att = att[batch.out_index]
                 x = x + F.linear(att, lw.wo)
             if save_at is not None and save_at == 2 * i + 1:
