@@ -105,6 +105,10 @@ class SpecConfig:
     draft_model: str | None = None  # folder of the `model` drafter
     head_path: str | None = None  # weights of the `head` drafter
     controller: bool = True  # bypass the slim tier when it does not pay
+    # draft tokens verified per step across the batch: speculation is nearly free while a forward
+    # is memory-bound (small batches) and costs compute once it is not, so drafts shrink as the
+    # batch grows (γ_i = min(γ, budget // sequences), 0 = plain decoding)
+    draft_token_budget: int = 32
 
     def resolve(self, req: SpecParams) -> "ResolvedSpec":
         return ResolvedSpec(

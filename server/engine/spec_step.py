@@ -127,11 +127,12 @@ class SpecDecoder:
         eng = self.engine
         cfg = eng.config.spec
         max_tokens = []
+        share = cfg.draft_token_budget // max(1, len(eng.scheduler.running))
         for s in scheduled:
             seq = s.seq
             left = seq.request.sampling.max_tokens - seq.num_output - 1  # the last token comes free
             room = eng.max_model_len - seq.num_tokens - 1
-            max_tokens.append(max(0, min(seq.spec.num_draft_tokens, left, room, s.lookahead)))
+            max_tokens.append(max(0, min(seq.spec.num_draft_tokens, left, room, s.lookahead, share)))
         drafts: DraftBatch = self.drafter.propose([s.seq for s in scheduled], max_tokens)
         plans: list[_SeqPlan] = []
         for s, d in zip(scheduled, drafts.tokens):
