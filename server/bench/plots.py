@@ -88,7 +88,8 @@ def plot_sweep(report: dict, path: Path) -> Path | None:
                     textcoords="offset points")
     front = sorted((x, y) for p, x, y in zip(pts, xs, ys) if p.get("pareto"))
     if front:
-        ax.plot([f[0] for f in front], [f[1] for f in front], color="#d62728", linewidth=1.2, label="frontier")
+        ax.plot([f[0] for f in front], [f[1] for f in front], color="#d62728", linewidth=1.2, marker="o",
+                markerfacecolor="none", markersize=10, label="frontier")
     for ref in report["runs"]:
         if ref["name"] in ("binary", "off") and ref["quality"].get(key) is not None:
             x = ref.get("speedup_vs_off") if xlabel.startswith("speed") else ref["tokens_per_s"]

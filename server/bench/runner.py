@@ -66,6 +66,8 @@ def run_row(row: Row, job: dict, *, vllm_python: Path | None = None, row_timeout
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         if row.kind == "vllm":
             env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+            # the same cores as the other rows' torch threads (vLLM binds its OpenMP threads)
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(1, int(job.get('threads', 1))) - 1}")
         else:
             env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
         try:
