@@ -117,7 +117,8 @@ def _f(v, fmt: str = ".2f", none: str = "-") -> str:
     return format(v, fmt)
 
 
-COLUMNS = ("run", "tok/s", "speedup", "tok/step", "accept/slim/full", "full/tok", "=off", "BLEU", "ROUGE-L", "math")
+COLUMNS = ("run", "tok/s", "speedup", "tok/step", "accept/slim/full", "slim on", "full/tok", "=off", "BLEU", "ROUGE-L",
+           "math")
 
 
 def table_rows(runs: list[dict]) -> list[list[str]]:
@@ -128,7 +129,8 @@ def table_rows(runs: list[dict]) -> list[list[str]]:
         tiers = "/".join(_f(t[k], ".2f") for k in ("accept", "slim", "full")) if t else "-"
         out.append([
             r["name"], _f(r["tokens_per_s"], ".1f"), _f(r["speedup_vs_off"], ".2f") + ("x" if r["speedup_vs_off"] else ""),
-            _f(r["mean_accepted_tokens"]), tiers, _f(r["full_passes_per_token"]), _f(q.get("match_off")),
+            _f(r["mean_accepted_tokens"]), tiers, _f(r.get("slim_tier_on")), _f(r["full_passes_per_token"]),
+            _f(q.get("match_off")),
             _f(q.get("bleu"), ".1f"), _f(q.get("rouge_l"), ".1f"), _f(q.get("math_accuracy")),
         ])
     return out
