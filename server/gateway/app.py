@@ -4,9 +4,12 @@ Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE), GET /v1/m
 GET /health (200 when the engine is ready, else 503), GET /metrics (Prometheus text).
 
 At the edge, before any route runs (`EdgeMiddleware`): `Authorization: Bearer <key>` on /v1/*
-when an API key is set (compared in constant time; /health and /metrics stay open), 503 while
-draining, and the body limit (413 on a Content-Length over the limit, or on a body that grows
-past it while it streams in). Prompt text and keys are never logged at the default level.
+and /metrics when an API key is set (compared in constant time; /health stays open, and /metrics
+too with `metrics_public`, for a Prometheus that cannot send the key), 503 while draining, the
+header limit (431 when the request's headers together exceed `max_header_bytes`) and the body
+limit (413 on a Content-Length over the limit, or on a body that grows past it while it streams
+in). Prompt text and keys are never logged at the default level. No route reads or writes files
+named by request input: `model` is matched against the served names only.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.engine.api import AsyncEngineClient
 from server.gateway.errors import APIError, from_validation_error, install_error_handlers
 from server.gateway.metrics import GatewayMetrics
+from server.gateway.openapi import install_openapi
 from server.gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.gateway.serving import Serving
 from server.gateway.translate import prepare_chat, prepare_completion
@@ -45,23 +49,40 @@ class EdgeMiddleware:
     """Auth, draining and the body size limit, as plain ASGI so that no route ever sees an
     oversized or unauthenticated request."""
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, state: GatewayState):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_body_bytes: int,
+        state: GatewayState,
+        metrics_public: bool = False,
+        max_header_bytes: int = 16 << 10,
+    ):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body = max_body_bytes
+        self.max_header = max_header_bytes
+        self.metrics_public = metrics_public
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path: str = scope.get("path", "")
-        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        raw_headers = scope.get("headers", [])
+        if sum(len(k) + len(v) for k, v in raw_headers) > self.max_header:
+            err = APIError(431, f"the request headers are larger than the limit of {self.max_header} bytes",
+                           code="headers_too_large")
+            return await err.response()(scope, receive, send)
+        headers = {k.lower(): v for k, v in raw_headers}
+        protected = path.startswith("/v1") or (path == "/metrics" and not self.metrics_public)
+        if protected and self.api_key is not None and not self._authorized(headers.get(b"authorization", b"")):
+            err = APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+            err.headers["WWW-Authenticate"] = "Bearer"
+            return await err.response()(scope, receive, send)
         if path.startswith("/v1"):
-            if self.api_key is not None and not self._authorized(headers.get(b"authorization", b"")):
-                err = APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
-                               code="invalid_api_key")
-                err.headers["WWW-Authenticate"] = "Bearer"
-                return await err.response()(scope, receive, send)
             if self.state.draining:
                 return await APIError(503, "the server is shutting down", code="draining").response()(
                     scope, receive, send
@@ -125,7 +146,19 @@ async def _json_body(request: Request) -> dict:
                        code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    if b"\\u" in raw and _has_lone_surrogate(data):  # only escapes can carry one
+        raise APIError(400, "the request body contains a lone UTF-16 surrogate escape (\\ud800-\\udfff) "
+                       "that is not valid Unicode text; send valid UTF-8", code="invalid_json")
     return data
+
+
+def _has_lone_surrogate(data) -> bool:
+    """Whether any string in `data` holds an unpaired surrogate (json.loads joins valid pairs)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def create_app(
@@ -134,6 +167,8 @@ def create_app(
     api_key: str | None,
     served_model_names: list[str],
     max_body_bytes: int = 1 << 20,
+    max_header_bytes: int = 16 << 10,
+    metrics_public: bool = False,
     request_timeout_s: float = 600,
     lifespan_start: bool = False,
     shutdown_grace_s: float = 30.0,
@@ -142,7 +177,8 @@ def create_app(
 
     With `lifespan_start`, the app's lifespan starts the engine (and shuts it down with
     `shutdown_grace_s`); otherwise the caller owns the engine's life. `app.state.gateway.draining`
-    turns new /v1 requests and /health into 503s.
+    turns new /v1 requests and /health into 503s. With an `api_key`, /metrics needs it too
+    unless `metrics_public`.
     """
     if not served_model_names:
         raise ValueError("served_model_names must name at least one model")
@@ -167,7 +203,10 @@ def create_app(
     app.state.metrics = metrics
     app.state.engine = engine
     install_error_handlers(app)
-    app.add_middleware(EdgeMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, state=state)
+    app.add_middleware(
+        EdgeMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, state=state,
+        metrics_public=metrics_public, max_header_bytes=max_header_bytes,
+    )
 
     def resolve_model(name: str | None) -> str:
         if name is None:
@@ -222,6 +261,5 @@ def create_app(
     async def metrics_route():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    install_openapi(app)
     return app
-
-

@@ -29,6 +29,7 @@ _TYPES = {
     405: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
     500: "server_error",
     503: "service_unavailable_error",
     504: "timeout_error",
@@ -110,7 +111,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
-        return APIError(exc.status_code, str(exc.detail)).response()
+        # keep the exception's headers: a 405 must say which methods are allowed (`Allow`)
+        return APIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

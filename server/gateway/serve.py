@@ -1,7 +1,8 @@
 """`via-sd serve`: resolve the model, build the engine, run the gateway under uvicorn.
 
 Flags win over environment variables (`VIA_SD_API_KEY`, `VIA_SD_HOST`, `VIA_SD_PORT`,
-`VIA_SD_MODEL`, `VIA_SD_SPEC_MODE`, `VIA_SD_DRAFTER`), which win over the defaults. The engine
+`VIA_SD_MODEL`, `VIA_SD_SPEC_MODE`, `VIA_SD_DRAFTER`, `VIA_SD_METRICS_PUBLIC`), which win over the
+defaults. With an API key, /metrics needs it too unless `--metrics-public`. The engine
 starts in the app's lifespan, so /health answers 503 until it is ready. On SIGTERM or SIGINT the
 server stops accepting work (503 for new /v1 requests and /health), lets in-flight requests
 finish for up to `--shutdown-grace-s`, shuts the engine down and returns 0.
@@ -34,7 +35,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None, help="port (env VIA_SD_PORT; default 8000)")
     parser.add_argument("--spec-mode", choices=SPEC_MODES, default=None, help="env VIA_SD_SPEC_MODE; default three_tier")
     parser.add_argument("--drafter", choices=DRAFTERS, default=None, help="env VIA_SD_DRAFTER; default ngram")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (env VIA_SD_API_KEY)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1 and /metrics (env VIA_SD_API_KEY)")
+    parser.add_argument("--metrics-public", action="store_true",
+                        help="serve /metrics without the API key, for a scraper that cannot send it "
+                        "(env VIA_SD_METRICS_PUBLIC=1)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="requests in the running batch")
     parser.add_argument("--max-waiting", type=int, default=None, help="waiting queue bound; 429 beyond it")
@@ -46,6 +51,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vLLM backend: pipeline stages, e.g. across nodes (env VIA_SD_PIPELINE_PARALLEL_SIZE; default 1)")
     parser.add_argument("--served-model-name", default=None, help="the name clients send as `model`")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    parser.add_argument("--max-header-bytes", type=int, default=16 << 10,
+                        help="limit on a request's headers together; 431 (or 400 from the HTTP parser) beyond")
     parser.add_argument("--request-timeout-s", type=float, default=600.0)
     parser.add_argument("--shutdown-grace-s", type=float, default=30.0)
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -69,6 +76,8 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     out.spec_mode = _env(args.spec_mode, "VIA_SD_SPEC_MODE", "three_tier")
     out.drafter = _env(args.drafter, "VIA_SD_DRAFTER", "ngram")
     out.api_key = _env(args.api_key, "VIA_SD_API_KEY", None)
+    out.metrics_public = bool(getattr(args, "metrics_public", False)) or os.environ.get(
+        "VIA_SD_METRICS_PUBLIC", "").lower() in ("1", "true", "yes")
     out.tensor_parallel_size = _env(getattr(args, "tensor_parallel_size", None), "VIA_SD_TENSOR_PARALLEL_SIZE", 1, int)
     out.pipeline_parallel_size = _env(getattr(args, "pipeline_parallel_size", None), "VIA_SD_PIPELINE_PARALLEL_SIZE", 1, int)
     if out.tensor_parallel_size < 1 or out.pipeline_parallel_size < 1:
@@ -162,6 +171,8 @@ def _make_server(app, s: argparse.Namespace):
         log_level=s.log_level,
         access_log=s.log_level == "debug",
         timeout_graceful_shutdown=int(max(1, s.shutdown_grace_s)),
+        # h11's buffer for an incomplete request head: headers past it are refused by the parser
+        h11_max_incomplete_event_size=getattr(s, "max_header_bytes", 16 << 10) + 4096,
         lifespan="on",
     )
     return DrainingServer(config)
@@ -193,6 +204,8 @@ def run_serve(args: argparse.Namespace) -> int:
         api_key=s.api_key,
         served_model_names=[served_name(s)],
         max_body_bytes=s.max_body_bytes,
+        max_header_bytes=s.max_header_bytes,
+        metrics_public=s.metrics_public,
         request_timeout_s=s.request_timeout_s,
         lifespan_start=True,
         shutdown_grace_s=s.shutdown_grace_s,

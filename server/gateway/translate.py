@@ -119,6 +119,8 @@ def _sampling(
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
     )
+    if req.seed is not None and not (-(1 << 63) <= req.seed and req.seed + req.n - 1 < (1 << 63)):
+        raise APIError(400, "seed must be a 64-bit signed integer", param="seed", code="invalid_value")
     try:
         base.validate()
     except ConfigError as e:

@@ -96,7 +96,10 @@ async def test_two_apps_in_one_process_do_not_clash():
     assert s2[("via_sd_generation_tokens_total", ())] == 0
 
 
-async def test_metrics_and_health_open_with_api_key():
+async def test_metrics_needs_the_api_key_unless_public_and_health_is_open():
     async with client_for(FakeEngine(), api_key="k") as c:
-        assert (await c.get("/metrics")).status_code == 200
+        assert (await c.get("/metrics")).status_code == 401
+        assert (await c.get("/metrics", headers={"Authorization": "Bearer k"})).status_code == 200
         assert (await c.get("/health")).status_code == 200
+    async with client_for(FakeEngine(), api_key="k", metrics_public=True) as c:
+        assert (await c.get("/metrics")).status_code == 200

@@ -54,6 +54,7 @@ def test_prometheus_scrapes_and_answers_promql(tmp_path):
         (tmp_path / "prometheus.yml").write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
             "scrape_configs:\n  - job_name: via-sd\n    metrics_path: /metrics\n"
+            "    authorization:\n      type: Bearer\n      credentials: secret\n"
             f"    static_configs:\n      - targets: ['{target}']\n"
         )
         proc = subprocess.Popen(
