@@ -1,0 +1,228 @@
+"""The gateway's HTTP contract on the vLLM backend: `create_app` over `VLLMAsyncEngine` (vLLM's
+AsyncLLM with the plugin worker, schedule `skip`), served by uvicorn on a loopback port in a
+thread, driven with the openai SDK and httpx. One engine for the whole module (a start is ~30 s on
+2 idle cores), small max_tokens, 1 GiB of KV cache.
+
+What the backend does differently from the embedded engine, and what is checked for it:
+- `usage.via_sd` is read from the worker when the request finishes and arrives with the final
+  delta; intermediate deltas carry the latest snapshot the backend has (refreshed about once a
+  second, possibly still zeros). The gateway only reports usage from the final delta: the JSON
+  response's `usage` and the streamed usage chunk (`stream_options.include_usage`).
+- logprobs are vLLM's own (the full model's); a batch with a logprobs request never skips the full
+  forward (runner.py), so they are exact.
+
+Skipped, with the reason, where vllm is not importable (the main venv).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+pytest.importorskip("vllm", reason="needs the vLLM environment (.venv-vllm, `make vllm-env`)")
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from tests.gateway.conftest import running_server  # noqa: E402
+from tests.gateway.test_openai_sdk import check_chat_and_completions  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.real_model]
+
+MODEL = "smollm2"
+MAX_MODEL_LEN = 512
+VIA_SD_FIELDS = {"draft_tokens", "accepted", "slim_regenerated", "full_verified", "slim_passes", "full_passes", "steps"}
+
+
+@pytest.fixture(scope="module")
+def server():
+    from server.engine.config import EngineConfig, SpecConfig
+    from server.engine.model_files import prepare_model
+    from server.gateway.app import create_app
+    from server.vllm_plugin.backend import VLLMAsyncEngine
+
+    folder = os.environ.get("VIA_SD_TEST_MODEL") or str(prepare_model(progress=False))
+    config = EngineConfig(model=folder, max_model_len=MAX_MODEL_LEN, max_num_seqs=4, kv_cache_memory_gb=1.0,
+                          spec=SpecConfig(mode="three_tier"))
+    engine = VLLMAsyncEngine(config)
+    engine.tokenizer.apply_chat_template([{"role": "user", "content": "warm up"}])  # compile in this thread
+    app = create_app(engine, api_key=None, served_model_names=[MODEL], lifespan_start=True, shutdown_grace_s=5)
+    with running_server(app, start_timeout_s=420) as url:
+        yield url, engine
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+def scrape(url: str) -> dict:
+    text = httpx.get(url + "/metrics", timeout=20).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
+def wait_idle(url: str, engine, timeout_s: float = 30.0) -> dict:
+    """Until nothing is in flight and /metrics shows no running or waiting request."""
+    deadline = time.monotonic() + timeout_s
+    m = {}
+    while time.monotonic() < deadline:
+        m = scrape(url)
+        if (not engine._inflight and m[("via_sd_requests_running", ())] == 0
+                and m[("via_sd_requests_waiting", ())] == 0):
+            return m
+        time.sleep(0.1)
+    raise AssertionError(f"not idle: inflight={engine._inflight} running={m.get(('via_sd_requests_running', ()))}")
+
+
+def check_via_sd(usage: dict, finish_reason: str) -> None:
+    u = usage["via_sd"]
+    assert set(u) == VIA_SD_FIELDS, u
+    n = usage["completion_tokens"]
+    assert 0 < u["steps"] and u["full_passes"] <= u["steps"] and u["slim_passes"] <= u["steps"]
+    assert u["accepted"] <= u["draft_tokens"]
+    assert u["full_verified"] <= u["draft_tokens"]
+    # a step emits its accepted drafts plus one token; the last step may be cut at max_tokens/stop
+    assert u["steps"] <= n + 1 and n <= u["accepted"] + u["steps"], (u, n)
+    if finish_reason == "length":
+        assert u["steps"] <= n
+
+
+def test_health_models_and_sdk_contract(server):
+    url, engine = server
+    assert httpx.get(url + "/health").status_code == 200
+    c = client(url)
+    assert [m.id for m in c.models.list()] == [MODEL]
+    check_chat_and_completions(c, MODEL, max_tokens=16, logprobs=True)
+    wait_idle(url, engine)
+
+
+@pytest.mark.parametrize("mode", ["off", "binary", "three_tier"])
+def test_streams_join_and_final_usage(server, mode):
+    url, engine = server
+    c = client(url)
+    extra = {"via_sd": {"mode": mode}}
+    prompt = "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox"
+    full = c.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, extra_body=extra)
+    pieces = list(c.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body=extra))
+    assert "".join(p.choices[0].text for p in pieces if p.choices) == full.choices[0].text
+    assert [p.choices[0].finish_reason for p in pieces if p.choices and p.choices[0].finish_reason] == \
+        [full.choices[0].finish_reason]
+    # usage only on the last chunk, and it is the request's final count (not the zeros of a delta)
+    assert all(p.usage is None for p in pieces[:-1])
+    last = pieces[-1].usage.model_dump()
+    want = full.usage.model_dump()
+    assert last["completion_tokens"] == want["completion_tokens"] and last["prompt_tokens"] == want["prompt_tokens"]
+    for u, fr in ((want, full.choices[0].finish_reason), (last, full.choices[0].finish_reason)):
+        check_via_sd(u, fr)
+        if mode == "off":
+            assert u["via_sd"]["draft_tokens"] == 0 and u["via_sd"]["slim_passes"] == 0
+        else:
+            assert u["via_sd"]["draft_tokens"] > 0  # the repeated phrase gives n-gram drafts
+        if mode == "binary":
+            assert u["via_sd"]["slim_passes"] == 0
+    if mode != "off":  # greedy on one sequence: the same steps, the same counts
+        assert last["via_sd"] == want["via_sd"]
+    wait_idle(url, engine)
+
+
+def test_stop_strings_and_finish_reason(server):
+    url, engine = server
+    body = {"model": MODEL, "prompt": "List the days of the week: Monday, Tuesday,", "max_tokens": 24,
+            "temperature": 0, "ignore_eos": True}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    text = r.json()["choices"][0]["text"]
+    assert r.json()["choices"][0]["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 24
+    words = [w for w in text.split() if len(w) >= 3]
+    assert len(words) >= 2, text
+    stop = words[1]
+    r2 = httpx.post(url + "/v1/completions", json={**body, "stop": [stop]}, timeout=120)
+    assert r2.status_code == 200, r2.text
+    ch = r2.json()["choices"][0]
+    assert ch["finish_reason"] == "stop"
+    assert ch["text"] == text[: text.index(stop)]
+    check_via_sd(r2.json()["usage"], "stop")
+    wait_idle(url, engine)
+
+
+def test_context_length_exceeded_is_400(server):
+    url, engine = server
+    r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": MAX_MODEL_LEN + 8},
+                   timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == "context_length_exceeded"
+    r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "word " * (MAX_MODEL_LEN + 10)}], "max_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert not engine._inflight
+
+
+def test_cancelled_stream_aborts_the_request(server):
+    url, engine = server
+    before = wait_idle(url, engine)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400,
+            "temperature": 0.7, "seed": 1, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=120) as c:
+        with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for _ in range(6):
+                next(lines)
+            assert len(engine._inflight) == 1
+    after = wait_idle(url, engine)
+    assert not engine._inflight
+    assert after[("via_sd_kv_cache_usage_ratio", ())] == 0
+    generated = after[("via_sd_generation_tokens_total", ())] - before[("via_sd_generation_tokens_total", ())]
+    assert 0 < generated < 400  # aborted, not finished
+
+
+def test_metrics_parse_and_add_up(server):
+    url, engine = server
+    wait_idle(url, engine)
+    time.sleep(1.5)  # the worker's counters are polled about once a second
+    before = scrape(url)
+    usages = []
+    for i, mode in enumerate(["three_tier", "binary", "three_tier"]):
+        r = httpx.post(url + "/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": "the cat the cat the cat " * (i + 1), "max_tokens": 16, "temperature": 0,
+            "ignore_eos": True, "via_sd": {"mode": mode},
+        })
+        assert r.status_code == 200, r.text
+        usages.append(r.json()["usage"])
+    wait_idle(url, engine)
+    time.sleep(1.5)
+    after = scrape(url)
+
+    def d(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    for name in ("via_sd_tier_decisions_total", "vllm:spec_decode_num_drafts_total",
+                 "vllm:spec_decode_num_draft_tokens_total", "vllm:spec_decode_num_accepted_tokens_total",
+                 "via_sd_draft_tokens_total", "via_sd_verifier_passes_total"):
+        assert any(k[0] == name for k in after), name
+    tiers = {t: d("via_sd_tier_decisions_total", tier=t) for t in ("accept", "slim", "full")}
+    draft = d("via_sd_draft_tokens_total")
+    accepted = d("vllm:spec_decode_num_accepted_tokens_total")
+    assert draft > 0
+    assert d("vllm:spec_decode_num_draft_tokens_total") == draft
+    assert 0 < d("vllm:spec_decode_num_drafts_total") <= draft
+    assert sum(tiers.values()) <= draft
+    assert tiers["accept"] <= accepted <= tiers["accept"] + tiers["full"]
+    assert sum(u["via_sd"]["draft_tokens"] for u in usages) == draft
+    assert sum(u["via_sd"]["accepted"] for u in usages) == accepted
+    assert sum(u["via_sd"]["slim_passes"] for u in usages) == d("via_sd_verifier_passes_total", verifier="slim")
+    assert sum(u["via_sd"]["full_passes"] for u in usages) == d("via_sd_verifier_passes_total", verifier="full")
+    assert sum(u["completion_tokens"] for u in usages) == d("via_sd_generation_tokens_total")
+    assert sum(u["prompt_tokens"] for u in usages) == d("via_sd_prompt_tokens_total")
+    assert d("via_sd_e2e_request_latency_seconds_count") == 3
+    assert after[("via_sd_kv_cache_usage_ratio", ())] == 0
+    assert after[("via_sd_requests_running", ())] == 0
