@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/results/latest.json")
     p.add_argument("--vllm-python", default=None, help="interpreter of the vLLM environment (default .venv-vllm/bin/python)")
     p.add_argument("--row-timeout", type=float, default=3600.0, help="seconds one row may take")
+    p.add_argument("--repeats", type=int, default=1, help="run every row this many times; each prompt keeps its fastest")
     p.add_argument("--sweep", nargs="?", const="default", default=None,
                    help="sweep three_tier settings: 'accept_threshold=0.6,0.8;escalate_threshold=...;"
                         "bonus_confidence=...;gamma=3,5' (no value: a default grid)")
@@ -105,6 +106,28 @@ def model_eos_ids(folder: Path) -> list[int]:
     return sorted(ids)
 
 
+def busy_warning(threads: int) -> str | None:
+    """A warning when other work already occupies the cores: OpenMP threads that wait on each
+    other's barriers slow down by orders of magnitude on an oversubscribed machine (measured on a
+    2-core machine at load 10: 2 threads ran a tiny model 200x slower than 1 thread)."""
+    try:
+        load1 = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    if load1 + threads > cores + 0.5 and threads > 1:
+        return (f"via-sd bench: warning: load average {load1:.1f} on {cores} cores; with {threads} threads per row the "
+                f"timings will be badly skewed; wait for a quiet machine or pass --threads 1")
+    return None
+
+
+def merge_fastest(a: dict, b: dict) -> dict:
+    """Two repeats of one row: per prompt, the faster one (outputs and counts come with it)."""
+    by_id = {o["question_id"]: o for o in b["outputs"]}
+    outs = [min(o, by_id.get(o["question_id"], o), key=lambda x: x["seconds"]) for o in a["outputs"]]
+    return {**a, "outputs": outs, "repeats": a.get("repeats", 1) + 1}
+
+
 def pareto(points: list[dict], key: str) -> None:
     """Mark points that no other point beats on both tokens/s and quality."""
     for p in points:
@@ -128,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         return _die(f"--max-tokens must be a positive integer, got {args.max_tokens}")
     if args.limit_per_category is not None and args.limit_per_category <= 0:
         return _die(f"--limit-per-category must be positive, got {args.limit_per_category}")
+    if not 1 <= args.repeats <= 20:
+        return _die(f"--repeats must be in [1, 20], got {args.repeats}")
     if args.temperature < 0:
         return _die(f"--temperature must be >= 0, got {args.temperature}")
     try:
@@ -162,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     token_prompts = [{"question_id": p.question_id, "category": p.category,
                       "prompt_token_ids": tok.apply_chat_template([{"role": "user", "content": p.text}])} for p in prompts]
     threads = args.threads or os.cpu_count() or 1
+    busy = busy_warning(threads)
+    if busy:
+        print(busy, file=sys.stderr)
     model_max = json.loads((folder / "config.json").read_text()).get("max_position_embeddings", 4096)
     longest = max(len(p["prompt_token_ids"]) for p in token_prompts)
     if longest + args.max_tokens > model_max:
@@ -179,14 +207,28 @@ def main(argv: list[str] | None = None) -> int:
     skipped: list[Skipped] = []
 
     def run_all(todo: list[Row], label: str) -> None:
-        for i, row in enumerate(todo, 1):
-            print(f"[{label} {i}/{len(todo)}] {row.name} ...", file=sys.stderr, flush=True)
-            res = run_row(row, job, vllm_python=vllm_python, row_timeout_s=args.row_timeout)
-            if isinstance(res, Skipped):
-                print(f"[{label} {i}/{len(todo)}] {row.name}: skipped: {res.reason}", file=sys.stderr, flush=True)
-                skipped.append(res)
-            else:
-                results.append((row, res))
+        """Every row `--repeats` times, the order reversed on odd rounds so that a drift in the
+        machine's load does not always hit the same row; a prompt keeps its fastest repeat."""
+        got: dict[str, dict] = {}
+        failed: set[str] = set()
+        for rep in range(args.repeats):
+            order = todo if rep % 2 == 0 else todo[::-1]
+            for i, row in enumerate(order, 1):
+                if row.name in failed:
+                    continue
+                tag = f"[{label} {i}/{len(todo)}" + (f" round {rep + 1}/{args.repeats}]" if args.repeats > 1 else "]")
+                print(f"{tag} {row.name} ...", file=sys.stderr, flush=True)
+                res = run_row(row, job, vllm_python=vllm_python, row_timeout_s=args.row_timeout)
+                if isinstance(res, Skipped):
+                    print(f"{tag} {row.name}: skipped: {res.reason}", file=sys.stderr, flush=True)
+                    skipped.append(res)
+                    failed.add(row.name)
+                    got.pop(row.name, None)
+                elif row.name in got:
+                    got[row.name] = merge_fastest(got[row.name], res)
+                else:
+                    got[row.name] = res
+        results.extend((row, got[row.name]) for row in todo if row.name in got)
 
     run_all(rows, "row")
     sweep_rows: list[Row] = []
@@ -216,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": {"prompts": len(prompts), "categories": list(dict.fromkeys(p.category for p in prompts)),
                      "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
-                     "batch_size": 1, "threads": threads, "prompt_file": str(args.prompts)},
+                     "batch_size": 1, "threads": threads, "repeats": args.repeats, "prompt_file": str(args.prompts)},
         "runs": runs,
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
     }

@@ -95,3 +95,12 @@ def test_plots_are_written(tmp_path):
     made = write_plots(report, tmp_path / "r")
     assert sorted(p.name for p in made) == ["r_speedup.png", "r_sweep.png", "r_tiers.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in made)
+
+
+def test_merge_fastest_keeps_each_prompts_fastest_repeat():
+    from server.bench.cli import merge_fastest
+
+    a = {"outputs": [_out(1, [1], 2.0), _out(2, [2], 1.0)], "load_seconds": 1.0}
+    b = {"outputs": [_out(1, [1], 1.5), _out(2, [2], 3.0)]}
+    m = merge_fastest(a, b)
+    assert [o["seconds"] for o in m["outputs"]] == [1.5, 1.0] and m["repeats"] == 2
