@@ -15,23 +15,31 @@ This runner hooks that verification step, through four private methods of `GPUMo
 
 Two schedules (`PluginSettings.schedule`):
 
-`skip` (the three-tier schedule): when no sequence of the batch needs the full model (every
-    gate scan ended in tier A with a confident slim bonus, or in tier B), and the batch is all
-    greedy, pure decode, without logprobs, penalties or grammars, the **full forward is skipped**:
-    `_model_forward` returns the slim hidden states and `_sample` returns the gate's tokens
-    (`d_1..d_{s-1}` + the slim verifier's token at the stop) in the rejection sampler's layout,
-    so vLLM's scheduler rolls `num_computed_tokens` back for the rest exactly as after a
-    rejection. Those positions now hold K/V only from the slim pass (route layers, slim inputs):
-    the sequence's *backlog*. The next step that runs the full forward first runs a **backfill**
-    forward of all layers over every sequence's backlog (its own `CommonAttentionMetadata`, slot
-    mapping from the sequence's block table), so the full pass attends to exact K/V again. The
-    backlog is bounded by `max_slim_backlog`. Output is lossy exactly where VIA-SD is (tiers A/B).
+`skip` (the three-tier schedule; the variant that ships is the **per-sequence sub-batch**
+    one, `PluginSettings.sub_batch=True`, the default). In a batch that is all greedy, without
+    logprobs, penalties or grammars, a sequence is a *slim row* when it is in a pure decode step
+    and its gate scan ended in tier A with a confident slim bonus, or in tier B: it emits the
+    gate's tokens (`d_1..d_{s-1}` + the slim verifier's token at the stop) in the rejection
+    sampler's layout, so vLLM's scheduler rolls `num_computed_tokens` back for the rest exactly as
+    after a rejection. Those positions now hold K/V only from the slim pass (route layers, slim
+    inputs): the sequence's *backlog*, bounded by `max_slim_backlog`.
+    - every row a slim row: vLLM's full forward is skipped for the step (`_model_forward` returns
+      the slim hidden states, `_sample` the gate's tokens);
+    - some rows escalate (tier C, no gate, prefill, backlog bound): the full forward runs over
+      **those rows only** (`_sub_batch_forward`: their scheduled tokens, their own
+      `CommonAttentionMetadata` and slot mapping from their block-table rows, inside a nested
+      forward context), its hidden states replace the slim pass's for those rows, vLLM's
+      rejection sampler decides them, and the slim rows' sampler rows are overwritten with the
+      gate's tokens;
+    - with `sub_batch=False` (batch-level variant) the full forward runs over the whole batch
+      whenever any row escalates, and every draft position of that step counts as tier C.
+    Before a sequence's next full pass, a **backfill** forward of all layers over its backlog
+    rewrites exact K/V (own attention metadata, slot mapping from the block table), so the full
+    pass attends to exact K/V again. Output is lossy exactly where VIA-SD is (tiers A/B).
+    Cost note: a sub-batch step runs the slim pass over the whole batch plus one all-layer
+    forward over the escalating rows (plus backfill) instead of one all-layer forward over all.
 `prune`: the slim pass and gate run, but vLLM's full forward and rejection sampler always
     decide (output identical to plain n-gram speculation); counts only.
-
-Where the full pass runs, every draft position of the step is decided by the full model (tier C
-in the counts), also for sequences whose gate alone would not have escalated: one vLLM forward
-covers the whole batch.
 
 What vLLM would need upstream for this to be first-class (and cheaper) is in
 server/vllm_plugin/UPSTREAM.md.
@@ -55,7 +63,10 @@ from server.vllm_plugin.slim import check_supported, slim_forward
 logger = logging.getLogger("via_sd.vllm_plugin")
 
 USAGE_FIELDS = ("draft_tokens", "accepted", "slim_regenerated", "full_verified", "slim_passes", "full_passes", "steps")
-TOTAL_FIELDS = USAGE_FIELDS + ("tier_accept", "tier_slim", "tier_full", "backfill_passes", "backfill_tokens", "skipped_full_steps", "controller_slim_on", "controller_slim_off")
+TOTAL_FIELDS = USAGE_FIELDS + (
+    "tier_accept", "tier_slim", "tier_full", "backfill_passes", "backfill_tokens", "skipped_full_steps",
+    "sub_batch_steps", "controller_slim_on", "controller_slim_off",
+)
 _MAX_FINISHED = 4096
 
 
@@ -66,11 +77,13 @@ class _StepPlan:
     req_ids: list[str]
     num_draft: list[int]  # n_i
     slim_on: list[bool]  # the slim pass ran and gated this sequence
-    skip_full: bool
+    skip_full: bool  # no sequence runs the full forward this step
     stop: list[int] | None = None  # gate stop index per sequence
     stop_tier: list[int] | None = None
-    tokens: list[list[int]] | None = None  # emitted tokens when skip_full
-    hidden: torch.Tensor | None = None  # [num_tokens, hidden] slim hidden states when skip_full
+    tokens: list[list[int]] | None = None  # the gate's tokens per sequence (used for slim_rows)
+    hidden: torch.Tensor | None = None  # [num_tokens, hidden] slim hidden states
+    slim_rows: list[int] | None = None  # batch rows emitted from the gate without the full forward
+    full_rows: list[int] | None = None  # sub-batch step: rows that run the full forward
 
 
 class ViaSDRunnerMixin:
@@ -136,19 +149,22 @@ class ViaSDRunnerMixin:
                 u[k] += v
             self._vs_totals[k] += v
 
-    def via_sd_stats(self) -> dict[str, Any]:
+    def via_sd_stats(self, req_ids: list[str] | None = None) -> dict[str, Any]:
+        """Totals, plus a snapshot (not dropped) of the running counts of `req_ids`."""
+        usage = {r: dict(self._vs_usage[r]) for r in req_ids or () if r in self._vs_usage}
         return {"totals": dict(self._vs_totals), "disabled": self._vs_disabled,
                 "route": self._vs_route.to_obj() if self._vs_route else None,
-                "backlog": dict(self._vs_backlog)}
+                "backlog": dict(self._vs_backlog), "usage": usage}
 
     def via_sd_take_usage(self, req_ids: list[str]) -> dict[str, dict[str, int]]:
-        """Per-request counts; finished requests' entries are handed out once and dropped."""
+        """Final per-request counts, for requests the front end has seen finish: handed out once
+        and dropped (whether or not the runner has seen the request leave its batch yet)."""
         out = {}
         for r in req_ids:
             if r in self._vs_finished:
                 out[r] = self._vs_finished.pop(r)
             elif r in self._vs_usage:
-                out[r] = dict(self._vs_usage[r])
+                out[r] = self._vs_usage.pop(r)
         return out
 
     # ---- hooks into GPUModelRunner -----------------------------------------------------------
@@ -205,6 +221,8 @@ class ViaSDRunnerMixin:
         self._vs_plan = plan
         if plan is not None and plan.skip_full:
             return plan.hidden
+        if plan is not None and plan.full_rows is not None:
+            return self._sub_batch_forward(plan, input_ids, positions)
         if self.via_sd.schedule == "skip" and self._vs_backlog:
             self._backfill(req_ids)
         for r in req_ids:
@@ -220,7 +238,18 @@ class ViaSDRunnerMixin:
         if plan is not None and plan.skip_full:
             return self._emit_slim(plan)
         out = super()._sample(logits, spec_decode_metadata)
-        if spec_decode_metadata is not None:
+        if plan is not None and plan.full_rows is not None:
+            # sub-batch step: the rejection sampler's rows of the slim sequences (computed from
+            # slim hidden states) are replaced by the gate's tokens
+            for b in plan.slim_rows:
+                toks = plan.tokens[b]
+                out.sampled_token_ids[b] = -1
+                out.sampled_token_ids[b, : len(toks)] = torch.tensor(toks, dtype=out.sampled_token_ids.dtype)
+                self._count_slim_row(plan, b)
+            self._totals_add("sub_batch_steps")
+            full = set(plan.full_rows)
+            self._count_full_step(out, spec_decode_metadata, rows=full)
+        elif spec_decode_metadata is not None:
             self._count_full_step(out, spec_decode_metadata)
         return out
 
@@ -259,69 +288,104 @@ class ViaSDRunnerMixin:
         for r, on in zip(req_ids, slim_on):
             self._count(r, **({"slim_passes": 1, "controller_slim_on": 1} if on else {}))
 
-        skip = self.via_sd.schedule == "skip" and self._can_skip_full(req_ids, num_draft, slim_on, needs_full)
+        rows = self._slim_rows(req_ids, num_draft, slim_on, needs_full) if self.via_sd.schedule == "skip" else []
+        skip = bool(rows) and len(rows) == len(req_ids)
+        sub = bool(rows) and not skip and self.via_sd.sub_batch
         plan = _StepPlan(req_ids, num_draft, slim_on, skip, stop, stop_tier)
-        if skip:
+        if skip or sub:
             slim_tok = logits.argmax(-1).tolist()  # [T+B]
             drafts = sd.draft_token_ids.tolist()
             cu_rows = meta.cu_num_rows.tolist()
             cu_d = meta.cu_num_draft_tokens.tolist()
             plan.tokens = [drafts[cu_d[b] : cu_d[b] + stop[b]] + [slim_tok[cu_rows[b] + stop[b]]] for b in range(len(req_ids))]
             plan.hidden = hidden
+            plan.slim_rows = rows
+            if sub:
+                plan.full_rows = [b for b in range(len(req_ids)) if b not in set(rows)]
         return plan
 
-    def _can_skip_full(self, req_ids, num_draft, slim_on, needs_full) -> bool:
-        if any(needs_full) or not all(slim_on):
-            return False
+    def _slim_rows(self, req_ids, num_draft, slim_on, needs_full) -> list[int]:
+        """Batch rows that may emit the gate's tokens without the full forward (empty when the
+        batch as a whole does not allow it: sampling, logprobs, penalties, grammars)."""
         sm = self.input_batch.sampling_metadata
         if not sm.all_greedy or sm.max_num_logprobs is not None or not sm.no_penalties:
-            return False
+            return []
         if getattr(self._vs_sched, "has_structured_output_requests", False):
-            return False
+            return []
         if len(self.kv_cache_config.kv_cache_groups) != 1:
-            return False
+            return []
         sched = self._vs_sched.num_scheduled_tokens
         nc = self.input_batch.num_computed_tokens_cpu
+        rows = []
         for i, (r, n) in enumerate(zip(req_ids, num_draft)):
-            if sched[r] != n + 1:  # not a pure decode step
-                return False
+            if needs_full[i] or not slim_on[i] or sched[r] != n + 1:  # escalates / no gate / not pure decode
+                continue
             start = self._vs_backlog.get(r, int(nc[i]))
             if int(nc[i]) + n + 1 - start > self.via_sd.max_slim_backlog:
-                return False
-        return True
+                continue
+            rows.append(i)
+        if not self.via_sd.sub_batch and len(rows) != len(req_ids):
+            return []
+        return rows
 
     def _emit_slim(self, plan: _StepPlan):
         from vllm.v1.outputs import SamplerOutput
 
         width = max(plan.num_draft) + 1
         out = torch.full((len(plan.req_ids), width), -1, dtype=torch.int32)  # [B, γmax+1], -1 = placeholder
-        nc = self.input_batch.num_computed_tokens_cpu
-        for b, (r, toks) in enumerate(zip(plan.req_ids, plan.tokens)):
+        for b, toks in enumerate(plan.tokens):
             out[b, : len(toks)] = torch.tensor(toks, dtype=torch.int32)
-            s, n = plan.stop[b], plan.num_draft[b]
-            self._vs_backlog.setdefault(r, int(nc[b]))
-            self._count(
-                r, draft_tokens=n, accepted=s, slim_regenerated=1,
-                tier_accept=s, tier_slim=1 if s < n else 0,
-            )
-        self._vs_totals["skipped_full_steps"] += 1
+            self._count_slim_row(plan, b)
+        self._totals_add("skipped_full_steps")
         return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
 
-    def _count_full_step(self, out, sd) -> None:
+    def _count_slim_row(self, plan: _StepPlan, b: int) -> None:
+        """Row `b` emitted the gate's tokens: its positions now hold slim-only K/V (backlog)."""
+        r, s, n = plan.req_ids[b], plan.stop[b], plan.num_draft[b]
+        self._vs_backlog.setdefault(r, int(self.input_batch.num_computed_tokens_cpu[b]))
+        self._count(r, draft_tokens=n, accepted=s, slim_regenerated=1, tier_accept=s, tier_slim=1 if s < n else 0)
+
+    def _totals_add(self, key: str, n: int = 1) -> None:
+        self._vs_totals[key] += n
+
+    def _count_full_step(self, out, sd, rows: set[int] | None = None) -> None:
         valid = (out.sampled_token_ids != -1).sum(dim=1).tolist()  # [B]
-        for r, n, v in zip(self.input_batch.req_ids, sd.num_draft_tokens, valid):
-            if n:
+        for b, (r, n, v) in enumerate(zip(self.input_batch.req_ids, sd.num_draft_tokens, valid)):
+            if n and (rows is None or b in rows):
                 self._count(r, draft_tokens=n, accepted=max(v - 1, 0), full_verified=n, tier_full=n)
+
+    # ---- sub-batch step: the full forward over the escalating sequences only -------------------
+
+    def _sub_batch_forward(self, plan: _StepPlan, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Runs all layers over the scheduled tokens of `plan.full_rows` only (after backfilling
+        their backlog) with attention metadata of their own, and writes those rows' hidden states
+        over the slim pass's. The K/V the full pass writes replaces the slim pass's at the same
+        slots; the slim rows keep slim-only K/V (their backlog grows)."""
+        rows = plan.full_rows
+        full_ids = [plan.req_ids[b] for b in rows]
+        if self._vs_backlog:
+            self._backfill(plan.req_ids, only=set(rows))
+        qsl = self._vs_common.query_start_loc_cpu.tolist()  # [B+1]
+        idx = torch.cat([torch.arange(qsl[b], qsl[b + 1]) for b in rows])  # [N] token rows of the sub-batch
+        pos = positions[idx].to(torch.int64)
+        starts = [int(positions[qsl[b]]) for b in rows]
+        ends = [s + qsl[b + 1] - qsl[b] for s, b in zip(starts, rows)]
+        h = self._forward_ranges(rows, starts, ends, input_ids[idx], pos)  # [N, H]
+        hidden = plan.hidden
+        hidden[idx] = h.to(hidden.dtype)
+        for r in full_ids:
+            self._count(r, full_passes=1)
+            self._vs_backlog.pop(r, None)
+        return hidden
 
     # ---- backfill: rewrite all layers' K/V over the slim-only positions ----------------------
 
-    def _backfill(self, req_ids: list[str]) -> None:
-        from vllm.forward_context import set_forward_context
-
-        cm = self._vs_common
+    def _backfill(self, req_ids: list[str], only: set[int] | None = None) -> None:
         nc = self.input_batch.num_computed_tokens_cpu
         rows, starts, ends = [], [], []
         for i, r in enumerate(req_ids):
+            if only is not None and i not in only:
+                continue
             start = self._vs_backlog.get(r)
             if start is None:
                 continue
@@ -330,13 +394,24 @@ class ViaSDRunnerMixin:
                 rows.append(i)
                 starts.append(start)
                 ends.append(end)
-        if not rows or cm is None:
+        if not rows or self._vs_common is None:
             return
-        lens = [e - s for s, e in zip(starts, ends)]
         tok = torch.from_numpy(
             np.concatenate([self.input_batch.token_ids_cpu[i, s:e] for i, s, e in zip(rows, starts, ends)])
         ).to(torch.int64)  # [N]
         pos = torch.cat([torch.arange(s, e, dtype=torch.int64) for s, e in zip(starts, ends)])  # [N]
+        self._forward_ranges(rows, starts, ends, tok, pos)
+        self._vs_totals["backfill_passes"] += 1
+        self._vs_totals["backfill_tokens"] += int(tok.shape[0])
+
+    def _forward_ranges(self, rows, starts, ends, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One all-layer forward over positions [starts[k], ends[k]) of batch rows `rows` (tokens
+        `tok`, positions `pos`, concatenated), attending to everything before them in the paged
+        cache and writing their K/V; returns the hidden states [N, H]."""
+        from vllm.forward_context import set_forward_context
+
+        cm = self._vs_common
+        lens = [e - s for s, e in zip(starts, ends)]
         seg = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lens))  # [N] row of each token
         group = self.kv_cache_config.kv_cache_groups[0]
         bs = group.kv_cache_spec.block_size
@@ -356,9 +431,7 @@ class ViaSDRunnerMixin:
         attn_md = {name: md for name in group.layer_names}
         slots = {name: slot for name in group.layer_names}
         with set_forward_context(attn_md, self.vllm_config, num_tokens=int(tok.shape[0]), slot_mapping=slots):
-            super()._model_forward(input_ids=tok, positions=pos)
-        self._vs_totals["backfill_passes"] += 1
-        self._vs_totals["backfill_tokens"] += int(tok.shape[0])
+            return super()._model_forward(input_ids=tok, positions=pos)
 
 
 def make_cpu_runner_class():

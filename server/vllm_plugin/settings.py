@@ -13,9 +13,11 @@ from typing import Any
 # The plugin's schedule variants (see server/vllm_plugin/runner.py):
 #   "prune":   the slim pass runs under vLLM's own verification step and only gates; vLLM's full
 #              forward runs every step and verifies every token (output exact, no pass saved).
-#   "skip":    when the gate needs no full pass for any sequence of a (greedy) batch, the full
-#              forward is skipped and the slim verifier's tokens are emitted; the next full pass
-#              first rewrites the skipped layers' K/V (backfill). Lossy, as VIA-SD is.
+#   "skip":    sequences of a (greedy, pure-decode) batch whose gate needs no full pass emit the
+#              slim verifier's tokens; vLLM's full forward runs only over the sequences that
+#              escalate (a sub-batch with its own attention metadata; `sub_batch=False`: only
+#              when none escalates, else over the whole batch). A sequence's next full pass first
+#              rewrites the skipped layers' K/V (backfill). Lossy, as VIA-SD is.
 SCHEDULES = ("prune", "skip")
 
 
@@ -27,6 +29,7 @@ class PluginSettings:
     escalate_threshold: float = 0.5
     bonus_confidence: float = 0.9
     max_slim_backlog: int = 32
+    sub_batch: bool = True  # "skip": full forward over the escalating sub-batch only
     slim_route: Any = None  # path to a route JSON, an inline dict, or None (default route)
 
     @classmethod

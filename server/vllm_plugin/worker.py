@@ -10,8 +10,9 @@ CPU: `CPUWorker.init_device()` constructs `CPUModelRunner` inline (vllm/v1/worke
 `init_device`), so the CPU worker swaps the module-level name for the duration of that call.
 GPU: `Worker._make_model_runner()` is the documented hook.
 
-Both expose `via_sd_stats()` and `via_sd_take_usage(req_ids)` for `collective_rpc`, which the
-backend uses to read tier counts out of the worker process.
+Both expose `via_sd_stats(req_ids)` (totals, and running counts of in-flight requests without
+dropping them) and `via_sd_take_usage(req_ids)` (final counts of finished requests, dropped once
+read) for `collective_rpc`, which the backend uses to read counts out of the worker process.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from vllm.v1.worker.cpu_worker import CPUWorker  # noqa: E402
 
 
 class _StatsRPC:
-    def via_sd_stats(self) -> dict:
+    def via_sd_stats(self, req_ids: list[str] | None = None) -> dict:
         runner = getattr(self, "model_runner", None)
-        return runner.via_sd_stats() if hasattr(runner, "via_sd_stats") else {"totals": {}, "disabled": "no runner"}
+        if not hasattr(runner, "via_sd_stats"):
+            return {"totals": {}, "usage": {}, "disabled": "no runner"}
+        return runner.via_sd_stats(req_ids)
 
     def via_sd_take_usage(self, req_ids: list[str]) -> dict:
         runner = getattr(self, "model_runner", None)
