@@ -23,7 +23,8 @@ from pathlib import Path
 
 from server.bench import report as R
 from server.bench.prompts import PromptFileError, read_questions, select_prompts
-from server.bench.rows import PEERS, Row, RowError, build_rows, parse_list, parse_sweep, sweep_points, sweep_row
+from server.bench.rows import PEERS, Row, RowError, build_rows, parse_list
+from server.bench.sweep import best_setting, pareto, parse_sweep, sweep_points, sweep_row
 from server.bench.runner import Skipped, find_vllm_python, run_row
 from server.engine.config import DRAFTERS, SPEC_MODES
 
@@ -128,16 +129,6 @@ def merge_fastest(a: dict, b: dict) -> dict:
     return {**a, "outputs": outs, "repeats": a.get("repeats", 1) + 1}
 
 
-def pareto(points: list[dict], key: str) -> None:
-    """Mark points that no other point beats on both tokens/s and quality."""
-    for p in points:
-        q = p["quality"].get(key)
-        p["pareto"] = q is not None and not any(
-            o is not p and o["quality"].get(key) is not None and o["tokens_per_s"] >= p["tokens_per_s"]
-            and o["quality"][key] >= q and (o["tokens_per_s"] > p["tokens_per_s"] or o["quality"][key] > q)
-            for o in points)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--load" in argv:
@@ -187,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     token_prompts = [{"question_id": p.question_id, "category": p.category,
                       "prompt_token_ids": tok.apply_chat_template([{"role": "user", "content": p.text}])} for p in prompts]
     threads = args.threads or os.cpu_count() or 1
+    load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     busy = busy_warning(threads)
     if busy:
         print(busy, file=sys.stderr)
@@ -252,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [r for r in all_runs if r["name"] not in sweep_names]
 
     report = {
-        "machine": machine_info(threads),
+        "machine": {**machine_info(threads), "load_average_start": list(load_at_start) if load_at_start else None},
         "model": str(folder),
         "command": "via-sd bench " + shlex.join(argv),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -266,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         default_name = sweep_row({}, drafters[0] if drafters else None).name
         pts = [r for r in all_runs if r["name"] in sweep_names or r["name"] == default_name]
         pareto(pts, args.sweep_quality)
-        ok = [p for p in pts if (p["quality"].get(args.sweep_quality) or 0) >= args.min_quality]
-        best = max(ok, key=lambda p: p["tokens_per_s"]) if ok else None
+        best = best_setting(pts, args.sweep_quality, args.min_quality)
         report["sweep"] = {"grid": grid, "mode": args.sweep_mode, "quality_key": args.sweep_quality,
                            "min_quality": args.min_quality, "points": pts,
                            "best": {"name": best["name"], "params": best.get("params", {}), "tokens_per_s": best["tokens_per_s"],

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from server.bench.prompts import PromptFileError, read_questions, select_prompts
-from server.bench.rows import RowError, build_rows, parse_list, parse_sweep, sweep_points, sweep_row
+from server.bench.rows import RowError, build_rows, parse_list
+from server.bench.sweep import parse_sweep, sweep_points, sweep_row
 
 QUESTIONS = [
     {"question_id": 81, "category": "writing", "turns": ["w1", "w2"]},

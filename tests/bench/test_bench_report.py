@@ -3,7 +3,7 @@
 import pytest
 
 from server.bench import report as R
-from server.bench.cli import pareto
+from server.bench.sweep import pareto
 from server.bench.prompts import BenchPrompt
 from server.bench.rows import Row
 
