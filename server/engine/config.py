@@ -55,6 +55,8 @@ class SamplingParams:
             raise ConfigError("at most 4 stop sequences are allowed", "stop")
         if any(not s for s in self.stop):
             raise ConfigError("stop sequences must be non-empty strings", "stop")
+        if self.seed is not None and not (-(2**63) <= self.seed < 2**63):
+            raise ConfigError(f"seed must be a 64-bit signed integer, got {self.seed}", "seed")
         if self.logprobs is not None and not (0 <= self.logprobs <= 20):
             raise ConfigError(f"top_logprobs must be in [0, 20], got {self.logprobs}", "top_logprobs")
         return self

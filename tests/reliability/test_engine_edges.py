@@ -18,11 +18,6 @@ def llm(tiny_model):
     return LLMEngine(engine_config(tiny_model, num_blocks=32))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: SamplingParams.validate / LLMEngine.validate accept any int seed, but add_request "
-    "passes it to torch.Generator.manual_seed, which raises 'Overflow when unpacking long long' "
-    "outside [-2**63, 2**64); the request then ends with finish_reason 'error' (a 500) instead "
-    "of a RequestRejected (a 400)"))
 @pytest.mark.parametrize("seed", [2**80, -(2**70)])
 def test_validate_rejects_a_seed_torch_cannot_take(llm, seed):
     request = GenerationRequest("r1", (1, 2, 3), SamplingParams(max_tokens=2, temperature=0.8, seed=seed))
