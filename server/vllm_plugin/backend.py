@@ -9,12 +9,17 @@ child processes of the gateway.
 Translation, once, at the edge:
 - `EngineConfig.spec.mode`: `off` = no speculative_config (plain vLLM); `binary` = vLLM's n-gram
   speculation through the plugin worker with the slim tier off; `three_tier` = the plugin's
-  three-tier schedule (`PluginSettings`, server/vllm_plugin/runner.py). Only the `ngram` drafter
-  exists here.
+  three-tier schedule (`PluginSettings`, server/vllm_plugin/runner.py): `schedule="skip"` (the
+  default), whose shipping variant skips vLLM's full forward per sequence (the full forward runs
+  over the escalating sub-batch only), or `"prune"` (exact, counts only). Only the `ngram`
+  drafter exists here.
 - Per request, `SpecParams` travel in `SamplingParams.extra_args["via_sd"]` to the worker.
-- Outputs are vLLM's `RequestOutputKind.DELTA` outputs turned into `RequestOutput` deltas; the
-  request's cumulative `via_sd` counts are read from the worker (`collective_rpc`) when it
-  finishes and sent on the final delta (earlier deltas carry zeros).
+- Outputs are vLLM's `RequestOutputKind.DELTA` outputs turned into `RequestOutput` deltas. The
+  request's exact cumulative `via_sd` counts are read from the worker (`collective_rpc`) when it
+  finishes and sent on the **final** delta; earlier deltas carry the latest snapshot of the
+  running counts (polled about once a second with the totals, so they lag and start at zeros).
+  Only the final delta's counts are final: the gateway reports usage (JSON `usage`, the streamed
+  usage chunk) from it alone.
 - `stats()` = a stat logger's last scheduler snapshot (running, waiting, KV usage), its summed
   iteration and spec-decode counters (vLLM's own `spec_decode_num_*`), plus the worker's tier
   counters, refreshed about once a second.
@@ -181,6 +186,7 @@ class VLLMAsyncEngine(AsyncEngineClient):
         self._inflight: set[str] = set()
         self._vllm_stats = EngineStats()
         self._worker_totals: dict = {}
+        self._live_usage: dict[str, dict] = {}  # in-flight request id -> last polled counts
         self._poll_task: asyncio.Task | None = None
 
     @property
@@ -263,7 +269,7 @@ class VLLMAsyncEngine(AsyncEngineClient):
                 ids = list(c.token_ids)
                 completion += len(ids)
                 finished = out.finished
-                usage = await self._usage(rid) if finished else SpecUsage()
+                usage = await self._usage(rid) if finished else SpecUsage(**self._live_usage.get(rid, {}))
                 yield RequestOutput(
                     request_id=rid,
                     token_ids=ids,
@@ -277,6 +283,7 @@ class VLLMAsyncEngine(AsyncEngineClient):
                 )
         finally:
             self._inflight.discard(rid)
+            self._live_usage.pop(rid, None)
             if not finished and self._llm is not None:
                 await self._llm.abort(rid)
 
@@ -304,9 +311,13 @@ class VLLMAsyncEngine(AsyncEngineClient):
     async def _poll_worker_stats(self) -> None:
         while True:
             try:
-                res = await self._llm.collective_rpc("via_sd_stats")
+                res = await self._llm.collective_rpc("via_sd_stats", args=(sorted(self._inflight),))
                 if res:
                     self._worker_totals = res[0].get("totals", {})
+                    live = res[0].get("usage", {})
+                    for rid in list(live):
+                        if rid in self._inflight:
+                            self._live_usage[rid] = live[rid]
             except asyncio.CancelledError:
                 raise
             except Exception as e:
