@@ -20,7 +20,7 @@ def _plt():
 
 def _subtitle(report: dict) -> str:
     m = report["machine"]
-    return f"{Path(str(report['model'])).name} | {m.get('cpu', '?')}, {m.get('threads', '?')} threads | {report['date'][:10]}"
+    return f"{Path(str(report['model'])).name} | {m.get('cpu', '?')}, threads: {m.get('threads', '?')} | {report['date'][:10]}"
 
 
 def plot_speedup(report: dict, path: Path) -> Path | None:
@@ -63,7 +63,7 @@ def plot_tiers(report: dict, path: Path) -> Path | None:
         ax.set_title(r["name"], fontsize=10)
         ax.set_ylim(0, 1.0)
     axes[0][0].set_ylabel("share of decided draft positions")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle("Tier rates per category\n" + _subtitle(report), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
