@@ -99,6 +99,11 @@ class SpecConfig:
     accept_threshold: float = 0.7
     escalate_threshold: float = 0.5
     bonus_confidence: float = 0.9
+    # the slim verifier decides a position (tier A or B) only where it is itself confident:
+    # max q' >= slim_confidence, else the position escalates (tier C). Measured on the bundled
+    # model: the ratio rule alone accepts the slim argmax even where q' is flat, which is where
+    # slim and full disagree most.
+    slim_confidence: float = 0.7
     max_slim_backlog: int = 32
     ngram_min: int = 1
     ngram_max: int = 4

@@ -209,6 +209,11 @@ class SpecDecoder:
         meta = SpecMetadata.from_lists([p.drafts for p in slim_plans])
         job.slim_meta = meta
         probs1 = torch.softmax(out.logits, -1)  # the gate reads q' at temperature 1
+        floor = eng.config.spec.slim_confidence
+        if floor > 0:
+            # rows where the slim verifier is unsure become all-zero: the gate sends them to tier C
+            sure = probs1.max(-1, keepdim=True).values >= floor
+            probs1 = probs1 * sure
         acc, esc, bon = [], [], []
         for p in slim_plans:
             seq = p.sched.seq
