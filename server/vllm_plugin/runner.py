@@ -366,7 +366,7 @@ class ViaSDRunnerMixin:
         if self._vs_backlog:
             self._backfill(plan.req_ids, only=set(rows))
         qsl = self._vs_common.query_start_loc_cpu.tolist()  # [B+1]
-        idx = torch.cat([torch.arange(qsl[b], qsl[b + 1]) for b in rows])  # [N] token rows of the sub-batch
+        idx = torch.cat([torch.arange(qsl[b], qsl[b + 1]) for b in rows]).to(positions.device)  # [N] sub-batch token rows
         pos = positions[idx].to(torch.int64)
         starts = [int(positions[qsl[b]]) for b in rows]
         ends = [s + qsl[b + 1] - qsl[b] for s, b in zip(starts, rows)]
@@ -411,16 +411,18 @@ class ViaSDRunnerMixin:
         from vllm.forward_context import set_forward_context
 
         cm = self._vs_common
+        dev = cm.block_table_tensor.device  # the CPU here; the model's device on GPU builds
+        tok, pos = tok.to(dev), pos.to(dev)
         lens = [e - s for s, e in zip(starts, ends)]
-        seg = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lens))  # [N] row of each token
+        seg = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lens)).to(dev)  # [N] row of each token
         group = self.kv_cache_config.kv_cache_groups[0]
         bs = group.kv_cache_spec.block_size
-        bt = cm.block_table_tensor[torch.tensor(rows)]  # [R, max_blocks]
+        bt = cm.block_table_tensor[torch.tensor(rows, device=dev)]  # [R, max_blocks]
         slot = (bt[seg, pos // bs].to(torch.int64) * bs + pos % bs)  # [N]
-        qsl = torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int32)  # [R+1]
-        seq_lens = torch.tensor(ends, dtype=torch.int32)  # [R]
+        qsl = torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int32)  # [R+1], host
+        seq_lens = torch.tensor(ends, dtype=torch.int32, device=dev)  # [R]
         bcm = dataclasses.replace(
-            cm, query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=len(rows),
+            cm, query_start_loc=qsl.to(dev), query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=len(rows),
             num_actual_tokens=int(tok.shape[0]), max_query_len=max(lens), max_seq_len=max(ends),
             block_table_tensor=bt, slot_mapping=slot, causal=True, positions=pos, is_prefilling=None,
             seq_lens_cpu_upper_bound=None, req_idx=None, logits_indices_padded=None, num_logits_indices=None,
