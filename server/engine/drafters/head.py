@@ -52,6 +52,7 @@ class DraftHead(torch.nn.Module):
     def __init__(self, hidden: int, ffn: int, reduced_ids: torch.Tensor):
         super().__init__()
         self.hidden, self.ffn = hidden, ffn
+        self.dropout = 0.0  # set by training only
         self.w_in = torch.nn.Linear(2 * hidden, hidden, bias=False)
         self.w_gate = torch.nn.Linear(hidden, ffn, bias=False)
         self.w_up = torch.nn.Linear(hidden, ffn, bias=False)
@@ -72,7 +73,10 @@ class DraftHead(torch.nn.Module):
         x = torch.cat([_rms(h), _rms(self.embed[tok])], dim=-1)  # [B, 2H]
         z = self.w_in(x)
         n = _rms(z)
-        z = z + self.w_down(F.silu(self.w_gate(n)) * self.w_up(n))
+        a = F.silu(self.w_gate(n)) * self.w_up(n)  # [B, F]
+        if self.training and self.dropout:
+            a = F.dropout(a, self.dropout)
+        z = z + self.w_down(a)
         return _rms(z) * self.w_out
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -132,16 +132,27 @@ def split_by_prompt(seqs: list[dict], heldout: float, seed: int) -> tuple[list[d
     return [s for s in seqs if s["prompt_id"] not in held], [s for s in seqs if s["prompt_id"] in held]
 
 
-def reduced_vocabulary(seqs: list[dict], size: int, always: tuple[int, ...]) -> torch.Tensor:
-    """The `size` most frequent greedy next tokens of the target (ties by id), `always` included."""
+def reduced_vocabulary(seqs: list[dict], size: int, always: tuple[int, ...], vocab: int | None = None) -> torch.Tensor:
+    """The `size` most frequent greedy next tokens of the target (ties by id), `always` included.
+    When the data has fewer distinct tokens than `size` and `vocab` is given, the rest is filled
+    with the lowest ids not yet in: a BPE vocabulary numbers its merges in order, so low ids are
+    the common tokens, and the tied output embedding lets the head predict tokens it never saw."""
     counts = torch.bincount(torch.cat([s["greedy"] for s in seqs]))
     order = sorted(range(len(counts)), key=lambda t: (-int(counts[t]), t))
-    keep = [t for t in always]
+    keep = list(dict.fromkeys(always))
+    seen = set(keep)
     for t in order:
         if len(keep) >= size or counts[t] == 0:
             break
-        if t not in keep:
+        if t not in seen:
             keep.append(t)
+            seen.add(t)
+    for t in range(vocab or 0):
+        if len(keep) >= size:
+            break
+        if t not in seen:
+            keep.append(t)
+            seen.add(t)
     return torch.tensor(sorted(keep), dtype=torch.int64)
 
 
@@ -187,9 +198,13 @@ def unrolled_loss(head, d: dict[str, torch.Tensor], idx: torch.Tensor, unroll: i
         if mask.sum() == 0:
             break
         h = head.step(h, d["x_next"][j])
-        feat = F.smooth_l1_loss(h, d["h_tgt"][j], reduction="none").mean(-1)  # [B]
-        y = torch.where(mask.bool(), d["y_red"][j], torch.full_like(j, -100))
-        ce = F.cross_entropy(head.logits(h), y, ignore_index=-100, reduction="sum") / mask.sum()
+        # in units of the final norm's mean weight, so the two losses have comparable scales
+        feat = F.smooth_l1_loss(h / d["scale"], d["h_tgt"][j] / d["scale"], reduction="none").mean(-1)  # [B]
+        # cross-entropy against the target's own distribution over the reduced vocabulary (computed
+        # from its hidden state: logits = h E^T), richer than the greedy label alone
+        with torch.no_grad():
+            p_tgt = torch.softmax(head.logits(d["h_tgt"][j]), -1)  # [B, R]
+        ce = -((p_tgt * torch.log_softmax(head.logits(h), -1)).sum(-1) * mask).sum() / mask.sum()
         w = 0.8 ** u  # later steps count a little less
         total = total + w * (ce + feature_weight * (feat * mask).sum() / mask.sum())
         ce_sum += float(ce.detach())
@@ -256,17 +271,20 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
     model = LlamaModel.from_folder(model_dir)
     train, held = split_by_prompt(data["seqs"], args.heldout, args.seed)
     eos = tuple(model.cfg.eos_token_ids)
-    reduced = reduced_vocabulary(train, args.vocab, eos)
+    reduced = reduced_vocabulary(train, args.vocab, eos, model.cfg.vocab_size)
     d = flatten(train)
     d["y_red"] = to_reduced(d["y_tgt"], reduced, model.cfg.vocab_size)
     coverage = float((d["y_red"] >= 0).float().mean())
     print(f"train: {len(train)} answers, {len(d['y_tgt'])} pairs; held out: {len(held)} answers; "
           f"reduced vocabulary {len(reduced)} covers {coverage:.3f} of the target's greedy tokens")
+    d["scale"] = model.norm.float().abs().mean()
     head = DraftHead(model.cfg.hidden_size, args.ffn, reduced).attach(model.embed, model.lm_head)
+    head.dropout = args.dropout
     with torch.no_grad():
         head.w_out.copy_(model.norm.float())
+    eval_every = max(1, args.epochs // 4)
     del model
-    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     N = len(d["y_tgt"])
     steps_per_epoch = math.ceil(N / args.batch_size)
     total = steps_per_epoch * args.epochs
@@ -286,6 +304,10 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
             sched.step()
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}", ce=f"{ce:.3f}")
+        if (epoch + 1) % eval_every == 0 and epoch + 1 < args.epochs:
+            head.eval()
+            bar.write(f"epoch {epoch + 1}: held-out top-1 {evaluate(head, held, reduced, thresholds=())['top1']:.3f}")
+            head.train()
     bar.close()
     head.eval()
     train_seconds = time.monotonic() - t0
@@ -309,7 +331,7 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
         "head": {"hidden": head.hidden, "ffn": args.ffn, "reduced_vocab": len(reduced), "params": head.num_params(),
                  "reduced_vocab_coverage_train": round(coverage, 4)},
         "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "unroll": args.unroll,
-                     "feature_weight": args.feature_weight, "seconds": round(train_seconds, 1),
+                     "feature_weight": args.feature_weight, "dropout": args.dropout, "weight_decay": args.weight_decay, "seconds": round(train_seconds, 1),
                      "torch_threads": torch.get_num_threads()},
         "heldout": ev,
         "threshold": best["threshold"],
@@ -319,7 +341,7 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
     head.save(Path(str(stem) + ".safetensors"), {"threshold": best["threshold"], "min_tokens": best["min_tokens"],
                                                  "model": model_dir.name})
     Path(str(stem) + ".json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {stem.with_suffix('.safetensors')} and {stem.with_suffix('.json')}")
+    print(f"wrote {stem}.safetensors and {stem}.json")
     return 0
 
 
@@ -337,11 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="feature cache (.pt); reused when it exists")
     p.add_argument("--collect-only", action="store_true")
     p.add_argument("--vocab", type=int, default=4096, help="reduced vocabulary size")
-    p.add_argument("--ffn", type=int, default=1024, help="the head's MLP width")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--ffn", type=int, default=512, help="the head's MLP width")
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--unroll", type=int, default=3, help="training steps chained on the head's own features")
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--unroll", type=int, default=2, help="training steps chained on the head's own features")
     p.add_argument("--feature-weight", type=float, default=1.0)
     p.add_argument("--heldout", type=float, default=0.1, help="share of prompts held out")
     p.add_argument("--seed", type=int, default=0)
