@@ -107,6 +107,23 @@ def model_eos_ids(folder: Path) -> list[int]:
     return sorted(ids)
 
 
+def git_state() -> dict | None:
+    """The commit the rows ran from, and whether the tree had local changes (results from a
+    dirty tree are not reproducible from the commit alone)."""
+    import subprocess
+
+    from server.bench.runner import REPO_ROOT
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit or None, "dirty": bool(dirty)} if commit else None
+
+
 def busy_warning(threads: int) -> str | None:
     """A warning when other work already occupies the cores: OpenMP threads that wait on each
     other's barriers slow down by orders of magnitude on an oversubscribed machine (measured on a
@@ -179,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                       "prompt_token_ids": tok.apply_chat_template([{"role": "user", "content": p.text}])} for p in prompts]
     threads = args.threads or os.cpu_count() or 1
     load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    git = git_state()
     busy = busy_warning(threads)
     if busy:
         print(busy, file=sys.stderr)
@@ -251,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"prompts": len(prompts), "categories": list(dict.fromkeys(p.category for p in prompts)),
                      "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
                      "batch_size": 1, "threads": threads, "repeats": args.repeats, "prompt_file": str(args.prompts)},
+        "git": git,
         "runs": runs,
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
     }
