@@ -13,15 +13,17 @@ from server.bench.rows import Row, RowError, engine_row_name
 from server.engine.config import SpecConfig
 
 # sweep keys: SpecConfig field -> short name
-SWEEP_KEYS = {"accept_threshold": "a", "escalate_threshold": "e", "bonus_confidence": "b", "num_draft_tokens": "g"}
+SWEEP_KEYS = {"accept_threshold": "a", "escalate_threshold": "e", "bonus_confidence": "b", "num_draft_tokens": "g",
+              "slim_confidence": "c"}
 SWEEP_ALIASES = {"gamma": "num_draft_tokens", "g": "num_draft_tokens", "a": "accept_threshold",
-                 "e": "escalate_threshold", "b": "bonus_confidence"}
+                 "e": "escalate_threshold", "b": "bonus_confidence", "c": "slim_confidence"}
 
 DEFAULT_SWEEP = {
     "accept_threshold": [0.5, 0.6, 0.7, 0.8, 0.9],
     "escalate_threshold": [0.2, 0.35, 0.5],
     "bonus_confidence": [0.8, 0.9, 0.97],
     "num_draft_tokens": [3, 5, 8],
+    "slim_confidence": [0.5, 0.7, 0.9],
 }
 
 

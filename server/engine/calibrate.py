@@ -169,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         rows = ["| target cost | min prefix layers | route cost | shared prefix (sub-layers) | matchness | "
                 "confident share (p>=0.7) | matchness when confident |", "|---|---|---|---|---|---|---|"]
-        for cost in (0.95, 0.9, 0.85, 0.8, 0.7, 0.6):
-            for prefix in (0, n // 3, n // 2):
-                r = search_route(n, ev, costs, cost, budget=max(12, args.budget // 3), seed=args.seed,
+        for cost in (0.9, 0.8, 0.7):
+            for prefix in (0, n // 3):
+                r = search_route(n, ev, costs, cost, budget=max(8, args.budget // 3), seed=args.seed,
                                  min_prefix_layers=prefix)
                 ev(r.route)
                 d = ev.last_detail
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(rows[-1], flush=True)
         with open(args.table, "w") as f:
             f.write(f"Route matchness on {folder.name}: {ev.targets.numel()} calibration positions "
-                    f"({args.prompts} prompts x {args.max_tokens} tokens), budget {max(12, args.budget // 3)} per cell.\n\n")
+                    f"({args.prompts} prompts x {args.max_tokens} tokens), budget {max(8, args.budget // 3)} per cell.\n\n")
             f.write("\n".join(rows) + "\n")
     ev.close()
     return 0

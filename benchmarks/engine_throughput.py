@@ -1,0 +1,96 @@
+"""Engine throughput: batch-1 decode speed and total throughput with N concurrent requests.
+
+    python benchmarks/engine_throughput.py --concurrency 1,16 --max-tokens 128 --mode off
+
+Greedy, fp32, the bundled model, Spec-Bench first turns (chat template), `ignore_eos` so every
+request decodes exactly --max-tokens tokens; a warm-up request is excluded. With --profile, a
+torch profiler table of one batch-1 request shows where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from server.engine.api import GenerationRequest
+from server.engine.config import EngineConfig, SamplingParams, SpecConfig, SpecParams
+from server.engine.engine import LLMEngine
+from server.engine.model_files import prepare_model
+
+SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+
+
+def prompts(tok, n: int) -> list[list[int]]:
+    out = []
+    with open(SPEC_BENCH) as f:
+        for line in f:
+            q = json.loads(line)
+            ids = tok.apply_chat_template([{"role": "user", "content": q["turns"][0]}])
+            if len(ids) <= 256:
+                out.append(ids)
+            if len(out) == n:
+                break
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--concurrency", default="1,16")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--mode", default="off")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    folder = prepare_model(None, progress=False)
+    eng = LLMEngine(EngineConfig(model=str(folder), spec=SpecConfig(mode=args.mode), max_num_seqs=256))
+    levels = [int(c) for c in args.concurrency.split(",")]
+    ps = prompts(eng.tokenizer, max(levels))
+
+    def run(batch: list[list[int]], tag: str):
+        reqs = [GenerationRequest(f"{tag}{i}", tuple(p), SamplingParams(max_tokens=args.max_tokens, temperature=0,
+                                                                         ignore_eos=True), SpecParams(mode=args.mode))
+                for i, p in enumerate(batch)]
+        t = time.perf_counter()
+        res = eng.generate(reqs)
+        dt = time.perf_counter() - t
+        return sum(len(r.token_ids) for r in res), dt
+
+    run(ps[:1], "warm")
+    rows = []
+    for c in levels:
+        if c == 1:  # batch 1: requests one after another
+            toks, dt = 0, 0.0
+            for i in range(min(4, len(ps))):
+                a, b = run([ps[i]], f"b1-{i}-")
+                toks, dt = toks + a, dt + b
+        else:
+            toks, dt = run(ps[:c], f"c{c}-")
+        rows.append({"concurrency": c, "tokens": toks, "seconds": round(dt, 2), "tokens_per_s": round(toks / dt, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["vs_batch1"] = round(r["tokens_per_s"] / base, 2)
+    report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
+              "model": folder.name, "mode": args.mode, "max_tokens": args.max_tokens, "date": time.strftime("%Y-%m-%d"),
+              "load_average_at_start": os.getloadavg()[0], "rows": rows}
+    print(json.dumps(report, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    if args.profile:
+        from torch.profiler import profile
+
+        with profile() as prof:
+            run(ps[:1], "prof")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+
+
+if __name__ == "__main__":
+    main()
