@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--row-timeout", type=float, default=3600.0, help="seconds one row may take")
     p.add_argument("--repeats", type=int, default=1, help="run every row this many times; each prompt keeps its fastest")
     p.add_argument("--sweep", nargs="?", const="default", default=None,
-                   help="sweep three_tier settings: 'accept_threshold=0.6,0.8;escalate_threshold=...;"
+                   help="sweep three_tier settings: 'accept_threshold=0.6,0.8;escalate_threshold=...;slim_confidence=...;"
                         "bonus_confidence=...;gamma=3,5' (no value: a default grid)")
     p.add_argument("--sweep-mode", choices=("one_at_a_time", "full"), default="one_at_a_time",
                    help="one key at a time around the defaults, or the full product")
