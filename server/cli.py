@@ -28,6 +28,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accept-threshold", type=float, default=None)
     p.add_argument("--escalate-threshold", type=float, default=None)
     p.add_argument("--slim-route", default=None, help="route JSON of the slim verifier")
+    p.add_argument("--slim-confidence", type=float, default=None,
+                   help="the slim verifier decides a position only where max q' >= this (default 0.7)")
 
 
 def engine_config_from_args(args, model_folder) -> "EngineConfig":
@@ -38,7 +40,7 @@ def engine_config_from_args(args, model_folder) -> "EngineConfig":
         spec_kw["mode"] = args.spec_mode
     if getattr(args, "drafter", None):
         spec_kw["drafter"] = args.drafter
-    for name in ("num_draft_tokens", "accept_threshold", "escalate_threshold", "slim_route"):
+    for name in ("num_draft_tokens", "accept_threshold", "escalate_threshold", "slim_route", "slim_confidence"):
         v = getattr(args, name, None)
         if v is not None:
             spec_kw[name] = v

@@ -104,6 +104,10 @@ class SpecConfig:
     # model: the ratio rule alone accepts the slim argmax even where q' is flat, which is where
     # slim and full disagree most.
     slim_confidence: float = 0.7
+    # every draft in tier A but the slim verifier unsure at the bonus position: DESIGN.md runs the
+    # full model for that one token (True); the default ends the block without a bonus instead,
+    # since a full pass for one token costs more than it buys (measured, see the README)
+    escalate_bonus: bool = False
     max_slim_backlog: int = 32
     ngram_min: int = 1
     ngram_max: int = 4

@@ -20,6 +20,7 @@ DESIGN.md section 2, for every speculative sequence of the batch together:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -92,6 +93,7 @@ class SpecJob:
     draft_probs: dict[int, torch.Tensor] = field(default_factory=dict)
     slim_hidden_prefix: torch.Tensor | None = None  # [slim tokens, H] at the first skipped sub-layer
     slim_token_rows: list[tuple[int, int]] = field(default_factory=list)
+    drop_bonus: torch.Tensor | None = None  # [slim seqs] bool: the slim bonus is not emitted
 
     def prefix_start(self, rows_before: int):
         """(start_sublayer, hidden) when the whole full pass can start from the slim prefix."""
@@ -220,7 +222,14 @@ class SpecDecoder:
             acc.append(seq.spec.accept_threshold)
             esc.append(seq.spec.escalate_threshold)
             bon.append(seq.spec.bonus_confidence)
-        job.gate_out = gate(probs1, meta, torch.tensor(acc), torch.tensor(esc), torch.tensor(bon))
+        g = gate(probs1, meta, torch.tensor(acc), torch.tensor(esc), torch.tensor(bon))
+        if not eng.config.spec.escalate_bonus:
+            # all drafts kept but no confident bonus: end the block at the drafts, no full pass.
+            # Verification then emits the slim bonus, which `finish` drops.
+            drop = (g.stop_tier == 0) & ~g.bonus_from_slim
+            g = dataclasses.replace(g, needs_full=g.needs_full & ~drop, bonus_from_slim=g.bonus_from_slim | drop)
+            job.drop_bonus = drop
+        job.gate_out = g
 
     # ------------------------------------------------------------------ finish
     def _probs(self, seqs: list[Sequence], rows_per_seq: list[int], logits: torch.Tensor, greedy: bool):
@@ -277,11 +286,16 @@ class SpecDecoder:
             if job.draft_probs:
                 draft_probs = torch.cat([job.draft_probs[plans.index(p)] for p in slim_plans if p.drafts])
             vo = verify_three_tier(job.slim_meta, job.gate_out, slim_scaled, full_scaled, draft_probs, uni, noise).cpu()
+            drop = job.drop_bonus.tolist() if job.drop_bonus is not None else [False] * len(slim_plans)
             for i, p in enumerate(slim_plans):
                 m = int(vo.num_output[i])
                 toks = vo.output_token_ids[i, :m].tolist()
-                results[plans.index(p)] = (toks, {k: int(getattr(vo.counts, k)[i]) for k in
-                                                  ("draft_tokens", "accepted", "tier_accept", "tier_slim", "tier_full", "slim_regenerated")})
+                c = {k: int(getattr(vo.counts, k)[i]) for k in
+                     ("draft_tokens", "accepted", "tier_accept", "tier_slim", "tier_full", "slim_regenerated")}
+                if drop[i]:
+                    toks = toks[:-1]
+                    c["slim_regenerated"] -= 1
+                results[plans.index(p)] = (toks, c)
         # --- binary sequences (and three-tier ones that bypassed the slim tier)
         bin_plans = [p for p in plans if not p.slim]
         if bin_plans:

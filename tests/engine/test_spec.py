@@ -62,7 +62,8 @@ def test_three_tier_with_every_position_escalated_equals_binary(tiny_model_dir):
 
 def test_three_tier_counts_add_up_and_skip_full_passes(tiny_model_dir):
     eng = make_engine(tiny_model_dir, spec={"mode": "three_tier", "accept_threshold": 0.3, "escalate_threshold": 0.1,
-                                            "bonus_confidence": 0.0, "controller": False})
+                                            "bonus_confidence": 0.0, "controller": False,
+                                            "slim_confidence": 0.0})
     res = outputs(eng, greedy_requests(PROMPTS, 40, mode="three_tier", ignore_eos=True))
     s = eng.stats()
     assert s.tier_accept + s.tier_slim + s.tier_full <= s.draft_tokens
@@ -76,7 +77,8 @@ def test_three_tier_counts_add_up_and_skip_full_passes(tiny_model_dir):
 def test_full_pass_makes_the_cache_exact(tiny_model_dir):
     """After a full pass over a slim backlog, the paged cache equals a plain prefill's."""
     eng = make_engine(tiny_model_dir, spec={"mode": "three_tier", "accept_threshold": 0.0, "escalate_threshold": 0.0,
-                                            "bonus_confidence": 0.0, "controller": False, "max_slim_backlog": 6})
+                                            "bonus_confidence": 0.0, "controller": False, "max_slim_backlog": 6,
+                                            "slim_confidence": 0.0})
     prompt = PROMPTS[3]
     eng.add_request(GenerationRequest("x", tuple(prompt), SamplingParams(max_tokens=60, temperature=0, ignore_eos=True),
                                       SpecParams(mode="three_tier")))
