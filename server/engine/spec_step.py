@@ -66,6 +66,14 @@ def load_route(path: str | Path) -> Route:
     return Route.from_dict(data["route"] if "route" in data else data)
 
 
+_COUNT_FIELDS = ("draft_tokens", "accepted", "tier_accept", "tier_slim", "tier_full", "slim_regenerated")
+
+
+def _counts(vo, i: int) -> dict[str, int]:
+    """Sequence i's counts from a host-side VerifyOutput."""
+    return {k: int(getattr(vo.counts, k)[i]) for k in _COUNT_FIELDS}
+
+
 @dataclass
 class _SeqPlan:
     sched: ScheduledSeq
@@ -290,8 +298,7 @@ class SpecDecoder:
             for i, p in enumerate(slim_plans):
                 m = int(vo.num_output[i])
                 toks = vo.output_token_ids[i, :m].tolist()
-                c = {k: int(getattr(vo.counts, k)[i]) for k in
-                     ("draft_tokens", "accepted", "tier_accept", "tier_slim", "tier_full", "slim_regenerated")}
+                c = _counts(vo, i)
                 if drop[i]:
                     toks = toks[:-1]
                     c["slim_regenerated"] -= 1
@@ -315,8 +322,7 @@ class SpecDecoder:
             for i, p in enumerate(bin_plans):
                 m = int(vo.num_output[i])
                 toks = vo.output_token_ids[i, :m].tolist()
-                results[plans.index(p)] = (toks, {k: int(getattr(vo.counts, k)[i]) for k in
-                                                  ("draft_tokens", "accepted", "tier_accept", "tier_slim", "tier_full", "slim_regenerated")})
+                results[plans.index(p)] = (toks, _counts(vo, i))
         # --- bookkeeping
         st = eng.stats_
         for i, p in enumerate(plans):
