@@ -97,5 +97,6 @@ def build_batch(chunks: list[Chunk], device: torch.device | str = "cpu") -> Forw
         out_index=out_index.to(device),
         attn_mask=None if mask is None else mask.to(device),
         logits_index=torch.tensor(logits_index, dtype=torch.long, device=device),
+        token_seq=seq_of_tok.to(device),
         num_seqs=B,
     )

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from via_sd_kernels import cpu as cpu_kernels
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -104,6 +106,7 @@ class ForwardBatch:
     attn_mask: torch.Tensor | None  # [B, 1, Q, L] bool, None when every query sees its whole context
     logits_index: torch.Tensor  # [M] flat tokens whose logits are wanted
     num_seqs: int
+    token_seq: torch.Tensor | None = None  # [N] row of ctx_slots of each token
 
 
 @dataclass
@@ -164,6 +167,12 @@ class LlamaModel:
         return cls(cfg, layers, embed, get("model.norm.weight"), lm_head, dtype)
 
     # ---------------------------------------------------------------- rotary
+    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, [max_position_embeddings, hd]."""
+        self.rope(torch.zeros(1, dtype=torch.long))
+        assert self._rope_cache is not None
+        return self._rope_cache
+
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         need = int(cfg.max_position_embeddings)
@@ -197,6 +206,8 @@ class LlamaModel:
             x = start_hidden
         else:
             x = self.embed[batch.input_ids]  # [N, H]
+        if batch.token_seq is not None and cpu_kernels.use_for(x):
+            return self._forward_small(batch, x, k_cache, v_cache, route, start_sublayer, save_at, want_hidden)
         cos, sin = self.rope(batch.positions)
         cos, sin = cos[:, None, :], sin[:, None, :]  # [N, 1, hd]
         half = hd // 2
@@ -246,7 +257,40 @@ class LlamaModel:
                 x = x + F.linear(F.silu(g) * u, lw.w_down)
         if save_at is not None and save_at >= 2 * len(self.layers):
             prefix = x
+        return self._head(x, batch, prefix, want_hidden)
+
+    def _head(self, x: torch.Tensor, batch: ForwardBatch, prefix: torch.Tensor | None,
+              want_hidden: bool) -> ForwardOutput:
         xs = x[batch.logits_index]
-        hidden = F.rms_norm(xs, (xs.shape[-1],), self.norm, eps)
-        logits = F.linear(hidden, self.lm_head)
+        hidden = F.rms_norm(xs, (xs.shape[-1],), self.norm, self.cfg.rms_norm_eps)
+        logits = cpu_kernels.linear(hidden, self.lm_head)
         return ForwardOutput(logits=logits.float(), hidden=hidden if want_hidden else hidden[:0], prefix_hidden=prefix)
+
+    def _forward_small(self, batch: ForwardBatch, x: torch.Tensor, k_cache: list[torch.Tensor],
+                       v_cache: list[torch.Tensor], route, start_sublayer: int, save_at: int | None,
+                       want_hidden: bool) -> ForwardOutput:
+        """The same forward for a decode-sized fp32 pass on the CPU kernels: seven calls a layer
+        (via_sd_kernels.cpu explains why), each output computed as for any other pass size."""
+        cfg = self.cfg
+        nh, nkv, eps = cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps
+        scale = 1.0 / math.sqrt(cfg.head_dim)
+        cos, sin = self.rope_tables()
+        k = cpu_kernels
+        prefix = None
+        for i, lw in enumerate(self.layers):
+            if save_at is not None and save_at == 2 * i:
+                prefix = x
+            if 2 * i >= start_sublayer and (route is None or route.attn[i]):
+                h = k.rms_norm(x, lw.attn_norm, eps)
+                qkv = k.skinny_linear(h, lw.wqkv) if lw.qkv_bias is None else F.linear(h, lw.wqkv, lw.qkv_bias)
+                att = k.paged_attention(qkv, cos, sin, batch.positions, batch.token_seq, batch.slot_mapping,
+                                        batch.ctx_slots, k_cache[i], v_cache[i], nh, nkv, scale)
+                x = k.skinny_linear(att, lw.wo, x)
+            if save_at is not None and save_at == 2 * i + 1:
+                prefix = x
+            if 2 * i + 1 >= start_sublayer and (route is None or route.mlp[i]):
+                h = k.rms_norm(x, lw.mlp_norm, eps)
+                x = k.skinny_linear(k.silu_mul(k.skinny_linear(h, lw.w_gate_up)), lw.w_down, x)
+        if save_at is not None and save_at >= 2 * len(self.layers):
+            prefix = x
+        return self._head(x, batch, prefix, want_hidden)

@@ -1,0 +1,104 @@
+"""The CPU decode kernels (via_sd_kernels/cpu/decode.cpp) against torch references, and the
+property the engine relies on: a token's result does not depend on how many tokens share its pass."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from via_sd_kernels import cpu
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the CPU kernels")
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 17, 32])
+@pytest.mark.parametrize("K,N", [(64, 96), (576, 1731), (100, 7)])
+def test_skinny_linear_matches_torch(M, K, N):
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g)
+    r = torch.randn(M, N, generator=g)
+    torch.testing.assert_close(cpu.skinny_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cpu.skinny_linear(x, w, r), r + F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_skinny_linear_rows_are_bitwise_independent_of_batch_size():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(11, 576, generator=g)
+    w = torch.randn(1733, 576, generator=g)
+    whole = cpu.skinny_linear(x, w)
+    for m in range(11):
+        assert torch.equal(cpu.skinny_linear(x[m : m + 1], w), whole[m : m + 1])
+    assert torch.equal(cpu.skinny_linear(x[3:8], w), whole[3:8])
+
+
+def test_rms_norm_and_silu_mul_match_torch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 576, generator=g) * 3
+    w = torch.rand(576, generator=g)
+    torch.testing.assert_close(cpu.rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5), rtol=1e-5, atol=1e-5)
+    gu = torch.randn(5, 2 * 96, generator=g) * 4
+    gate, up = gu.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu.silu_mul(gu), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+def _rope(x, pos, cos, sin):
+    half = x.shape[-1] // 2
+    c, s = cos[pos][:, None], sin[pos][:, None]
+    return x * c + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * s
+
+
+@pytest.mark.parametrize("nh,nkv,hd", [(4, 2, 16), (9, 3, 64), (2, 2, 24)])
+def test_paged_attention_matches_reference(nh, nkv, hd):
+    """Two sequences with scattered blocks, several new tokens each; K/V land in the right slots
+    and every token attends causally to its own sequence only."""
+    g = torch.Generator().manual_seed(nh * 100 + hd)
+    slots, P = 96, 64
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    freqs = torch.outer(torch.arange(P, dtype=torch.float64), inv)
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos().float(), emb.sin().float()
+    kc = torch.randn(slots, nkv, hd, generator=g)
+    vc = torch.randn(slots, nkv, hd, generator=g)
+    # sequence 0: context 0..12, new tokens at 10, 11, 12; sequence 1: context 0..5, new token at 5
+    perm = torch.randperm(slots, generator=g)
+    ctx = torch.zeros(2, 13, dtype=torch.long)
+    ctx[0] = perm[:13]
+    ctx[1, :6] = perm[20:26]
+    positions = torch.tensor([10, 11, 12, 5])
+    token_seq = torch.tensor([0, 0, 0, 1])
+    slot_mapping = torch.stack([ctx[0, 10], ctx[0, 11], ctx[0, 12], ctx[1, 5]])
+    qkv = torch.randn(4, (nh + 2 * nkv) * hd, generator=g)
+    scale = 1 / math.sqrt(hd)
+
+    k_ref, v_ref = kc.clone(), vc.clone()
+    q = qkv[:, : nh * hd].view(4, nh, hd)
+    k = qkv[:, nh * hd : (nh + nkv) * hd].view(4, nkv, hd)
+    v = qkv[:, (nh + nkv) * hd :].view(4, nkv, hd)
+    q, k = _rope(q, positions, cos, sin), _rope(k, positions, cos, sin)
+    k_ref[slot_mapping], v_ref[slot_mapping] = k, v
+    want = []
+    for t in range(4):
+        n = int(positions[t]) + 1
+        sl = ctx[token_seq[t], :n]
+        keys = k_ref[sl].repeat_interleave(nh // nkv, dim=1).transpose(0, 1)  # [nh, n, hd]
+        vals = v_ref[sl].repeat_interleave(nh // nkv, dim=1).transpose(0, 1)
+        att = torch.softmax((keys @ q[t][:, :, None]).squeeze(-1) * scale, -1)  # [nh, n]
+        want.append((att[:, None, :] @ vals).reshape(nh * hd))
+    want = torch.stack(want)
+
+    got = cpu.paged_attention(qkv, cos, sin, positions, token_seq, slot_mapping, ctx, kc, vc, nh, nkv, scale)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(kc, k_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vc, v_ref)
+
+
+def test_linear_falls_back_for_large_or_bf16_inputs():
+    w = torch.randn(8, 16)
+    big = torch.randn(cpu.SKINNY_MAX_TOKENS + 1, 16)
+    assert torch.equal(cpu.linear(big, w), F.linear(big, w))
+    xb, wb = torch.randn(2, 16, dtype=torch.bfloat16), w.bfloat16()
+    assert torch.equal(cpu.linear(xb, wb), F.linear(xb, wb))

@@ -1,0 +1,119 @@
+"""CPU kernels, compiled on first use with the host's C++ compiler (torch's extension builder).
+
+`linear(x, w)` is `F.linear` without bias, routed to the skinny GEMM of `decode.cpp` when the
+batch of tokens is small and the tensors are fp32 on the CPU. If the compiler or ninja is missing,
+or `VIA_SD_CPU_KERNELS=0`, it falls back to `F.linear` and says so once in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("via_sd.kernels")
+
+# Above this many tokens a BLAS sgemm is compute-efficient and faster than streaming.
+SKINNY_MAX_TOKENS = 32
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_tag() -> str:
+    import hashlib
+    import platform
+
+    flags = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features", "model name")):
+                flags += line
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
+def _build() -> bool:
+    from torch.utils import cpp_extension
+
+    src = Path(__file__).with_name("decode.cpp")
+    build_dir = Path(os.environ.get("VIA_SD_KERNEL_CACHE", Path.home() / ".cache" / "via-sd" / "kernels"))
+    # -march=native: one build per CPU model and torch version
+    build_dir = build_dir / f"torch-{torch.__version__.replace('+', '_')}-{_cpu_tag()}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name="via_sd_cpu_kernels",
+        sources=[str(src)],
+        extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    return True
+
+
+def available() -> bool:
+    """Compile (once per host and torch version) and load the kernels; False when that fails."""
+    ok = _state.get("ok")
+    if ok is not None:
+        return bool(ok)
+    with _lock:
+        if "ok" in _state:
+            return bool(_state["ok"])
+        if os.environ.get("VIA_SD_CPU_KERNELS", "1") == "0":
+            _state["ok"] = False
+            return False
+        try:
+            _state["ok"] = _build()
+        except Exception as e:  # noqa: BLE001 - any build failure means the plain path
+            log.warning("CPU kernels unavailable, using torch's linear: %s", str(e).splitlines()[0] if str(e) else e)
+            _state["ok"] = False
+    return bool(_state["ok"])
+
+
+def use_for(x: torch.Tensor) -> bool:
+    """Whether a pass with hidden states `x` [N, H] runs on these kernels."""
+    return x.shape[0] <= SKINNY_MAX_TOKENS and x.dtype == torch.float32 and x.device.type == "cpu" and available()
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ w[N, K]^T (+ residual) with the streaming kernel (requires `available()`)."""
+    return torch.ops.via_sd_cpu.skinny_linear(x, w, residual)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.ops.via_sd_cpu.rms_norm(x, w, eps)
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    return torch.ops.via_sd_cpu.silu_mul(gu)
+
+
+def paged_attention(qkv, cos, sin, positions, token_seq, slot_mapping, ctx_slots, k_cache, v_cache,
+                    nh: int, nkv: int, scale: float) -> torch.Tensor:
+    return torch.ops.via_sd_cpu.paged_attention(qkv, cos, sin, positions, token_seq, slot_mapping, ctx_slots,
+                                                k_cache, v_cache, nh, nkv, scale)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2 and w.dtype == torch.float32 and use_for(x):
+        return torch.ops.via_sd_cpu.skinny_linear(x, w, None)
+    return F.linear(x, w)
+
+
+class disabled:
+    """`with cpu.disabled():` runs every pass on torch's ops (for comparisons)."""
+
+    def __enter__(self):
+        available()
+        self._was = _state["ok"]
+        _state["ok"] = False
+
+    def __exit__(self, *exc):
+        _state["ok"] = self._was
