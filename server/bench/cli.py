@@ -3,7 +3,7 @@ per-output texts, Markdown and plots. `via-sd bench --load ...` is the load test
 
     via-sd bench --prompts question.jsonl [--categories a,b] [--limit-per-category N]
         [--max-tokens N] [--modes off,binary,three_tier] [--drafters ngram,...]
-        [--peers hf,hf_pld,vllm,vllm_ngram] [--temperature T] [--sweep [SPEC]] --out FILE.json
+        [--peers hf,hf_pld,vllm,vllm_ngram,vllm_three_tier] [--temperature T] [--sweep [SPEC]] --out FILE.json
 
 Writes FILE.json (`{"machine", "model", "command", "date", "settings", "runs", "skipped",
 "sweep"?, "outputs"}`), FILE.outputs.jsonl (one line per run and prompt: the text and token ids),
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", default="off,binary,three_tier", help=f"of {', '.join(SPEC_MODES)}")
     p.add_argument("--drafters", default=None, help=f"of {', '.join(DRAFTERS)}; default: the engine's default drafter")
-    p.add_argument("--peers", default="hf,hf_pld,vllm,vllm_ngram", help=f"of {', '.join(PEERS)}; '' for none")
+    p.add_argument("--peers", default="hf,hf_pld,vllm,vllm_ngram,vllm_three_tier", help=f"of {', '.join(PEERS)}; '' for none")
     p.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens of the hf_pld row")
     p.add_argument("--model", default=None, help="bundled model name or a local folder (default: the bundled model)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every row (default: all cores)")

@@ -1,7 +1,9 @@
 """Benchmark rows: which engine modes, drafters and peers run, and their names.
 
 Names (DESIGN.md section 4): `off`; `binary` and `three_tier` with the engine's default drafter,
-`<mode>_<drafter>` with another (`three_tier_head`); peers `hf`, `hf_pld`, `vllm`, `vllm_ngram`.
+`<mode>_<drafter>` with another (`three_tier_head`); peers `hf`, `hf_pld`, `vllm`, `vllm_ngram`, and
+`vllm_three_tier`: our vLLM plugin (server/vllm_plugin) on vLLM's engine, with the same n-gram
+drafts as `vllm_ngram` and the slim tier's skip schedule.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from server.engine.config import DRAFTERS, SPEC_MODES, SpecConfig
 
-PEERS = ("hf", "hf_pld", "vllm", "vllm_ngram")
+PEERS = ("hf", "hf_pld", "vllm", "vllm_ngram", "vllm_three_tier")
 # Prompt lookup as Hugging Face documents it; 10 candidate tokens is its suggested setting.
 HF_PLD_TOKENS = 10
 VLLM_NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}
@@ -29,6 +31,7 @@ class Row:
     params: dict = field(default_factory=dict)  # SpecConfig overrides (sweep points)
     prompt_lookup_num_tokens: int | None = None
     speculative_config: dict | None = None
+    vllm_kwargs: dict | None = None  # more keyword arguments of vLLM's LLM (the plugin's worker)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, {})}
@@ -56,6 +59,20 @@ def engine_row_name(mode: str, drafter: str | None, default_drafter: str | None 
     if mode == "off" or drafter in (None, default_drafter):
         return mode
     return f"{mode}_{drafter}"
+
+
+def vllm_plugin_kwargs() -> dict:
+    """What `server.vllm_plugin.backend.engine_kwargs` adds for `three_tier` on the CPU: the
+    plugin's worker and its settings (the engine's defaults)."""
+    spec = SpecConfig()
+    return {
+        "worker_cls": "server.vllm_plugin.worker.ViaSDCPUWorker",
+        "enable_prefix_caching": False,
+        "additional_config": {"via_sd": {
+            "mode": "three_tier", "schedule": "skip", "accept_threshold": spec.accept_threshold,
+            "escalate_threshold": spec.escalate_threshold, "bonus_confidence": spec.bonus_confidence,
+            "max_slim_backlog": spec.max_slim_backlog}},
+    }
 
 
 def build_rows(modes: list[str], drafters: list[str], peers: list[str], *,
@@ -86,6 +103,9 @@ def build_rows(modes: list[str], drafters: list[str], peers: list[str], *,
             rows.append(Row("vllm", "vllm"))
         elif p == "vllm_ngram":
             rows.append(Row("vllm_ngram", "vllm", speculative_config=dict(VLLM_NGRAM)))
+        elif p == "vllm_three_tier":
+            rows.append(Row("vllm_three_tier", "vllm", speculative_config=dict(VLLM_NGRAM),
+                            vllm_kwargs=vllm_plugin_kwargs()))
         else:
             raise RowError(f"--peers: unknown {p}; choose from {', '.join(PEERS)}")
     return rows

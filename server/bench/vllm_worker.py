@@ -3,8 +3,9 @@
     .venv-vllm/bin/python server/bench/vllm_worker.py JOB.json RESULT.json
 
 It imports nothing from via-sd (that environment need not have it installed) and writes the
-same result shape as `server.bench.worker`. Rows: `vllm` (plain) and `vllm_ngram`
-(`speculative_config={"method": "ngram", ...}`), fp32, eager, one prompt at a time.
+same result shape as `server.bench.worker`. Rows: `vllm` (plain), `vllm_ngram`
+(`speculative_config={"method": "ngram", ...}`) and `vllm_three_tier` (the same drafts, with the
+via-sd plugin's worker from `vllm_kwargs`), fp32, eager, one prompt at a time.
 Counts come from `LLM.get_metrics()`: every target pass emits its accepted drafts plus one token,
 so passes = tokens - accepted.
 """
@@ -44,6 +45,7 @@ def run(job: dict) -> dict:
               max_model_len=job["max_model_len"], kv_cache_memory_bytes=int(job.get("kv_cache_gb", 1.0) * 2**30))
     if row.get("speculative_config"):
         kw["speculative_config"] = row["speculative_config"]
+    kw.update(row.get("vllm_kwargs") or {})
     t0 = time.perf_counter()
     llm = LLM(**kw)
     load_s = time.perf_counter() - t0
