@@ -51,6 +51,18 @@ def test_row_names():
     assert not rows[0].drafts and rows[1].drafts and not rows[5].drafts and rows[6].drafts
 
 
+def test_vllm_three_tier_row_runs_the_plugin_worker_on_the_same_drafts_as_vllm_ngram():
+    ngram, ours = build_rows([], [], ["vllm_ngram", "vllm_three_tier"])
+    assert ours.kind == "vllm" and ours.speculative_config == ngram.speculative_config
+    kw = ours.to_dict()["vllm_kwargs"]
+    assert kw["worker_cls"] == "server.vllm_plugin.worker.ViaSDCPUWorker"
+    from server.vllm_plugin.settings import PluginSettings
+
+    settings = PluginSettings.from_dict(kw["additional_config"]["via_sd"])  # the plugin accepts them
+    assert settings.mode == "three_tier" and settings.schedule == "skip"
+    assert kw["enable_prefix_caching"] is False
+
+
 def test_bad_lists_are_rejected():
     with pytest.raises(RowError, match="choose from"):
         parse_list("off,fast", ("off", "binary"), "--modes")
