@@ -71,7 +71,7 @@ def vllm_plugin_kwargs() -> dict:
         "additional_config": {"via_sd": {
             "mode": "three_tier", "schedule": "skip", "accept_threshold": spec.accept_threshold,
             "escalate_threshold": spec.escalate_threshold, "bonus_confidence": spec.bonus_confidence,
-            "max_slim_backlog": spec.max_slim_backlog}},
+            "slim_confidence": spec.slim_confidence, "max_slim_backlog": spec.max_slim_backlog}},
     }
 
 

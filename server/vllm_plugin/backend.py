@@ -72,6 +72,7 @@ def plugin_settings(config: EngineConfig, schedule: str = "skip") -> dict:
         "accept_threshold": s.accept_threshold,
         "escalate_threshold": s.escalate_threshold,
         "bonus_confidence": s.bonus_confidence,
+        "slim_confidence": s.slim_confidence,
         "max_slim_backlog": s.max_slim_backlog,
         "slim_route": s.slim_route,
     }

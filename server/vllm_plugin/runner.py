@@ -273,6 +273,11 @@ class ViaSDRunnerMixin:
         hidden = slim_forward(self.model, input_ids[:n_tok], positions[:n_tok], self._vs_route)  # [n_tok, H]
         logits = self.model.compute_logits(hidden[self._vs_logits_indices])  # [T+B, V]
         probs = torch.softmax(logits.float(), dim=-1)  # [T+B, V]
+        floor = self.via_sd.slim_confidence
+        if floor > 0:
+            # as in the embedded engine: rows where the slim verifier is unsure become all-zero,
+            # so the gate sends them to the full model
+            probs = probs * (probs.max(-1, keepdim=True).values >= floor)
         meta = SpecMetadata.from_tensors(
             sd.draft_token_ids.to(torch.int64), torch.tensor(num_draft, dtype=torch.int64), max(num_draft)
         )

@@ -28,6 +28,7 @@ class PluginSettings:
     accept_threshold: float = 0.7
     escalate_threshold: float = 0.5
     bonus_confidence: float = 0.9
+    slim_confidence: float = 0.7  # positions where max q' is below this escalate (README: design changes)
     max_slim_backlog: int = 32
     sub_batch: bool = True  # "skip": full forward over the escalating sub-batch only
     slim_route: Any = None  # path to a route JSON, an inline dict, or None (default route)
