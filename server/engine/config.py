@@ -120,6 +120,10 @@ class SpecConfig:
     # is memory-bound (small batches) and costs compute once it is not, so drafts shrink as the
     # batch grows (γ_i = min(γ, budget // sequences), 0 = plain decoding)
     draft_token_budget: int = 32
+    # speculate only while at most this many sequences decode in a step; above it the step is plain
+    # decoding. Measured with `via-sd bench --load` (README, Throughput under load): at 4 and more
+    # concurrent requests every speculative mode was slower than `off` on the bundled model.
+    spec_max_batch: int = 2
 
     def resolve(self, req: SpecParams) -> "ResolvedSpec":
         return ResolvedSpec(

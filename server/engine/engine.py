@@ -151,6 +151,10 @@ class LLMEngine:
         decodes = [s for s in scheduled if s.decode]
         plain = [s for s in decodes if s.seq.spec.mode == "off"]
         specs = [s for s in decodes if s.seq.spec.mode != "off"]
+        if len(decodes) > self.config.spec.spec_max_batch:
+            # a wide batch is compute-bound: verifying drafts costs more than it saves, so every
+            # sequence decodes plainly (the plain chunk also catches up a three-tier slim backlog)
+            plain, specs = decodes, []
         committed: dict[Sequence, tuple[list[int], list[TokenLogprob] | None]] = {}
         # speculative sequences decide which of them need the full pass; the rest are done
         full_chunks: list[Chunk] = [Chunk(s.seq.table, s.seq.full_frontier, s.seq.token_ids[s.seq.full_frontier:s.seq.full_frontier + s.num_new], 0) for s in prefills]

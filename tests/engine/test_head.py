@@ -43,7 +43,7 @@ def tiny_head_path(tiny_dir, tmp_path_factory):
 
 
 def engine_with_head(model_dir, head_path, mode="binary", **kw) -> LLMEngine:
-    spec = SpecConfig(mode=mode, drafter="head", head_path=str(head_path), **kw)
+    spec = SpecConfig(mode=mode, drafter="head", head_path=str(head_path), spec_max_batch=10**6, **kw)
     return LLMEngine(EngineConfig(model=str(model_dir), spec=spec, num_blocks=128))
 
 
@@ -184,7 +184,8 @@ def test_shipped_record_meets_floor():
 
 @pytest.mark.real_model
 def test_shipped_head_binary_is_lossless(real_model_dir):
-    eng = LLMEngine(EngineConfig(model=str(real_model_dir), spec=SpecConfig(mode="binary", drafter="head")))
+    eng = LLMEngine(EngineConfig(model=str(real_model_dir), spec=SpecConfig(mode="binary", drafter="head",
+                                                                            spec_max_batch=10**6)))
     tok = eng.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in
                ("What is the capital of France?", "Write a haiku about the sea.", "Explain recursion in one paragraph.")]

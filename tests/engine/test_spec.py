@@ -159,3 +159,17 @@ def test_sampled_binary_follows_the_target_distribution(tiny_model_dir):
         counts[key] = counts.get(key, 0) + 1
     chi2 = sum((counts.get(c, 0) - n * p) ** 2 / (n * p) for c, p in joint.items())
     assert chi2 < 37.70, chi2
+
+
+def test_wide_batches_decode_plainly_with_the_same_output(tiny_model_dir):
+    """Above `spec_max_batch` decoding sequences a step is plain decoding: no drafts, same tokens."""
+    prompts = [[1, 2, 3, 1, 2, 3, 1, 2], [4, 5, 4, 5, 4, 5], [7, 7, 7, 7], [9, 8, 9, 8, 9]]
+    eng = make_engine(tiny_model_dir, spec={"mode": "binary", "drafter": "ngram", "spec_max_batch": 2})
+    wide = eng.generate(greedy_requests(prompts, 16, "binary", prefix="w"))
+    off = eng.generate(greedy_requests(prompts, 16, "off", prefix="o"))
+    assert [r.token_ids for r in wide] == [r.token_ids for r in off]
+    alone = eng.generate(greedy_requests(prompts[:1], 16, "binary", prefix="a"))[0]
+    assert alone.token_ids == off[0].token_ids and alone.via_sd.draft_tokens > 0
+    # four sequences decode together until the first ones finish: fewer drafts than alone
+    assert wide[0].via_sd.draft_tokens < alone.via_sd.draft_tokens
+    assert_pool_full(eng)
