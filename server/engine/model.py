@@ -168,21 +168,18 @@ class LlamaModel:
 
     # ---------------------------------------------------------------- rotary
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, [max_position_embeddings, hd]."""
-        self.rope(torch.zeros(1, dtype=torch.long))
-        assert self._rope_cache is not None
-        return self._rope_cache
-
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
-        need = int(cfg.max_position_embeddings)
+        """cos and sin, [max_position_embeddings, hd], built once."""
         if self._rope_cache is None:
+            cfg = self.cfg
             inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
-            t = torch.arange(need, dtype=torch.float64)
+            t = torch.arange(int(cfg.max_position_embeddings), dtype=torch.float64)
             freqs = torch.outer(t, inv)
             emb = torch.cat([freqs, freqs], dim=-1)
             self._rope_cache = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
-        cos, sin = self._rope_cache
+        return self._rope_cache
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rope_tables()
         return cos[positions], sin[positions]  # [N, hd]
 
     # ---------------------------------------------------------------- forward
