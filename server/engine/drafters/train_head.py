@@ -2,21 +2,24 @@
 
 Three stages, one command (a fixed seed makes it reproducible):
 
-1. **Collect.** The engine generates answers (mode `off`, batched) to the instructions in
-   `assets/train_prompts.jsonl` (written for this purpose; none is a Spec-Bench question), once
-   greedy and `--sampled` more times at `--temperature`. While it decodes, a recording runner keeps
-   the target's final-norm hidden state and greedy next token at every generated position, so the
+1. **Collect.** The engine generates answers (mode `off`, batched) to instructions that are not
+   Spec-Bench questions: by default (`--prompts builtin`) the 226 hand-written ones of
+   `assets/train_prompts.jsonl` and the 1,318 templated ones of `train_prompts.py`; once greedy and
+   `--sampled` more times at `--temperature`. While it decodes, a recording runner keeps the
+   target's final-norm hidden state and greedy next token at every generated position, so the
    features cost no second forward: `h_p` [H] is what `lm_head` sees at position p, `y_p` =
-   argmax of the target's logits there. Saved to `--data` (reused when it exists).
+   argmax of the target's logits there. Saved to `--data` (reused, and resumed, when it exists).
 2. **Reduced vocabulary.** The `--vocab` most frequent tokens among the target's greedy next
    tokens (EOS always included); `reduced_ids [R]` maps reduced index -> full token id.
-3. **Train** `DraftHead` on (h_p, x_{p+1}) -> (h_{p+1}, y_{p+1}) with smooth-L1 feature regression
-   plus cross-entropy over the reduced vocabulary, unrolled `--unroll` steps on its own predicted
-   features (so chained drafts stay on track), AdamW, held-out split by prompt.
+3. **Train** `DraftHead` on each answer's pairs (h_p, x_{p+1}) -> (h_{p+1}, y_{p+1}) with
+   smooth-L1 feature regression plus cross-entropy against the target's distribution over the
+   reduced vocabulary, chained `--unroll` levels deep on its own predictions exactly as drafting
+   chains them (`unrolled_outputs`), AdamW with a one-cycle schedule, held-out split by prompt.
 
-It prints the held-out top-1 acceptance (head argmax == target greedy token given true features)
-and the chained acceptance (expected accepted tokens per step with γ = 5 on its own features),
-and writes `<out>.safetensors` plus `<out>.json` (command, seed, data size, held-out numbers).
+It prints the held-out top-1 acceptance (head argmax == target greedy token given true pairs)
+and the chained acceptance (expected accepted tokens per step with γ = 5, drafted by the
+drafter's own code), and writes `<out>.safetensors` plus `<out>.json` (command, seed, data size,
+held-out numbers, the chosen confidence threshold).
 """
 
 from __future__ import annotations
@@ -123,6 +126,20 @@ def load_prompts(path: Path, limit: int | None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
+def builtin_prompts(seed: int) -> list[dict]:
+    """The hand-written instructions, then the templated ones (train_prompts.py), interleaved so
+    that a `--limit-prompts` prefix still mixes both."""
+    from server.engine.drafters.train_prompts import generated_prompts
+
+    hand, gen = load_prompts(DEFAULT_PROMPTS, None), generated_prompts(seed)
+    out, step = [], max(1, len(gen) // max(1, len(hand)))
+    for i, r in enumerate(hand):
+        out.append(r)
+        out.extend(gen[i * step:(i + 1) * step])
+    out.extend(gen[len(hand) * step:])
+    return out
+
+
 # ---------------------------------------------------------------------------- data
 def split_by_prompt(seqs: list[dict], heldout: float, seed: int) -> tuple[list[dict], list[dict]]:
     ids = sorted({s["prompt_id"] for s in seqs})
@@ -156,26 +173,21 @@ def reduced_vocabulary(seqs: list[dict], size: int, always: tuple[int, ...], voc
     return torch.tensor(sorted(keep), dtype=torch.int64)
 
 
-def flatten(seqs: list[dict]) -> dict[str, torch.Tensor]:
-    """Training pairs of every answer, flat. Entry j of an answer with T positions:
-    input (h_j, x_{j+1}), target (h_{j+1}, y_{j+1}); `remain` = chained steps available from j."""
-    h_in, x_next, h_tgt, y_tgt, remain = [], [], [], [], []
-    for s in seqs:
-        T = len(s["hidden"])
-        if T < 2:
-            continue
-        h_in.append(s["hidden"][:-1])
-        h_tgt.append(s["hidden"][1:])
-        x_next.append(s["tokens"][1:T])
-        y_tgt.append(s["greedy"][1:])
-        remain.append(torch.arange(T - 1, 0, -1))
-    return {
-        "h_in": torch.cat(h_in).float(),  # [N, H]
-        "x_next": torch.cat(x_next),  # [N]
-        "h_tgt": torch.cat(h_tgt).float(),  # [N, H]
-        "y_tgt": torch.cat(y_tgt),  # [N] full ids
-        "remain": torch.cat(remain),  # [N]
-    }
+def pad_answers(seqs: list[dict]) -> dict[str, torch.Tensor]:
+    """Answers as padded sequences of pairs. Answer n with T positions: `h[n, j]` = h_j (fp16),
+    `x[n, j]` = x_{j+1}, `y[n, j]` = the target's greedy token at j, `valid[n, j]` for j < T.
+    The training target of pair j is (h_{j+1}, y_{j+1})."""
+    seqs = [s for s in seqs if len(s["hidden"]) >= 2]
+    N, T, H = len(seqs), max(len(s["hidden"]) for s in seqs), seqs[0]["hidden"].shape[1]
+    d = {"h": torch.zeros(N, T, H, dtype=torch.float16), "x": torch.zeros(N, T, dtype=torch.int64),
+         "y": torch.zeros(N, T, dtype=torch.int64), "valid": torch.zeros(N, T, dtype=torch.bool)}
+    for n, s in enumerate(seqs):
+        t = len(s["hidden"])
+        d["h"][n, :t] = s["hidden"]
+        d["x"][n, :t] = s["tokens"][1:t + 1]
+        d["y"][n, :t] = s["greedy"]
+        d["valid"][n, :t] = True
+    return d
 
 
 def to_reduced(full_ids: torch.Tensor, reduced_ids: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -186,62 +198,116 @@ def to_reduced(full_ids: torch.Tensor, reduced_ids: torch.Tensor, vocab: int) ->
 
 
 # ---------------------------------------------------------------------------- train
-def unrolled_loss(head, d: dict[str, torch.Tensor], idx: torch.Tensor, unroll: int, feature_weight: float):
-    """Chained loss over `unroll` steps from the entries `idx` [B]: step u feeds the head's own
-    prediction of step u-1 with the true next token, as drafting will."""
-    N = d["h_in"].shape[0]
-    h = d["h_in"][idx]
-    total, ce_sum, n_sum = 0.0, 0.0, 0
+def unrolled_outputs(head, h: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, unroll: int) -> list[torch.Tensor]:
+    """The head's predictions at every position, chained `unroll` deep, as drafting chains them.
+
+    Level 0 reads the true pairs (h_p, x_{p+1}) and predicts h_{p+1}. Level u at position p is
+    the u-th chained draft from the committed position p-u: its input is level u-1's prediction
+    at p-1 with the true token x_{p+1} (teacher forcing), and it attends to true pairs at
+    positions <= p-u and to the level-k pair at p-u+k for k = 1..u, all inside the window.
+    h [B, T, H], x [B, T], valid [B, T] -> [levels][B, T, H]."""
+    from server.engine.drafters.head import _attend
+
+    B, T, _ = h.shape
+    pos = torch.arange(T).expand(B, T)
+    d = pos[0][:, None] - pos[0][None, :]  # [T, T] query minus key position
+    W = head.window
+    outs, ks, vs = [], [], []
+    feat = h
     for u in range(unroll):
-        j = (idx + u).clamp(max=N - 1)
-        mask = (d["remain"][idx] > u).float()  # [B]
-        if mask.sum() == 0:
+        z = head.fuse(feat, x)
+        q, k, v = head.project(z, pos)
+        ks.append(k)
+        vs.append(v)
+        blocks = [(d >= u) & (d < W) & (valid[:, None, :] | (d == 0))[:, :, :] if u == 0 else
+                  ((d >= u) & (d < W))[None] & valid[:, None, :]]
+        for lvl in range(1, u + 1):
+            blocks.append((d == u - lvl)[None].expand(B, T, T))
+        mask = torch.cat([m.expand(B, T, T) for m in blocks], dim=2)[:, None]  # [B, 1, T, (u+1)T]
+        out = head.finish(z, _attend(q, torch.cat(ks, 2), torch.cat(vs, 2), mask))
+        outs.append(out)
+        feat = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
+    return outs
+
+
+def unrolled_loss(head, d: dict[str, torch.Tensor], idx: torch.Tensor, unroll: int, feature_weight: float):
+    """Feature regression (smooth L1, in units of the final norm's mean weight) plus cross-entropy
+    against the target's own distribution over the reduced vocabulary, at every chained level;
+    deeper levels count a little less. Returns (loss, level-0 cross-entropy)."""
+    h, x, valid = d["h"][idx].float(), d["x"][idx], d["valid"][idx]
+    B, T, _ = h.shape
+    outs = unrolled_outputs(head, h, x, valid, unroll)
+    tgt = h[:, 1:]  # h_{p+1} for p < T-1
+    with torch.no_grad():
+        p_tgt = torch.softmax(head.logits(tgt), -1)  # [B, T-1, R]
+    total, ce0 = 0.0, 0.0
+    for u, out in enumerate(outs):
+        m = (valid[:, 1:] & (torch.arange(T - 1) >= u)[None]).float()  # target exists, chain starts at p-u >= 0
+        if m.sum() == 0:
             break
-        h = head.step(h, d["x_next"][j])
-        # in units of the final norm's mean weight, so the two losses have comparable scales
-        feat = F.smooth_l1_loss(h / d["scale"], d["h_tgt"][j] / d["scale"], reduction="none").mean(-1)  # [B]
-        # cross-entropy against the target's own distribution over the reduced vocabulary (computed
-        # from its hidden state: logits = h E^T), richer than the greedy label alone
-        with torch.no_grad():
-            p_tgt = torch.softmax(head.logits(d["h_tgt"][j]), -1)  # [B, R]
-        ce = -((p_tgt * torch.log_softmax(head.logits(h), -1)).sum(-1) * mask).sum() / mask.sum()
-        w = 0.8 ** u  # later steps count a little less
-        total = total + w * (ce + feature_weight * (feat * mask).sum() / mask.sum())
-        ce_sum += float(ce.detach())
-        n_sum += 1
-    return total, ce_sum / max(n_sum, 1)
+        o = out[:, :-1]
+        feat = F.smooth_l1_loss(o / d["scale"], tgt / d["scale"], reduction="none").mean(-1)
+        ce = -(p_tgt * torch.log_softmax(head.logits(o), -1)).sum(-1)
+        level = ((ce + feature_weight * feat) * m).sum() / m.sum()
+        total = total + 0.8 ** u * level
+        if u == 0:
+            ce0 = float((ce.detach() * m).sum() / m.sum())
+    return total, ce0
 
 
 @torch.no_grad()
 def evaluate(head, seqs: list[dict], reduced: torch.Tensor, gamma: int = 5, thresholds=(0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
-             draft_cost: float = 0.1) -> dict:
-    """Held-out numbers. `top1`: head argmax (true features) == target greedy token, over every
+             draft_cost: float = 0.07, chunk: int = 512) -> dict:
+    """Held-out numbers. `top1`: head argmax on the true pairs == target greedy token, over every
     position (tokens outside the reduced vocabulary count as misses). Chained, on greedy answers
-    (where the answer is the target's greedy continuation): from each position, draft γ tokens
-    on the head's own features and count the leading matches; `tau` = expected tokens per step
-    (matches + the bonus token). Per threshold: the block stops at the first draft whose head
-    probability is below it; `est_speedup` = tau / (1 + draft_cost * drafted) ranks thresholds."""
-    from server.engine.drafters.head import accepted_lengths, chain_drafts
+    (where the answer is the target's greedy continuation), with the drafter's own code: from
+    each position, draft γ tokens from the last `window` pairs and count the leading matches;
+    `tau` = expected tokens per step (matches + the bonus token). Per threshold: the block stops
+    at the first draft whose head probability is below it; `est_speedup` = tau / (1 + draft_cost
+    * drafted), with a draft token costing `draft_cost` of a step, ranks thresholds."""
+    from server.engine.drafters.head import accepted_lengths, draft
 
-    d = flatten(seqs)
-    pred = reduced[head.logits(head.step(d["h_in"], d["x_next"])).argmax(-1)]
-    top1 = float((pred == d["y_tgt"]).float().mean())
-    starts_h, starts_x, conts = [], [], []
+    d = pad_answers(seqs)
+    hit, tot = 0, 0
+    for b in range(0, len(d["h"]), 64):
+        sl = slice(b, b + 64)
+        out = unrolled_outputs(head, d["h"][sl].float(), d["x"][sl], d["valid"][sl], 1)[0][:, :-1]
+        pred = reduced[head.logits(out).argmax(-1)]
+        m = d["valid"][sl][:, 1:]
+        hit += int(((pred == d["y"][sl][:, 1:]) & m).sum())
+        tot += int(m.sum())
+    res = {"top1": hit / max(tot, 1), "positions": tot, "gamma": gamma}
+    W = head.window
+    starts = []
     for s in seqs:
         if s["kind"] != "greedy":
             continue
         T = len(s["hidden"])
-        toks = s["tokens"]  # x_0 .. x_T, greedy continuation
-        for j in range(T - 1):
-            starts_h.append(s["hidden"][j].float())
-            starts_x.append(toks[j + 1])
-            c = toks[j + 2: j + 2 + gamma]
-            conts.append(torch.cat([c, torch.full((gamma - len(c),), -1, dtype=c.dtype)]))
-    res = {"top1": top1, "positions": int(len(d["y_tgt"])), "gamma": gamma}
-    if not starts_h:
+        for t in range(T - 1):
+            starts.append((s, t))
+    if not starts:
         return res
-    ids, probs = chain_drafts(head, torch.stack(starts_h), torch.stack(starts_x), gamma)
-    cont = torch.stack(conts)  # [S, γ]
+    ids_all, probs_all, conts = [], [], []
+    for c0 in range(0, len(starts), chunk):
+        part = starts[c0:c0 + chunk]
+        B, H = len(part), head.hidden
+        h = torch.zeros(B, W, H)
+        tok = torch.zeros(B, W, dtype=torch.int64)
+        pos = torch.zeros(B, W, dtype=torch.int64)
+        valid = torch.zeros(B, W, dtype=torch.bool)
+        for r, (s, t) in enumerate(part):
+            lo = max(0, t - W + 1)
+            n = t + 1 - lo
+            h[r, W - n:] = s["hidden"][lo:t + 1].float()
+            tok[r, W - n:] = s["tokens"][lo + 1:t + 2]
+            pos[r] = torch.arange(t - W + 1, t + 1)
+            valid[r, W - n:] = True
+            c = s["tokens"][t + 2:t + 2 + gamma]
+            conts.append(torch.cat([c, torch.full((gamma - len(c),), -1, dtype=c.dtype)]))
+        ids, probs = draft(head, h, tok, pos, valid, gamma)
+        ids_all.append(ids)
+        probs_all.append(probs)
+    ids, probs, cont = torch.cat(ids_all), torch.cat(probs_all), torch.stack(conts)
     match = (ids == cont).long().cumprod(1)  # leading matches
     res["chain_positions"] = int(len(cont))
     res["chained_accept_per_position"] = [round(float(v), 4) for v in match.float().mean(0)]
@@ -272,20 +338,23 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
     train, held = split_by_prompt(data["seqs"], args.heldout, args.seed)
     eos = tuple(model.cfg.eos_token_ids)
     reduced = reduced_vocabulary(train, args.vocab, eos, model.cfg.vocab_size)
-    d = flatten(train)
-    d["y_red"] = to_reduced(d["y_tgt"], reduced, model.cfg.vocab_size)
-    coverage = float((d["y_red"] >= 0).float().mean())
-    print(f"train: {len(train)} answers, {len(d['y_tgt'])} pairs; held out: {len(held)} answers; "
+    d = pad_answers(train)
+    y_red = to_reduced(d["y"][d["valid"]], reduced, model.cfg.vocab_size)
+    coverage = float((y_red >= 0).float().mean())
+    N, npos = len(d["h"]), int(d["valid"].sum())
+    print(f"train: {N} answers, {npos} positions; held out: {len(held)} answers; "
           f"reduced vocabulary {len(reduced)} covers {coverage:.3f} of the target's greedy tokens")
     d["scale"] = model.norm.float().abs().mean()
-    head = DraftHead(model.cfg.hidden_size, args.ffn, reduced).attach(model.embed, model.lm_head)
+    head = DraftHead(model.cfg.hidden_size, args.ffn, reduced, heads=args.heads, window=args.window)
+    head.attach(model.embed, model.lm_head)
     head.dropout = args.dropout
     with torch.no_grad():
+        for name, p in head.named_parameters():
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, std=0.02)
         head.w_out.copy_(model.norm.float())
-    eval_every = max(1, args.epochs // 4)
     del model
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    N = len(d["y_tgt"])
     steps_per_epoch = math.ceil(N / args.batch_size)
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total, pct_start=0.05)
@@ -304,17 +373,17 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
             sched.step()
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}", ce=f"{ce:.3f}")
-        if (epoch + 1) % eval_every == 0 and epoch + 1 < args.epochs:
+        if epoch + 1 < args.epochs:
             head.eval()
             bar.write(f"epoch {epoch + 1}: held-out top-1 {evaluate(head, held, reduced, thresholds=())['top1']:.3f}")
             head.train()
     bar.close()
     head.eval()
     train_seconds = time.monotonic() - t0
-    ev = evaluate(head, held, reduced)
+    ev = evaluate(head, held, reduced, gamma=args.gamma)
     best = max(ev["per_threshold"], key=lambda r: (r["est_speedup"], r["threshold"]))
     print(f"held-out top-1 acceptance {ev['top1']:.3f} over {ev['positions']} positions")
-    print(f"held-out chained (γ=5, own features): per position {ev['chained_accept_per_position']}, "
+    print(f"held-out chained (γ={args.gamma}, own features): per position {ev['chained_accept_per_position']}, "
           f"expected tokens per step {ev['tau']:.3f}")
     print(f"chosen threshold {best['threshold']} (min_tokens {best['min_tokens']}): tokens per step {best['tau']:.3f}, "
           f"drafted {best['drafted']:.2f}")
@@ -325,14 +394,15 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
         "seed": args.seed,
         "prompts": str(Path(args.prompts).name),
         "data": {"answers": len(data["seqs"]), "train_answers": len(train), "heldout_answers": len(held),
-                 "train_pairs": N, "num_prompts": data.get("num_prompts"), "max_tokens": args.max_tokens,
+                 "train_positions": npos, "num_prompts": data.get("num_prompts"), "max_tokens": args.max_tokens,
                  "sampled_per_prompt": args.sampled, "temperature": args.temperature,
                  "collect_seconds": round(float(data.get("collect_seconds", 0.0)), 1)},
-        "head": {"hidden": head.hidden, "ffn": args.ffn, "reduced_vocab": len(reduced), "params": head.num_params(),
+        "head": {"arch": "eagle-window", "hidden": head.hidden, "ffn": args.ffn, "heads": args.heads,
+                 "window": args.window, "reduced_vocab": len(reduced), "params": head.num_params(),
                  "reduced_vocab_coverage_train": round(coverage, 4)},
         "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "unroll": args.unroll,
-                     "feature_weight": args.feature_weight, "dropout": args.dropout, "weight_decay": args.weight_decay, "seconds": round(train_seconds, 1),
-                     "torch_threads": torch.get_num_threads()},
+                     "feature_weight": args.feature_weight, "dropout": args.dropout, "weight_decay": args.weight_decay,
+                     "seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads()},
         "heldout": ev,
         "threshold": best["threshold"],
         "min_tokens": best["min_tokens"],
@@ -349,7 +419,9 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="via-sd train-head", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
+    p.add_argument("--prompts", default="builtin",
+                   help="a JSONL of {id, category, prompt}; 'builtin' (default) = assets/train_prompts.jsonl plus "
+                        "the templated set of train_prompts.py")
     p.add_argument("--limit-prompts", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--sampled", type=int, default=0, help="sampled answers per prompt, besides the greedy one")
@@ -359,13 +431,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="feature cache (.pt); reused when it exists")
     p.add_argument("--collect-only", action="store_true")
     p.add_argument("--vocab", type=int, default=4096, help="reduced vocabulary size")
-    p.add_argument("--ffn", type=int, default=512, help="the head's MLP width")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--ffn", type=int, default=1536, help="the head's MLP width")
+    p.add_argument("--heads", type=int, default=9, help="attention heads of the head's layer")
+    p.add_argument("--window", type=int, default=32, help="pairs the head's attention looks back over")
+    p.add_argument("--gamma", type=int, default=5, help="draft length of the held-out chained evaluation")
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16, help="answers per batch")
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--unroll", type=int, default=2, help="training steps chained on the head's own features")
+    p.add_argument("--unroll", type=int, default=3, help="training levels chained on the head's own features")
     p.add_argument("--feature-weight", type=float, default=1.0)
     p.add_argument("--heldout", type=float, default=0.1, help="share of prompts held out")
     p.add_argument("--seed", type=int, default=0)
@@ -381,14 +456,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     data_path = Path(args.data) if args.data else Path.home() / ".cache" / "via-sd" / f"{model_dir.name}.head-data.pt"
-    prompts_path = Path(args.prompts)
-    prompts = load_prompts(prompts_path, args.limit_prompts)
-    key = {"model": model_dir.name, "prompts": prompts_path.name, "max_tokens": args.max_tokens,
+    prompts = builtin_prompts(args.seed) if args.prompts == "builtin" else load_prompts(Path(args.prompts), None)
+    if args.limit_prompts:
+        prompts = prompts[: args.limit_prompts]
+    key = {"model": model_dir.name, "prompts": Path(args.prompts).name, "max_tokens": args.max_tokens,
            "sampled": args.sampled, "temperature": args.temperature, "seed": args.seed}
     data = {"key": key, "seqs": [], "collect_seconds": 0.0, "num_prompts": len(prompts)}
     if data_path.exists():
         old = torch.load(data_path)
-        if old.get("key") == key:
+        if {k: v for k, v in old.get("key", {}).items() if k != "num_prompts"} == key:  # answers are per prompt id
             data["seqs"], data["collect_seconds"] = old["seqs"], old["collect_seconds"]
             print(f"loaded {len(data['seqs'])} answers from {data_path}")
     wanted = {r["id"] for r in prompts}
@@ -397,12 +473,17 @@ def main(argv: list[str] | None = None) -> int:
         t0, base = time.monotonic(), data["collect_seconds"]
         data_path.parent.mkdir(parents=True, exist_ok=True)
 
-        def checkpoint(answers):
+        last_save = [time.monotonic()]
+
+        def checkpoint(answers, final=False):
             data["seqs"], data["collect_seconds"] = answers, base + time.monotonic() - t0
-            torch.save(data, data_path)
+            if final or time.monotonic() - last_save[0] > 300:  # the file grows to hundreds of MB
+                torch.save(data, data_path)
+                last_save[0] = time.monotonic()
 
         collect(str(model_dir), prompts, max_tokens=args.max_tokens, sampled=args.sampled, temperature=args.temperature,
                 seed=args.seed, batch=args.batch, threads=args.threads, done=data["seqs"], checkpoint=checkpoint)
+        checkpoint(data["seqs"], final=True)
         print(f"collected {len(data['seqs'])} answers, {sum(len(s['hidden']) for s in data['seqs'])} positions "
               f"in {data['collect_seconds']:.0f}s -> {data_path}")
     if args.collect_only:
