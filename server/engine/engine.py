@@ -168,17 +168,22 @@ class LLMEngine:
             if start is not None:
                 out = self.runner.forward(all_chunks, start_sublayer=start[0], start_hidden=start[1], want_hidden=True)
             else:
-                out = self.runner.forward(all_chunks, want_hidden=spec_job is not None and spec_job.wants_hidden)
+                # a drafter that reads hidden states sees every committed token, plain steps included
+                watch = self.spec.drafter.wants_hidden and (spec_job is not None or any(s.seq.spec.mode != "off" for s in plain))
+                out = self.runner.forward(all_chunks, want_hidden=watch)
         for s in prefills:
             s.seq.full_frontier += s.num_new
             s.seq.slim_frontier = max(s.seq.slim_frontier, s.seq.full_frontier)
         if plain:
             logits = out.logits[: len(plain)]  # prefill chunks asked for no logits
             toks, lps = self._sample([s.seq for s in plain], logits)
-            for s, t, lp in zip(plain, toks, lps):
+            hidden = out.hidden if out.hidden.numel() else None
+            for r, (s, t, lp) in enumerate(zip(plain, toks, lps)):
                 s.seq.full_frontier = s.seq.num_tokens
                 s.seq.slim_frontier = s.seq.full_frontier
                 committed[s.seq] = ([t], lp)
+                if hidden is not None and s.seq.spec.mode != "off":
+                    self.spec.drafter.observe(s.seq, hidden[r:r + 1], [t])
         if spec_job:
             logits = out.logits[len(plain):] if out is not None else None
             hidden = out.hidden[len(plain):] if out is not None and out.hidden.numel() else None

@@ -374,9 +374,11 @@ class SpecDecoder:
             if self.drafter.wants_hidden:
                 h = None
                 if p.full and full_hidden is not None:
-                    h = full_hidden[full_offsets[p.full_row] + m - 1]
+                    a = full_offsets[p.full_row]
+                    h = full_hidden[a:a + m]
                 elif p.slim and job.slim_hidden is not None:
-                    h = job.slim_hidden[int(job.slim_meta.cu_num_rows[p.slim_row]) + m - 1]
-                self.drafter.observe(seq, h)
+                    r0 = int(job.slim_meta.cu_num_rows[p.slim_row])
+                    h = job.slim_hidden[r0:r0 + m]
+                self.drafter.observe(seq, h, toks)
             committed[seq] = (toks, lps)
         return committed

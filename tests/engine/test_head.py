@@ -1,6 +1,6 @@
-"""The `head` drafter: the block's shapes, the reduced vocabulary, the chained drafting loop,
-losslessness of `binary` with it, the training command end to end (tiny model), and the shipped
-head on the real model (marked `real_model`)."""
+"""The `head` drafter: the layer's shapes, the reduced vocabulary, the chained drafting loop and its
+agreement with the chained training forward, losslessness of `binary` with it, the training
+command end to end (tiny model), and the shipped head on the real model (marked `real_model`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 
 from server.engine.api import GenerationRequest
 from server.engine.config import EngineConfig, SamplingParams, SpecConfig, SpecParams
-from server.engine.drafters.head import DraftHead, HeadDrafter, accepted_lengths, chain_drafts, shipped_head_path
-from server.engine.drafters.train_head import reduced_vocabulary, to_reduced
+from server.engine.drafters.head import DraftHead, HeadDrafter, accepted_lengths, draft, shipped_head_path
+from server.engine.drafters.train_head import reduced_vocabulary, to_reduced, unrolled_outputs
 from server.engine.engine import LLMEngine
 
 ASSETS = Path(__file__).resolve().parents[2] / "server" / "engine" / "assets"
@@ -27,10 +27,15 @@ def tiny_dir(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("tinyhead") / "tiny-llama", num_layers=4)
 
 
-def random_head(hidden: int, vocab: int, seed: int = 0, ffn: int = 96, reduced: int = 128) -> DraftHead:
+def random_head(hidden: int, vocab: int, seed: int = 0, ffn: int = 96, reduced: int = 128, window: int = 6) -> DraftHead:
     torch.manual_seed(seed)
     ids = torch.randperm(vocab)[:reduced].sort().values
-    return DraftHead(hidden, ffn, ids)
+    head = DraftHead(hidden, ffn, ids, heads=4, window=window)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return head.eval()
 
 
 @pytest.fixture(scope="module")
@@ -54,22 +59,59 @@ def run_greedy(engine: LLMEngine, prompts, max_tokens: int, mode: str):
 
 
 # ------------------------------------------------------------------ the block
+def window_of(h, x, t, W):
+    """The drafter's inputs for committed position t of one answer: the last W pairs, left padded."""
+    lo = max(0, t - W + 1)
+    n = t + 1 - lo
+    hh = torch.zeros(1, W, h.shape[-1])
+    xx = torch.zeros(1, W, dtype=torch.int64)
+    valid = torch.zeros(1, W, dtype=torch.bool)
+    hh[0, W - n:], xx[0, W - n:], valid[0, W - n:] = h[lo:t + 1], x[lo:t + 1], True
+    return hh, xx, torch.arange(t - W + 1, t + 1)[None], valid
+
+
 def test_head_forward_shapes_and_determinism():
     V, H = 300, 64
     embed = torch.randn(V, H)
     a = random_head(H, V, seed=1).attach(embed, embed)
     b = random_head(H, V, seed=1).attach(embed, embed)
-    h = torch.randn(5, H)
-    tok = torch.tensor([0, 3, 7, 299, 42])
+    h = torch.randn(3, 6, H)
+    tok = torch.randint(0, V, (3, 6))
+    pos = torch.arange(10, 16).expand(3, 6)
+    valid = torch.ones(3, 6, dtype=torch.bool)
+    valid[1, :4] = False  # a shorter history, left padded
     with torch.no_grad():
-        out = a.step(h, tok)
-        assert out.shape == (5, H)
-        assert a.logits(out).shape == (5, 128)
-        assert torch.equal(out, b.step(h, tok))  # same seed, same weights
-        ids, probs = chain_drafts(a, h, tok, 4)
-    assert ids.shape == probs.shape == (5, 4)
+        z = a.fuse(h, tok)
+        q, k, v = a.project(z, pos)
+        assert z.shape == (3, 6, H) and q.shape == k.shape == v.shape == (3, 4, 6, H // 4)
+        ids, probs = draft(a, h, tok, pos, valid, 4)
+        ids_b, probs_b = draft(b, h, tok, pos, valid, 4)
+    assert ids.shape == probs.shape == (3, 4)
+    assert torch.equal(ids, ids_b) and torch.equal(probs, probs_b)  # same seed, same weights
     assert set(ids.flatten().tolist()) <= set(a.reduced_ids.tolist())  # drafts come from the reduced vocabulary
     assert ((probs > 0) & (probs <= 1)).all()
+    with torch.no_grad():  # padding is invisible: row 1 alone, without its padded slots, drafts the same
+        alone, _ = draft(a, h[1:2, 4:], tok[1:2, 4:], pos[1:2, 4:], valid[1:2, 4:], 4)
+    assert torch.equal(alone[0], ids[1])
+
+
+def test_drafting_matches_the_chained_training_forward():
+    """Level u of the training forward at position t+u is the u-th draft from committed position
+    t, when the drafted tokens are fed as the true ones: training sees what drafting computes."""
+    V, H, W, T = 200, 64, 6, 14
+    embed = torch.randn(V, H)
+    head = random_head(H, V, seed=3, window=W).attach(embed, embed)
+    torch.manual_seed(4)
+    h, x = torch.randn(T, H), torch.randint(0, V, (T,))
+    t, steps = 8, 3
+    with torch.no_grad():
+        ids, _ = draft(head, *window_of(h, x, t, W), steps)
+        x2 = x.clone()
+        x2[t + 1:t + steps] = ids[0, :steps - 1]  # the drafts become the pairs' tokens
+        outs = unrolled_outputs(head, h[None], x2[None], torch.ones(1, T, dtype=torch.bool), steps)
+    for u in range(steps):
+        pred = head.reduced_ids[head.logits(outs[u][0, t + u]).argmax()]
+        assert int(pred) == int(ids[0, u]), u
 
 
 def test_save_load_roundtrip(tmp_path):
@@ -109,7 +151,7 @@ def test_drafter_proposes_after_observe_only(tiny_dir, tiny_head_path):
     seq = eng.add_request(GenerationRequest("a", (1, 2, 3, 4), SamplingParams(max_tokens=8, temperature=0.0)))
     assert drafter.propose([seq], [4]).tokens == [[]]  # no hidden state yet: nothing to propose
     H = eng.model.cfg.hidden_size
-    drafter.observe(seq, torch.randn(H))
+    drafter.observe(seq, torch.randn(1, H), [5])
     assert drafter.propose([seq], [4]).tokens == [[]]  # the step's tokens are not committed yet
     seq.token_ids.append(5)
     d1 = drafter.propose([seq], [4]).tokens[0]
@@ -117,6 +159,16 @@ def test_drafter_proposes_after_observe_only(tiny_dir, tiny_head_path):
     assert 1 <= len(d1) <= 4 and d1 == d2  # deterministic
     assert all(0 <= t < eng.model.cfg.vocab_size for t in d1)
     assert drafter.propose([seq], [0]).tokens == [[]]
+    # a step committing three tokens appends three pairs; the window keeps the newest
+    drafter.observe(seq, torch.randn(3, H), [6, 7, 8])
+    seq.token_ids.extend([6, 7, 8])
+    st = seq.drafter_state
+    assert st.tokens.tolist() == [5, 6, 7, 8] and st.hidden.shape == (4, H) and st.end == seq.num_tokens
+    for t in range(9, 20):
+        drafter.observe(seq, torch.randn(1, H), [t])
+        seq.token_ids.append(t)
+    assert seq.drafter_state.tokens.tolist() == list(range(20 - drafter.head.window, 20))
+    assert len(drafter.propose([seq], [4]).tokens[0]) >= 1
     drafter.release(seq)
     assert drafter.propose([seq], [4]).tokens == [[]]
     eng.abort("a")
@@ -133,6 +185,32 @@ def test_binary_with_head_equals_off(tiny_dir, tiny_head_path):
     assert all(len(t.token_ids) == 16 for t in three)
     pool = eng.cache.pool
     assert pool.num_free == pool.num_usable
+
+
+def test_plain_steps_keep_the_head_window_current(tiny_dir, tiny_head_path):
+    """Steps that decode plainly (a wide batch) still feed the head every committed token, so
+    drafting can resume at once when the batch narrows, from the true recent pairs."""
+    from dataclasses import replace
+
+    eng = engine_with_head(tiny_dir, tiny_head_path)
+    eng.config = replace(eng.config, spec=replace(eng.config.spec, spec_max_batch=1))
+    seqs = [eng.add_request(GenerationRequest(f"r{i}", tuple(range(5 + i, 12 + i)),
+                                              SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
+                                              SpecParams(mode="binary"))) for i in range(2)]
+    for _ in range(6):
+        eng.step()
+    assert eng.stats_.draft_tokens == 0  # two decoding sequences > spec_max_batch: plain steps only
+    for s in seqs:
+        st = s.drafter_state
+        n = len(st.tokens)
+        assert st.end == s.num_tokens and 1 <= n <= eng.spec.drafter.head.window
+        assert st.tokens.tolist() == s.token_ids[-n:]  # the pairs' tokens are the committed ones
+    eng.abort("r1")
+    eng.step()
+    assert eng.stats_.draft_tokens > 0  # one sequence left: it drafts on the next step
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.cache.pool.num_free == eng.cache.pool.num_usable
 
 
 def test_missing_head_is_a_clear_error(tiny_dir):
@@ -155,22 +233,23 @@ def test_train_head_command_on_tiny_model(tiny_dir, tmp_path):
                                for i, w in enumerate(["a", "bb", "ccc", "dddd", "e", "ff"])))
     out = tmp_path / "tiny.head"
     rc = main(["--model", str(tiny_dir), "--prompts", str(prompts), "--max-tokens", "12", "--sampled", "1",
-               "--data", str(tmp_path / "d.pt"), "--vocab", "64", "--ffn", "32", "--epochs", "2",
-               "--batch-size", "32", "--heldout", "0.34", "--out", str(out)])
+               "--data", str(tmp_path / "d.pt"), "--vocab", "64", "--ffn", "32", "--heads", "4", "--window", "8",
+               "--epochs", "2", "--batch-size", "4", "--heldout", "0.34", "--out", str(out)])
     assert rc == 0
     rec = json.loads(Path(str(out) + ".json").read_text())
     assert rec["seed"] == 0 and rec["data"]["answers"] == 12
     assert 0.0 <= rec["heldout"]["top1"] <= 1.0 and 1.0 <= rec["heldout"]["tau"] <= 6.0
     eng = engine_with_head(tiny_dir, Path(str(out) + ".safetensors"))
-    assert eng.spec.drafter.head.reduced_ids.numel() <= 64
+    assert eng.spec.drafter.head.reduced_ids.numel() <= 64 and eng.spec.drafter.head.window == 8
 
 
 # ------------------------------------------------------------------ the shipped head
-# Floors on what training recorded for the shipped head (held-out prompts, true features for
-# top-1, own features for the chained number). They sit a little under what the shipped head
-# reached on ~13k positions of training data, so a retrained head that regresses fails here.
-TOP1_FLOOR = 0.20
-TAU_FLOOR = 1.2
+# Floors on what training recorded for the shipped head (held-out prompts, true pairs for top-1,
+# its own drafts for the chained number). They sit a little under what the shipped head reached
+# (top-1 0.48, 2.07 tokens per step at γ = 5, from 300k training positions), so a retrained head
+# that regresses fails here.
+TOP1_FLOOR = 0.42
+TAU_FLOOR = 1.9
 
 
 def test_shipped_record_meets_floor():

@@ -7,9 +7,11 @@ proposes nothing when the context has no match, a model drafter stops where it i
 `draft_probs` is None for a deterministic drafter (verification then treats p as one-hot), or a
 `[T, V]` tensor of the drafter's distributions, flat in the same order as the tokens.
 
-After each step the engine calls `observe` with the target's final hidden state at the last
-committed position (from the full pass when it ran, else from the slim pass), which is what a
-head reading hidden states (EAGLE family) needs; other drafters ignore it.
+A drafter with `wants_hidden` gets `observe(seq, hidden [m, H], tokens)` after every step that
+commits tokens for a speculative sequence (plain steps included), before they join the sequence:
+the target's final-norm hidden states that predicted the m committed tokens (from the full pass
+when it ran, else from the slim pass). That is what a head reading hidden states (EAGLE family)
+needs; other drafters ignore it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class Drafter(abc.ABC):
     @abc.abstractmethod
     def propose(self, seqs: list, max_tokens: list[int]) -> DraftBatch: ...
 
-    def observe(self, seq, hidden: torch.Tensor | None) -> None:  # hidden [H]
+    def observe(self, seq, hidden: torch.Tensor | None, tokens: list[int] | None = None) -> None:
         return None
 
     def release(self, seq) -> None:

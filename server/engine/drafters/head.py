@@ -1,33 +1,38 @@
 """The `head` drafter: a small trained draft head in the EAGLE family (Li et al. 2024).
 
-The head reads what the target model already computed: its final-norm hidden state `h_t` [H] at
-the last position whose next token is committed, and the embedding of that committed token
-`x_{t+1}`. One small block predicts the next hidden state, which is decoded through the target's
-own (tied) output embedding restricted to a reduced vocabulary:
+The head reads what the target model already computed. For every committed position i it keeps
+the pair (h_i, x_{i+1}): the target's final-norm hidden state at i (what its `lm_head` saw) and the
+token that followed. One decoder layer of its own, with causal attention over the last `window`
+pairs, predicts the next hidden state, which is decoded through the target's own (tied) output
+embedding restricted to a reduced vocabulary:
 
-    z      = W_in [rms(h_t) ; rms(e(x_{t+1}))]              # [H]
-    z      = z + W_down(silu(W_gate rms(z)) * W_up rms(z))  # one SwiGLU block, width F
-    h_t+1' = rms(z) * w_out                                 # predicted final-norm hidden [H]
-    logits = h_t+1' @ E[reduced_ids]^T                      # [R], R << V
+    z_i    = W_fc [rms(h_i) ; rms(e(x_{i+1}))]                        # fuse   [H]
+    z_i    = z_i + Attn(rms(z) * w_attn)_i                            # over i-window < j <= i
+    z_i    = z_i + W_down(silu(W_gate n) * W_up n), n = rms(z_i) * w_ffn
+    h'_i+1 = rms(z_i) * w_out                                         # predicted final-norm hidden
+    logits = h'_i+1 @ E[reduced_ids]^T                                # [R], R << V
 
-Drafts chain autoregressively: (h', drafted token) feed the next step, for up to γ tokens. The
-block stops at the first token whose probability under the head is below `threshold` (tuned by
-training and stored with the weights). A draft token costs about (2H^2 + 3HF + RH) / (params
-of the target) of a full pass: ~3% for SmolLM2-135M with F = 1024, R = 4096.
+Drafting chains it: the predicted hidden state and the drafted token form the next pair, whose
+key and value join the window, for up to γ tokens. The block stops at the first token whose
+probability under the head is below `threshold` (chosen by training, stored with the weights).
+The attention looks back a fixed number of pairs, so drafting needs no KV cache of its own: the
+window's keys are recomputed from the stored pairs at each step (one matmul over at most `window`
+rows) and the drafts' keys live only for the step.
 
-The head is a pure MLP over (h_t, x_{t+1}): it keeps no KV state, so the only per-sequence state
-is the last observed hidden state (`seq.drafter_state`), valid across preemptions (recompute does
-not change the target's hidden states). Drafting is greedy and deterministic (`draft_probs` None),
-so verification treats p as one-hot and stays lossless in `binary` mode.
-
-The engine calls `observe` only after speculative steps, so the first step after prefill has no
-hidden state and the drafter proposes nothing there (one plain step per request). Weights:
-`engine.config.spec.head_path`, else `assets/<model folder name>.head.safetensors`.
+Per sequence the drafter keeps the last `window` pairs (`seq.drafter_state`). The engine feeds
+them through `observe` after every step, plain or speculative, with the hidden states of the pass
+that decided the committed tokens (the full pass when it ran, else the slim verifier's). Until a
+sequence has one pair (the step after its prefill) the drafter proposes nothing. Pairs stay valid
+across a preemption: recomputing the cache does not change the target's hidden states. Drafting is
+greedy and deterministic (`draft_probs` None), so verification treats p as one-hot and stays
+lossless in `binary` mode. With `window=1` the head attends only to its own position: a stateless
+MLP-like head. Weights: `engine.config.spec.head_path`, else `assets/<model>.head.safetensors`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -37,26 +42,71 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from server.engine.drafters.base import DraftBatch, Drafter
+from via_sd_kernels import cpu as cpu_kernels
 
 DEFAULT_THRESHOLD = 0.4
+EPS = 1e-6
 
 
-def _rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), None, eps)
+def _fast(x: torch.Tensor) -> bool:
+    """Inference on a few fp32 rows runs on the CPU decode kernels (no autograd there)."""
+    return not torch.is_grad_enabled() and x.dim() == 2 and cpu_kernels.use_for(x)
+
+
+_ONES: dict[int, torch.Tensor] = {}
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    if _fast(x2):
+        if w is None:
+            w = _ONES.get(x.shape[-1])
+            if w is None:
+                w = _ONES[x.shape[-1]] = torch.ones(x.shape[-1])
+        return cpu_kernels.rms_norm(x2.contiguous(), w, EPS).view(x.shape)
+    return F.rms_norm(x, (x.shape[-1],), w, EPS)
+
+
+def _linear(x: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    if _fast(x2):
+        return cpu_kernels.skinny_linear(x2.contiguous(), lin.weight, None).view(*x.shape[:-1], -1)
+    return lin(x)
+
+
+_INV_FREQ: dict[int, torch.Tensor] = {}
+
+
+def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Rotary embedding (half-split) of x [..., T, hd] at integer positions pos [..., T]."""
+    hd = x.shape[-1]
+    inv = _INV_FREQ.get(hd)
+    if inv is None:
+        inv = _INV_FREQ[hd] = theta ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)  # [hd/2]
+    ang = pos.to(torch.float32)[..., None] * inv  # [..., T, hd/2]
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 class DraftHead(torch.nn.Module):
-    """The trainable block. `embed [V, H]` and `out_embed [R, H]` (the target's output embedding
-    at `reduced_ids`) are frozen buffers taken from the target, not part of the saved weights."""
+    """The trainable layer. `embed [V, H]` and `out_embed [R, H]` (the target's output embedding
+    at `reduced_ids`) are frozen tensors taken from the target, not part of the saved weights."""
 
-    def __init__(self, hidden: int, ffn: int, reduced_ids: torch.Tensor):
+    def __init__(self, hidden: int, ffn: int, reduced_ids: torch.Tensor, *, heads: int = 9, window: int = 32):
         super().__init__()
-        self.hidden, self.ffn = hidden, ffn
+        if hidden % heads:
+            raise ValueError(f"hidden size {hidden} is not a multiple of {heads} heads")
+        self.hidden, self.ffn, self.heads, self.window = hidden, ffn, heads, window
+        self.head_dim = hidden // heads
         self.dropout = 0.0  # set by training only
-        self.w_in = torch.nn.Linear(2 * hidden, hidden, bias=False)
-        self.w_gate = torch.nn.Linear(hidden, ffn, bias=False)
-        self.w_up = torch.nn.Linear(hidden, ffn, bias=False)
-        self.w_down = torch.nn.Linear(ffn, hidden, bias=False)
+        self.fc = torch.nn.Linear(2 * hidden, hidden, bias=False)
+        self.qkv = torch.nn.Linear(hidden, 3 * hidden, bias=False)
+        self.o = torch.nn.Linear(hidden, hidden, bias=False)
+        self.gate_up = torch.nn.Linear(hidden, 2 * ffn, bias=False)
+        self.down = torch.nn.Linear(ffn, hidden, bias=False)
+        self.w_attn = torch.nn.Parameter(torch.ones(hidden))
+        self.w_ffn = torch.nn.Parameter(torch.ones(hidden))
         self.w_out = torch.nn.Parameter(torch.ones(hidden))
         self.register_buffer("reduced_ids", reduced_ids.to(torch.int64), persistent=False)  # [R]
         self.embed: torch.Tensor | None = None  # [V, H]
@@ -68,19 +118,37 @@ class DraftHead(torch.nn.Module):
         self.out_embed = lm_head.float()[self.reduced_ids].contiguous()
         return self
 
-    def step(self, h: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        """h [B, H] (a final-norm hidden state), tok [B] full-vocabulary ids -> next hidden [B, H]."""
-        x = torch.cat([_rms(h), _rms(self.embed[tok])], dim=-1)  # [B, 2H]
-        z = self.w_in(x)
-        n = _rms(z)
-        a = F.silu(self.w_gate(n)) * self.w_up(n)  # [B, F]
+    # ------------------------------------------------------------------ the layer, in pieces
+    def fuse(self, h: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """h [..., H] final-norm hidden states, tok [...] the tokens after them -> z [..., H]."""
+        return _linear(torch.cat([_rms(h), _rms(self.embed[tok])], dim=-1), self.fc)
+
+    def project(self, z: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z [B, T, H], pos [B, T] -> q, k, v [B, heads, T, hd], rotary applied to q and k."""
+        B, T, _ = z.shape
+        qkv = _linear(_rms(z, self.w_attn), self.qkv).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        p = pos[:, None, :]
+        return _rope(qkv[0], p), _rope(qkv[1], p), qkv[2]
+
+    def finish(self, z: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """z [B, T, H], attn [B, heads, T, hd] -> predicted next hidden states [B, T, H]."""
+        B, T, _ = z.shape
+        z = z + _linear(attn.transpose(1, 2).reshape(B, T, self.hidden), self.o)
+        gu = _linear(_rms(z, self.w_ffn), self.gate_up)
+        if _fast(gu.view(-1, gu.shape[-1])):
+            a = cpu_kernels.silu_mul(gu.view(-1, gu.shape[-1])).view(B, T, self.ffn)
+        else:
+            g, u = gu.chunk(2, dim=-1)
+            a = F.silu(g) * u
         if self.training and self.dropout:
             a = F.dropout(a, self.dropout)
-        z = z + self.w_down(a)
-        return _rms(z) * self.w_out
+        z = z + _linear(a, self.down)
+        return _rms(z, self.w_out)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h [B, H] -> reduced-vocabulary logits [B, R]."""
+        """h [..., H] -> reduced-vocabulary logits [..., R]."""
+        if _fast(h):
+            return cpu_kernels.skinny_linear(h.contiguous(), self.out_embed, None)
         return h @ self.out_embed.T
 
     def num_params(self) -> int:
@@ -90,7 +158,8 @@ class DraftHead(torch.nn.Module):
     def save(self, path: str | Path, meta: dict) -> None:
         tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in self.state_dict().items()}
         tensors["reduced_ids"] = self.reduced_ids.to(torch.int32).contiguous()
-        info = {"hidden": self.hidden, "ffn": self.ffn, **meta}
+        info = {"arch": "eagle-window", "hidden": self.hidden, "ffn": self.ffn, "heads": self.heads,
+                "window": self.window, **meta}
         save_file(tensors, str(path), metadata={"via_sd_head": json.dumps(info)})
 
     @classmethod
@@ -102,8 +171,12 @@ class DraftHead(torch.nn.Module):
         if raw is None:
             raise ValueError(f"{path} is not a via-sd draft head (no 'via_sd_head' metadata)")
         info = json.loads(raw)
+        if info.get("arch") != "eagle-window":
+            raise ValueError(f"{path} holds a draft head of another layout ({info.get('arch', 'mlp')!r}); "
+                             f"retrain it with `via-sd train-head`")
         tensors = load_file(str(path))
-        head = cls(int(info["hidden"]), int(info["ffn"]), tensors.pop("reduced_ids").to(torch.int64))
+        head = cls(int(info["hidden"]), int(info["ffn"]), tensors.pop("reduced_ids").to(torch.int64),
+                   heads=int(info["heads"]), window=int(info["window"]))
         head.load_state_dict({k: v.float() for k, v in tensors.items()})
         head.eval()
         return head, info
@@ -119,22 +192,55 @@ def shipped_head_path(model_dir: str | Path) -> Path | None:
     return Path(str(asset)) if asset.is_file() else None
 
 
-@dataclass
-class _HeadState:
-    hidden: torch.Tensor  # [H] fp32: the target's final-norm hidden at position `num_tokens - 2`
-    observed_at: int  # seq.num_tokens when it was observed (before the step's tokens were committed)
+# ---------------------------------------------------------------------------- attention masks
+def window_mask(pos_q: torch.Tensor, pos_k: torch.Tensor, valid_k: torch.Tensor, window: int) -> torch.Tensor:
+    """Boolean [B, 1, Tq, Tk]: key j is visible to query i when it is valid and
+    pos_q[i] - window < pos_k[j] <= pos_q[i]."""
+    d = pos_q[:, :, None] - pos_k[:, None, :]  # [B, Tq, Tk]
+    return ((d >= 0) & (d < window) & valid_k[:, None, :])[:, None]
 
 
-def chain_drafts(head: DraftHead, h: torch.Tensor, tok: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy chained drafting for a batch. h [B, H], tok [B] -> (full ids [B, steps], probs [B, steps])."""
+def _attend(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@torch.no_grad()
+def draft(head: DraftHead, h: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
+          steps: int, stop_below: float | None = None, min_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy chained drafting for a batch.
+
+    h [B, T, H], tok [B, T], pos [B, T], valid [B, T]: each row's last pairs (h_i, x_{i+1}), left
+    padded (valid False), the newest at index T-1 (which must be valid). Returns the drafted full
+    ids [B, S] and the head's probability of each [B, S], S = `steps`, or fewer with `stop_below`:
+    drafting ends once every row has drafted a token below that probability (and `min_tokens`),
+    since `accepted_lengths` would cut every row there anyway."""
+    z = head.fuse(h, tok)  # [B, T, H]
+    q, k, v = head.project(z, pos)
+    qpos = pos[:, -1:]  # [B, 1]
+    attn = _attend(q[:, :, -1:], k, v, window_mask(qpos, pos, valid, head.window))
+    hn = head.finish(z[:, -1:], attn)  # [B, 1, H]
+    kpos, kvalid = pos, valid
     ids, probs = [], []
-    for _ in range(steps):
-        h = head.step(h, tok)
-        p = torch.softmax(head.logits(h), dim=-1)  # [B, R]
+    alive = torch.ones(h.shape[0], dtype=torch.bool)
+    for s in range(steps):
+        p = torch.softmax(head.logits(hn[:, 0]), dim=-1)  # [B, R]
         top_p, top_i = p.max(-1)
-        tok = head.reduced_ids[top_i]
-        ids.append(tok)
+        t = head.reduced_ids[top_i]
+        ids.append(t)
         probs.append(top_p)
+        if s + 1 == steps:
+            break
+        if stop_below is not None:
+            alive &= top_p >= stop_below
+            if s + 1 >= min_tokens and not bool(alive.any()):
+                break
+        qpos = qpos + 1
+        zn = head.fuse(hn, t[:, None])  # [B, 1, H]
+        qn, kn, vn = head.project(zn, qpos)
+        k, v = torch.cat([k, kn], 2), torch.cat([v, vn], 2)
+        kpos = torch.cat([kpos, qpos], 1)
+        kvalid = torch.cat([kvalid, torch.ones_like(qpos, dtype=torch.bool)], 1)
+        hn = head.finish(zn, _attend(qn, k, v, window_mask(qpos, kpos, kvalid, head.window)))
     return torch.stack(ids, 1), torch.stack(probs, 1)
 
 
@@ -145,6 +251,14 @@ def accepted_lengths(probs: torch.Tensor, max_tokens: torch.Tensor, threshold: f
     S = probs.shape[1]
     run = (probs >= threshold).long().cumprod(1).sum(1)  # leading confident tokens
     return torch.minimum(run.clamp(min=min_tokens), max_tokens).clamp(max=S)
+
+
+# ---------------------------------------------------------------------------- the drafter
+@dataclass
+class _HeadState:
+    hidden: torch.Tensor  # [n, H] fp32, n <= window: h_i of the last committed positions
+    tokens: torch.Tensor  # [n] x_{i+1}
+    end: int  # seq.num_tokens when observed: the newest pair is at position end - 2
 
 
 class HeadDrafter(Drafter):
@@ -172,24 +286,43 @@ class HeadDrafter(Drafter):
     def propose(self, seqs, max_tokens: list[int]) -> DraftBatch:
         out: list[list[int]] = [[] for _ in seqs]
         rows = [i for i, (s, k) in enumerate(zip(seqs, max_tokens))
-                if k > 0 and isinstance(s.drafter_state, _HeadState) and s.num_tokens > s.drafter_state.observed_at]
+                if k > 0 and isinstance(s.drafter_state, _HeadState) and s.drafter_state.end == s.num_tokens]
         if not rows:
             return DraftBatch(out)
-        h = torch.stack([seqs[i].drafter_state.hidden for i in rows])  # [B, H]
-        tok = torch.tensor([seqs[i].token_ids[-1] for i in rows])  # [B]
+        T = max(len(seqs[i].drafter_state.tokens) for i in rows)
+        B, H = len(rows), self.head.hidden
+        h = torch.zeros(B, T, H)
+        tok = torch.zeros(B, T, dtype=torch.int64)
+        pos = torch.zeros(B, T, dtype=torch.int64)
+        valid = torch.zeros(B, T, dtype=torch.bool)
+        for r, i in enumerate(rows):
+            st = seqs[i].drafter_state
+            n = len(st.tokens)
+            h[r, T - n:] = st.hidden
+            tok[r, T - n:] = st.tokens
+            pos[r] = torch.arange(st.end - 1 - T, st.end - 1)
+            valid[r, T - n:] = True
         ks = torch.tensor([max_tokens[i] for i in rows])
-        ids, probs = chain_drafts(self.head, h, tok, int(ks.max()))
+        ids, probs = draft(self.head, h, tok, pos, valid, int(ks.max()), self.threshold, self.min_tokens)
         n = accepted_lengths(probs, ks, self.threshold, self.min_tokens)
         ids_l, n_l = ids.tolist(), n.tolist()  # the one host sync
         for r, i in enumerate(rows):
             out[i] = ids_l[r][: n_l[r]]
         return DraftBatch(out)
 
-    def observe(self, seq, hidden: torch.Tensor | None) -> None:
-        if hidden is None:
+    def observe(self, seq, hidden: torch.Tensor | None, tokens: list[int] | None = None) -> None:
+        """Called before the step's m committed `tokens` join `seq.token_ids`. hidden [m, H]: the
+        target's hidden states at their inputs (row j is the state that predicted tokens[j])."""
+        if hidden is None or not tokens:
             seq.drafter_state = None
             return
-        seq.drafter_state = _HeadState(hidden.detach().float().clone(), seq.num_tokens)
+        st = seq.drafter_state
+        h = hidden.detach().float()
+        t = torch.tensor(tokens, dtype=torch.int64)
+        if isinstance(st, _HeadState) and st.end == seq.num_tokens:
+            h, t = torch.cat([st.hidden, h]), torch.cat([st.tokens, t])
+        w = self.head.window
+        seq.drafter_state = _HeadState(h[-w:].clone(), t[-w:].clone(), seq.num_tokens + len(tokens))
 
     def release(self, seq) -> None:
         seq.drafter_state = None
