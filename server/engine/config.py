@@ -121,9 +121,10 @@ class SpecConfig:
     # batch grows (γ_i = min(γ, budget // sequences), 0 = plain decoding)
     draft_token_budget: int = 32
     # speculate only while at most this many sequences decode in a step; above it the step is plain
-    # decoding. Measured with `via-sd bench --load` (README, Throughput under load): at 4 and more
-    # concurrent requests every speculative mode was slower than `off` on the bundled model.
-    spec_max_batch: int = 2
+    # decoding. Measured with `via-sd bench --load` (README, Throughput under load): at 2 concurrent
+    # requests `three_tier` was 0.83x `off` when both sequences speculated, and from 4 on every
+    # speculative mode was slower than `off` on the bundled model.
+    spec_max_batch: int = 1
 
     def resolve(self, req: SpecParams) -> "ResolvedSpec":
         return ResolvedSpec(

@@ -11,7 +11,7 @@ from server.engine.engine import LLMEngine
 
 def make_engine(model_dir, **kw) -> LLMEngine:
     # speculate at every batch size: these tests check batched speculative steps, which the
-    # engine's default (`spec_max_batch`) reserves for batches of at most two decoding sequences
+    # engine's default (`spec_max_batch`) reserves for a single decoding sequence
     spec_kw = {"spec_max_batch": 10**6, **kw.pop("spec", {})}
     return LLMEngine(EngineConfig(model=str(model_dir), spec=SpecConfig(**spec_kw), **kw))
 
