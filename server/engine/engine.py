@@ -57,6 +57,7 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             prefill_chunk=config.prefill_chunk,
             max_lookahead=self.max_lookahead,
+            spec_max_batch=config.spec.spec_max_batch,
         )
         self.seqs: dict[str, Sequence] = {}
         self.stats_ = EngineStats()
@@ -149,8 +150,9 @@ class LLMEngine:
         self.stats_.num_steps += 1
         prefills = [s for s in scheduled if not s.decode]
         decodes = [s for s in scheduled if s.decode]
-        plain = [s for s in decodes if s.seq.spec.mode == "off"]
-        specs = [s for s in decodes if s.seq.spec.mode != "off"]
+        # a sequence speculates only where the scheduler reserved its draft slots
+        plain = [s for s in decodes if s.seq.spec.mode == "off" or s.lookahead == 0]
+        specs = [s for s in decodes if s.seq.spec.mode != "off" and s.lookahead > 0]
         if len(decodes) > self.config.spec.spec_max_batch:
             # a wide batch is compute-bound: verifying drafts costs more than it saves, so every
             # sequence decodes plainly (the plain chunk also catches up a three-tier slim backlog)

@@ -173,3 +173,25 @@ def test_wide_batches_decode_plainly_with_the_same_output(tiny_model_dir):
     # four sequences decode together until the first ones finish: fewer drafts than alone
     assert wide[0].via_sd.draft_tokens < alone.via_sd.draft_tokens
     assert_pool_full(eng)
+
+
+def test_draft_slots_are_reserved_only_for_steps_that_speculate(tiny_model_dir):
+    """The scheduler reserves draft slots (token budget and KV) for at most `spec_max_batch`
+    decoding sequences, and none when more decode: a wide plain step keeps its budget for prefills."""
+    from server.engine.api import GenerationRequest
+    from server.engine.config import SamplingParams, SpecParams
+
+    eng = make_engine(tiny_model_dir, spec={"mode": "binary", "drafter": "ngram", "spec_max_batch": 1})
+    for i in range(3):
+        eng.add_request(GenerationRequest(f"r{i}", (1, 2, 3, 1, 2, 3), SamplingParams(max_tokens=12, temperature=0.0),
+                                          SpecParams(mode="binary")))
+    eng.step()  # the three prefills
+    plans = eng.scheduler.schedule()
+    assert len(plans) == 3 and all(p.decode for p in plans)
+    assert [p.lookahead for p in plans] == [0, 0, 0]  # three decode: the step will be plain
+    eng.abort("r1")
+    eng.abort("r2")
+    plans = eng.scheduler.schedule()
+    assert [p.lookahead for p in plans] == [eng.max_lookahead]  # one left: it may speculate
+    eng.abort("r0")
+    assert_pool_full(eng)
