@@ -29,6 +29,7 @@ class Scheduler:
                  prefill_chunk: int, max_lookahead: int, spec_max_batch: int = 10**9):
         self.pool = pool
         self.spec_max_batch = spec_max_batch
+        self._spec_slots = 0  # draft slots left to hand out in the step being scheduled
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk = prefill_chunk
@@ -52,13 +53,13 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.table.release(self.pool)
 
-    def _plan(self, seq: Sequence, budget: int, spec_slots: list[int]) -> ScheduledSeq | None:
+    def _plan(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
         unc = seq.uncomputed
         if unc <= self.prefill_chunk and unc <= budget:
             la = 0
-            if seq.spec.mode != "off" and spec_slots[0] > 0:
+            if seq.spec.mode != "off" and self._spec_slots > 0:
                 la = self.max_lookahead
-                spec_slots[0] -= 1
+                self._spec_slots -= 1
             return ScheduledSeq(seq, unc, True, la)
         n = min(self.prefill_chunk, budget, unc - 1)
         if n <= 0:
@@ -87,11 +88,11 @@ class Scheduler:
         # spec_max_batch decoding sequences. Reserving them for a wide batch that then decodes
         # plainly would take budget and blocks from the prefills queued behind it.
         decoding = sum(1 for s in self.running if s.uncomputed <= self.prefill_chunk)
-        spec_slots = [self.spec_max_batch if decoding <= self.spec_max_batch else 0]
+        self._spec_slots = self.spec_max_batch if decoding <= self.spec_max_batch else 0
         i = 0
         while i < len(self.running):
             seq = self.running[i]
-            plan = self._plan(seq, budget, spec_slots)
+            plan = self._plan(seq, budget)
             if plan is None:  # out of token budget this step; keep its place
                 i += 1
                 continue
@@ -110,7 +111,7 @@ class Scheduler:
             self._preempt(seq)
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            plan = self._plan(seq, budget, spec_slots)
+            plan = self._plan(seq, budget)
             if plan is None or not self._reserve(plan):
                 if plan is not None:
                     seq.table.release(self.pool)  # partial reservation, if any

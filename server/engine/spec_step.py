@@ -361,24 +361,14 @@ class SpecDecoder:
                     st.controller_slim_off += 1
                 self.controller.update(seq.controller, slim_ran=p.slim, full_ran=p.full,
                                        prefix_reused=job.prefix_used, tokens=m)
+            # the rows that decided the emitted tokens: the full model's when it ran, else the slim verifier's
+            r0 = full_offsets[p.full_row] if p.full else int(job.slim_meta.cu_num_rows[p.slim_row])
             lps = None
             if seq.request.sampling.logprobs is not None:
-                if p.full:
-                    a = full_offsets[p.full_row]
-                    lg = full_logits[a:a + m]
-                else:
-                    r0 = int(job.slim_meta.cu_num_rows[p.slim_row])
-                    lg = job.slim_logits[r0:r0 + m]
-                # one row per emitted token: the full model's when it ran, else the slim verifier's
+                lg = (full_logits if p.full else job.slim_logits)[r0:r0 + m]
                 lps = [eng.logprobs_for([seq], lg[j:j + 1], torch.tensor([toks[j]]))[0][0] for j in range(m)]
             if self.drafter.wants_hidden:
-                h = None
-                if p.full and full_hidden is not None:
-                    a = full_offsets[p.full_row]
-                    h = full_hidden[a:a + m]
-                elif p.slim and job.slim_hidden is not None:
-                    r0 = int(job.slim_meta.cu_num_rows[p.slim_row])
-                    h = job.slim_hidden[r0:r0 + m]
-                self.drafter.observe(seq, h, toks)
+                hid = full_hidden if p.full else job.slim_hidden
+                self.drafter.observe(seq, hid[r0:r0 + m] if hid is not None else None, toks)
             committed[seq] = (toks, lps)
         return committed

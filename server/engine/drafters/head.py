@@ -244,6 +244,23 @@ def draft(head: DraftHead, h: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor
     return torch.stack(ids, 1), torch.stack(probs, 1)
 
 
+def pack_windows(rows: list[tuple[torch.Tensor, torch.Tensor, int]], T: int):
+    """`draft`'s inputs from per-row pairs: rows of (hidden [n, H], tokens [n], position of the
+    newest pair), n <= T, left padded to T -> (h [B, T, H], tok [B, T], pos [B, T], valid [B, T])."""
+    B, H = len(rows), rows[0][0].shape[-1]
+    h = torch.zeros(B, T, H)
+    tok = torch.zeros(B, T, dtype=torch.int64)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    pos = torch.empty(B, T, dtype=torch.int64)
+    for r, (hr, tr, last) in enumerate(rows):
+        n = len(tr)
+        h[r, T - n:] = hr
+        tok[r, T - n:] = tr
+        valid[r, T - n:] = True
+        pos[r] = torch.arange(last - T + 1, last + 1)
+    return h, tok, pos, valid
+
+
 def accepted_lengths(probs: torch.Tensor, max_tokens: torch.Tensor, threshold: float, min_tokens: int) -> torch.Tensor:
     """How many leading drafts to propose: probs [B, S], max_tokens [B] -> [B]. The block ends
     before the first token whose probability is below `threshold`, but holds at least
@@ -289,19 +306,9 @@ class HeadDrafter(Drafter):
                 if k > 0 and isinstance(s.drafter_state, _HeadState) and s.drafter_state.end == s.num_tokens]
         if not rows:
             return DraftBatch(out)
-        T = max(len(seqs[i].drafter_state.tokens) for i in rows)
-        B, H = len(rows), self.head.hidden
-        h = torch.zeros(B, T, H)
-        tok = torch.zeros(B, T, dtype=torch.int64)
-        pos = torch.zeros(B, T, dtype=torch.int64)
-        valid = torch.zeros(B, T, dtype=torch.bool)
-        for r, i in enumerate(rows):
-            st = seqs[i].drafter_state
-            n = len(st.tokens)
-            h[r, T - n:] = st.hidden
-            tok[r, T - n:] = st.tokens
-            pos[r] = torch.arange(st.end - 1 - T, st.end - 1)
-            valid[r, T - n:] = True
+        states = [seqs[i].drafter_state for i in rows]
+        h, tok, pos, valid = pack_windows([(st.hidden, st.tokens, st.end - 2) for st in states],
+                                          max(len(st.tokens) for st in states))
         ks = torch.tensor([max_tokens[i] for i in rows])
         ids, probs = draft(self.head, h, tok, pos, valid, int(ks.max()), self.threshold, self.min_tokens)
         n = accepted_lengths(probs, ks, self.threshold, self.min_tokens)

@@ -265,7 +265,7 @@ def evaluate(head, seqs: list[dict], reduced: torch.Tensor, gamma: int = 5, thre
     `tau` = expected tokens per step (matches + the bonus token). Per threshold: the block stops
     at the first draft whose head probability is below it; `est_speedup` = tau / (1 + draft_cost
     * drafted), with a draft token costing `draft_cost` of a step, ranks thresholds."""
-    from server.engine.drafters.head import accepted_lengths, draft
+    from server.engine.drafters.head import accepted_lengths, draft, pack_windows
 
     d = pad_answers(seqs)
     hit, tot = 0, 0
@@ -290,20 +290,13 @@ def evaluate(head, seqs: list[dict], reduced: torch.Tensor, gamma: int = 5, thre
     ids_all, probs_all, conts = [], [], []
     for c0 in range(0, len(starts), chunk):
         part = starts[c0:c0 + chunk]
-        B, H = len(part), head.hidden
-        h = torch.zeros(B, W, H)
-        tok = torch.zeros(B, W, dtype=torch.int64)
-        pos = torch.zeros(B, W, dtype=torch.int64)
-        valid = torch.zeros(B, W, dtype=torch.bool)
-        for r, (s, t) in enumerate(part):
+        packed = []
+        for s, t in part:
             lo = max(0, t - W + 1)
-            n = t + 1 - lo
-            h[r, W - n:] = s["hidden"][lo:t + 1].float()
-            tok[r, W - n:] = s["tokens"][lo + 1:t + 2]
-            pos[r] = torch.arange(t - W + 1, t + 1)
-            valid[r, W - n:] = True
+            packed.append((s["hidden"][lo:t + 1].float(), s["tokens"][lo + 1:t + 2], t))
             c = s["tokens"][t + 2:t + 2 + gamma]
             conts.append(torch.cat([c, torch.full((gamma - len(c),), -1, dtype=c.dtype)]))
+        h, tok, pos, valid = pack_windows(packed, W)
         ids, probs = draft(head, h, tok, pos, valid, gamma)
         ids_all.append(ids)
         probs_all.append(probs)
