@@ -11,8 +11,8 @@ from typing import Literal
 
 SpecMode = Literal["off", "binary", "three_tier"]
 SPEC_MODES: tuple[str, ...] = ("off", "binary", "three_tier")
-DrafterName = Literal["ngram", "self", "head", "model"]
-DRAFTERS: tuple[str, ...] = ("ngram", "self", "head", "model")
+DrafterName = Literal["ngram", "self", "head", "hybrid", "model"]
+DRAFTERS: tuple[str, ...] = ("ngram", "self", "head", "hybrid", "model")
 
 
 class ConfigError(ValueError):

@@ -187,6 +187,34 @@ def test_binary_with_head_equals_off(tiny_dir, tiny_head_path):
     assert pool.num_free == pool.num_usable
 
 
+def test_hybrid_drafts_by_lookup_where_the_context_repeats_and_by_the_head_elsewhere(tiny_dir, tiny_head_path):
+    from server.engine.drafters.hybrid import HybridDrafter
+
+    spec = SpecConfig(mode="binary", drafter="hybrid", head_path=str(tiny_head_path), spec_max_batch=10**6)
+    eng = LLMEngine(EngineConfig(model=str(tiny_dir), spec=spec, num_blocks=128))
+    hyb = eng.spec.drafter
+    assert isinstance(hyb, HybridDrafter) and hyb.wants_hidden and hyb.n_min == 2
+    H = eng.model.cfg.hidden_size
+    rep = eng.add_request(GenerationRequest("rep", (7, 8, 9, 10, 11, 7), SamplingParams(max_tokens=8, temperature=0.0)))
+    new = eng.add_request(GenerationRequest("new", (1, 2, 3, 4), SamplingParams(max_tokens=8, temperature=0.0)))
+    for s, t in ((rep, 8), (new, 5)):
+        hyb.observe(s, torch.randn(1, H), [t])
+        s.token_ids.append(t)
+    out = hyb.propose([rep, new], [3, 3]).tokens
+    assert out[0] == [9, 10, 11]  # the context ends in "7 8", seen before: copy what followed it
+    assert out[1] == hyb.head.propose([new], [3]).tokens[0] and 1 <= len(out[1]) <= 3  # nothing repeats: the head
+    assert (hyb.lookups, hyb.head_calls) == (1, 1)
+    assert hyb.propose([rep, new], [0, 2]).tokens[0] == []
+    eng.abort("rep")
+    eng.abort("new")
+    prompts = [[1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [10, 20, 30], list(range(40, 70))]
+    off = run_greedy(eng, prompts, 16, "off")
+    binary = run_greedy(eng, prompts, 16, "binary")
+    assert [o.token_ids for o in off] == [b.token_ids for b in binary]
+    assert hyb.lookups > 1 and hyb.head_calls > 2  # both parts drafted in the engine's steps
+    assert eng.cache.pool.num_free == eng.cache.pool.num_usable
+
+
 def test_plain_steps_keep_the_head_window_current(tiny_dir, tiny_head_path):
     """Steps that decode plainly (a wide batch) still feed the head every committed token, so
     drafting can resume at once when the batch narrows, from the true recent pairs."""

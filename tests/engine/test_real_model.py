@@ -75,7 +75,7 @@ def test_batched_and_preempted_outputs_are_unchanged(real_model_dir, prompts, of
     assert_pool_full(small)
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "self", "head"])
+@pytest.mark.parametrize("drafter", ["ngram", "self", "head", "hybrid"])
 def test_binary_is_lossless_with_each_drafter(real_model_dir, prompts, off_outputs, drafter):
     eng = make_engine(real_model_dir, spec={"mode": "binary", "drafter": drafter}, max_num_seqs=8)
     batched = eng.generate(greedy_requests(prompts, MAX_TOKENS, mode="binary"))

@@ -1,4 +1,4 @@
-"""Drafters behind one interface (`Drafter`): `ngram`, `self`, `model`, and `head` (trained)."""
+"""Drafters behind one interface (`Drafter`): `ngram`, `self`, `model`, and `head` (trained), `hybrid` (n-gram lookup, else the head)."""
 
 from server.engine.drafters.base import Drafter, DraftBatch
 
@@ -22,4 +22,8 @@ def make_drafter(name: str, engine) -> Drafter:
         from server.engine.drafters.head import HeadDrafter
 
         return HeadDrafter(engine)
-    raise ValueError(f"unknown drafter {name!r}; choose ngram, self, head or model")
+    if name == "hybrid":
+        from server.engine.drafters.hybrid import HybridDrafter
+
+        return HybridDrafter(engine)
+    raise ValueError(f"unknown drafter {name!r}; choose ngram, self, head, hybrid or model")

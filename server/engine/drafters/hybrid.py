@@ -1,0 +1,62 @@
+"""The `hybrid` drafter: prompt lookup where the context repeats itself, the trained head elsewhere.
+
+The two drafters are right in different places. Prompt lookup (n-gram) copies spans of the prompt
+or of the answer so far: it is long and right on translation, summarization and retrieval, costs
+nothing to propose, and has nothing to say when the text is new. The head (`head.py`) predicts new
+text from the target's hidden states, is right about half the time at the first token wherever it
+is, and costs a small forward per draft. So for each sequence the hybrid takes the n-gram draft
+when the context's last `n_min` (default 2) or more tokens occurred before, and asks the head only
+for the others, in one batched call. A single-token match is weak evidence (it is mostly function
+words) and goes to the head.
+
+Both parts are deterministic (`draft_probs` None), so `binary` stays lossless. The head's state is
+kept current for every sequence (`observe`), whichever part drafted its last step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.drafters.base import DraftBatch, Drafter
+from server.engine.drafters.head import HeadDrafter
+from server.engine.drafters.ngram import ngram_lookup
+
+
+class HybridDrafter(Drafter):
+    name = "hybrid"
+    wants_hidden = True
+
+    def __init__(self, engine, *, head: HeadDrafter | None = None, n_min: int | None = None, n_max: int | None = None):
+        spec = engine.config.spec
+        self.head = head or HeadDrafter(engine)
+        self.n_min = max(2, spec.ngram_min) if n_min is None else n_min
+        self.n_max = max(self.n_min, spec.ngram_max) if n_max is None else n_max
+        if not (1 <= self.n_min <= self.n_max):
+            raise ValueError("hybrid n-gram sizes need 1 <= n_min <= n_max")
+        self.lookups = 0  # steps drafted by lookup, and by the head: what the mix was
+        self.head_calls = 0
+
+    def propose(self, seqs, max_tokens: list[int]) -> DraftBatch:
+        out: list[list[int]] = [[] for _ in seqs]
+        rest = []
+        for i, (seq, k) in enumerate(zip(seqs, max_tokens)):
+            if k <= 0:
+                continue
+            ids = torch.tensor(seq.token_ids, dtype=torch.int64)
+            out[i] = ngram_lookup(ids, self.n_min, self.n_max, k)
+            if out[i]:
+                self.lookups += 1
+            else:
+                rest.append(i)
+        if rest:
+            self.head_calls += len(rest)
+            got = self.head.propose([seqs[i] for i in rest], [max_tokens[i] for i in rest])
+            for i, toks in zip(rest, got.tokens):
+                out[i] = toks
+        return DraftBatch(out)
+
+    def observe(self, seq, hidden: torch.Tensor | None, tokens: list[int] | None = None) -> None:
+        self.head.observe(seq, hidden, tokens)
+
+    def release(self, seq) -> None:
+        self.head.release(seq)
