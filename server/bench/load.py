@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="off,binary,three_tier")
     p.add_argument("--peers", default="", help="`vllm` to also load `vllm serve` from the vLLM environment")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--prompts", default=None, help="Spec-Bench question.jsonl (first turns); default: built-in prompts")
+    p.add_argument("--prompts", default=None, help="Spec-Bench question.jsonl (first turns, taken round robin over the categories); "
+                        "default: built-in prompts")
     p.add_argument("--categories", default=None)
     p.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
     p.add_argument("--model", default=None)
@@ -288,11 +289,11 @@ def main(argv: list[str]) -> int:
         return _die("--peers: only `vllm` is available in load mode")
     prompts = list(DEFAULT_PROMPTS)
     if args.prompts:
-        from server.bench.prompts import PromptFileError, read_questions, select_prompts
+        from server.bench.prompts import PromptFileError, interleave_categories, read_questions, select_prompts
 
         try:
             cats = args.categories.split(",") if args.categories else None
-            prompts = [p.text for p in select_prompts(read_questions(args.prompts), cats)]
+            prompts = [p.text for p in interleave_categories(select_prompts(read_questions(args.prompts), cats))]
         except PromptFileError as e:
             return _die(str(e))
     from server.bench.cli import machine_info

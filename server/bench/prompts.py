@@ -88,6 +88,16 @@ def select_prompts(questions: list[dict], categories: list[str] | None = None,
     return out
 
 
+def interleave_categories(prompts: list[BenchPrompt]) -> list[BenchPrompt]:
+    """Round robin over the categories, each in file order: a load run that sends the first N
+    prompts then samples every task, not only the file's first (mt_bench's 80 questions)."""
+    by_cat: dict[str, list[BenchPrompt]] = {}
+    for p in prompts:
+        by_cat.setdefault(p.category, []).append(p)
+    groups = list(by_cat.values())
+    return [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
+
+
 def categories_in_order(prompts: list[BenchPrompt]) -> list[str]:
     seen: list[str] = []
     for p in prompts:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from server.bench.prompts import PromptFileError, read_questions, select_prompts
+from server.bench.prompts import PromptFileError, interleave_categories, read_questions, select_prompts
 from server.bench.rows import RowError, build_rows, parse_list
 from server.bench.sweep import parse_sweep, sweep_points, sweep_row
 
@@ -27,6 +27,12 @@ def test_limit_per_category_and_raw_mt_bench_category():
     ps = select_prompts(QUESTIONS, ["mt_bench", "translation"], limit_per_category=1)
     assert [p.question_id for p in ps] == [81, 161]
     assert [p.category for p in select_prompts(QUESTIONS, ["roleplay"])] == ["roleplay"]
+
+
+def test_load_prompts_take_the_categories_in_turn():
+    ps = interleave_categories(select_prompts(QUESTIONS))  # mt_bench 81, 91; translation 161, 162
+    assert [p.question_id for p in ps] == [81, 161, 91, 162]
+    assert interleave_categories([]) == []
 
 
 def test_unknown_category_is_named():
