@@ -215,6 +215,18 @@ def test_hybrid_drafts_by_lookup_where_the_context_repeats_and_by_the_head_elsew
     assert eng.cache.pool.num_free == eng.cache.pool.num_usable
 
 
+def test_hybrid_without_a_head_drafts_by_lookup_alone(tiny_dir):
+    eng = LLMEngine(EngineConfig(model=str(tiny_dir), spec=SpecConfig(mode="binary", drafter="hybrid", spec_max_batch=10**6),
+                                 num_blocks=128))
+    hyb = eng.spec.drafter
+    assert hyb.head is None and not hyb.wants_hidden and hyb.n_min == eng.config.spec.ngram_min
+    prompts = [[1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [10, 20, 30]]
+    off = run_greedy(eng, prompts, 12, "off")
+    binary = run_greedy(eng, prompts, 12, "binary")
+    assert [o.token_ids for o in off] == [b.token_ids for b in binary]
+    assert hyb.lookups > 0 and hyb.head_calls == 0
+
+
 def test_plain_steps_keep_the_head_window_current(tiny_dir, tiny_head_path):
     """Steps that decode plainly (a wide batch) still feed the head every committed token, so
     drafting can resume at once when the batch narrows, from the true recent pairs."""
@@ -274,10 +286,10 @@ def test_train_head_command_on_tiny_model(tiny_dir, tmp_path):
 # ------------------------------------------------------------------ the shipped head
 # Floors on what training recorded for the shipped head (held-out prompts, true pairs for top-1,
 # its own drafts for the chained number). They sit a little under what the shipped head reached
-# (top-1 0.48, 2.07 tokens per step at γ = 5, from 300k training positions), so a retrained head
+# (top-1 0.53, 2.33 tokens per step at γ = 5, from 300k training positions, 8 epochs), so a retrained head
 # that regresses fails here.
-TOP1_FLOOR = 0.42
-TAU_FLOOR = 1.9
+TOP1_FLOOR = 0.50
+TAU_FLOOR = 2.2
 
 
 def test_shipped_record_meets_floor():

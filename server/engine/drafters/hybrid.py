@@ -9,11 +9,16 @@ when the context's last `n_min` (default 2) or more tokens occurred before, and 
 for the others, in one batched call. A single-token match is weak evidence (it is mostly function
 words) and goes to the head.
 
+A model without a trained head (no `spec.head_path` and none shipped for it) gets lookup alone, at
+the n-gram drafter's sizes, and the log says so once: `hybrid` is then `ngram`.
+
 Both parts are deterministic (`draft_probs` None), so `binary` stays lossless. The head's state is
 kept current for every sequence (`observe`), whichever part drafted its last step.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -21,18 +26,25 @@ from server.engine.drafters.base import DraftBatch, Drafter
 from server.engine.drafters.head import HeadDrafter
 from server.engine.drafters.ngram import ngram_lookup
 
+log = logging.getLogger("via_sd.engine")
+
 
 class HybridDrafter(Drafter):
     name = "hybrid"
-    wants_hidden = True
-
     def __init__(self, engine, *, head: HeadDrafter | None = None, n_min: int | None = None, n_max: int | None = None):
         spec = engine.config.spec
-        self.head = head or HeadDrafter(engine)
-        self.n_min = max(2, spec.ngram_min) if n_min is None else n_min
+        if head is None:
+            try:
+                head = HeadDrafter(engine)
+            except FileNotFoundError as e:
+                log.warning("drafter hybrid: %s; drafting by n-gram lookup alone", e)
+        self.head = head
+        default_min = spec.ngram_min if head is None else max(2, spec.ngram_min)
+        self.n_min = default_min if n_min is None else n_min
         self.n_max = max(self.n_min, spec.ngram_max) if n_max is None else n_max
         if not (1 <= self.n_min <= self.n_max):
             raise ValueError("hybrid n-gram sizes need 1 <= n_min <= n_max")
+        self.wants_hidden = self.head is not None
         self.lookups = 0  # steps drafted by lookup, and by the head: what the mix was
         self.head_calls = 0
 
@@ -48,7 +60,7 @@ class HybridDrafter(Drafter):
                 self.lookups += 1
             else:
                 rest.append(i)
-        if rest:
+        if rest and self.head is not None:
             self.head_calls += len(rest)
             got = self.head.propose([seqs[i] for i in rest], [max_tokens[i] for i in rest])
             for i, toks in zip(rest, got.tokens):
@@ -56,7 +68,9 @@ class HybridDrafter(Drafter):
         return DraftBatch(out)
 
     def observe(self, seq, hidden: torch.Tensor | None, tokens: list[int] | None = None) -> None:
-        self.head.observe(seq, hidden, tokens)
+        if self.head is not None:
+            self.head.observe(seq, hidden, tokens)
 
     def release(self, seq) -> None:
-        self.head.release(seq)
+        if self.head is not None:
+            self.head.release(seq)

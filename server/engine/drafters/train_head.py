@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=9, help="attention heads of the head's layer")
     p.add_argument("--window", type=int, default=32, help="pairs the head's attention looks back over")
     p.add_argument("--gamma", type=int, default=5, help="draft length of the held-out chained evaluation")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--batch-size", type=int, default=8, help="answers per batch")
     p.add_argument("--dropout", type=float, default=0.1)
