@@ -1,0 +1,40 @@
+"""The slim-tier controller: it runs the kind of step that commits more tokens per unit of cost,
+explores the other now and then, and explores less often while exploring keeps confirming."""
+
+from server.engine.controller import ControllerState, SlimController
+
+
+def run(ctl: SlimController, steps: int, three_tokens, binary_tokens: float) -> list[bool]:
+    """Drive one request: three-tier steps escalate (slim + full pass) and commit
+    `three_tokens(step)` tokens, binary steps commit `binary_tokens`. Returns the slim decisions."""
+    st, on = ControllerState(), []
+    for i in range(steps):
+        slim = ctl.want_slim(st)
+        on.append(slim)
+        ctl.update(st, slim_ran=slim, full_ran=slim, prefix_reused=True,
+                   tokens=three_tokens(i) if slim else binary_tokens)
+    return on
+
+
+def test_slim_tier_that_does_not_pay_is_tried_less_and_less():
+    ctl = SlimController(0.9, 0.2)
+    on = run(ctl, 200, lambda i: 2, 2.0)  # a three-tier step costs 1.7 for the same tokens
+    assert on[:2] == [True, True] and on[2] is False  # warm-up, then one binary step to compare
+    explores = [i for i, s in enumerate(on) if s and i >= 2]
+    gaps = [b - a for a, b in zip(explores, explores[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] > 2 * gaps[0]  # the period grows
+    assert sum(on) <= 8  # a fixed period of 12 would have tried it 17 times
+    assert max(gaps) <= ctl.max_explore_every + 1
+
+
+def test_slim_tier_that_pays_stays_on_and_a_change_is_noticed():
+    ctl = SlimController(0.5, 0.2)
+    on = run(ctl, 60, lambda i: 4, 1.0)  # tier A keeps most drafts: slim + rare full pays
+    assert sum(on[3:]) >= 0.8 * len(on[3:])
+    # the text changes: from step 40 the slim tier stops paying; the controller turns it off
+    on = run(ctl, 120, lambda i: 4 if i < 40 else 1, 2.0)
+    assert sum(on[60:]) <= 4
+
+
+def test_disabled_controller_always_runs_the_slim_tier():
+    assert all(run(SlimController(0.9, 0.2, enabled=False), 30, lambda i: 1, 3.0))
