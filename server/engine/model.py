@@ -213,8 +213,11 @@ class LlamaModel:
         scale = 1.0 / math.sqrt(hd)
         G = nh // nkv
         single = B == 1 and Q == n_tok
+        # several sequences, one of them a long chunk: attention per sequence, since the padded
+        # batch would compute every sequence at the longest chunk's length (B x Q x L scores)
+        segments = self._segments(batch, n_tok) if not single and B > 1 and Q > 1 else None
         mask_g = None
-        if batch.attn_mask is not None:
+        if batch.attn_mask is not None and segments is None:
             mask_g = batch.attn_mask.repeat(1, 1, G, 1)  # [B, 1, G*Q, L], rows ordered (g, q)
         prefix = None
         for i, lw in enumerate(self.layers):
@@ -230,6 +233,13 @@ class LlamaModel:
                 kc, vc = k_cache[i], v_cache[i]
                 kc[batch.slot_mapping] = k
                 vc[batch.slot_mapping] = v
+                if segments is not None:
+                    x = x + F.linear(self._attend_segments(q, kc, vc, batch, segments, scale), lw.wo)
+                    if save_at is not None and save_at == 2 * i + 1:
+                        prefix = x
+                    if 2 * i + 1 >= start_sublayer and (route is None or route.mlp[i]):
+                        x = self._mlp(x, lw, eps)
+                    continue
                 flat = batch.ctx_slots.view(-1)
                 keys = kc.index_select(0, flat).view(B, -1, nkv, hd).transpose(1, 2)  # [B, nkv, L, hd]
                 vals = vc.index_select(0, flat).view(B, -1, nkv, hd).transpose(1, 2)
@@ -248,13 +258,45 @@ class LlamaModel:
             if save_at is not None and save_at == 2 * i + 1:
                 prefix = x
             if 2 * i + 1 >= start_sublayer and (route is None or route.mlp[i]):
-                h = F.rms_norm(x, (x.shape[-1],), lw.mlp_norm, eps)
-                gu = F.linear(h, lw.w_gate_up)
-                g, u = gu.chunk(2, dim=-1)
-                x = x + F.linear(F.silu(g) * u, lw.w_down)
+                x = self._mlp(x, lw, eps)
         if save_at is not None and save_at >= 2 * len(self.layers):
             prefix = x
         return self._head(x, batch, prefix, want_hidden)
+
+    @staticmethod
+    def _mlp(x: torch.Tensor, lw: LayerWeights, eps: float) -> torch.Tensor:
+        h = F.rms_norm(x, (x.shape[-1],), lw.mlp_norm, eps)
+        g, u = F.linear(h, lw.w_gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(g) * u, lw.w_down)
+
+    @staticmethod
+    def _segments(batch: ForwardBatch, n_tok: int) -> list[tuple[int, int, int, int]]:
+        """Per sequence of the batch: (first flat token, token count, first position, row of
+        ctx_slots). One host read per forward."""
+        lens = (batch.q_index < n_tok).sum(1)
+        firsts = torch.cumsum(lens, 0) - lens
+        starts = batch.positions[firsts.clamp(max=n_tok - 1)]
+        return [(f, n, st, b) for b, (f, n, st) in enumerate(zip(firsts.tolist(), lens.tolist(), starts.tolist())) if n]
+
+    def _attend_segments(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, batch: ForwardBatch,
+                         segments: list[tuple[int, int, int, int]], scale: float) -> torch.Tensor:
+        """Causal attention of each sequence's new tokens over its own context, one SDPA call per
+        sequence at its own size: q [N, nh, hd] -> [N, nh * hd]."""
+        nh, hd = q.shape[1], q.shape[2]
+        out = q.new_empty(q.shape[0], nh * hd)
+        for f, n, st, b in segments:
+            end = st + n
+            slots = batch.ctx_slots[b, :end]
+            keys = kc.index_select(0, slots).transpose(0, 1).unsqueeze(0)  # [1, nkv, end, hd]
+            vals = vc.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+            qs = q[f:f + n].transpose(0, 1).unsqueeze(0)  # [1, nh, n, hd]
+            if n == 1 or st == 0:  # one query sees everything; a chunk from 0 is plain causal
+                att = F.scaled_dot_product_attention(qs, keys, vals, is_causal=n > 1, scale=scale, enable_gqa=True)
+            else:
+                mask = torch.arange(end)[None, :] <= torch.arange(st, end)[:, None]  # [n, end]
+                att = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[f:f + n] = att[0].transpose(0, 1).reshape(n, nh * hd)
+        return out
 
     def _head(self, x: torch.Tensor, batch: ForwardBatch, prefix: torch.Tensor | None,
               want_hidden: bool) -> ForwardOutput:
