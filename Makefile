@@ -39,7 +39,7 @@ test-fast: install-test
 	$(PY) -m pytest -q -m "not real_model and not slow and not vllm"
 
 bench: install
-	$(VENV)/bin/via-sd bench --prompts ../shared/data/spec_bench/question.jsonl --categories mt_bench,translation,summarization,qa,math_reasoning,rag --limit-per-category 10 --max-tokens 128 --modes off,binary,three_tier --drafters ngram,self,head --peers hf,hf_pld,vllm,vllm_ngram,vllm_three_tier --repeats 1 --out benchmarks/results/latest.json
+	$(VENV)/bin/via-sd bench --prompts ../shared/data/spec_bench/question.jsonl --categories mt_bench,translation,summarization,qa,math_reasoning,rag --limit-per-category 10 --max-tokens 128 --modes off,binary,three_tier --drafters ngram,head,hybrid,self --peers hf,hf_pld,vllm,vllm_ngram,vllm_three_tier --repeats 1 --out benchmarks/results/latest.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -55,7 +55,9 @@ def parse_list(value: str | None, allowed: tuple[str, ...], flag: str) -> list[s
 
 
 def engine_row_name(mode: str, drafter: str | None, default_drafter: str | None = None) -> str:
-    default_drafter = default_drafter or SpecConfig().drafter
+    """`binary`, `three_tier_head`, ...: rows with n-gram drafts keep the short names they had in
+    every earlier report (when n-gram was the engine's default), whatever the default is now."""
+    default_drafter = default_drafter or "ngram"
     if mode == "off" or drafter in (None, default_drafter):
         return mode
     return f"{mode}_{drafter}"

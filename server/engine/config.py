@@ -94,7 +94,9 @@ class SpecConfig:
     """Engine-wide speculation defaults (DESIGN.md section 2)."""
 
     mode: SpecMode = "three_tier"
-    drafter: DrafterName = "ngram"
+    # n-gram lookup where the context repeats, the trained head elsewhere (lookup alone for a
+    # model without a head): 1.98 tokens per step on Spec-Bench against 1.62 for `ngram` (README)
+    drafter: DrafterName = "hybrid"
     num_draft_tokens: int = 5
     accept_threshold: float = 0.7
     escalate_threshold: float = 0.5

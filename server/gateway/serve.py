@@ -34,7 +34,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None, help="bind address (env VIA_SD_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (env VIA_SD_PORT; default 8000)")
     parser.add_argument("--spec-mode", choices=SPEC_MODES, default=None, help="env VIA_SD_SPEC_MODE; default three_tier")
-    parser.add_argument("--drafter", choices=DRAFTERS, default=None, help="env VIA_SD_DRAFTER; default ngram")
+    parser.add_argument("--drafter", choices=DRAFTERS, default=None, help="env VIA_SD_DRAFTER; default hybrid (ngram on the vllm backend)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on /v1 and /metrics (env VIA_SD_API_KEY)")
     parser.add_argument("--metrics-public", action="store_true",
@@ -74,7 +74,7 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     out.host = _env(args.host, "VIA_SD_HOST", "127.0.0.1")
     out.port = _env(args.port, "VIA_SD_PORT", 8000, int)
     out.spec_mode = _env(args.spec_mode, "VIA_SD_SPEC_MODE", "three_tier")
-    out.drafter = _env(args.drafter, "VIA_SD_DRAFTER", "ngram")
+    out.drafter = _env(args.drafter, "VIA_SD_DRAFTER", "ngram" if getattr(args, "backend", "embedded") == "vllm" else "hybrid")
     out.api_key = _env(args.api_key, "VIA_SD_API_KEY", None)
     out.metrics_public = bool(getattr(args, "metrics_public", False)) or os.environ.get(
         "VIA_SD_METRICS_PUBLIC", "").lower() in ("1", "true", "yes")

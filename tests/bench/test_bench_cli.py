@@ -45,7 +45,8 @@ def test_json_contract(bench_run):
     for k in ("machine", "model", "command", "date", "runs"):
         assert k in rep
     assert rep["command"].startswith("via-sd bench --prompts")
-    assert [r["name"] for r in rep["runs"]] == ["off", "binary", "three_tier", "hf_pld"]
+    # no --drafters: the engine's default drafter (hybrid; on a model without a head, lookup alone)
+    assert [r["name"] for r in rep["runs"]] == ["off", "binary_hybrid", "three_tier_hybrid", "hf_pld"]
     for r in rep["runs"]:
         for k in ("name", "tokens", "seconds", "tokens_per_s", "speedup_vs_off", "mean_accepted_tokens",
                   "tier_rates", "full_passes_per_token", "quality", "per_category"):
@@ -59,9 +60,9 @@ def test_json_contract(bench_run):
     assert runs["off"]["speedup_vs_off"] == pytest.approx(1.0)
     assert runs["off"]["tier_rates"] is None and runs["off"]["mean_accepted_tokens"] == 1.0
     # lossless modes reproduce off exactly in fp32 greedy
-    assert runs["binary"]["quality"]["match_off"] == 1.0
-    assert runs["binary"]["tier_rates"]["accept"] == 0.0 and runs["binary"]["tier_rates"]["slim"] == 0.0
-    t = runs["three_tier"]["tier_rates"]
+    assert runs["binary_hybrid"]["quality"]["match_off"] == 1.0
+    assert runs["binary_hybrid"]["tier_rates"]["accept"] == 0.0 and runs["binary_hybrid"]["tier_rates"]["slim"] == 0.0
+    t = runs["three_tier_hybrid"]["tier_rates"]
     assert sum(t.values()) == pytest.approx(1.0) or sum(t.values()) == 0.0
     assert "math_accuracy" in runs["off"]["per_category"]["math_reasoning"]["quality"]
 
@@ -70,14 +71,14 @@ def test_outputs_file_has_every_run_and_prompt(bench_run):
     _, out = bench_run
     lines = [json.loads(x) for x in out.with_suffix(".outputs.jsonl").read_text().splitlines()]
     assert len(lines) == 4 * 3
-    assert {x["run"] for x in lines} == {"off", "binary", "three_tier", "hf_pld"}
+    assert {x["run"] for x in lines} == {"off", "binary_hybrid", "three_tier_hybrid", "hf_pld"}
     assert all(isinstance(x["text"], str) and x["token_ids"] for x in lines)
 
 
 def test_markdown_names_command_and_runs(bench_run):
     _, out = bench_run
     md = out.with_suffix(".md").read_text()
-    assert "via-sd bench --prompts" in md and "| three_tier |" in md
+    assert "via-sd bench --prompts" in md and "| three_tier_hybrid |" in md
 
 
 def test_vllm_rows_skip_without_the_environment(tmp_path):

@@ -31,8 +31,9 @@ def test_defaults_env_fallbacks_and_flags_win(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     s = serve.resolve_settings(parse([]))
     assert (s.host, s.port, s.spec_mode, s.drafter, s.api_key, s.model) == (
-        "127.0.0.1", 8000, "three_tier", "ngram", None, "SmolLM2-135M-Instruct"
+        "127.0.0.1", 8000, "three_tier", "hybrid", None, "SmolLM2-135M-Instruct"
     )
+    assert serve.resolve_settings(parse(["--backend", "vllm"])).drafter == "ngram"  # the plugin drafts by lookup
     monkeypatch.setenv("VIA_SD_PORT", "9123")
     monkeypatch.setenv("VIA_SD_SPEC_MODE", "binary")
     monkeypatch.setenv("VIA_SD_API_KEY", "from-env")
