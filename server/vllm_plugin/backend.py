@@ -11,8 +11,8 @@ Translation, once, at the edge:
   speculation through the plugin worker with the slim tier off; `three_tier` = the plugin's
   three-tier schedule (`PluginSettings`, server/vllm_plugin/runner.py): `schedule="skip"` (the
   default), whose shipping variant skips vLLM's full forward per sequence (the full forward runs
-  over the escalating sub-batch only), or `"prune"` (exact, counts only). Only the `ngram`
-  drafter exists here.
+  over the escalating sub-batch only), or `"prune"` (exact, counts only). Only n-gram lookup
+  exists here: `ngram`, or `hybrid` (the engine's default), which is lookup without its head.
 - Per request, `SpecParams` travel in `SamplingParams.extra_args["via_sd"]` to the worker.
 - Outputs are vLLM's `RequestOutputKind.DELTA` outputs turned into `RequestOutput` deltas. The
   request's exact cumulative `via_sd` counts are read from the worker (`collective_rpc`) when it
@@ -81,7 +81,9 @@ def plugin_settings(config: EngineConfig, schedule: str = "skip") -> dict:
 def engine_kwargs(config: EngineConfig, folder: Path, max_model_len: int, schedule: str = "skip") -> dict:
     """Keyword arguments of vLLM's (Async)EngineArgs for `config` (also used by tests and bench)."""
     s = config.spec
-    if s.mode != "off" and s.drafter != "ngram":
+    # `hybrid` (the engine's default) is n-gram lookup plus a head that reads hidden states; the
+    # plugin has the lookup part only, which is what `hybrid` is for a model without a head
+    if s.mode != "off" and s.drafter not in ("ngram", "hybrid"):
         raise ConfigError(f"the vLLM backend supports the ngram drafter only, got {s.drafter!r}", "drafter")
     kw: dict = dict(
         model=str(folder),
