@@ -235,26 +235,8 @@ class LlamaModel:
                 vc[batch.slot_mapping] = v
                 if segments is not None:
                     x = x + F.linear(self._attend_segments(q, kc, vc, batch, segments, scale), lw.wo)
-                    if save_at is not None and save_at == 2 * i + 1:
-                        prefix = x
-                    if 2 * i + 1 >= start_sublayer and (route is None or route.mlp[i]):
-                        x = self._mlp(x, lw, eps)
-                    continue
-                flat = batch.ctx_slots.view(-1)
-                keys = kc.index_select(0, flat).view(B, -1, nkv, hd).transpose(1, 2)  # [B, nkv, L, hd]
-                vals = vc.index_select(0, flat).view(B, -1, nkv, hd).transpose(1, 2)
-                if single:
-                    qp = q.unsqueeze(0)  # [1, Q, nh, hd]
                 else:
-                    qp = torch.cat([q, q.new_zeros(1, nh, hd)])[batch.q_index]  # [B, Q, nh, hd]
-                # grouped-query attention folded into the query axis: the G query heads that share
-                # a K/V head become G*Q queries of that head, so K/V are never expanded
-                qg = qp.view(B, Q, nkv, G, hd).permute(0, 2, 3, 1, 4).reshape(B, nkv, G * Q, hd)
-                att = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask_g, scale=scale)  # [B, nkv, G*Q, hd]
-                att = att.view(B, nkv, G, Q, hd).permute(0, 3, 1, 2, 4).reshape(B * Q, nh * hd)
-                if not single:
-                    att = att[batch.out_index]
-                x = x + F.linear(att, lw.wo)
+                    x = x + F.linear(self._attend_padded(q, kc, vc, batch, mask_g, single, scale), lw.wo)
             if save_at is not None and save_at == 2 * i + 1:
                 prefix = x
             if 2 * i + 1 >= start_sublayer and (route is None or route.mlp[i]):
@@ -262,6 +244,28 @@ class LlamaModel:
         if save_at is not None and save_at >= 2 * len(self.layers):
             prefix = x
         return self._head(x, batch, prefix, want_hidden)
+
+    def _attend_padded(self, q, kc, vc, batch: ForwardBatch, mask_g, single: bool, scale: float) -> torch.Tensor:
+        """Attention of the batch padded to [B, Q] queries over [B, L] keys: q [N, nh, hd] -> [N, nh * hd]."""
+        cfg = self.cfg
+        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        G = nh // nkv
+        B, Q = batch.q_index.shape
+        flat = batch.ctx_slots.view(-1)
+        keys = kc.index_select(0, flat).view(B, -1, nkv, hd).transpose(1, 2)  # [B, nkv, L, hd]
+        vals = vc.index_select(0, flat).view(B, -1, nkv, hd).transpose(1, 2)
+        if single:
+            qp = q.unsqueeze(0)  # [1, Q, nh, hd]
+        else:
+            qp = torch.cat([q, q.new_zeros(1, nh, hd)])[batch.q_index]  # [B, Q, nh, hd]
+        # grouped-query attention folded into the query axis: the G query heads that share
+        # a K/V head become G*Q queries of that head, so K/V are never expanded
+        qg = qp.view(B, Q, nkv, G, hd).permute(0, 2, 3, 1, 4).reshape(B, nkv, G * Q, hd)
+        att = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask_g, scale=scale)  # [B, nkv, G*Q, hd]
+        att = att.view(B, nkv, G, Q, hd).permute(0, 3, 1, 2, 4).reshape(B * Q, nh * hd)
+        if not single:
+            att = att[batch.out_index]
+        return att
 
     @staticmethod
     def _mlp(x: torch.Tensor, lw: LayerWeights, eps: float) -> torch.Tensor:
