@@ -22,6 +22,7 @@ def _die(msg: str, code: int = 2) -> int:
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=os.environ.get("VIA_SD_MODEL"), help="bundled model name or a local folder")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for a GPU")
     p.add_argument("--spec-mode", choices=SPEC_MODES, default=None)
     p.add_argument("--drafter", choices=DRAFTERS, default=None)
     p.add_argument("--num-draft-tokens", type=int, default=None)
@@ -44,7 +45,8 @@ def engine_config_from_args(args, model_folder) -> "EngineConfig":
         v = getattr(args, name, None)
         if v is not None:
             spec_kw[name] = v
-    return EngineConfig(model=str(model_folder), dtype=getattr(args, "dtype", "float32"), spec=SpecConfig(**spec_kw))
+    return EngineConfig(model=str(model_folder), dtype=getattr(args, "dtype", "float32"),
+                        device=getattr(args, "device", "cpu"), spec=SpecConfig(**spec_kw))
 
 
 def cmd_generate(args) -> int:

@@ -153,6 +153,9 @@ class EngineConfig:
 
     model: str = "SmolLM2-135M-Instruct"
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # where the weights and the KV cache live: "cpu" (the CPU decode kernels), or "cuda" /
+    # "cuda:N" (torch's kernels and the Triton verification kernels); scheduling stays on the host
+    device: str = "cpu"
     block_size: int = 16
     num_blocks: int | None = None  # None: sized from kv_cache_memory_gb
     kv_cache_memory_gb: float = 1.0

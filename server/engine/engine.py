@@ -41,14 +41,15 @@ class LLMEngine:
         path = Path(config.model)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.model = model or LlamaModel.from_folder(path, DTYPES[config.dtype])
+        self.device = self._device(config.device)
+        self.model = model or LlamaModel.from_folder(path, DTYPES[config.dtype], self.device)
         mcfg = self.model.cfg
         self.tokenizer = tokenizer or Tokenizer.from_folder(path, extra_eos=mcfg.eos_token_ids)
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mcfg.eos_token_ids)
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
         dtype = DTYPES[config.dtype]
         num_blocks = config.num_blocks or KVCache.num_blocks_for_memory(mcfg, config.block_size, config.kv_cache_memory_gb, dtype)
-        self.cache = KVCache(mcfg, num_blocks, config.block_size, dtype)
+        self.cache = KVCache(mcfg, num_blocks, config.block_size, dtype, self.model.device)
         self.runner = ModelRunner(self.model, self.cache)
         self.max_lookahead = max(1, config.spec.num_draft_tokens, 16) if config.spec.mode != "off" else 16
         self.scheduler = Scheduler(
@@ -64,6 +65,15 @@ class LLMEngine:
         from server.engine.spec_step import SpecDecoder
 
         self.spec = SpecDecoder(self)
+
+    @staticmethod
+    def _device(name: str) -> torch.device:
+        kind, _, index = name.partition(":")
+        if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+            raise ConfigError(f"device must be cpu, cuda or cuda:N, got {name!r}", "device")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} was asked for, but torch sees no CUDA device", "device")
+        return torch.device(name)
 
     # ------------------------------------------------------------------ requests
     def validate(self, request: GenerationRequest) -> GenerationRequest:
@@ -205,13 +215,15 @@ class LLMEngine:
             toks = logits.argmax(-1)
         else:
             sp = [s.request.sampling for s in seqs]
+            dev = logits.device
             probs = logits_to_probs(
                 logits,
-                torch.tensor([p.temperature for p in sp]),
-                torch.tensor([p.top_k for p in sp]),
-                torch.tensor([p.top_p for p in sp]),
+                torch.tensor([p.temperature for p in sp], device=dev),
+                torch.tensor([p.top_k for p in sp], device=dev),
+                torch.tensor([p.top_p for p in sp], device=dev),
             )
-            noise = exponential_noise([1] * len(seqs), logits.shape[-1], [s.generator for s in seqs])
+            # drawn from each request's own (host) generator, so a seed gives the same text anywhere
+            noise = exponential_noise([1] * len(seqs), logits.shape[-1], [s.generator for s in seqs]).to(dev)
             toks = sample_from_probs(probs, noise)
         lps = self.logprobs_for(seqs, logits, toks)
         return toks.tolist(), lps

@@ -16,12 +16,16 @@ from server.engine.model import ForwardBatch, ModelConfig
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
         self.block_size = block_size
+        self.device = torch.device(device)
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
-        self.k = [torch.zeros(slots, cfg.num_kv_heads, cfg.head_dim, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(slots, cfg.num_kv_heads, cfg.head_dim, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.k = [torch.zeros(slots, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
+                  for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(slots, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
+                  for _ in range(cfg.num_layers)]
         self.pool = BlockPool(num_blocks)
 
     @staticmethod

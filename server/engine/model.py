@@ -129,9 +129,14 @@ class LlamaModel:
         self.dtype = dtype
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_folder(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "LlamaModel":
+    def from_folder(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> "LlamaModel":
         path = Path(path)
         cfg = ModelConfig.from_folder(path)
         tensors: dict[str, torch.Tensor] = {}
@@ -142,7 +147,7 @@ class LlamaModel:
             tensors.update(load_file(str(f)))
 
         def get(name: str) -> torch.Tensor:
-            return tensors[name].to(dtype).contiguous()
+            return tensors[name].to(device=device, dtype=dtype).contiguous()
 
         layers = []
         for i in range(cfg.num_layers):
@@ -175,7 +180,7 @@ class LlamaModel:
             t = torch.arange(int(cfg.max_position_embeddings), dtype=torch.float64)
             freqs = torch.outer(t, inv)
             emb = torch.cat([freqs, freqs], dim=-1)
-            self._rope_cache = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
+            self._rope_cache = (emb.cos().to(self.device, self.dtype), emb.sin().to(self.device, self.dtype))
         return self._rope_cache
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,8 +219,11 @@ class LlamaModel:
         G = nh // nkv
         single = B == 1 and Q == n_tok
         # several sequences, one of them a long chunk: attention per sequence, since the padded
-        # batch would compute every sequence at the longest chunk's length (B x Q x L scores)
-        segments = self._segments(batch, n_tok) if not single and B > 1 and Q > 1 else None
+        # batch would compute every sequence at the longest chunk's length (B x Q x L scores).
+        # On a GPU the padded batch is one launch instead of B, so it stays for verification-sized
+        # chunks (Q <= 16 queries) and per-sequence calls take over only for prefill chunks.
+        wide = Q > 1 if x.device.type == "cpu" else Q > 16
+        segments = self._segments(batch, n_tok) if not single and B > 1 and wide else None
         mask_g = None
         if batch.attn_mask is not None and segments is None:
             mask_g = batch.attn_mask.repeat(1, 1, G, 1)  # [B, 1, G*Q, L], rows ordered (g, q)
@@ -297,7 +305,8 @@ class LlamaModel:
             if n == 1 or st == 0:  # one query sees everything; a chunk from 0 is plain causal
                 att = F.scaled_dot_product_attention(qs, keys, vals, is_causal=n > 1, scale=scale, enable_gqa=True)
             else:
-                mask = torch.arange(end)[None, :] <= torch.arange(st, end)[:, None]  # [n, end]
+                ar = torch.arange(end, device=q.device)
+                mask = ar[None, :] <= ar[st:, None]  # [n, end]
                 att = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale, enable_gqa=True)
             out[f:f + n] = att[0].transpose(0, 1).reshape(n, nh * hd)
         return out

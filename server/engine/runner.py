@@ -16,6 +16,6 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk], route=None, **kw) -> ForwardOutput:
-        batch = build_batch(chunks)
+        batch = build_batch(chunks, self.cache.device)
         self.num_forwards += 1
         return self.model.forward(batch, self.cache.k, self.cache.v, route, **kw)

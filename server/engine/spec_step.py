@@ -194,7 +194,7 @@ class SpecDecoder:
             for p in full_plans:
                 a, b = job.slim_token_rows[p.slim_row]
                 rows.append(torch.arange(a, b))
-            idx = torch.cat(rows)
+            idx = torch.cat(rows).to(job.slim_hidden_prefix.device)
             job.prefix = (self.prefix_sublayers, job.slim_hidden_prefix[idx])
         return job
 
@@ -216,7 +216,7 @@ class SpecDecoder:
         job.slim_hidden = out.hidden if out.hidden.numel() else None
         job.slim_hidden_prefix = out.prefix_hidden
         job.slim_token_rows = token_rows
-        meta = SpecMetadata.from_lists([p.drafts for p in slim_plans])
+        meta = SpecMetadata.from_lists([p.drafts for p in slim_plans], device=out.logits.device)
         job.slim_meta = meta
         probs1 = torch.softmax(out.logits, -1)  # the gate reads q' at temperature 1
         floor = eng.config.spec.slim_confidence
@@ -230,7 +230,9 @@ class SpecDecoder:
             acc.append(seq.spec.accept_threshold)
             esc.append(seq.spec.escalate_threshold)
             bon.append(seq.spec.bonus_confidence)
-        g = gate(probs1, meta, torch.tensor(acc), torch.tensor(esc), torch.tensor(bon))
+        dev = probs1.device
+        g = gate(probs1, meta, torch.tensor(acc, device=dev), torch.tensor(esc, device=dev),
+                 torch.tensor(bon, device=dev))
         if not eng.config.spec.escalate_bonus:
             # all drafts kept but no confident bonus: end the block at the drafts, no full pass.
             # Verification then emits the slim bonus, which `finish` drops.
@@ -244,20 +246,22 @@ class SpecDecoder:
         if greedy:
             return logits  # argmax is all verification needs
         sp = [s.request.sampling for s in seqs]
-        rep = torch.tensor(rows_per_seq)
+        dev = logits.device
+        rep = torch.tensor(rows_per_seq, device=dev)
         return logits_to_probs(
             logits,
-            torch.tensor([p.temperature for p in sp]).repeat_interleave(rep),
-            torch.tensor([p.top_k for p in sp]).repeat_interleave(rep),
-            torch.tensor([p.top_p for p in sp]).repeat_interleave(rep),
+            torch.tensor([p.temperature for p in sp], device=dev).repeat_interleave(rep),
+            torch.tensor([p.top_k for p in sp], device=dev).repeat_interleave(rep),
+            torch.tensor([p.top_p for p in sp], device=dev).repeat_interleave(rep),
         )
 
-    def _randoms(self, seqs: list[Sequence], n_drafts: list[int], vocab: int):
+    def _randoms(self, seqs: list[Sequence], n_drafts: list[int], vocab: int, device: torch.device):
+        """Uniforms and noise from each request's own (host) generator, moved to `device`."""
         uniforms = []
         for s, n in zip(seqs, n_drafts):
             uniforms.append(torch.rand(n, generator=s.generator))
         noise = exponential_noise([n + 1 for n in n_drafts], vocab, [s.generator for s in seqs])
-        return torch.cat(uniforms) if uniforms else torch.empty(0), noise
+        return (torch.cat(uniforms) if uniforms else torch.empty(0)).to(device), noise.to(device)
 
     def finish(self, job: SpecJob, full_logits: torch.Tensor | None, full_hidden: torch.Tensor | None):
         eng = self.engine
@@ -289,10 +293,10 @@ class SpecDecoder:
             if greedy:
                 uni = noise = None
             else:
-                uni, noise = self._randoms(seqs, n_d, vocab)
+                uni, noise = self._randoms(seqs, n_d, vocab, slim_scaled.device)
             draft_probs = None
             if job.draft_probs:
-                draft_probs = torch.cat([job.draft_probs[plans.index(p)] for p in slim_plans if p.drafts])
+                draft_probs = torch.cat([job.draft_probs[plans.index(p)] for p in slim_plans if p.drafts]).to(slim_scaled.device)
             vo = verify_three_tier(job.slim_meta, job.gate_out, slim_scaled, full_scaled, draft_probs, uni, noise).cpu()
             drop = job.drop_bonus.tolist() if job.drop_bonus is not None else [False] * len(slim_plans)
             for i, p in enumerate(slim_plans):
@@ -309,15 +313,15 @@ class SpecDecoder:
             seqs = [p.sched.seq for p in bin_plans]
             n_d = [len(p.drafts) for p in bin_plans]
             rows = torch.cat([torch.arange(full_offsets[p.full_row], full_offsets[p.full_row] + len(p.drafts) + 1)
-                              for p in bin_plans])
+                              for p in bin_plans]).to(full_logits.device)
             logits = full_logits[rows]
             greedy = all(s.request.sampling.greedy for s in seqs)
             probs = self._probs(seqs, [n + 1 for n in n_d], logits, greedy)
-            uni, noise = (None, None) if greedy else self._randoms(seqs, n_d, vocab)
-            meta = SpecMetadata.from_lists([p.drafts for p in bin_plans])
+            uni, noise = (None, None) if greedy else self._randoms(seqs, n_d, vocab, logits.device)
+            meta = SpecMetadata.from_lists([p.drafts for p in bin_plans], device=logits.device)
             draft_probs = None
             if job.draft_probs:
-                draft_probs = torch.cat([job.draft_probs[plans.index(p)] for p in bin_plans if p.drafts])
+                draft_probs = torch.cat([job.draft_probs[plans.index(p)] for p in bin_plans if p.drafts]).to(probs.device)
             vo = verify_binary(meta, probs, draft_probs, uni, noise).cpu()
             for i, p in enumerate(bin_plans):
                 m = int(vo.num_output[i])
@@ -366,7 +370,7 @@ class SpecDecoder:
             lps = None
             if seq.request.sampling.logprobs is not None:
                 lg = (full_logits if p.full else job.slim_logits)[r0:r0 + m]
-                lps = [eng.logprobs_for([seq], lg[j:j + 1], torch.tensor([toks[j]]))[0][0] for j in range(m)]
+                lps = [eng.logprobs_for([seq], lg[j:j + 1], torch.tensor([toks[j]], device=lg.device))[0][0] for j in range(m)]
             if self.drafter.wants_hidden:
                 hid = full_hidden if p.full else job.slim_hidden
                 self.drafter.observe(seq, hid[r0:r0 + m] if hid is not None else None, toks)

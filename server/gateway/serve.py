@@ -41,6 +41,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve /metrics without the API key, for a scraper that cannot send it "
                         "(env VIA_SD_METRICS_PUBLIC=1)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--device", default="cpu", help="embedded engine: cpu, or cuda[:N] for a GPU")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="requests in the running batch")
     parser.add_argument("--max-waiting", type=int, default=None, help="waiting queue bound; 429 beyond it")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=None)
@@ -95,6 +96,7 @@ def engine_config(s: argparse.Namespace, model_folder: Path) -> EngineConfig:
         base,
         model=str(model_folder),
         dtype=s.dtype,
+        device=s.device,
         max_num_seqs=s.max_num_seqs if s.max_num_seqs is not None else base.max_num_seqs,
         max_waiting=s.max_waiting if s.max_waiting is not None else base.max_waiting,
         kv_cache_memory_gb=s.kv_cache_memory_gb if s.kv_cache_memory_gb is not None else base.kv_cache_memory_gb,

@@ -295,7 +295,14 @@ class HeadDrafter(Drafter):
             raise ValueError(f"draft head {path} has hidden size {self.head.hidden}, the model {mcfg.hidden_size}")
         if int(self.head.reduced_ids.max()) >= mcfg.vocab_size:
             raise ValueError(f"draft head {path} has token ids beyond the model's vocabulary {mcfg.vocab_size}")
-        self.head.attach(engine.model.embed, engine.model.lm_head)
+        emb, lm = engine.model.embed, engine.model.lm_head
+        if emb.device.type != "cpu":
+            # the head drafts on the host (a few rows, many small ops): host copies of the output
+            # embedding, and `observe` brings the hidden states over
+            tied = lm is emb
+            emb = emb.float().cpu()
+            lm = emb if tied else lm.float().cpu()
+        self.head.attach(emb, lm)
         self.threshold = float(threshold if threshold is not None else self.info.get("threshold", DEFAULT_THRESHOLD))
         self.min_tokens = int(min_tokens if min_tokens is not None else self.info.get("min_tokens", 1))
 
@@ -324,7 +331,7 @@ class HeadDrafter(Drafter):
             seq.drafter_state = None
             return
         st = seq.drafter_state
-        h = hidden.detach().float()
+        h = hidden.detach().float().cpu()
         t = torch.tensor(tokens, dtype=torch.int64)
         if isinstance(st, _HeadState) and st.end == seq.num_tokens:
             h, t = torch.cat([st.hidden, h]), torch.cat([st.tokens, t])

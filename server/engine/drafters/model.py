@@ -32,11 +32,11 @@ class ModelDrafter(Drafter):
         if not cfg.spec.draft_model:
             raise ValueError("the `model` drafter needs a draft model folder (SpecConfig.draft_model)")
         dtype = DTYPES[cfg.dtype]
-        self.model = LlamaModel.from_folder(cfg.spec.draft_model, dtype)
+        self.model = LlamaModel.from_folder(cfg.spec.draft_model, dtype, engine.device)
         if self.model.cfg.vocab_size != engine.model.cfg.vocab_size:
             raise ValueError("the draft model must share the target's tokenizer and vocabulary")
         nb = KVCache.num_blocks_for_memory(self.model.cfg, cfg.block_size, memory_gb, dtype)
-        self.cache = KVCache(self.model.cfg, nb, cfg.block_size, dtype)
+        self.cache = KVCache(self.model.cfg, nb, cfg.block_size, dtype, engine.device)
         self.runner = ModelRunner(self.model, self.cache)
         self.min_confidence = min_confidence
         self.states: dict[int, _State] = {}
