@@ -189,7 +189,58 @@ def forward_costs(model, device, batches, gammas, context, iters, slim_route) ->
     return rows
 
 
-def end_to_end(model, tokenizer_dir, device, dtype_name, batches, max_tokens, modes, spec_max_batch) -> list[dict]:
+def attention_new_shapes(device, dtype, n_shapes: int = 24) -> dict:
+    """SDPA as a decode step calls it (B = 1, 8 KV heads, 4 grouped queries, a mask), once per
+    context length never seen before, per backend: ms per call. A per-shape plan cost shows here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out = {}
+    for name, backends in (("cudnn", [SDPBackend.CUDNN_ATTENTION]), ("efficient", [SDPBackend.EFFICIENT_ATTENTION]),
+                           ("flash", [SDPBackend.FLASH_ATTENTION]), ("math", [SDPBackend.MATH])):
+        base = {"cudnn": 1000, "efficient": 2000, "flash": 3000, "math": 4000}[name]
+        times = []
+        try:
+            for i in range(n_shapes):
+                L = base + 7 * i
+                q = torch.randn(1, 8, 4, 64, device=device, dtype=dtype)
+                k = torch.randn(1, 8, L, 64, device=device, dtype=dtype)
+                v = torch.randn(1, 8, L, 64, device=device, dtype=dtype)
+                mask = torch.ones(1, 1, 4, L, device=device, dtype=torch.bool)
+                sync(device)
+                t0 = time.perf_counter()
+                with sdpa_kernel(backends):
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                sync(device)
+                times.append((time.perf_counter() - t0) * 1e3)
+            out[name] = {"first_ms": round(times[0], 3), "median_ms": round(statistics.median(times[1:]), 3)}
+        except Exception as e:  # noqa: BLE001 - a backend that refuses the shape is a result
+            out[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        print(f"attention, new context length every call, {name}: {out[name]}", flush=True)
+    return out
+
+
+def profile_steps(eng, device, steps: int, path: Path) -> None:
+    """torch profiler over `steps` batch-1 decode steps of `eng`: the table goes to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    V = eng.model.cfg.vocab_size
+    eng.add_request(GenerationRequest("prof", tuple((13 * j) % V for j in range(64)),
+                                      SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True), SpecParams()))
+    for _ in range(4):
+        eng.step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            eng.step()
+        sync(device)
+    while eng.has_unfinished():
+        eng.step()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+
+
+def end_to_end(model, tokenizer_dir, device, dtype_name, batches, max_tokens, modes, spec_max_batch,
+               profile_dir: Path | None = None, label: str = "") -> list[dict]:
     from server.engine.tokenizer import Tokenizer
 
     tok = Tokenizer.from_folder(tokenizer_dir)
@@ -214,13 +265,15 @@ def end_to_end(model, tokenizer_dir, device, dtype_name, batches, max_tokens, mo
             wall = time.perf_counter() - t0
             n = sum(len(r.token_ids) for r in res)
             assert eng.cache.pool.num_free == eng.cache.pool.num_usable, "blocks leaked"
-            row = {"mode": mode, "concurrency": B, "tokens": n, "seconds": round(wall, 3),
+            row = {"mode": mode + label, "concurrency": B, "tokens": n, "seconds": round(wall, 3),
                    "tok_s": round(n / wall, 1), "steps": eng.stats_.num_steps - steps0,
                    "tokens_per_seq_step": round(n / B / max(1, eng.stats_.num_steps - steps0), 2),
                    "full_passes": eng.stats_.full_passes - full0}
             rows.append(row)
-            print(f"engine {mode:<10} c={B:>3}: {row['tok_s']:>8} tok/s  ({n} tokens, {wall:.2f} s, "
+            print(f"engine {mode + label:<16} c={B:>3}: {row['tok_s']:>8} tok/s  ({n} tokens, {wall:.2f} s, "
                   f"{row['steps']} steps)", flush=True)
+        if profile_dir is not None and mode == modes[0]:
+            profile_steps(eng, device, 16, profile_dir / f"gpu_engine_profile_{mode}.txt")
         del eng
     return rows
 
@@ -241,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--modes", default="off,binary,three_tier")
     ap.add_argument("--copy-gib", type=float, default=4.0)
+    ap.add_argument("--profile", action="store_true", help="write a torch profiler table of 16 decode steps")
+    ap.add_argument("--compare-cudnn", action="store_true", help="run `off` again with cuDNN attention allowed")
     ap.add_argument("--spec-max-batch", type=int, default=64,
                     help="engine runs: speculate up to this many decoding sequences (the CPU default is 1)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_engine.json"))
@@ -272,7 +327,16 @@ def main(argv: list[str] | None = None) -> int:
         folder = write_tiny_model(Path(td) / "tok", num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=1,
                                   intermediate_size=16)
         e2e = end_to_end(model, folder, device, args.dtype, batches, args.max_tokens,
-                         [m for m in args.modes.split(",") if m], args.spec_max_batch)
+                         [m for m in args.modes.split(",") if m], args.spec_max_batch,
+                         Path(args.out).parent if args.profile else None)
+        if args.compare_cudnn and device.type == "cuda":
+            import server.engine.model as model_module
+
+            model_module.CUDNN_SDPA = True
+            e2e += end_to_end(model, folder, device, args.dtype, batches, args.max_tokens, ["off"], args.spec_max_batch,
+                              label="+cudnn_sdpa")
+            model_module.CUDNN_SDPA = False
+    attn = attention_new_shapes(device, dtype) if device.type == "cuda" else {}
     result = {
         "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
@@ -286,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "context": args.context,
         "forward": fwd,
         "engine": e2e,
+        "attention_new_shapes": attn,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     out = Path(args.out)

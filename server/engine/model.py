@@ -16,8 +16,10 @@ computed: up to the first skipped sub-layer both routes compute the same values.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from via_sd_kernels import cpu as cpu_kernels
+
+# On CUDA, attention runs on the flash / memory-efficient kernels (math as the last resort), not on
+# cuDNN's: cuDNN builds an execution plan for every new shape, and a decode step's context length
+# is new at every step (VIA_SD_CUDNN_SDPA=1 allows it again, for comparisons).
+CUDNN_SDPA = os.environ.get("VIA_SD_CUDNN_SDPA", "0") == "1"
+
+
+def _attention_backends(device: torch.device):
+    if device.type != "cuda" or CUDNN_SDPA:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 @dataclass(frozen=True)
@@ -200,9 +215,6 @@ class LlamaModel:
         save_at: int | None = None,
         want_hidden: bool = False,
     ) -> ForwardOutput:
-        cfg = self.cfg
-        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        eps = cfg.rms_norm_eps
         if start_sublayer > 0:
             assert start_hidden is not None
             x = start_hidden
@@ -210,6 +222,16 @@ class LlamaModel:
             x = self.embed[batch.input_ids]  # [N, H]
         if batch.token_seq is not None and cpu_kernels.use_for(x):
             return self._forward_small(batch, x, k_cache, v_cache, route, start_sublayer, save_at, want_hidden)
+        with _attention_backends(x.device):
+            return self._forward_torch(batch, x, k_cache, v_cache, route, start_sublayer, save_at, want_hidden)
+
+    def _forward_torch(self, batch: ForwardBatch, x: torch.Tensor, k_cache: list[torch.Tensor],
+                       v_cache: list[torch.Tensor], route, start_sublayer: int, save_at: int | None,
+                       want_hidden: bool) -> ForwardOutput:
+        """The forward on torch's ops: any device, dtype and pass size."""
+        cfg = self.cfg
+        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        eps = cfg.rms_norm_eps
         cos, sin = self.rope(batch.positions)
         cos, sin = cos[:, None, :], sin[:, None, :]  # [N, 1, hd]
         half = hd // 2
