@@ -22,7 +22,8 @@ What it measures (medians; warm-up excluded):
 3. End to end through `LLMEngine` (scheduler, sampler, the spec step) on CUDA: greedy decoding of
    `--max-tokens` tokens after a random 64-token prompt, for 1 and 32 concurrent requests, modes
    `off`, `binary` and `three_tier` with the n-gram drafter, speculating at every batch size
-   (`--spec-max-batch`); tokens/s of the whole run.
+   (`--spec-max-batch`); tokens/s of the whole run, after an untimed run of the same requests (which
+   captures the CUDA graphs). `--compare-eager` repeats them without CUDA graphs.
 
 `--device cpu --preset tiny` runs the same script on a small shape as a smoke test.
 """
@@ -240,7 +241,7 @@ def profile_steps(eng, device, steps: int, path: Path) -> None:
 
 
 def end_to_end(model, tokenizer_dir, device, dtype_name, batches, max_tokens, modes, spec_max_batch,
-               profile_dir: Path | None = None, label: str = "") -> list[dict]:
+               profile_dir: Path | None = None, label: str = "", cuda_graphs: bool = True) -> list[dict]:
     from server.engine.tokenizer import Tokenizer
 
     tok = Tokenizer.from_folder(tokenizer_dir)
@@ -248,6 +249,7 @@ def end_to_end(model, tokenizer_dir, device, dtype_name, batches, max_tokens, mo
     for mode in modes:
         eng = LLMEngine(EngineConfig(model=str(tokenizer_dir), dtype=dtype_name, device=str(device), max_num_seqs=64,
                                      kv_cache_memory_gb=4.0 if device.type == "cuda" else 0.25,
+                                     cuda_graphs=cuda_graphs,
                                      spec=SpecConfig(mode=mode, drafter="ngram", spec_max_batch=spec_max_batch)),
                         model=model, tokenizer=tok)
         V = model.cfg.vocab_size
@@ -256,7 +258,7 @@ def end_to_end(model, tokenizer_dir, device, dtype_name, batches, max_tokens, mo
                 return [GenerationRequest(f"{tag}{i}", tuple((31 * i + 17 * j) % V for j in range(64)),
                                           SamplingParams(max_tokens=mt, temperature=0.0, ignore_eos=True),
                                           SpecParams(mode=mode)) for i in range(n)]
-            eng.generate(reqs("w", 1, 8))  # warm-up
+            eng.generate(reqs("w"))  # warm-up: the same shapes, so CUDA graphs are captured before timing
             steps0, full0 = eng.stats_.num_steps, eng.stats_.full_passes
             sync(device)
             t0 = time.perf_counter()
@@ -295,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="off,binary,three_tier")
     ap.add_argument("--copy-gib", type=float, default=4.0)
     ap.add_argument("--profile", action="store_true", help="write a torch profiler table of 16 decode steps")
+    ap.add_argument("--compare-eager", action="store_true", help="run the modes again without CUDA graphs")
     ap.add_argument("--compare-cudnn", action="store_true", help="run `off` again with cuDNN attention allowed")
     ap.add_argument("--spec-max-batch", type=int, default=64,
                     help="engine runs: speculate up to this many decoding sequences (the CPU default is 1)")
@@ -329,12 +332,16 @@ def main(argv: list[str] | None = None) -> int:
         e2e = end_to_end(model, folder, device, args.dtype, batches, args.max_tokens,
                          [m for m in args.modes.split(",") if m], args.spec_max_batch,
                          Path(args.out).parent if args.profile else None)
+        if args.compare_eager and device.type == "cuda":
+            e2e += end_to_end(model, folder, device, args.dtype, batches, args.max_tokens,
+                              [m for m in args.modes.split(",") if m], args.spec_max_batch, label="+eager",
+                              cuda_graphs=False)
         if args.compare_cudnn and device.type == "cuda":
             import server.engine.model as model_module
 
             model_module.CUDNN_SDPA = True
             e2e += end_to_end(model, folder, device, args.dtype, batches, args.max_tokens, ["off"], args.spec_max_batch,
-                              label="+cudnn_sdpa")
+                              label="+eager+cudnn_sdpa", cuda_graphs=False)
             model_module.CUDNN_SDPA = False
     attn = attention_new_shapes(device, dtype) if device.type == "cuda" else {}
     result = {

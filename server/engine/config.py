@@ -156,6 +156,8 @@ class EngineConfig:
     # where the weights and the KV cache live: "cpu" (the CPU decode kernels), or "cuda" /
     # "cuda:N" (torch's kernels and the Triton verification kernels); scheduling stays on the host
     device: str = "cpu"
+    # on CUDA, replay decode-sized forwards from CUDA graphs (server/engine/cuda_graphs.py)
+    cuda_graphs: bool = True
     block_size: int = 16
     num_blocks: int | None = None  # None: sized from kv_cache_memory_gb
     kv_cache_memory_gb: float = 1.0

@@ -50,7 +50,7 @@ class LLMEngine:
         dtype = DTYPES[config.dtype]
         num_blocks = config.num_blocks or KVCache.num_blocks_for_memory(mcfg, config.block_size, config.kv_cache_memory_gb, dtype)
         self.cache = KVCache(mcfg, num_blocks, config.block_size, dtype, self.model.device)
-        self.runner = ModelRunner(self.model, self.cache)
+        self.runner = ModelRunner(self.model, self.cache, cuda_graphs=config.cuda_graphs)
         self.max_lookahead = max(1, config.spec.num_draft_tokens, 16) if config.spec.mode != "off" else 16
         self.scheduler = Scheduler(
             self.cache.pool,

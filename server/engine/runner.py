@@ -9,13 +9,22 @@ from server.engine.model import ForwardOutput, LlamaModel
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, cache: KVCache):
+    def __init__(self, model: LlamaModel, cache: KVCache, *, cuda_graphs: bool = True):
         self.model = model
         self.cache = cache
         self.num_forwards = 0
+        self.graphs = None
+        if cuda_graphs and cache.device.type == "cuda":
+            from server.engine.cuda_graphs import CudaGraphRunner
+
+            self.graphs = CudaGraphRunner(model, cache)
 
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk], route=None, **kw) -> ForwardOutput:
-        batch = build_batch(chunks, self.cache.device)
         self.num_forwards += 1
+        if self.graphs is not None:
+            out = self.graphs.forward(chunks, route, **kw)  # None: not a decode-sized batch
+            if out is not None:
+                return out
+        batch = build_batch(chunks, self.cache.device)
         return self.model.forward(batch, self.cache.k, self.cache.v, route, **kw)

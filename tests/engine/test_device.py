@@ -62,3 +62,29 @@ def test_cuda_seeded_sampling_is_reproducible(tiny_model_dir, mode):
     a, b = _run(gpu, reqs()), _run(gpu, reqs())
     assert a == b
     assert all(len(t) == 20 for t in a)
+
+
+@pytest.mark.parametrize("mode", ["off", "binary", "three_tier"])
+def test_padded_graph_layout_gives_the_eager_tokens(tiny_model_dir, mode):
+    """The CUDA-graph runner's padded layout (buckets, in-graph slots and mask, start/save of the
+    slim prefix), run eagerly on the CPU: the same greedy tokens as the ragged eager batch."""
+    from server.engine.cuda_graphs import CudaGraphRunner
+
+    ref = _run(make_engine(tiny_model_dir, spec={"mode": mode, "drafter": "ngram"}),
+               greedy_requests(PROMPTS, 24, ignore_eos=True))
+    eng = make_engine(tiny_model_dir, spec={"mode": mode, "drafter": "ngram"})
+    eng.runner.graphs = CudaGraphRunner(eng.model, eng.cache, capture=False)
+    assert _run(eng, greedy_requests(PROMPTS, 24, ignore_eos=True)) == ref
+    assert [_run(eng, greedy_requests([p], 24, ignore_eos=True, prefix=f"a{i}"))[0] for i, p in enumerate(PROMPTS)] == ref
+    assert eng.runner.graphs.num_replays > 0
+
+
+@needs_cuda
+def test_cuda_graphs_replay_and_match_eager(tiny_model_dir):
+    eager = make_engine(tiny_model_dir, spec={"mode": "three_tier", "drafter": "ngram"}, device="cuda", cuda_graphs=False)
+    graphs = make_engine(tiny_model_dir, spec={"mode": "three_tier", "drafter": "ngram"}, device="cuda")
+    assert eager.runner.graphs is None and graphs.runner.graphs is not None
+    ref = _run(eager, greedy_requests(PROMPTS, 24, ignore_eos=True))
+    assert _run(graphs, greedy_requests(PROMPTS, 24, ignore_eos=True)) == ref
+    assert graphs.runner.graphs.num_captures > 0
+    assert graphs.runner.graphs.num_replays > graphs.runner.graphs.num_captures
