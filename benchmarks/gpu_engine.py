@@ -12,10 +12,11 @@ values; acceptance does, so no acceptance figure here means anything.
 What it measures (medians; warm-up excluded):
 
 1. `copy GB/s`: a device-to-device copy of 4 GiB (bytes read + written over time): the ceiling.
-2. Per (batch B, γ): one forward of the engine's runner (`ModelRunner.forward`: host metadata, the
-   paged-KV forward, logits) with every sequence feeding γ + 1 tokens after `--context` tokens of
-   context, timed on the wall clock after a synchronize: `eager ms`. The same forward captured
-   once in a CUDA graph and replayed: `graph ms`, the forward without Python and launch overhead.
+2. Per (batch B, γ): one forward of the engine's runner without CUDA graphs (`ModelRunner.forward`:
+   host metadata, the paged-KV forward, logits) with every sequence feeding γ + 1 tokens after
+   `--context` tokens of context, timed on the wall clock after a synchronize: `eager ms`. The
+   engine's runner with its CUDA graphs (padded to buckets, server/engine/cuda_graphs.py):
+   `runner_graphs ms`. The ragged forward captured as is and replayed: `graph ms`, the kernels alone.
    `bound ms` = (weight bytes + the KV bytes the step reads) / copy bandwidth.
    `verify cost` = ms(γ) / ms(γ = 0): what verifying γ drafts costs in plain decode steps.
    The same for the slim route (17% of the sub-layers' weights skipped, like the bundled model's).
@@ -148,7 +149,8 @@ def forward_costs(model, device, batches, gammas, context, iters, slim_route) ->
     bs = 16
     blocks_per_seq = (context + max_q + bs - 1) // bs + 1
     cache = KVCache(cfg, max(batches) * blocks_per_seq + 2, bs, model.dtype, device)
-    runner = ModelRunner(model, cache)
+    runner = ModelRunner(model, cache, cuda_graphs=False)
+    graphed = ModelRunner(model, cache) if device.type == "cuda" else None
     tables = []
     for _ in range(max(batches)):
         t = cache.new_table()
@@ -166,6 +168,7 @@ def forward_costs(model, device, batches, gammas, context, iters, slim_route) ->
                           for b in range(B)]
                 eager = median_ms(lambda: runner.forward(chunks, route), device, 3, iters)
                 g = graph_ms(model, build_batch(chunks, device), cache, route, device, iters)
+                run_g = median_ms(lambda: graphed.forward(chunks, route), device, 3, iters) if graphed else None
                 kv = B * (context + Q) * kv_per_token
                 bound = (wbytes + kv) / (BW * 1e9) * 1e3
                 if gamma == 0:
@@ -174,6 +177,7 @@ def forward_costs(model, device, batches, gammas, context, iters, slim_route) ->
                     "batch": B, "route": route_name, "gamma": gamma, "tokens": B * Q,
                     "eager_ms": round(eager, 3),
                     "graph_ms": round(g, 3) if isinstance(g, float) else g,
+                    "runner_graphs_ms": round(run_g, 3) if run_g is not None else None,
                     "bound_ms": round(bound, 3) if route is None else None,
                     "verify_cost_eager": round(eager / base[0], 3),
                     "verify_cost_graph": round(g / base[1], 3) if isinstance(g, float) and isinstance(base[1], float) else None,
@@ -181,7 +185,7 @@ def forward_costs(model, device, batches, gammas, context, iters, slim_route) ->
                     "decode_tok_s_graph": round(B / g * 1e3, 1) if gamma == 0 and isinstance(g, float) else None,
                 }
                 rows.append(row)
-                print(f"B={B:>3} {route_name:<4} γ={gamma} eager {eager:8.3f} ms  graph "
+                print(f"B={B:>3} {route_name:<4} γ={gamma} eager {eager:8.3f} ms  runner+graphs {run_g!s:>6}  graph "
                       f"{row['graph_ms'] if isinstance(g, float) else g!s:>9}  bound "
                       f"{row['bound_ms']!s:>7}  cost x{row['verify_cost_eager']}/{row['verify_cost_graph']}",
                       flush=True)
