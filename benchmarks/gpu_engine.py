@@ -278,7 +278,7 @@ def end_to_end(model, tokenizer_dir, device, dtype_name, batches, max_tokens, mo
             rows.append(row)
             print(f"engine {mode + label:<16} c={B:>3}: {row['tok_s']:>8} tok/s  ({n} tokens, {wall:.2f} s, "
                   f"{row['steps']} steps)", flush=True)
-        if profile_dir is not None and mode == modes[0]:
+        if profile_dir is not None and mode in (modes[0], "three_tier"):
             profile_steps(eng, device, 16, profile_dir / f"gpu_engine_profile_{mode}.txt")
         del eng
     return rows
