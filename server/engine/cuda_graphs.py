@@ -188,7 +188,7 @@ class CudaGraphRunner:
         logits_index = (flat.view(B, Q)[:, :1] + last.clamp(min=0)).reshape(-1)
         return ForwardBatch(input_ids=ids, positions=pos.reshape(-1), slot_mapping=slot.reshape(-1),
                             ctx_slots=ctx_slots, q_index=flat.view(B, Q), out_index=flat, attn_mask=mask,
-                            logits_index=logits_index, num_seqs=B, token_seq=None)
+                            logits_index=logits_index, num_seqs=B, token_seq=None, dense=True)
 
     def _run(self, g: _Graph, B: int, Q: int, L: int, route, start_sublayer: int, save_at: int | None) -> None:
         """One padded forward, its outputs written into the shared buffers (what a graph records)."""

@@ -122,6 +122,7 @@ class ForwardBatch:
     logits_index: torch.Tensor  # [M] flat tokens whose logits are wanted
     num_seqs: int
     token_seq: torch.Tensor | None = None  # [N] row of ctx_slots of each token
+    dense: bool = False  # tokens laid out [B, Q] with padding (CUDA graphs): attention stays padded
 
 
 @dataclass
@@ -245,7 +246,7 @@ class LlamaModel:
         # On a GPU the padded batch is one launch instead of B, so it stays for verification-sized
         # chunks (Q <= 16 queries) and per-sequence calls take over only for prefill chunks.
         wide = Q > 1 if x.device.type == "cpu" else Q > 16
-        segments = self._segments(batch, n_tok) if not single and B > 1 and wide else None
+        segments = self._segments(batch, n_tok) if not single and not batch.dense and B > 1 and wide else None
         mask_g = None
         if batch.attn_mask is not None and segments is None:
             mask_g = batch.attn_mask.repeat(1, 1, G, 1)  # [B, 1, G*Q, L], rows ordered (g, q)
