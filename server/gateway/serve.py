@@ -41,7 +41,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve /metrics without the API key, for a scraper that cannot send it "
                         "(env VIA_SD_METRICS_PUBLIC=1)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--device", default="cpu", help="embedded engine: cpu, or cuda[:N] for a GPU")
+    parser.add_argument("--device", default=None, help="embedded engine: cpu, or cuda[:N] for a GPU (env VIA_SD_DEVICE)")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="requests in the running batch")
     parser.add_argument("--max-waiting", type=int, default=None, help="waiting queue bound; 429 beyond it")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=None)
@@ -77,6 +77,7 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     out.spec_mode = _env(args.spec_mode, "VIA_SD_SPEC_MODE", "three_tier")
     out.drafter = _env(args.drafter, "VIA_SD_DRAFTER", "ngram" if getattr(args, "backend", "embedded") == "vllm" else "hybrid")
     out.api_key = _env(args.api_key, "VIA_SD_API_KEY", None)
+    out.device = _env(getattr(args, "device", None), "VIA_SD_DEVICE", "cpu")
     out.metrics_public = bool(getattr(args, "metrics_public", False)) or os.environ.get(
         "VIA_SD_METRICS_PUBLIC", "").lower() in ("1", "true", "yes")
     out.tensor_parallel_size = _env(getattr(args, "tensor_parallel_size", None), "VIA_SD_TENSOR_PARALLEL_SIZE", 1, int)

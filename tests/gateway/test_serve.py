@@ -54,6 +54,13 @@ def test_engine_config_from_flags(tmp_path):
     assert cfg.model == str(tmp_path) and cfg.dtype == "bfloat16"
     assert (cfg.max_num_seqs, cfg.max_waiting, cfg.kv_cache_memory_gb) == (3, 5, 0.25)
     assert (cfg.spec.mode, cfg.spec.drafter, cfg.spec.num_draft_tokens) == ("binary", "self", 5)
+    assert cfg.device == "cpu"
+
+
+def test_device_from_flag_and_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIA_SD_DEVICE", "cuda:1")
+    assert serve.engine_config(serve.resolve_settings(parse([])), tmp_path).device == "cuda:1"
+    assert serve.engine_config(serve.resolve_settings(parse(["--device", "cpu"])), tmp_path).device == "cpu"
     assert serve.served_name(serve.resolve_settings(parse(["--model", str(tmp_path)]))) == tmp_path.name
     assert serve.served_name(serve.resolve_settings(parse(["--served-model-name", "x"]))) == "x"
 
