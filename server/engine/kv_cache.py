@@ -22,10 +22,15 @@ class KVCache:
         self.device = torch.device(device)
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
-        self.k = [torch.zeros(slots, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
-                  for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(slots, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
-                  for _ in range(cfg.num_layers)]
+        shape = (slots, cfg.num_kv_heads, cfg.head_dim)
+        if self.device.type == "cpu":
+            from server.engine import host_memory
+
+            kv = host_memory.zeros([shape] * (2 * cfg.num_layers), dtype)  # in huge pages where possible
+            self.k, self.v = kv[: cfg.num_layers], kv[cfg.num_layers:]
+        else:
+            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+            self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.pool = BlockPool(num_blocks)
 
     @staticmethod

@@ -185,7 +185,24 @@ class LlamaModel:
             ))
         embed = get("model.embed_tokens.weight")
         lm_head = embed if cfg.tie_word_embeddings or "lm_head.weight" not in tensors else get("lm_head.weight")
-        return cls(cfg, layers, embed, get("model.norm.weight"), lm_head, dtype)
+        model = cls(cfg, layers, embed, get("model.norm.weight"), lm_head, dtype)
+        if torch.device(device).type == "cpu":
+            model.move_to_huge_pages()
+        return model
+
+    _LAYER_FIELDS = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up", "w_down", "qkv_bias")
+
+    def move_to_huge_pages(self) -> None:
+        """Weights into one huge-page mapping (server/engine/host_memory.py): a decode step
+        streams them all, and 4 KiB pages cost it a TLB miss per page."""
+        from server.engine import host_memory
+
+        slots = [(lw, f) for lw in self.layers for f in self._LAYER_FIELDS if getattr(lw, f) is not None]
+        tensors = [getattr(lw, f) for lw, f in slots] + [self.embed, self.norm, self.lm_head]
+        moved = host_memory.move_to_huge_pages(tensors)
+        for (lw, f), t in zip(slots, moved):
+            setattr(lw, f, t)
+        self.embed, self.norm, self.lm_head = moved[len(slots):]
 
     # ---------------------------------------------------------------- rotary
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:

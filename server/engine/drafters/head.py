@@ -303,8 +303,20 @@ class HeadDrafter(Drafter):
             emb = emb.float().cpu()
             lm = emb if tied else lm.float().cpu()
         self.head.attach(emb, lm)
+        self._to_huge_pages()
         self.threshold = float(threshold if threshold is not None else self.info.get("threshold", DEFAULT_THRESHOLD))
         self.min_tokens = int(min_tokens if min_tokens is not None else self.info.get("min_tokens", 1))
+
+    def _to_huge_pages(self) -> None:
+        """The head's matrices into huge pages, like the model's (server/engine/host_memory.py)."""
+        from server.engine import host_memory
+
+        h = self.head
+        mods = [h.fc, h.qkv, h.o, h.gate_up, h.down]
+        moved = host_memory.move_to_huge_pages([m.weight.data for m in mods] + [h.out_embed])
+        for m, t in zip(mods, moved):
+            m.weight.data = t
+        h.out_embed = moved[-1]
 
     @torch.inference_mode()
     def propose(self, seqs, max_tokens: list[int]) -> DraftBatch:
