@@ -34,6 +34,9 @@ from via_sd_kernels import cpu as cpu_kernels
 # is new at every step (VIA_SD_CUDNN_SDPA=1 allows it again, for comparisons).
 CUDNN_SDPA = os.environ.get("VIA_SD_CUDNN_SDPA", "0") == "1"
 
+# a CPU batch of sequences with at most this many new tokens each takes the CPU attention kernel
+PAGED_MAX_QUERIES = 16
+
 
 def _attention_backends(device: torch.device):
     if device.type != "cuda" or CUDNN_SDPA:
@@ -263,9 +266,16 @@ class LlamaModel:
         # On a GPU the padded batch is one launch instead of B, so it stays for verification-sized
         # chunks (Q <= 16 queries) and per-sequence calls take over only for prefill chunks.
         wide = Q > 1 if x.device.type == "cpu" else Q > 16
-        segments = self._segments(batch, n_tok) if not single and not batch.dense and B > 1 and wide else None
+        # many decode-sized sequences on the CPU (more tokens than the small path takes): the CPU
+        # attention kernel reads each sequence's own context in place, where the padded batch would
+        # gather every sequence's K/V up to the longest context (64 sequences: GBs per step)
+        paged = (x.device.type == "cpu" and x.dtype == torch.float32 and batch.token_seq is not None
+                 and B > 1 and Q <= PAGED_MAX_QUERIES and cpu_kernels.available())
+        segments = None
+        if not single and not batch.dense and not paged and B > 1 and wide:
+            segments = self._segments(batch, n_tok)
         mask_g = None
-        if batch.attn_mask is not None and segments is None:
+        if batch.attn_mask is not None and segments is None and not paged:
             mask_g = batch.attn_mask.repeat(1, 1, G, 1)  # [B, 1, G*Q, L], rows ordered (g, q)
         prefix = None
         for i, lw in enumerate(self.layers):
@@ -274,17 +284,23 @@ class LlamaModel:
             if 2 * i >= start_sublayer and (route is None or route.attn[i]):
                 h = F.rms_norm(x, (x.shape[-1],), lw.attn_norm, eps)
                 qkv = F.linear(h, lw.wqkv, lw.qkv_bias)  # [N, (nh + 2 nkv) hd]
-                qk = qkv[:, : (nh + nkv) * hd].view(n_tok, nh + nkv, hd)
-                qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin  # rotary, q and k at once
-                q, k = qk.split([nh, nkv], dim=1)
-                v = qkv[:, (nh + nkv) * hd :].view(n_tok, nkv, hd)
                 kc, vc = k_cache[i], v_cache[i]
-                kc[batch.slot_mapping] = k
-                vc[batch.slot_mapping] = v
-                if segments is not None:
-                    x = x + F.linear(self._attend_segments(q, kc, vc, batch, segments, scale), lw.wo)
+                if paged:  # rotary, the K/V store and attention in one call
+                    rc, rs = self.rope_tables()
+                    att = cpu_kernels.paged_attention(qkv, rc, rs, batch.positions, batch.token_seq,
+                                                      batch.slot_mapping, batch.ctx_slots, kc, vc, nh, nkv, scale)
                 else:
-                    x = x + F.linear(self._attend_padded(q, kc, vc, batch, mask_g, single, scale), lw.wo)
+                    qk = qkv[:, : (nh + nkv) * hd].view(n_tok, nh + nkv, hd)
+                    qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin  # rotary, q and k at once
+                    q, k = qk.split([nh, nkv], dim=1)
+                    v = qkv[:, (nh + nkv) * hd :].view(n_tok, nkv, hd)
+                    kc[batch.slot_mapping] = k
+                    vc[batch.slot_mapping] = v
+                    if segments is not None:
+                        att = self._attend_segments(q, kc, vc, batch, segments, scale)
+                    else:
+                        att = self._attend_padded(q, kc, vc, batch, mask_g, single, scale)
+                x = x + F.linear(att, lw.wo)
             if save_at is not None and save_at == 2 * i + 1:
                 prefix = x
             if 2 * i + 1 >= start_sublayer and (route is None or route.mlp[i]):

@@ -63,3 +63,39 @@ def test_engine_greedy_output_is_the_same_without_the_kernels(tiny_model_dir):
         ref = [r.token_ids for r in eng.generate(greedy_requests(prompts, 24, "off", prefix="o"))]
     assert fast == ref
     assert_pool_full(eng)
+
+
+def _wide_pass(model: LlamaModel, calls: list, n_seqs: int = 40):
+    """Prefill n_seqs sequences of different lengths, then one pass of 1-3 new tokens each (more
+    tokens than the small path takes): returns its output and the cache."""
+    kv = KVCache(model.cfg, 8 * n_seqs + 1, 8, torch.float32)  # + the null block
+    tables = [kv.new_table() for _ in range(n_seqs)]
+    for t in tables:
+        t.ensure(kv.pool, 64)
+    lens = [5 + (7 * i) % 40 for i in range(n_seqs)]
+    with torch.inference_mode():
+        for t, n in zip(tables, lens):
+            model.forward(build_batch([Chunk(t, 0, [(3 * n + j) % 200 for j in range(n)], 1)]), kv.k, kv.v)
+        chunks = [Chunk(t, n, [(n + j) % 200 for j in range(1 + i % 3)], 1 + i % 3)
+                  for i, (t, n) in enumerate(zip(tables, lens))]
+        calls.clear()  # count the wide pass's kernel calls only
+        out = model.forward(build_batch(chunks), kv.k, kv.v, want_hidden=True)
+    return out, kv
+
+
+def test_wide_decode_batch_takes_the_attention_kernel_and_matches_sdpa(tiny_model_dir, monkeypatch):
+    import server.engine.model as model_module
+
+    model = LlamaModel.from_folder(tiny_model_dir)
+    calls = []
+    real = cpu.paged_attention
+    monkeypatch.setattr(cpu, "paged_attention", lambda *a: calls.append(1) or real(*a))
+    kernel, kv_kernel = _wide_pass(model, calls)
+    assert len(calls) == model.cfg.num_layers  # the wide pass ran on the kernel
+    monkeypatch.setattr(model_module, "PAGED_MAX_QUERIES", 0)  # padded SDPA instead
+    ref, kv_ref = _wide_pass(model, calls)
+    assert not calls
+    torch.testing.assert_close(kernel.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kernel.hidden, ref.hidden, rtol=1e-4, atol=1e-4)
+    for a, b in zip(kv_kernel.k + kv_kernel.v, kv_ref.k + kv_ref.v):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
