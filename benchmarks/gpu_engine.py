@@ -143,7 +143,8 @@ def graph_ms(model, batch, cache, route, device, iters: int) -> float | str:
         return f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def forward_costs(model, device, batches, gammas, context, iters, slim_route) -> list[dict]:
+def forward_costs(model, device, batches, gammas, context, iters, slim_route, bandwidth: float) -> list[dict]:
+    """Rows of the forward table; `bandwidth` in GB/s gives the bound."""
     cfg = model.cfg
     max_q = max(gammas) + 1
     bs = 16
@@ -170,7 +171,7 @@ def forward_costs(model, device, batches, gammas, context, iters, slim_route) ->
                 g = graph_ms(model, build_batch(chunks, device), cache, route, device, iters)
                 run_g = median_ms(lambda: graphed.forward(chunks, route), device, 3, iters) if graphed else None
                 kv = B * (context + Q) * kv_per_token
-                bound = (wbytes + kv) / (BW * 1e9) * 1e3
+                bound = (wbytes + kv) / (bandwidth * 1e9) * 1e3
                 if gamma == 0:
                     base = (eager, g)
                 row = {
@@ -284,11 +285,7 @@ def end_to_end(model, tokenizer_dir, device, dtype_name, batches, max_tokens, mo
     return rows
 
 
-BW = 0.0
-
-
 def main(argv: list[str] | None = None) -> int:
-    global BW
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="1b")
@@ -315,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     gammas = [int(g) for g in args.gammas.split(",")]
     t_start = time.perf_counter()
-    BW = copy_bandwidth(device, args.copy_gib)
-    print(f"copy bandwidth: {BW:.0f} GB/s", flush=True)
+    bw = copy_bandwidth(device, args.copy_gib)
+    print(f"copy bandwidth: {bw:.0f} GB/s", flush=True)
     model = random_model(args.preset, dtype, device)
     n_params = sum(t.numel() for lw in model.layers for t in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)) + model.embed.numel()
     wb = weight_bytes(model)
@@ -324,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     slim = Route.from_skips(L, skip_attn=(L * 11 // 16,), skip_mlp=tuple(range(L // 2, L // 2 + max(1, 3 * L // 16))),
                             name="slim(17%)")
     print(f"model: {args.preset} {n_params / 1e9:.3f}B parameters, {wb / 1e9:.2f} GB of weights per forward "
-          f"({args.dtype}); bound at batch 1: {wb / (BW * 1e9) * 1e3:.3f} ms = {BW * 1e9 / wb:.0f} tok/s", flush=True)
-    fwd = forward_costs(model, device, batches, gammas, args.context, args.iters, slim)
+          f"({args.dtype}); bound at batch 1: {wb / (bw * 1e9) * 1e3:.3f} ms = {bw * 1e9 / wb:.0f} tok/s", flush=True)
+    fwd = forward_costs(model, device, batches, gammas, args.context, args.iters, slim, bw)
     e2e = []
     with tempfile.TemporaryDirectory() as td:
         from server.engine.testing import write_tiny_model
@@ -357,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                   "weight_bytes_per_forward": wb, "init": "random, seed 0"},
         "slim_route": {"skip_attn": [i for i, a in enumerate(slim.attn) if not a],
                        "skip_mlp": [i for i, m in enumerate(slim.mlp) if not m]},
-        "copy_bandwidth_gb_s": round(BW, 1),
+        "copy_bandwidth_gb_s": round(bw, 1),
         "context": args.context,
         "forward": fwd,
         "engine": e2e,

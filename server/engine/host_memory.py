@@ -46,16 +46,17 @@ class Arena:
         self._end = size
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        n = _round_up(int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size(), ALIGN)
+        n = _nbytes(shape, dtype)
         if self._off + n > self._end:
             raise MemoryError("arena exhausted")
         t = self._bytes[self._off:self._off + n]
         self._off += n
-        return t.view(dtype)[: int(torch.Size(shape).numel())].view(shape)
+        return t.view(dtype)[: torch.Size(shape).numel()].view(shape)
 
 
-def _nbytes(shape, dtype) -> int:
-    return _round_up(int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size(), ALIGN)
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes a tensor takes in the arena, padded to the next cache line."""
+    return _round_up(torch.Size(shape).numel() * dtype.itemsize, ALIGN)
 
 
 def move_to_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

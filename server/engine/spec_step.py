@@ -101,6 +101,7 @@ class SpecJob:
     draft_probs: dict[int, torch.Tensor] = field(default_factory=dict)
     slim_hidden_prefix: torch.Tensor | None = None  # [slim tokens, H] at the first skipped sub-layer
     slim_token_rows: list[tuple[int, int]] = field(default_factory=list)
+    slim_row_starts: list[int] = field(default_factory=list)  # first logits row of each slim sequence (host copy)
     drop_bonus: torch.Tensor | None = None  # [slim seqs] bool: the slim bonus is not emitted
 
     def prefix_start(self, rows_before: int):
@@ -218,6 +219,9 @@ class SpecDecoder:
         job.slim_token_rows = token_rows
         meta = SpecMetadata.from_lists([p.drafts for p in slim_plans], device=out.logits.device)
         job.slim_meta = meta
+        job.slim_row_starts = [0]
+        for p in slim_plans[:-1]:
+            job.slim_row_starts.append(job.slim_row_starts[-1] + len(p.drafts) + 1)
         probs1 = torch.softmax(out.logits, -1)  # the gate reads q' at temperature 1
         floor = eng.config.spec.slim_confidence
         if floor > 0:
@@ -287,7 +291,7 @@ class SpecDecoder:
                 if p.full:
                     a = full_offsets[p.full_row]
                     n = len(p.drafts) + 1
-                    r0 = int(job.slim_meta.cu_num_rows[p.slim_row])
+                    r0 = job.slim_row_starts[p.slim_row]
                     full_rows[r0:r0 + n] = full_logits[a:a + n]
             full_scaled = full_rows if greedy else self._probs(seqs, [n + 1 for n in n_d], full_rows, False)
             if greedy:
@@ -366,7 +370,7 @@ class SpecDecoder:
                 self.controller.update(seq.controller, slim_ran=p.slim, full_ran=p.full,
                                        prefix_reused=job.prefix_used, tokens=m)
             # the rows that decided the emitted tokens: the full model's when it ran, else the slim verifier's
-            r0 = full_offsets[p.full_row] if p.full else int(job.slim_meta.cu_num_rows[p.slim_row])
+            r0 = full_offsets[p.full_row] if p.full else job.slim_row_starts[p.slim_row]
             lps = None
             if seq.request.sampling.logprobs is not None:
                 lg = (full_logits if p.full else job.slim_logits)[r0:r0 + m]
