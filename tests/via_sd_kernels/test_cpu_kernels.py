@@ -16,6 +16,11 @@ from via_sd_kernels import cpu
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler for the CPU kernels")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _built():
+    cpu.available()  # build (or find) the kernels, so that any one test can run alone
+
+
 def test_kernels_build_on_this_host():
     assert cpu.available(), "the CPU decode kernels did not build (see the log for the compiler's message)"
 
@@ -100,6 +105,34 @@ def test_paged_attention_matches_reference(nh, nkv, hd):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(kc, k_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(vc, v_ref)
+
+
+@pytest.mark.parametrize("nh,nkv,hd", [(9, 3, 64), (4, 2, 24)])
+def test_paged_attention_is_bitwise_independent_of_the_pass(nh, nkv, hd):
+    """A verification pass of several tokens gives each token exactly what decoding it alone would
+    (that keeps `binary` lossless): five tokens at once, against the same five one by one, each
+    with its own context of a few hundred positions in scattered 16-slot blocks."""
+    g = torch.Generator().manual_seed(7 + hd)
+    P, n_ctx = 512, 300
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    emb = torch.cat([torch.outer(torch.arange(P, dtype=torch.float64), inv)] * 2, -1)
+    cos, sin = emb.cos().float(), emb.sin().float()
+    blocks = torch.randperm(P // 16, generator=g)
+    ctx = (blocks[:, None] * 16 + torch.arange(16)).reshape(1, -1)[:, : n_ctx + 5]
+    kc, vc = torch.randn(P, nkv, hd, generator=g), torch.randn(P, nkv, hd, generator=g)
+    qkv = torch.randn(5, (nh + 2 * nkv) * hd, generator=g) * 3
+    positions = torch.arange(n_ctx, n_ctx + 5)
+
+    def run(rows, k, v):
+        idx = torch.tensor(rows)
+        return cpu.paged_attention(qkv[idx], cos, sin, positions[idx], torch.zeros(len(rows), dtype=torch.long),
+                                   ctx[0, positions[idx]], ctx, k, v, nh, nkv, 1 / math.sqrt(hd))
+
+    k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    together = run([0, 1, 2, 3, 4], k1, v1)
+    alone = torch.cat([run([t], k2, v2) for t in range(5)])
+    assert torch.equal(together, alone)
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)
 
 
 def test_linear_falls_back_for_large_or_bf16_inputs():

@@ -20,7 +20,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -150,6 +152,61 @@ static inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// e^x in 16 lanes (Cephes' polynomial, about 1 ulp); 0 below -87. The attention's softmax uses
+// it for every pass size, so a token's weights do not depend on what shares its pass.
+typedef int32_t vi16 __attribute__((vector_size(64)));
+static inline v16 exp16(v16 x) {
+  const vi16 small = x < -87.f;  // lanes that underflow: zero
+  x = small ? v16{} - 87.f : x;
+  const v16 magic = v16{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const v16 n = (x * 1.44269504088896341f + magic) - magic;
+  v16 r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v16 p = v16{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const v16 y = p * r * r + r + 1.f;
+  const vi16 e = (__builtin_convertvector(n, vi16) + 127) << 23;
+  v16 scale;
+  __builtin_memcpy(&scale, &e, sizeof(scale));
+  const v16 out = y * scale;
+  return small ? v16{} : out;
+}
+
+// Sixteen dot products at once: acc[k] holds key k's 16 partial sums; a tree of lane shuffles
+// adds them so that lane k of the result is key k's score (inputs go in bit-reversed order).
+// Each score's additions are the same whatever the other fifteen keys are.
+static inline v16 add_pairs8(v16 x, v16 y) {
+  return __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+static inline v16 add_pairs4(v16 x, v16 y) {
+  return __builtin_shufflevector(x, y, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+         __builtin_shufflevector(x, y, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+static inline v16 add_pairs2(v16 x, v16 y) {
+  return __builtin_shufflevector(x, y, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+         __builtin_shufflevector(x, y, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+static inline v16 add_pairs1(v16 x, v16 y) {
+  return __builtin_shufflevector(x, y, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(x, y, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+static inline v16 reduce16x16(const v16* a) {
+  static constexpr int rev[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  v16 r[8], s[4], t[2];
+  for (int i = 0; i < 8; ++i) r[i] = add_pairs8(a[rev[2 * i]], a[rev[2 * i + 1]]);
+  for (int i = 0; i < 4; ++i) s[i] = add_pairs4(r[2 * i], r[2 * i + 1]);
+  for (int i = 0; i < 2; ++i) t[i] = add_pairs2(s[2 * i], s[2 * i + 1]);
+  return add_pairs1(t[0], t[1]);
+}
+
+constexpr int64_t QC = 4;  // queries per attention work item
+constexpr int64_t VC = 4;  // 16-float column blocks of V per accumulator pass (hd <= 64 in one)
+
 // silu(g) * u for gu = [g | u] along the last axis: [M, 2I] -> [M, I].
 torch::Tensor silu_mul(const torch::Tensor& gu) {
   TORCH_CHECK(gu.dim() == 2 && gu.scalar_type() == at::kFloat && gu.size(1) % 2 == 0, "silu_mul: fp32 [M, 2I]");
@@ -229,41 +286,135 @@ torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tensor& cos
   auto out = torch::empty({N, nh * hd}, q3.options());
   float* op = out.data_ptr<float>();
   const float sc = float(scale);
+  // Work items: (run of consecutive tokens of one sequence, KV head, up to QC of the run's queries
+  // on that head). An item reads each K and V row once for all its queries instead of once per
+  // query: grouped-query heads and the draft tokens of a verification share their context.
+  struct Item { int64_t t0, nq, g, q0, nmax; };
+  std::vector<Item> items;
+  // QC queries per item: with one token, an item is one KV head's group of query heads (each K/V
+  // row read once for the group, measured faster than one query per item despite fewer items)
+  const int64_t qc = QC;
+  for (int64_t t0 = 0; t0 < N;) {
+    int64_t t1 = t0 + 1;
+    while (t1 < N && seqp[t1] == seqp[t0]) ++t1;
+    int64_t nmax = 0;
+    for (int64_t t = t0; t < t1; ++t) nmax = posp[t] + 1 > nmax ? posp[t] + 1 : nmax;
+    const int64_t nq = (t1 - t0) * G;  // queries of one KV head in this run, ordered (token, head)
+    for (int64_t g = 0; g < nkv; ++g)
+      for (int64_t q0 = 0; q0 < nq; q0 += qc) items.push_back({t0, nq, g, q0, nmax});
+    t0 = t1;
+  }
+  const int64_t L16 = (L + 15) & ~int64_t(15);
   auto work = [&](int64_t b0, int64_t b1) {
-    std::vector<float> p(L);
-    for (int64_t item = b0; item < b1; ++item) {
-      const int64_t t = item / nh, h = item % nh, g = h / G;
-      const int64_t n_ctx = posp[t] + 1;
-      const int64_t* cs_row = ctxp + seqp[t] * L;
-      const float* qv = q.data() + (t * nh + h) * hd;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < n_ctx; ++j) {
-        const float* kv = kc + cs_row[j] * row + g * hd;
-        p[j] = dot(qv, kv, hd) * sc;
-        mx = p[j] > mx ? p[j] : mx;
+    std::vector<float> pbuf(QC * L16);
+    for (int64_t it = b0; it < b1; ++it) {
+      const Item& item = items[it];
+      const int64_t nq = std::min<int64_t>(qc, item.nq - item.q0);
+      const int64_t* cs_row = ctxp + seqp[item.t0] * L;
+      const float* qv[QC];
+      int64_t tok[QC], head[QC], nctx[QC];
+      for (int64_t a = 0; a < nq; ++a) {
+        const int64_t qi = item.q0 + a;
+        tok[a] = item.t0 + qi / G;
+        head[a] = item.g * G + qi % G;
+        nctx[a] = posp[tok[a]] + 1;
+        qv[a] = q.data() + (tok[a] * nh + head[a]) * hd;
       }
-      float den = 0.f;
-      for (int64_t j = 0; j < n_ctx; ++j) {
-        p[j] = std::exp(p[j] - mx);
-        den += p[j];
+      // scores, 16 keys at a time: each K row once for all queries; a query's score sequence is
+      // the same whatever else shares the item
+      const int64_t hd16 = hd & ~int64_t(15);
+      for (int64_t j0 = 0; j0 < item.nmax; j0 += 16) {
+        const float* kr[16];
+        for (int64_t k = 0; k < 16; ++k)
+          kr[k] = kc + cs_row[j0 + k < item.nmax ? j0 + k : 0] * row + item.g * hd;
+        // the next block's keys are on their way while this one computes (rows are scattered
+        // over the cache's blocks, and a cold layer's context comes from memory)
+        for (int64_t k = 0; k < 16 && j0 + 16 + k < item.nmax; ++k) {
+          const char* nk = reinterpret_cast<const char*>(kc + cs_row[j0 + 16 + k] * row + item.g * hd);
+          for (int64_t b = 0; b < hd * 4; b += 64) __builtin_prefetch(nk + b, 0, 3);
+        }
+        for (int64_t a = 0; a < nq; ++a) {
+          v16 acc[16];
+          for (int64_t k = 0; k < 16; ++k) acc[k] = v16{};
+          for (int64_t d = 0; d < hd16; d += 16) {
+            const v16 qd = load16(qv[a] + d);
+            for (int64_t k = 0; k < 16; ++k) acc[k] = acc[k] + qd * load16(kr[k] + d);
+          }
+          v16 sc16 = reduce16x16(acc);
+          if (hd16 < hd) {
+            float tail[16];
+            for (int64_t k = 0; k < 16; ++k) {
+              float t = 0.f;
+              for (int64_t d = hd16; d < hd; ++d) t += qv[a][d] * kr[k][d];
+              tail[k] = t;
+            }
+            sc16 = sc16 + load16(tail);
+          }
+          sc16 = sc16 * sc;
+          __builtin_memcpy(pbuf.data() + a * L16 + j0, &sc16, sizeof(sc16));
+        }
       }
-      float* o = op + t * nh * hd + h * hd;
-      for (int64_t i = 0; i < hd; ++i) o[i] = 0.f;
-      for (int64_t j = 0; j < n_ctx; ++j) {
-        const float* vv = vc + cs_row[j] * row + g * hd;
-        const float pj = p[j];
-        for (int64_t i = 0; i < hd; ++i) o[i] += pj * vv[i];
+      // softmax per query over its own context, 16 lanes at a time; lanes past it are zero
+      float inv[QC];
+      for (int64_t a = 0; a < nq; ++a) {
+        float* p = pbuf.data() + a * L16;
+        const int64_t n = nctx[a];
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) mx = p[j] > mx ? p[j] : mx;
+        const int64_t n16 = (n + 15) & ~int64_t(15);
+        for (int64_t j = n; j < n16; ++j) p[j] = -INFINITY;
+        v16 den{};
+        for (int64_t j = 0; j < n16; j += 16) {
+          const v16 e = exp16(load16(p + j) - mx);
+          __builtin_memcpy(p + j, &e, sizeof(e));
+          den = den + e;
+        }
+        for (int64_t j = n16; j < item.nmax; ++j) p[j] = 0.f;
+        inv[a] = 1.f / reduce16(den);
       }
-      const float inv = 1.f / den;
-      for (int64_t i = 0; i < hd; ++i) o[i] *= inv;
+      // p @ V: each V row once for all queries (a zero weight past a query's context adds
+      // nothing, so its sums are the ones it would get alone)
+      for (int64_t c0 = 0; c0 < hd; c0 += 16 * VC) {
+        const int64_t nc = std::min<int64_t>(VC, (hd - c0) / 16);
+        v16 acc[QC][VC];
+        for (int64_t a = 0; a < QC; ++a)
+          for (int64_t c = 0; c < VC; ++c) acc[a][c] = v16{};
+        for (int64_t j = 0; j < item.nmax; ++j) {
+          const float* vv = vc + cs_row[j] * row + item.g * hd + c0;
+          if (j + 8 < item.nmax) {
+            const char* nv = reinterpret_cast<const char*>(vc + cs_row[j + 8] * row + item.g * hd + c0);
+            for (int64_t b = 0; b < nc * 64; b += 64) __builtin_prefetch(nv + b, 0, 3);
+          }
+          v16 vr[VC];
+          for (int64_t c = 0; c < nc; ++c) vr[c] = load16(vv + 16 * c);
+          for (int64_t a = 0; a < nq; ++a) {
+            const float pj = pbuf[a * L16 + j];
+            for (int64_t c = 0; c < nc; ++c) acc[a][c] = acc[a][c] + pj * vr[c];
+          }
+        }
+        for (int64_t a = 0; a < nq; ++a) {
+          float* o = op + tok[a] * nh * hd + head[a] * hd + c0;
+          for (int64_t c = 0; c < nc; ++c) {
+            const v16 r = acc[a][c] * inv[a];
+            __builtin_memcpy(o + 16 * c, &r, sizeof(r));
+          }
+        }
+      }
+      // a head size that is not a multiple of 16: the tail columns one by one
+      for (int64_t i = (hd / 16) * 16; i < hd; ++i)
+        for (int64_t a = 0; a < nq; ++a) {
+          float s = 0.f;
+          for (int64_t j = 0; j < nctx[a]; ++j) s += pbuf[a * L16 + j] * vc[cs_row[j] * row + item.g * hd + i];
+          op[tok[a] * nh * hd + head[a] * hd + i] = s * inv[a];
+        }
     }
   };
-  const int64_t items = N * nh;
+  const int64_t n_items = int64_t(items.size());
   // a parallel region pays off only for long contexts or many tokens
-  if (items * L * hd >= (int64_t(1) << 17)) {
-    at::parallel_for(0, items, 1, work);
+  if (N * nh * L * hd >= (int64_t(1) << 17) && n_items > 1) {
+    at::parallel_for(0, n_items, 1, work);
   } else {
-    work(0, items);
+    work(0, n_items);
   }
   return out;
 }
