@@ -46,6 +46,15 @@ def test_skinny_linear_rows_are_bitwise_independent_of_batch_size():
     assert torch.equal(cpu.skinny_linear(x[3:8], w), whole[3:8])
 
 
+@pytest.mark.parametrize("M", [1, 3, 6, 33])
+@pytest.mark.parametrize("K", [576, 600])
+def test_skinny_linear_fp16_weights_are_widened_exactly(M, K):
+    """The draft head's fp16 matrices: the kernel's sums are bitwise those of the same weights in fp32."""
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    x, w = torch.randn(min(M, 32), K, generator=g), torch.randn(130, K, generator=g).half()
+    assert torch.equal(cpu.skinny_linear(x, w), cpu.skinny_linear(x, w.float()))
+
+
 def test_rms_norm_and_silu_mul_match_torch():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 576, generator=g) * 3

@@ -20,6 +20,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -29,6 +33,27 @@
 typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));
 
 static inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
+
+// fp16 weights (a draft head's): converted exactly to fp32 in registers, half the bytes to read
+static inline v16 load16(const _Float16* p) {
+#if defined(__AVX512F__)
+  const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  v16 out;
+  __builtin_memcpy(&out, &f, sizeof(out));
+  return out;
+#elif defined(__F16C__)
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  v16 out;
+  __builtin_memcpy(&out, &lo, 32);
+  __builtin_memcpy(reinterpret_cast<char*>(&out) + 32, &hi, 32);
+  return out;
+#else
+  v16 out;
+  for (int i = 0; i < 16; ++i) out[i] = float(p[i]);
+  return out;
+#endif
+}
 
 static inline float reduce16(v16 a) {
   float s[16];
@@ -40,8 +65,8 @@ static inline float reduce16(v16 a) {
 }
 
 // R weight rows x MB tokens, all of K.
-template <int R, int MB>
-static inline void tile(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ out,
+template <int R, int MB, typename W>
+static inline void tile(const float* __restrict__ x, const W* __restrict__ w, float* __restrict__ out,
                         const float* __restrict__ res, int64_t K, int64_t N, int64_t n, int64_t m) {
   v16 acc[R][MB];
   for (int r = 0; r < R; ++r)
@@ -61,16 +86,16 @@ static inline void tile(const float* __restrict__ x, const float* __restrict__ w
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < MB; ++j) {
       float s = reduce16(acc[r][j]);
-      const float* wr = w + (n + r) * K;
+      const W* wr = w + (n + r) * K;
       const float* xr = x + (m + j) * K;
-      for (int64_t k = K16; k < K; ++k) s += wr[k] * xr[k];
+      for (int64_t k = K16; k < K; ++k) s = __builtin_fmaf(float(wr[k]), xr[k], s);
       const int64_t o = (m + j) * N + n + r;
       out[o] = res ? res[o] + s : s;
     }
 }
 
-template <int R>
-static void rows(const float* x, const float* w, float* out, const float* res, int64_t M, int64_t K, int64_t N,
+template <int R, typename W>
+static void rows(const float* x, const W* w, float* out, const float* res, int64_t M, int64_t K, int64_t N,
                  int64_t n) {
   int64_t m = 0;
   for (; m + 4 <= M; m += 4) tile<R, 4>(x, w, out, res, K, N, n, m);
@@ -82,26 +107,38 @@ static void rows(const float* x, const float* w, float* out, const float* res, i
   }
 }
 
-template <int R>
-static void run_rows(const float* xp, const float* wp, float* op, const float* rp, int64_t M, int64_t K, int64_t N) {
+template <int R, typename W>
+static void run_rows(const float* xp, const W* wp, float* op, const float* rp, int64_t M, int64_t K, int64_t N) {
   const int64_t tiles = N / R;
   at::parallel_for(0, tiles, 32 / R, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) rows<R>(xp, wp, op, rp, M, K, N, t * R);
   });
-  for (int64_t n = tiles * R; n < N; ++n) rows<1>(xp, wp, op, rp, M, K, N, n);
+  for (int64_t n = tiles * R; n < N; ++n) rows<1, W>(xp, wp, op, rp, M, K, N, n);
 }
 
 // out = x @ w^T (+ residual): the residual add of a decoder layer folded into the store.
+template <typename W>
+static void skinny(const float* xp, const W* wp, float* op, const float* rp, int64_t M, int64_t K, int64_t N) {
+  // few tokens: more rows in flight (8 independent streams and accumulator chains); more tokens:
+  // 4 rows x 4 tokens, 16 accumulators in registers
+  if (M <= 2) {
+    run_rows<8>(xp, wp, op, rp, M, K, N);
+  } else {
+    run_rows<4>(xp, wp, op, rp, M, K, N);
+  }
+}
+
+// w fp32, or fp16 (every fp16 value is exact in fp32, so the sums are those of w.float())
 torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "skinny_linear: x [M, K] and w [N, K]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "skinny_linear: fp32 only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "skinny_linear: x fp32");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kHalf, "skinny_linear: w fp32 or fp16");
   TORCH_CHECK(x.size(1) == w.size(1), "skinny_linear: K mismatch");
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
   auto out = torch::empty({M, N}, xc.options());
   const float* xp = xc.data_ptr<float>();
-  const float* wp = wc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   torch::Tensor rc;
   const float* rp = nullptr;
@@ -110,12 +147,10 @@ torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& w, cons
     TORCH_CHECK(rc.scalar_type() == at::kFloat && rc.size(0) == M && rc.size(1) == N, "skinny_linear: residual [M, N]");
     rp = rc.data_ptr<float>();
   }
-  // few tokens: more rows in flight (8 independent streams and accumulator chains); more tokens:
-  // 4 rows x 4 tokens, 16 accumulators in registers
-  if (M <= 2) {
-    run_rows<8>(xp, wp, op, rp, M, K, N);
+  if (wc.scalar_type() == at::kHalf) {
+    skinny(xp, reinterpret_cast<const _Float16*>(wc.data_ptr<at::Half>()), op, rp, M, K, N);
   } else {
-    run_rows<4>(xp, wp, op, rp, M, K, N);
+    skinny(xp, wc.data_ptr<float>(), op, rp, M, K, N);
   }
   return out;
 }

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -45,6 +46,7 @@ from server.engine.drafters.base import DraftBatch, Drafter
 from via_sd_kernels import cpu as cpu_kernels
 
 DEFAULT_THRESHOLD = 0.4
+HEAD_FP16 = os.environ.get("VIA_SD_HEAD_FP16", "1") != "0"
 EPS = 1e-6
 
 
@@ -67,11 +69,23 @@ def _rms(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), w, EPS)
 
 
-def _linear(x: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
+def _matmul(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x2 [M, K] @ w[N, K]^T. fp16 weights (the drafter's, `HeadDrafter._pack`) go through the
+    CPU kernel, which widens them exactly, 32 rows at a time."""
+    if w.dtype == torch.float16:
+        x2 = x2.float().contiguous()
+        if x2.shape[0] <= cpu_kernels.SKINNY_MAX_TOKENS:
+            return cpu_kernels.skinny_linear(x2, w, None)
+        return torch.cat([cpu_kernels.skinny_linear(c, w, None) for c in x2.split(cpu_kernels.SKINNY_MAX_TOKENS)])
     if _fast(x2):
-        return cpu_kernels.skinny_linear(x2.contiguous(), lin.weight, None).view(*x.shape[:-1], -1)
-    return lin(x)
+        return cpu_kernels.skinny_linear(x2.contiguous(), w, None)
+    return x2 @ w.T
+
+
+def _linear(x: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
+    if lin.weight.dtype == torch.float32 and not _fast(x.reshape(-1, x.shape[-1])):
+        return lin(x)  # training: autograd
+    return _matmul(x.reshape(-1, x.shape[-1]), lin.weight).view(*x.shape[:-1], -1)
 
 
 _INV_FREQ: dict[int, torch.Tensor] = {}
@@ -147,8 +161,8 @@ class DraftHead(torch.nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., H] -> reduced-vocabulary logits [..., R]."""
-        if _fast(h):
-            return cpu_kernels.skinny_linear(h.contiguous(), self.out_embed, None)
+        if self.out_embed.dtype == torch.float16 or _fast(h):
+            return _matmul(h.reshape(-1, h.shape[-1]), self.out_embed).view(*h.shape[:-1], -1)
         return h @ self.out_embed.T
 
     def num_params(self) -> int:
@@ -308,12 +322,19 @@ class HeadDrafter(Drafter):
         self.min_tokens = int(min_tokens if min_tokens is not None else self.info.get("min_tokens", 1))
 
     def _to_huge_pages(self) -> None:
-        """The head's matrices into huge pages, like the model's (server/engine/host_memory.py)."""
+        """The head's matrices into huge pages, like the model's (server/engine/host_memory.py),
+        and, where the CPU kernels run, in fp16: drafting reads them once per draft token (28 MB
+        in fp32, from memory, since the target's weights evict them), and the kernel widens fp16
+        exactly. The head was trained and saved in fp16, so its own matrices lose nothing; the
+        target's output embedding rows are rounded, which only moves a draft's probabilities."""
         from server.engine import host_memory
 
         h = self.head
         mods = [h.fc, h.qkv, h.o, h.gate_up, h.down]
-        moved = host_memory.move_to_huge_pages([m.weight.data for m in mods] + [h.out_embed])
+        mats = [m.weight.data for m in mods] + [h.out_embed]
+        if HEAD_FP16 and cpu_kernels.available():
+            mats = [t.to(torch.float16) for t in mats]
+        moved = host_memory.move_to_huge_pages(mats)
         for m, t in zip(mods, moved):
             m.weight.data = t
         h.out_embed = moved[-1]
