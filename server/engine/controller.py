@@ -8,7 +8,9 @@ full-pass-equivalent for both kinds of step, runs the better one, and tries the 
 `explore_every` steps so that a change in the text (a code block, a quote to copy) is noticed.
 An exploration that confirms the choice doubles the period (up to `max_explore_every`); one that
 changes it resets the period. On a model where the slim tier seldom pays, a 128-token request
-then spends 2 warm-up and about 3 exploring steps on it, not 4 and 5.
+then spends 2 warm-up and about 3 exploring steps on it, not 4 and 5. The warm-up measures each
+kind of step `warmup` times before comparing them: with one binary sample, a single rejected
+draft made the slim tier look better and kept it on until the next exploration.
 
 Example: slim_cost 0.8, prefix share 0.1. Three-tier steps that escalate 90% of the time and
 commit 1.3 tokens cost 0.8 + 0.9 * 0.9 = 1.61 -> 0.81 tokens per unit; binary steps committing
@@ -25,6 +27,8 @@ class ControllerState:
     value_three: float | None = None  # tokens per unit cost, EWMA
     value_binary: float | None = None
     steps: int = 0
+    n_three: int = 0  # steps of each kind measured
+    n_binary: int = 0
     since_explore: int = 0
     explore_every: int = 0  # the current exploration period; 0 = the controller's base period
     last_on: bool = True
@@ -44,24 +48,27 @@ class SlimController:
     def want_slim(self, st: ControllerState) -> bool:
         if not self.enabled:
             return True
-        if st.steps < self.warmup or st.value_three is None:
+        if st.n_three < self.warmup:
             return True  # measure the three-tier step first
-        if st.value_binary is None:
-            return False  # then measure the binary step once
+        if st.n_binary < self.warmup:
+            return False  # then the binary step as many times: one unlucky step decides nothing
         best_three = st.value_three >= st.value_binary
         if st.since_explore >= (st.explore_every or self.explore_every):
             return not best_three  # try the other kind now and then
         return best_three
 
     def update(self, st: ControllerState, *, slim_ran: bool, full_ran: bool, prefix_reused: bool, tokens: int) -> None:
-        before = self._preferred(st) if st.value_three is not None and st.value_binary is not None else None
+        warm = st.n_three >= self.warmup and st.n_binary >= self.warmup
+        before = self._preferred(st) if warm else None
         if slim_ran:
             cost = self.slim_cost + (1.0 - (self.prefix_share if prefix_reused else 0.0)) * float(full_ran)
             v = tokens / max(cost, 1e-6)
             st.value_three = v if st.value_three is None else (1 - self.alpha) * st.value_three + self.alpha * v
+            st.n_three += 1
         else:
             v = float(tokens)
             st.value_binary = v if st.value_binary is None else (1 - self.alpha) * st.value_binary + self.alpha * v
+            st.n_binary += 1
         after = self._preferred(st)
         explored = before is not None and slim_ran != before
         if explored:

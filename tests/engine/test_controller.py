@@ -19,8 +19,8 @@ def run(ctl: SlimController, steps: int, three_tokens, binary_tokens: float) -> 
 def test_slim_tier_that_does_not_pay_is_tried_less_and_less():
     ctl = SlimController(0.9, 0.2)
     on = run(ctl, 200, lambda i: 2, 2.0)  # a three-tier step costs 1.7 for the same tokens
-    assert on[:2] == [True, True] and on[2] is False  # warm-up, then one binary step to compare
-    explores = [i for i, s in enumerate(on) if s and i >= 2]
+    assert on[:4] == [True, True, False, False]  # warm-up: each kind measured twice before comparing
+    explores = [i for i, s in enumerate(on) if s and i >= 4]
     gaps = [b - a for a, b in zip(explores, explores[1:])]
     assert gaps == sorted(gaps) and gaps[-1] > 2 * gaps[0]  # the period grows
     assert sum(on) <= 8  # a fixed period of 12 would have tried it 17 times
@@ -34,6 +34,21 @@ def test_slim_tier_that_pays_stays_on_and_a_change_is_noticed():
     # the text changes: from step 40 the slim tier stops paying; the controller turns it off
     on = run(ctl, 120, lambda i: 4 if i < 40 else 1, 2.0)
     assert sum(on[60:]) <= 4
+
+
+def test_one_unlucky_binary_step_does_not_keep_the_slim_tier_on():
+    """Binary steps commit 3 tokens except the first, whose draft was rejected (1 token); the
+    three-tier step costs 1.7 for 2 tokens. The slim tier must be off right after the warm-up."""
+    ctl = SlimController(0.9, 0.2)
+    st, on = ControllerState(), []
+    n_binary = 0
+    for _ in range(30):
+        slim = ctl.want_slim(st)
+        on.append(slim)
+        tokens = 2 if slim else (1 if n_binary == 0 else 3)
+        n_binary += not slim
+        ctl.update(st, slim_ran=slim, full_ran=slim, prefix_reused=True, tokens=tokens)
+    assert not any(on[4:12])
 
 
 def test_disabled_controller_always_runs_the_slim_tier():
