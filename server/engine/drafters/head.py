@@ -70,22 +70,21 @@ def _rms(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def _matmul(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x2 [M, K] @ w[N, K]^T. fp16 weights (the drafter's, `HeadDrafter._pack`) go through the
-    CPU kernel, which widens them exactly, 32 rows at a time."""
+    """x2 [M, K] @ w[N, K]^T. fp16 weights (the drafter's, `HeadDrafter._to_huge_pages`) go
+    through the CPU kernel, which widens them exactly, 32 rows at a time."""
     if w.dtype == torch.float16:
-        x2 = x2.float().contiguous()
-        if x2.shape[0] <= cpu_kernels.SKINNY_MAX_TOKENS:
-            return cpu_kernels.skinny_linear(x2, w, None)
-        return torch.cat([cpu_kernels.skinny_linear(c, w, None) for c in x2.split(cpu_kernels.SKINNY_MAX_TOKENS)])
+        parts = [cpu_kernels.skinny_linear(c, w, None) for c in x2.float().split(cpu_kernels.SKINNY_MAX_TOKENS)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
     if _fast(x2):
         return cpu_kernels.skinny_linear(x2.contiguous(), w, None)
     return x2 @ w.T
 
 
 def _linear(x: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
-    if lin.weight.dtype == torch.float32 and not _fast(x.reshape(-1, x.shape[-1])):
+    x2 = x.reshape(-1, x.shape[-1])
+    if lin.weight.dtype == torch.float32 and not _fast(x2):
         return lin(x)  # training: autograd
-    return _matmul(x.reshape(-1, x.shape[-1]), lin.weight).view(*x.shape[:-1], -1)
+    return _matmul(x2, lin.weight).view(*x.shape[:-1], -1)
 
 
 _INV_FREQ: dict[int, torch.Tensor] = {}
