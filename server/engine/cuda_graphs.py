@@ -109,7 +109,9 @@ class CudaGraphRunner:
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk], route=None, *, start_sublayer: int = 0,
                 start_hidden: torch.Tensor | None = None, save_at: int | None = None,
-                want_hidden: bool = False) -> ForwardOutput | None:
+                want_hidden: bool = False, argmax_only: bool = False) -> ForwardOutput | None:
+        # argmax_only: the fp16 LM-head read of a greedy pass is a CPU path (model.GreedyHead);
+        # a captured graph computes the full logits
         shape = self.shape(chunks)
         if shape is None:
             return None

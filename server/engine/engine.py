@@ -177,12 +177,16 @@ class LLMEngine:
         out = None
         if all_chunks:
             start = spec_job.prefix_start(len(full_chunks) + len(plain_chunks)) if spec_job else None
+            # greedy requests without logprobs read only the argmax of the full pass's logits
+            argmax_only = all(s.seq.request.sampling.greedy and s.seq.request.sampling.logprobs is None
+                              for s in plain + specs)
             if start is not None:
-                out = self.runner.forward(all_chunks, start_sublayer=start[0], start_hidden=start[1], want_hidden=True)
+                out = self.runner.forward(all_chunks, start_sublayer=start[0], start_hidden=start[1], want_hidden=True,
+                                          argmax_only=argmax_only)
             else:
                 # a drafter that reads hidden states sees every committed token, plain steps included
                 watch = self.spec.drafter.wants_hidden and (spec_job is not None or any(s.seq.spec.mode != "off" for s in plain))
-                out = self.runner.forward(all_chunks, want_hidden=watch)
+                out = self.runner.forward(all_chunks, want_hidden=watch, argmax_only=argmax_only)
         for s in prefills:
             s.seq.full_frontier += s.num_new
             s.seq.slim_frontier = max(s.seq.slim_frontier, s.seq.full_frontier)

@@ -37,6 +37,49 @@ CUDNN_SDPA = os.environ.get("VIA_SD_CUDNN_SDPA", "0") == "1"
 # a CPU batch of sequences with at most this many new tokens each takes the CPU attention kernel
 PAGED_MAX_QUERIES = 16
 
+# Greedy passes read the LM head in fp16 and recompute the few rows that could be the argmax
+# exactly (GreedyHead); VIA_SD_GREEDY_HEAD=0 reads it in fp32 always.
+GREEDY_HEAD = os.environ.get("VIA_SD_GREEDY_HEAD", "1") != "0"
+
+
+class GreedyHead:
+    """The exact argmax of `h @ w.T` while streaming half of `w`'s bytes.
+
+    A decode step reads every weight once; the LM head [V, H] is a fifth of them on a small model
+    (113 of 540 MB in fp32 on the bundled one). When a pass needs only each row's argmax (greedy
+    sampling and verification, no logprobs), it reads an fp16 copy instead and bounds its error:
+
+        |fl(h . w16_j) - fl(h . w_j)| <= |h . (w16_j - w_j)| + both sums' rounding
+                                      <= ||h|| * (||w16_j - w_j|| + 2 K u ||w_j||) = ||h|| * err_j
+
+    (Cauchy-Schwarz; u = 2^-24, K = H, the sums' rounding bounded by K u sum |h_i w_ji|). With
+    `a_j` the fp16 logits and `B_j = ||h|| err_j`, the true argmax j* satisfies
+    a_j* + B_j* >= max_k (a_k - B_k) = L, and every j with a_j + B_j < L is below it. The rows
+    that pass that test (one to a few) are recomputed from the fp32 weights by the same kernel,
+    whose every output is the same sequence of operations whatever rows it is given, so they are
+    bitwise the fp32 pass's values. The returned logits hold those exact values and the fp16 ones
+    elsewhere, all below the maximum: their argmax (first index on ties) is the fp32 pass's."""
+
+    def __init__(self, w: torch.Tensor, w16: torch.Tensor, row_err: torch.Tensor):
+        self.w, self.w16, self.row_err = w, w16, row_err  # [V, H] fp32, [V, H] fp16, [V] fp32
+
+    @classmethod
+    def build(cls, w: torch.Tensor) -> "GreedyHead | None":
+        if w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 2 or not cpu_kernels.available():
+            return None
+        w16 = w.to(torch.float16)
+        if not bool(torch.isfinite(w16).all()):
+            return None  # values beyond fp16's range
+        wd = w.double()
+        err = (wd - w16.double()).norm(dim=1) + 2 * w.shape[1] * 2.0 ** -24 * wd.norm(dim=1)
+        row_err = torch.nextafter((err * 1.01).float(), torch.tensor(float("inf")))  # rounded up, with margin
+        return cls(w, w16, row_err)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [M, H] fp32 (M <= the kernel's skinny limit) -> [M, V] whose row argmaxes are exact."""
+        return cpu_kernels.greedy_linear(h, self.w16, self.w, self.row_err)[0]
+
+
 
 def _attention_backends(device: torch.device):
     if device.type != "cuda" or CUDNN_SDPA:
@@ -147,6 +190,7 @@ class LlamaModel:
         self.lm_head = lm_head  # [V, H]
         self.dtype = dtype
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.greedy_head: GreedyHead | None = None  # set by move_to_huge_pages (CPU)
 
     @property
     def device(self) -> torch.device:
@@ -202,10 +246,16 @@ class LlamaModel:
 
         slots = [(lw, f) for lw in self.layers for f in self._LAYER_FIELDS if getattr(lw, f) is not None]
         tensors = [getattr(lw, f) for lw, f in slots] + [self.embed, self.norm, self.lm_head]
+        greedy = GreedyHead.build(self.lm_head) if GREEDY_HEAD and self.lm_head.dtype == torch.float32 else None
+        if greedy is not None:
+            tensors.append(greedy.w16)
         moved = host_memory.move_to_huge_pages(tensors)
         for (lw, f), t in zip(slots, moved):
             setattr(lw, f, t)
-        self.embed, self.norm, self.lm_head = moved[len(slots):]
+        self.embed, self.norm, self.lm_head = moved[len(slots):len(slots) + 3]
+        if greedy is not None:
+            greedy.w, greedy.w16 = self.lm_head, moved[-1]
+        self.greedy_head = greedy
 
     # ---------------------------------------------------------------- rotary
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,6 +285,7 @@ class LlamaModel:
         start_hidden: torch.Tensor | None = None,  # [N, H] when start_sublayer > 0
         save_at: int | None = None,
         want_hidden: bool = False,
+        argmax_only: bool = False,  # the caller reads only each row's argmax (greedy, no logprobs)
     ) -> ForwardOutput:
         if start_sublayer > 0:
             assert start_hidden is not None
@@ -242,13 +293,15 @@ class LlamaModel:
         else:
             x = self.embed[batch.input_ids]  # [N, H]
         if batch.token_seq is not None and cpu_kernels.use_for(x):
-            return self._forward_small(batch, x, k_cache, v_cache, route, start_sublayer, save_at, want_hidden)
+            return self._forward_small(batch, x, k_cache, v_cache, route, start_sublayer, save_at, want_hidden,
+                                       argmax_only)
         with _attention_backends(x.device):
-            return self._forward_torch(batch, x, k_cache, v_cache, route, start_sublayer, save_at, want_hidden)
+            return self._forward_torch(batch, x, k_cache, v_cache, route, start_sublayer, save_at, want_hidden,
+                                       argmax_only)
 
     def _forward_torch(self, batch: ForwardBatch, x: torch.Tensor, k_cache: list[torch.Tensor],
                        v_cache: list[torch.Tensor], route, start_sublayer: int, save_at: int | None,
-                       want_hidden: bool) -> ForwardOutput:
+                       want_hidden: bool, argmax_only: bool = False) -> ForwardOutput:
         """The forward on torch's ops: any device, dtype and pass size."""
         cfg = self.cfg
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -307,7 +360,7 @@ class LlamaModel:
                 x = self._mlp(x, lw, eps)
         if save_at is not None and save_at >= 2 * len(self.layers):
             prefix = x
-        return self._head(x, batch, prefix, want_hidden)
+        return self._head(x, batch, prefix, want_hidden, argmax_only)
 
     def _attend_padded(self, q, kc, vc, batch: ForwardBatch, mask_g, single: bool, scale: float) -> torch.Tensor:
         """Attention of the batch padded to [B, Q] queries over [B, L] keys: q [N, nh, hd] -> [N, nh * hd]."""
@@ -368,15 +421,18 @@ class LlamaModel:
         return out
 
     def _head(self, x: torch.Tensor, batch: ForwardBatch, prefix: torch.Tensor | None,
-              want_hidden: bool) -> ForwardOutput:
+              want_hidden: bool, argmax_only: bool = False) -> ForwardOutput:
         xs = x[batch.logits_index]
         hidden = F.rms_norm(xs, (xs.shape[-1],), self.norm, self.cfg.rms_norm_eps)
-        logits = cpu_kernels.linear(hidden, self.lm_head)
+        if argmax_only and self.greedy_head is not None and cpu_kernels.use_for(hidden):
+            logits = self.greedy_head.logits(hidden)
+        else:
+            logits = cpu_kernels.linear(hidden, self.lm_head)
         return ForwardOutput(logits=logits.float(), hidden=hidden if want_hidden else hidden[:0], prefix_hidden=prefix)
 
     def _forward_small(self, batch: ForwardBatch, x: torch.Tensor, k_cache: list[torch.Tensor],
                        v_cache: list[torch.Tensor], route, start_sublayer: int, save_at: int | None,
-                       want_hidden: bool) -> ForwardOutput:
+                       want_hidden: bool, argmax_only: bool = False) -> ForwardOutput:
         """The same forward for a decode-sized fp32 pass on the CPU kernels: seven calls a layer
         (via_sd_kernels.cpu explains why), each output computed as for any other pass size."""
         cfg = self.cfg
@@ -401,4 +457,4 @@ class LlamaModel:
                 x = k.skinny_linear(k.silu_mul(k.skinny_linear(h, lw.w_gate_up)), lw.w_down, x)
         if save_at is not None and save_at >= 2 * len(self.layers):
             prefix = x
-        return self._head(x, batch, prefix, want_hidden)
+        return self._head(x, batch, prefix, want_hidden, argmax_only)

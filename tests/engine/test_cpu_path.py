@@ -99,3 +99,21 @@ def test_wide_decode_batch_takes_the_attention_kernel_and_matches_sdpa(tiny_mode
     torch.testing.assert_close(kernel.hidden, ref.hidden, rtol=1e-4, atol=1e-4)
     for a, b in zip(kv_kernel.k + kv_kernel.v, kv_ref.k + kv_ref.v):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_pass_reads_the_lm_head_in_fp16_and_keeps_the_argmax(tiny_model_dir):
+    """`argmax_only` passes (greedy, no logprobs) take model.GreedyHead; their argmax is the full
+    fp32 pass's and the engine's greedy text does not change."""
+    model = LlamaModel.from_folder(tiny_model_dir)
+    assert model.greedy_head is not None and model.greedy_head.w16.dtype == torch.float16
+    kv = KVCache(model.cfg, 32, 8, torch.float32)
+    t1 = kv.new_table()
+    t1.ensure(kv.pool, 64)
+    with torch.inference_mode():
+        model.forward(build_batch([Chunk(t1, 0, list(range(3, 30)), 0)]), kv.k, kv.v)
+        batch = build_batch([Chunk(t1, 27, [7, 8, 9, 10], 4)])
+        full = model.forward(batch, kv.k, kv.v)
+        fast = model.forward(batch, kv.k, kv.v, argmax_only=True)
+    assert torch.equal(fast.logits.argmax(-1), full.logits.argmax(-1))
+    assert not torch.equal(fast.logits, full.logits)  # the fp16 values where no argmax can be
+    assert bool((fast.logits <= fast.logits.amax(-1, keepdim=True)).all())

@@ -150,3 +150,57 @@ def test_linear_falls_back_for_large_or_bf16_inputs():
     assert torch.equal(cpu.linear(big, w), F.linear(big, w))
     xb, wb = torch.randn(2, 16, dtype=torch.bfloat16), w.bfloat16()
     assert torch.equal(cpu.linear(xb, wb), F.linear(xb, wb))
+
+
+def _greedy_head(w: torch.Tensor):
+    from server.engine.model import GreedyHead
+
+    head = GreedyHead.build(w)
+    assert head is not None
+    return head
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 17])
+def test_greedy_linear_argmax_is_the_fp32_argmax(M):
+    """The fp16 read of the LM head: recomputed rows bitwise the fp32 pass's, every other entry
+    below the row's maximum, so the argmax is the fp32 pass's."""
+    g = torch.Generator().manual_seed(M)
+    w = torch.randn(3001, 576, generator=g) * 0.05
+    head = _greedy_head(w)
+    for t in range(20):
+        x = torch.randn(M, 576, generator=g) * (1 + t)
+        ref = cpu.skinny_linear(x, w)
+        out, ids = cpu.greedy_linear(x, head.w16, head.w, head.row_err)
+        assert 0 < len(ids) <= 64
+        assert torch.equal(out.argmax(-1), ref.argmax(-1))
+        assert torch.equal(out[:, ids], ref[:, ids])
+        assert torch.equal(head.logits(x).argmax(-1), ref.argmax(-1))
+
+
+def test_greedy_linear_separates_rows_that_fp16_cannot():
+    """Rows equal in fp16 and a hair apart in fp32: both are candidates and the exact sums decide."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(500, 576, generator=g) * 0.05
+    x = torch.randn(2, 576, generator=g)
+    top = 3
+    w[top] = (2 * x[0] / x[0].norm()).half().float()  # the clear winner for x[0], exact in fp16
+    for j, sign in ((11, 1.0), (12, -1.0)):  # just above and just below it, far below fp16's step
+        w[j] = w[top] + sign * 1e-5 * w[top].abs() * x[0].sign()
+    head = _greedy_head(w)
+    assert torch.equal(head.w16[11], head.w16[top]) and torch.equal(head.w16[12], head.w16[top])
+    ref = cpu.skinny_linear(x, w)
+    out, ids = cpu.greedy_linear(x, head.w16, head.w, head.row_err)
+    assert {11, 12, top} <= set(ids.tolist())
+    assert int(ref[0].argmax()) == 11 and int(out[0].argmax()) == 11
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+def test_greedy_linear_falls_back_to_fp32_on_a_non_finite_row():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(300, 64, generator=g)
+    head = _greedy_head(w)
+    x = torch.randn(3, 64, generator=g)
+    x[1, 5] = float("inf")
+    out, ids = cpu.greedy_linear(x, head.w16, head.w, head.row_err)
+    assert len(ids) == 0
+    torch.testing.assert_close(out, cpu.skinny_linear(x, w), rtol=0, atol=0, equal_nan=True)

@@ -95,6 +95,13 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     return torch.ops.via_sd_cpu.silu_mul(gu)
 
 
+def greedy_linear(x: torch.Tensor, w16: torch.Tensor, w: torch.Tensor, err: torch.Tensor,
+                  max_exact: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """x @ w.T read from the fp16 copy `w16`, exact (fp32, bitwise `skinny_linear`'s) at the rows
+    that could be a row's argmax given |error| <= ||x_m|| * err[j]: (logits, ids recomputed)."""
+    return torch.ops.via_sd_cpu.greedy_linear(x, w16, w, err, max_exact)
+
+
 def paged_attention(qkv, cos, sin, positions, token_seq, slot_mapping, ctx_slots, k_cache, v_cache,
                     nh: int, nkv: int, scale: float) -> torch.Tensor:
     return torch.ops.via_sd_cpu.paged_attention(qkv, cos, sin, positions, token_seq, slot_mapping, ctx_slots,

@@ -155,6 +155,62 @@ torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& w, cons
   return out;
 }
 
+// Greedy logits: x [M, K] @ w^T read from the fp16 copy w16 [N, K], then, for every row j that
+// could hold some token's argmax (model.GreedyHead gives the bound: |a - exact| <= ||x_m|| err[j]),
+// the exact fp32 value from w [N, K], computed by the same tile as in the fp32 pass, so bitwise
+// that pass's value. Every other entry keeps its fp16 value, which is below the row's maximum.
+// Returns (logits [M, N], ids of the rows recomputed). More than `max_exact` candidates (a flat
+// or non-finite row) recompute the whole matrix in fp32 and return no ids.
+std::tuple<torch::Tensor, torch::Tensor> greedy_linear(const torch::Tensor& x, const torch::Tensor& w16,
+                                                       const torch::Tensor& w, const torch::Tensor& err,
+                                                       int64_t max_exact) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "greedy_linear: x fp32 [M, K]");
+  TORCH_CHECK(w16.scalar_type() == at::kHalf && w.scalar_type() == at::kFloat && w16.sizes() == w.sizes() &&
+              w16.is_contiguous() && w.is_contiguous() && x.size(1) == w.size(1),
+              "greedy_linear: w16 fp16 and w fp32, both [N, K]");
+  TORCH_CHECK(err.scalar_type() == at::kFloat && err.is_contiguous() && err.numel() == w.size(0), "greedy_linear: err fp32 [N]");
+  auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* ep = err.data_ptr<float>();
+  auto out = torch::empty({M, N}, xc.options());
+  float* op = out.data_ptr<float>();
+  skinny(xp, reinterpret_cast<const _Float16*>(w16.data_ptr<at::Half>()), op, nullptr, M, K, N);
+  std::vector<uint8_t> mark(N, 0);
+  bool finite = true;
+  const int64_t N16 = N & ~int64_t(15);
+  for (int64_t m = 0; m < M; ++m) {
+    double ss = 0.0;
+    for (int64_t k = 0; k < K; ++k) ss += double(xp[m * K + k]) * double(xp[m * K + k]);
+    // ||x_m||, rounded up to a float
+    const float b = std::nextafter(float(std::sqrt(ss)), INFINITY);
+    const float* r = op + m * N;
+    const v16 bv = v16{} + b;
+    v16 lowv = v16{} - INFINITY;
+    for (int64_t j = 0; j < N16; j += 16) {
+      const v16 v = load16(r + j) - bv * load16(ep + j);
+      lowv = v > lowv ? v : lowv;
+    }
+    float low = -INFINITY;
+    for (int i = 0; i < 16; ++i) low = std::max(low, lowv[i]);
+    for (int64_t j = N16; j < N; ++j) low = std::max(low, r[j] - b * ep[j]);
+    if (!std::isfinite(low) || !std::isfinite(b)) finite = false;
+    for (int64_t j = 0; j < N; ++j) mark[j] |= uint8_t(r[j] + b * ep[j] >= low);
+  }
+  std::vector<int64_t> ids;
+  for (int64_t j = 0; j < N && finite; ++j)
+    if (mark[j]) ids.push_back(j);
+  if (!finite || ids.empty() || int64_t(ids.size()) > max_exact) {
+    skinny(xp, wp, op, nullptr, M, K, N);
+    return {out, torch::empty({0}, torch::dtype(torch::kLong))};
+  }
+  for (int64_t j : ids) rows<1, float>(xp, wp, op, nullptr, M, K, N, j);
+  auto idt = torch::empty({int64_t(ids.size())}, torch::dtype(torch::kLong));
+  std::memcpy(idt.data_ptr<int64_t>(), ids.data(), ids.size() * sizeof(int64_t));
+  return {out, idt};
+}
+
 // RMSNorm of a few rows, in one pass over each row and on the calling thread: for decode-sized
 // inputs a parallel region costs more than the arithmetic.
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
@@ -458,6 +514,7 @@ TORCH_LIBRARY(via_sd_cpu, m) {
   m.def("skinny_linear(Tensor x, Tensor w, Tensor? residual=None) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("silu_mul(Tensor gu) -> Tensor");
+  m.def("greedy_linear(Tensor x, Tensor w16, Tensor w, Tensor err, int max_exact) -> (Tensor, Tensor)");
   m.def("paged_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor token_seq, "
         "Tensor slot_mapping, Tensor ctx_slots, Tensor(a!) k_cache, Tensor(b!) v_cache, int nh, int nkv, "
         "float scale) -> Tensor");
@@ -467,5 +524,6 @@ TORCH_LIBRARY_IMPL(via_sd_cpu, CPU, m) {
   m.impl("skinny_linear", &skinny_linear);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
+  m.impl("greedy_linear", &greedy_linear);
   m.impl("paged_attention", &paged_attention);
 }
