@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from server.engine.api import SpecUsage, TokenLogprob
-from server.engine.controller import ControllerState, SlimController
+from server.engine.controller import SlimController
 from server.engine.drafters import DraftBatch, make_drafter
 from server.engine.kv_cache import Chunk
 from server.engine.scheduler import ScheduledSeq
@@ -149,7 +149,7 @@ class SpecDecoder:
         for s, d in zip(scheduled, drafts.tokens):
             seq = s.seq
             if seq.controller is None:
-                seq.controller = ControllerState()
+                seq.controller = self.controller.new_state()
             backlog = seq.num_tokens - 1 - seq.full_frontier
             slim = (
                 seq.spec.mode == "three_tier"

@@ -53,3 +53,31 @@ def test_one_unlucky_binary_step_does_not_keep_the_slim_tier_on():
 
 def test_disabled_controller_always_runs_the_slim_tier():
     assert all(run(SlimController(0.9, 0.2, enabled=False), 30, lambda i: 1, 3.0))
+
+
+def run_from_prior(ctl: SlimController, steps: int, three_tokens, binary_tokens: float) -> list[bool]:
+    """`run`, for a request whose state starts from what the engine has seen (`new_state`)."""
+    st, on = ctl.new_state(), []
+    for i in range(steps):
+        slim = ctl.want_slim(st)
+        on.append(slim)
+        ctl.update(st, slim_ran=slim, full_ran=slim, prefix_reused=True,
+                   tokens=three_tokens(i) if slim else binary_tokens)
+    return on
+
+
+def test_later_requests_start_from_what_the_engine_has_seen():
+    ctl = SlimController(0.9, 0.2)
+    assert ctl.new_state().value_three is None  # nothing seen yet: the request warms up itself
+    first = run_from_prior(ctl, 64, lambda i: 2, 2.0)
+    assert first[:4] == [True, True, False, False]
+    while ctl.prior.n_three < ctl.prior_steps:  # more requests, until the engine has seen enough of each
+        run_from_prior(ctl, 64, lambda i: 2, 2.0)
+    later = run_from_prior(ctl, 64, lambda i: 2, 2.0)
+    assert not any(later[:ctl.max_explore_every // 2])  # no warm-up, no early exploration
+    assert 1 <= sum(later) <= 2  # but it still explores
+    # where the slim tier pays, later requests start with it on
+    pays = SlimController(0.5, 0.2)
+    for _ in range(4):
+        run_from_prior(pays, 64, lambda i: 4, 1.0)
+    assert all(run_from_prior(pays, 40, lambda i: 4, 1.0))
