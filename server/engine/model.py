@@ -285,7 +285,9 @@ class LlamaModel:
         start_hidden: torch.Tensor | None = None,  # [N, H] when start_sublayer > 0
         save_at: int | None = None,
         want_hidden: bool = False,
-        argmax_only: bool = False,  # the caller reads only each row's argmax (greedy, no logprobs)
+        # the caller needs each row's exact argmax, and takes the other logits within the fp16
+        # bound of model.GreedyHead (greedy full and slim passes without logprobs)
+        argmax_only: bool = False,
     ) -> ForwardOutput:
         if start_sublayer > 0:
             assert start_hidden is not None
