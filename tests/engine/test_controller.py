@@ -81,3 +81,14 @@ def test_later_requests_start_from_what_the_engine_has_seen():
     for _ in range(4):
         run_from_prior(pays, 64, lambda i: 4, 1.0)
     assert all(run_from_prior(pays, 40, lambda i: 4, 1.0))
+
+
+def test_the_slim_tier_needs_a_clear_margin():
+    """A three-tier step here costs 1.7 (slim 0.9 + full 0.8). Committing 5% more tokens per unit
+    of cost than a binary step is within the estimates' noise: the slim tier stays off; 25% more
+    turns it on."""
+    ctl = SlimController(0.9, 0.2)
+    on = run(ctl, 60, lambda i: 1.7 * 1.05, 1.0)
+    assert sum(on[4:]) <= 3  # explorations only
+    on = run(SlimController(0.9, 0.2), 60, lambda i: 1.7 * 1.25, 1.0)
+    assert sum(on[4:]) >= 0.8 * len(on[4:])
