@@ -117,6 +117,8 @@ class SpecConfig:
     draft_route: str | None = None  # route of the `self` drafter
     draft_model: str | None = None  # folder of the `model` drafter
     head_path: str | None = None  # weights of the `head` drafter
+    # the head sits a sequence out while fewer drafts than this are kept per drafted step (0: never)
+    head_min_gain: float = 0.3
     controller: bool = True  # bypass the slim tier when it does not pay
     # draft tokens verified per step across the batch: speculation is nearly free while a forward
     # is memory-bound (small batches) and costs compute once it is not, so drafts shrink as the

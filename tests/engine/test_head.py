@@ -145,7 +145,7 @@ def test_reduced_vocabulary_is_most_frequent_with_eos():
 
 # ------------------------------------------------------------------ the drafter in the engine
 def test_drafter_proposes_after_observe_only(tiny_dir, tiny_head_path):
-    eng = engine_with_head(tiny_dir, tiny_head_path)
+    eng = engine_with_head(tiny_dir, tiny_head_path, head_min_gain=0.0)  # pacing: its own test
     drafter = eng.spec.drafter
     assert isinstance(drafter, HeadDrafter) and drafter.wants_hidden
     seq = eng.add_request(GenerationRequest("a", (1, 2, 3, 4), SamplingParams(max_tokens=8, temperature=0.0)))
@@ -172,6 +172,36 @@ def test_drafter_proposes_after_observe_only(tiny_dir, tiny_head_path):
     drafter.release(seq)
     assert drafter.propose([seq], [4]).tokens == [[]]
     eng.abort("a")
+
+
+def test_drafting_sits_out_a_sequence_whose_drafts_are_not_kept(tiny_dir, tiny_head_path):
+    """Drafts never kept: the head sits the sequence out for 1, 2, 4 ... steps; kept again: it
+    drafts every step."""
+    eng = engine_with_head(tiny_dir, tiny_head_path)
+    drafter = eng.spec.drafter
+    assert drafter.min_gain == pytest.approx(0.3)
+    H = eng.model.cfg.hidden_size
+    seq = eng.add_request(GenerationRequest("p", (1, 2, 3, 4), SamplingParams(max_tokens=200, temperature=0.0)))
+
+    def step(keep: bool) -> bool:
+        d = drafter.propose([seq], [4]).tokens[0]
+        toks = (d[:1] if keep and d else []) + [(d[0] + 1) % 200 if d and not keep else 7]
+        drafter.observe(seq, torch.randn(len(toks), H), toks)
+        seq.token_ids.extend(toks)
+        return bool(d)
+
+    drafter.observe(seq, torch.randn(1, H), [5])
+    seq.token_ids.append(5)
+    drafted = [step(keep=False) for _ in range(16)]
+    # drafted, then sits out 1, drafts, sits out 2, drafts, sits out 4, ...
+    assert drafted[:9] == [True, False, True, False, False, True, False, False, False]
+    assert sum(drafted) <= 5
+    while seq.drafter_state.pace.skip:
+        step(keep=True)
+    kept = [step(keep=True) for _ in range(12)]
+    assert sum(kept) >= 9  # the gain recovers above the floor and drafting resumes every step
+    assert all(kept[-4:])
+    eng.abort("p")
 
 
 def test_binary_with_head_equals_off(tiny_dir, tiny_head_path):

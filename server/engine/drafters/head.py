@@ -27,6 +27,12 @@ across a preemption: recomputing the cache does not change the target's hidden s
 greedy and deterministic (`draft_probs` None), so verification treats p as one-hot and stays
 lossless in `binary` mode. With `window=1` the head attends only to its own position: a stateless
 MLP-like head. Weights: `engine.config.spec.head_path`, else `assets/<model>.head.safetensors`.
+
+Drafting is paced per sequence. A draft costs the head's forwards (about 1 ms a token on the CPU)
+and a wider verification pass; where the text is unlike the head's training answers (a
+translation, a summary of a long article) its drafts are seldom kept and drafting costs more than
+it brings. The drafter keeps an EWMA of the drafts kept per drafted step; below `min_gain` (0.3)
+it sits the sequence out for 1, 2, 4 ... 16 steps (plain decoding), and tries again.
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ from server.engine.drafters.base import DraftBatch, Drafter
 from via_sd_kernels import cpu as cpu_kernels
 
 DEFAULT_THRESHOLD = 0.4
+# drafting sits out a sequence while fewer than DEFAULT_MIN_GAIN drafts per drafted step are kept
+# (EWMA, PACE_ALPHA), for 1, 2, 4 ... up to PACE_MAX_SKIP steps
+DEFAULT_MIN_GAIN = 0.3
+PACE_ALPHA = 0.3
+PACE_MAX_SKIP = 16
 HEAD_FP16 = os.environ.get("VIA_SD_HEAD_FP16", "1") != "0"
 EPS = 1e-6
 
@@ -289,13 +300,26 @@ class _HeadState:
     hidden: torch.Tensor  # [n, H] fp32, n <= window: h_i of the last committed positions
     tokens: torch.Tensor  # [n] x_{i+1}
     end: int  # seq.num_tokens when observed: the newest pair is at position end - 2
+    pace: "_Pace"
+
+
+@dataclass
+class _Pace:
+    """Whether drafting pays for this sequence: an EWMA of the drafts accepted per drafted step,
+    and how many steps to sit out while it is below `HeadDrafter.min_gain`."""
+    gain: float | None = None
+    skip: int = 0  # steps left without a draft
+    backoff: int = 1  # the next sit-out, doubled while drafting keeps failing
+    proposed: tuple[int, ...] = ()  # this step's draft
+    proposed_at: int = -1  # seq.num_tokens when it was proposed
 
 
 class HeadDrafter(Drafter):
     name = "head"
     wants_hidden = True
 
-    def __init__(self, engine, *, path: str | Path | None = None, threshold: float | None = None, min_tokens: int | None = None):
+    def __init__(self, engine, *, path: str | Path | None = None, threshold: float | None = None,
+                 min_tokens: int | None = None, min_gain: float | None = None):
         cfg = engine.config
         path = path or cfg.spec.head_path or shipped_head_path(cfg.model)
         if path is None or not Path(path).is_file():
@@ -319,6 +343,9 @@ class HeadDrafter(Drafter):
         self._to_huge_pages()
         self.threshold = float(threshold if threshold is not None else self.info.get("threshold", DEFAULT_THRESHOLD))
         self.min_tokens = int(min_tokens if min_tokens is not None else self.info.get("min_tokens", 1))
+        if min_gain is None:  # VIA_SD_HEAD_MIN_GAIN overrides the configuration, for comparisons
+            min_gain = os.environ.get("VIA_SD_HEAD_MIN_GAIN", getattr(cfg.spec, "head_min_gain", DEFAULT_MIN_GAIN))
+        self.min_gain = float(min_gain)
 
     def _to_huge_pages(self) -> None:
         """The head's matrices into huge pages, like the model's (server/engine/host_memory.py),
@@ -342,7 +369,8 @@ class HeadDrafter(Drafter):
     def propose(self, seqs, max_tokens: list[int]) -> DraftBatch:
         out: list[list[int]] = [[] for _ in seqs]
         rows = [i for i, (s, k) in enumerate(zip(seqs, max_tokens))
-                if k > 0 and isinstance(s.drafter_state, _HeadState) and s.drafter_state.end == s.num_tokens]
+                if k > 0 and isinstance(s.drafter_state, _HeadState) and s.drafter_state.end == s.num_tokens
+                and self._wants_draft(s.drafter_state.pace)]
         if not rows:
             return DraftBatch(out)
         states = [seqs[i].drafter_state for i in rows]
@@ -354,7 +382,32 @@ class HeadDrafter(Drafter):
         ids_l, n_l = ids.tolist(), n.tolist()  # the one host sync
         for r, i in enumerate(rows):
             out[i] = ids_l[r][: n_l[r]]
+            pace = seqs[i].drafter_state.pace
+            pace.proposed, pace.proposed_at = tuple(out[i]), seqs[i].num_tokens
         return DraftBatch(out)
+
+    def _wants_draft(self, pace: _Pace) -> bool:
+        if pace.skip > 0:
+            pace.skip -= 1
+            return False
+        return True
+
+    def _judge(self, pace: _Pace, committed: list[int]) -> None:
+        """After a drafted step: how many of the drafts were kept; sit out a while if drafting
+        for this sequence keeps costing more than it brings."""
+        if not pace.proposed or self.min_gain <= 0:
+            return
+        kept = 0
+        for d, t in zip(pace.proposed, committed):
+            if d != t:
+                break
+            kept += 1
+        kept = min(kept, len(committed) - 1)  # the last committed token is the verifier's own
+        pace.gain = kept if pace.gain is None else (1 - PACE_ALPHA) * pace.gain + PACE_ALPHA * kept
+        if pace.gain < self.min_gain:
+            pace.skip, pace.backoff = pace.backoff, min(2 * pace.backoff, PACE_MAX_SKIP)
+        else:
+            pace.backoff = 1
 
     def observe(self, seq, hidden: torch.Tensor | None, tokens: list[int] | None = None) -> None:
         """Called before the step's m committed `tokens` join `seq.token_ids`. hidden [m, H]: the
@@ -365,10 +418,15 @@ class HeadDrafter(Drafter):
         st = seq.drafter_state
         h = hidden.detach().float().cpu()
         t = torch.tensor(tokens, dtype=torch.int64)
+        pace = _Pace()
         if isinstance(st, _HeadState) and st.end == seq.num_tokens:
             h, t = torch.cat([st.hidden, h]), torch.cat([st.tokens, t])
+            pace = st.pace
+            if pace.proposed_at == seq.num_tokens:
+                self._judge(pace, tokens)
+            pace.proposed, pace.proposed_at = (), -1
         w = self.head.window
-        seq.drafter_state = _HeadState(h[-w:].clone(), t[-w:].clone(), seq.num_tokens + len(tokens))
+        seq.drafter_state = _HeadState(h[-w:].clone(), t[-w:].clone(), seq.num_tokens + len(tokens), pace)
 
     def release(self, seq) -> None:
         seq.drafter_state = None
