@@ -4,10 +4,11 @@ explores the other now and then, and explores less often while exploring keeps c
 from server.engine.controller import ControllerState, SlimController
 
 
-def run(ctl: SlimController, steps: int, three_tokens, binary_tokens: float) -> list[bool]:
+def run(ctl: SlimController, steps: int, three_tokens, binary_tokens: float,
+        st: ControllerState | None = None) -> list[bool]:
     """Drive one request: three-tier steps escalate (slim + full pass) and commit
     `three_tokens(step)` tokens, binary steps commit `binary_tokens`. Returns the slim decisions."""
-    st, on = ControllerState(), []
+    st, on = st or ControllerState(), []
     for i in range(steps):
         slim = ctl.want_slim(st)
         on.append(slim)
@@ -57,13 +58,7 @@ def test_disabled_controller_always_runs_the_slim_tier():
 
 def run_from_prior(ctl: SlimController, steps: int, three_tokens, binary_tokens: float) -> list[bool]:
     """`run`, for a request whose state starts from what the engine has seen (`new_state`)."""
-    st, on = ctl.new_state(), []
-    for i in range(steps):
-        slim = ctl.want_slim(st)
-        on.append(slim)
-        ctl.update(st, slim_ran=slim, full_ran=slim, prefix_reused=True,
-                   tokens=three_tokens(i) if slim else binary_tokens)
-    return on
+    return run(ctl, steps, three_tokens, binary_tokens, ctl.new_state())
 
 
 def test_later_requests_start_from_what_the_engine_has_seen():
