@@ -42,6 +42,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def argmax_only(self) -> bool:
+        """Only the argmax of each position's logits is read: greedy, without logprobs (a pass
+        of such requests may read the LM head in fp16, model.GreedyHead)."""
+        return self.greedy and self.logprobs is None
+
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise ConfigError(f"max_tokens must be a positive integer, got {self.max_tokens!r}", "max_tokens")

@@ -178,8 +178,7 @@ class LLMEngine:
         if all_chunks:
             start = spec_job.prefix_start(len(full_chunks) + len(plain_chunks)) if spec_job else None
             # greedy requests without logprobs read only the argmax of the full pass's logits
-            argmax_only = all(s.seq.request.sampling.greedy and s.seq.request.sampling.logprobs is None
-                              for s in plain + specs)
+            argmax_only = all(s.seq.request.sampling.argmax_only for s in plain + specs)
             if start is not None:
                 out = self.runner.forward(all_chunks, start_sublayer=start[0], start_hidden=start[1], want_hidden=True,
                                           argmax_only=argmax_only)

@@ -80,7 +80,6 @@ class GreedyHead:
         return cpu_kernels.greedy_linear(h, self.w16, self.w, self.row_err)[0]
 
 
-
 def _attention_backends(device: torch.device):
     if device.type != "cuda" or CUDNN_SDPA:
         return contextlib.nullcontext()
@@ -246,7 +245,7 @@ class LlamaModel:
 
         slots = [(lw, f) for lw in self.layers for f in self._LAYER_FIELDS if getattr(lw, f) is not None]
         tensors = [getattr(lw, f) for lw, f in slots] + [self.embed, self.norm, self.lm_head]
-        greedy = GreedyHead.build(self.lm_head) if GREEDY_HEAD and self.lm_head.dtype == torch.float32 else None
+        greedy = GreedyHead.build(self.lm_head) if GREEDY_HEAD else None
         if greedy is not None:
             tensors.append(greedy.w16)
         moved = host_memory.move_to_huge_pages(tensors)

@@ -215,8 +215,7 @@ class SpecDecoder:
         # greedy without logprobs: the slim pass reads the LM head in fp16 like the full pass
         # (model.GreedyHead): its argmax is exact, the other logits the gate reads are within
         # ||h|| * err_j of fp32's, which moves q' by about 0.1% in a tier that is approximate anyway
-        approx = all(p.sched.seq.request.sampling.greedy and p.sched.seq.request.sampling.logprobs is None
-                     for p in slim_plans)
+        approx = all(p.sched.seq.request.sampling.argmax_only for p in slim_plans)
         out = eng.runner.forward(chunks, self.slim_route, save_at=save_at, want_hidden=self.drafter.wants_hidden,
                                  argmax_only=approx)
         job.slim_logits = out.logits

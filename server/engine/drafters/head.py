@@ -52,9 +52,8 @@ from server.engine.drafters.base import DraftBatch, Drafter
 from via_sd_kernels import cpu as cpu_kernels
 
 DEFAULT_THRESHOLD = 0.4
-# drafting sits out a sequence while fewer than DEFAULT_MIN_GAIN drafts per drafted step are kept
-# (EWMA, PACE_ALPHA), for 1, 2, 4 ... up to PACE_MAX_SKIP steps
-DEFAULT_MIN_GAIN = 0.3
+# drafting sits out a sequence while fewer than `spec.head_min_gain` drafts per drafted step are
+# kept (EWMA, PACE_ALPHA), for 1, 2, 4 ... up to PACE_MAX_SKIP steps
 PACE_ALPHA = 0.3
 PACE_MAX_SKIP = 16
 HEAD_FP16 = os.environ.get("VIA_SD_HEAD_FP16", "1") != "0"
@@ -344,7 +343,7 @@ class HeadDrafter(Drafter):
         self.threshold = float(threshold if threshold is not None else self.info.get("threshold", DEFAULT_THRESHOLD))
         self.min_tokens = int(min_tokens if min_tokens is not None else self.info.get("min_tokens", 1))
         if min_gain is None:  # VIA_SD_HEAD_MIN_GAIN overrides the configuration, for comparisons
-            min_gain = os.environ.get("VIA_SD_HEAD_MIN_GAIN", getattr(cfg.spec, "head_min_gain", DEFAULT_MIN_GAIN))
+            min_gain = os.environ.get("VIA_SD_HEAD_MIN_GAIN", cfg.spec.head_min_gain)
         self.min_gain = float(min_gain)
 
     def _to_huge_pages(self) -> None:
