@@ -12,9 +12,12 @@ import torch
 
 from server.engine.api import GenerationRequest
 from server.engine.config import EngineConfig, SamplingParams, SpecConfig, SpecParams
-from server.engine.drafters.head import DraftHead, HeadDrafter, accepted_lengths, draft, shipped_head_path
+import server.engine.drafters.head as head_mod
+from server.engine.drafters.head import (DraftHead, HeadDrafter, accepted_lengths, draft, kernel_draft, kernel_ready,
+                                         shipped_head_path)
 from server.engine.drafters.train_head import reduced_vocabulary, to_reduced, unrolled_outputs
 from server.engine.engine import LLMEngine
+from via_sd_kernels import cpu as cpu_kernels
 
 ASSETS = Path(__file__).resolve().parents[2] / "server" / "engine" / "assets"
 RECORD = ASSETS / "SmolLM2-135M-Instruct.head.json"
@@ -112,6 +115,74 @@ def test_drafting_matches_the_chained_training_forward():
     for u in range(steps):
         pred = head.reduced_ids[head.logits(outs[u][0, t + u]).argmax()]
         assert int(pred) == int(ids[0, u]), u
+
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels not built on this host")
+
+
+def torch_draft(head, *args, **kw):
+    """`draft` on torch ops alone (the reference the kernel reproduces)."""
+    was, head_mod.HEAD_KERNEL = head_mod.HEAD_KERNEL, False
+    try:
+        return draft(head, *args, **kw)
+    finally:
+        head_mod.HEAD_KERNEL = was
+
+
+@needs_kernels
+@pytest.mark.parametrize("fp16", [False, True])
+def test_kernel_drafting_matches_torch_ops(fp16):
+    """The one-call kernel drafts the torch ops' tokens with their probabilities, for ragged,
+    left-padded batches, early stops, and fp16 matrices (widened exactly, as `_matmul` does)."""
+    V, H, W = 300, 64, 6
+    embed = torch.randn(V, H)
+    head = random_head(H, V, seed=5, window=W).attach(embed, embed)
+    if fp16:
+        for m in (head.fc, head.qkv, head.o, head.gate_up, head.down):
+            m.weight.data = m.weight.data.half()
+        head.out_embed = head.out_embed.half()
+    with torch.no_grad():
+        assert kernel_ready(head, torch.zeros(1, 1, H))
+    assert head.kernel_mats()[0].dtype == (torch.float16 if fp16 else torch.float32)
+    g = torch.Generator().manual_seed(6)
+    for B, T, steps, stop in [(1, 6, 5, None), (3, 6, 4, None), (4, 3, 6, 0.05), (5, 6, 8, 0.02), (2, 1, 3, None)]:
+        h = torch.randn(B, T, H, generator=g)
+        tok = torch.randint(0, V, (B, T), generator=g)
+        pos = torch.arange(20, 20 + T).expand(B, T).clone()
+        valid = torch.ones(B, T, dtype=torch.bool)
+        valid[0, : T // 2] = False  # a shorter history, left padded
+        with torch.no_grad():
+            ids, probs = draft(head, h, tok, pos, valid, steps, stop, 1)
+            ref_ids, ref_probs = torch_draft(head, h, tok, pos, valid, steps, stop, 1)
+        assert torch.equal(ids, ref_ids), (B, T, steps, stop)
+        assert torch.allclose(probs, ref_probs, atol=2e-5, rtol=1e-4)
+        if stop is None:
+            assert ids.shape == (B, steps)
+
+
+@needs_kernels
+def test_kernel_drafting_reuses_the_keys_and_values_it_returned():
+    """Keys and values returned for the earlier pairs, passed back as `old`, give the drafts of
+    the whole window recomputed: what the drafter keeps between steps."""
+    V, H, W, T = 300, 64, 8, 7
+    embed = torch.randn(V, H)
+    head = random_head(H, V, seed=7, window=W).attach(embed, embed)
+    g = torch.Generator().manual_seed(8)
+    B = 3
+    h = torch.randn(B, T, H, generator=g)
+    tok = torch.randint(0, V, (B, T), generator=g)
+    pos = torch.arange(40, 40 + T).expand(B, T).clone()
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[2, :3] = False
+    none = torch.zeros(B, 0, dtype=torch.int64)
+    with torch.no_grad():
+        ids, probs, kv = kernel_draft(head, (torch.zeros(B, 0, 2, H), none, none.bool()), (h, tok, pos, valid), 4)
+        assert kv.shape == (B, T, 2, H)
+        c = 4  # the first c pairs from `kv`, the rest computed
+        ids2, probs2, kv2 = kernel_draft(head, (kv[:, :c], pos[:, :c], valid[:, :c]),
+                                         (h[:, c:], tok[:, c:], pos[:, c:], valid[:, c:]), 4)
+    assert torch.equal(ids, ids2) and torch.equal(probs, probs2)
+    assert torch.equal(kv2, kv[:, c:])
 
 
 def test_save_load_roundtrip(tmp_path):
@@ -215,6 +286,41 @@ def test_binary_with_head_equals_off(tiny_dir, tiny_head_path):
     assert all(len(t.token_ids) == 16 for t in three)
     pool = eng.cache.pool
     assert pool.num_free == pool.num_usable
+
+
+@needs_kernels
+def test_drafter_with_kept_keys_and_values_drafts_as_the_torch_ops(tiny_dir, tiny_head_path, monkeypatch):
+    """Over a whole generation (windows that fill, slide and take several tokens at once), the
+    drafter's kernel path with its kept keys and values proposes what the torch ops propose from
+    the full window."""
+    prompts = [[1, 2, 3, 4, 5], [10, 20, 30], list(range(40, 70))]
+    eng = engine_with_head(tiny_dir, tiny_head_path)
+    drafter = eng.spec.drafter
+    seen: list[tuple[list[int], list[int]]] = []
+    propose = drafter.propose
+
+    def both(seqs, max_tokens):
+        states = [s.drafter_state for s in seqs]
+        ref = [[] for _ in seqs]
+        rows = [i for i, (s, k) in enumerate(zip(seqs, max_tokens)) if k > 0 and isinstance(s.drafter_state, head_mod._HeadState)
+                and s.drafter_state.end == s.num_tokens and s.drafter_state.pace.skip == 0]
+        if rows:
+            st = [states[i] for i in rows]
+            h, tok, pos, valid = head_mod.pack_windows([(x.hidden, x.tokens, x.end - 2) for x in st],
+                                                       max(len(x.tokens) for x in st))
+            ks = torch.tensor([max_tokens[i] for i in rows])
+            ids, probs = torch_draft(drafter.head, h, tok, pos, valid, int(ks.max()), drafter.threshold, drafter.min_tokens)
+            n = accepted_lengths(probs, ks, drafter.threshold, drafter.min_tokens)
+            for r, i in enumerate(rows):
+                ref[i] = ids[r, : int(n[r])].tolist()
+        out = propose(seqs, max_tokens)
+        seen.extend(zip(out.tokens, ref))
+        return out
+
+    monkeypatch.setattr(drafter, "propose", both)
+    run_greedy(eng, prompts, 40, "binary")
+    assert len(seen) > 20 and sum(1 for a, _ in seen if a) > 10
+    assert all(a == b for a, b in seen)
 
 
 def test_hybrid_drafts_by_lookup_where_the_context_repeats_and_by_the_head_elsewhere(tiny_dir, tiny_head_path):

@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));
@@ -510,6 +511,264 @@ torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tensor& cos
   return out;
 }
 
+// The draft head's chained drafting (server/engine/drafters/head.py: `draft` is the contract and
+// the reference), one call per speculative step. Written in torch ops a 5-token draft was ~60
+// small ops per token, 3.4 of its 5.7 ms; here the six fp16 (or fp32) matrix reads are the cost.
+// The keys and values of a sequence's committed pairs do not change, so the caller keeps them and
+// passes only the pairs it has not seen processed:
+//   kv_old [B, To, 2, H] rotated keys and values of earlier pairs, pos_old, valid_old [B, To];
+//   h [B, Tn, H] the target's final hidden states of the new pairs, tok [B, Tn] the tokens after
+//   them, pos, valid [B, Tn] (left padded; index Tn-1, the newest pair, valid);
+//   embed [V, H] fp32, fc [H, 2H], qkv [3H, H], o [H, H], gate_up [2F, H], down [H, F],
+//   out_embed [R, H] (all fp32 or all fp16), norms [3, H] (attention, ffn, output), reduced_ids [R].
+// Returns ids [B, S], the head's probability of each [B, S] (S = steps, or fewer once every row
+// has drafted a token below stop_below (< 0: never) and min_tokens are drafted), and kv_new
+// [B, Tn, 2, H], the new pairs' keys and values.
+template <typename W>
+struct HeadWeights {
+  const float* embed;
+  const W *fc, *qkv, *o, *gate_up, *down, *out;
+  const float* norms;
+  const int64_t* reduced;
+  int64_t H, F, R, heads, window;
+};
+
+struct HeadDraft {
+  std::vector<int64_t> ids;  // [B, steps]
+  std::vector<float> probs;  // [B, steps]
+  int64_t done = 0;          // steps drafted
+};
+
+template <typename W>
+static HeadDraft head_draft_impl(const HeadWeights<W>& hw, const float* kv_old, const int64_t* pos_old,
+                                 const bool* valid_old, int64_t To, const float* hp, const int64_t* tokp,
+                                 const int64_t* posp, const bool* validp, int64_t B, int64_t Tn, int64_t steps,
+                                 double stop_below, int64_t min_tokens, float eps, float theta, float* kv_new) {
+  const int64_t H = hw.H, F = hw.F, R = hw.R, heads = hw.heads;
+  const int64_t hd = H / heads, half = hd / 2, L = To + Tn + steps;
+  const float scale = 1.f / std::sqrt(float(hd));
+  const float *w_attn = hw.norms, *w_ffn = hw.norms + H, *w_out = hw.norms + 2 * H;
+  auto rms = [&](const float* x, const float* w, float* o) {
+    float ss = 0.f;
+    for (int64_t i = 0; i < H; ++i) ss += x[i] * x[i];
+    const float inv = 1.f / std::sqrt(ss / float(H) + eps);
+    for (int64_t i = 0; i < H; ++i) o[i] = w ? x[i] * inv * w[i] : x[i] * inv;
+  };
+  std::vector<float> inv_freq(half);
+  for (int64_t i = 0; i < half; ++i) inv_freq[i] = std::pow(theta, -float(2 * i) / float(hd));
+  auto rope = [&](float* x, int64_t p) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = float(p) * inv_freq[i], c = std::cos(a), s = std::sin(a);
+      const float x1 = x[i], x2 = x[i + half];
+      x[i] = x1 * c - x2 * s;
+      x[i + half] = x2 * c + x1 * s;
+    }
+  };
+  // per row: rotated keys and values of every position it has seen, their positions and validity
+  std::vector<float> kbuf(B * L * H), vbuf(B * L * H);
+  std::vector<int64_t> kpos(B * L);
+  std::vector<uint8_t> kvalid(B * L, 0);
+  std::vector<int64_t> qpos(B);
+  const int64_t M0 = B * Tn;  // rows of the largest projection
+  std::vector<float> x2(M0 * 2 * H), z(M0 * H), a(M0 * H), qkv(M0 * 3 * H);
+  std::vector<float> q(B * H), att(B * H), zlast(B * H), z1(B * H), gu(B * 2 * F), act(B * F), z2(B * H),
+      hn(B * H), lg(B * R), sc(L);
+
+  // fuse + project M rows: x2 = [rms(h) | rms(embed[tok])], z = x2 @ fc^T, qkv = rms(z, w_attn) @ qkv^T
+  auto fuse_project = [&](const float* hrows, const int64_t* toks, int64_t M) {
+    for (int64_t m = 0; m < M; ++m) {
+      rms(hrows + m * H, nullptr, x2.data() + m * 2 * H);
+      rms(hw.embed + toks[m] * H, nullptr, x2.data() + m * 2 * H + H);
+    }
+    skinny(x2.data(), hw.fc, z.data(), nullptr, M, 2 * H, H);
+    for (int64_t m = 0; m < M; ++m) rms(z.data() + m * H, w_attn, a.data() + m * H);
+    skinny(a.data(), hw.qkv, qkv.data(), nullptr, M, H, 3 * H);
+  };
+  // row b's slot j: the rotated key and the value of qkv row m, at position p
+  auto store_kv = [&](int64_t b, int64_t j, int64_t m, int64_t p, bool ok) {
+    float* k = kbuf.data() + (b * L + j) * H;
+    std::memcpy(k, qkv.data() + m * 3 * H + H, H * sizeof(float));
+    for (int64_t g = 0; g < heads; ++g) rope(k + g * hd, p);
+    std::memcpy(vbuf.data() + (b * L + j) * H, qkv.data() + m * 3 * H + 2 * H, H * sizeof(float));
+    kpos[b * L + j] = p;
+    kvalid[b * L + j] = ok;
+  };
+  // row b's query (qkv row m, rotated at qpos[b]) into q
+  auto take_query = [&](int64_t b, int64_t m) {
+    std::memcpy(q.data() + b * H, qkv.data() + m * 3 * H, H * sizeof(float));
+    for (int64_t g = 0; g < heads; ++g) rope(q.data() + b * H + g * hd, qpos[b]);
+  };
+  // attention of row b's query over its first n slots that lie within the window
+  auto attend = [&](int64_t b, int64_t n) {
+    const int64_t p = qpos[b];
+    const float* qb = q.data() + b * H;
+    for (int64_t g = 0; g < heads; ++g) {
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t d = p - kpos[b * L + j];
+        const bool see = kvalid[b * L + j] && d >= 0 && d < hw.window;
+        sc[j] = see ? dot(qb + g * hd, kbuf.data() + (b * L + j) * H + g * hd, hd) * scale : -INFINITY;
+        mx = std::max(mx, sc[j]);
+      }
+      float sum = 0.f;
+      for (int64_t j = 0; j < n; ++j) {
+        sc[j] = sc[j] == -INFINITY ? 0.f : std::exp(sc[j] - mx);
+        sum += sc[j];
+      }
+      float* o = att.data() + b * H + g * hd;
+      for (int64_t i = 0; i < hd; ++i) o[i] = 0.f;
+      for (int64_t j = 0; j < n; ++j) {
+        if (sc[j] == 0.f) continue;
+        const float w = sc[j] / sum;
+        const float* v = vbuf.data() + (b * L + j) * H + g * hd;
+        for (int64_t i = 0; i < hd; ++i) o[i] += w * v[i];
+      }
+    }
+  };
+  // the rest of the layer for the B rows: zlast (residual stream) and att -> hn
+  auto finish = [&]() {
+    skinny(att.data(), hw.o, z1.data(), zlast.data(), B, H, H);
+    for (int64_t b = 0; b < B; ++b) rms(z1.data() + b * H, w_ffn, a.data() + b * H);
+    skinny(a.data(), hw.gate_up, gu.data(), nullptr, B, H, 2 * F);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* g = gu.data() + b * 2 * F;
+      for (int64_t i = 0; i < F; ++i) act[b * F + i] = g[i] / (1.f + std::exp(-g[i])) * g[F + i];
+    }
+    skinny(act.data(), hw.down, z2.data(), z1.data(), B, F, H);
+    for (int64_t b = 0; b < B; ++b) rms(z2.data() + b * H, w_out, hn.data() + b * H);
+  };
+
+  // the window: the earlier pairs' keys and values as given, the new pairs' computed
+  fuse_project(hp, tokp, M0);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < To; ++t) {
+      const float* src = kv_old + (b * To + t) * 2 * H;
+      std::memcpy(kbuf.data() + (b * L + t) * H, src, H * sizeof(float));
+      std::memcpy(vbuf.data() + (b * L + t) * H, src + H, H * sizeof(float));
+      kpos[b * L + t] = pos_old[b * To + t];
+      kvalid[b * L + t] = valid_old[b * To + t];
+    }
+    for (int64_t t = 0; t < Tn; ++t) {
+      store_kv(b, To + t, b * Tn + t, posp[b * Tn + t], validp[b * Tn + t]);
+      float* dst = kv_new + (b * Tn + t) * 2 * H;
+      std::memcpy(dst, kbuf.data() + (b * L + To + t) * H, H * sizeof(float));
+      std::memcpy(dst + H, vbuf.data() + (b * L + To + t) * H, H * sizeof(float));
+    }
+    const int64_t m = b * Tn + Tn - 1;  // the newest pair asks for the first draft
+    qpos[b] = posp[m];
+    take_query(b, m);
+    std::memcpy(zlast.data() + b * H, z.data() + m * H, H * sizeof(float));
+    attend(b, To + Tn);
+  }
+  finish();
+
+  HeadDraft out;
+  out.ids.assign(B * steps, 0);
+  out.probs.assign(B * steps, 0.f);
+  std::vector<uint8_t> alive(B, 1);
+  std::vector<int64_t> tnew(B);
+  int64_t n = To + Tn;
+  for (int64_t s = 0; s < steps; ++s) {
+    skinny(hn.data(), hw.out, lg.data(), nullptr, B, H, R);
+    bool any = false;
+    for (int64_t b = 0; b < B; ++b) {
+      // softmax's largest entry: its index (the first, as torch's max) and 1 / sum(exp(l - max))
+      const float* l = lg.data() + b * R;
+      int64_t best = 0;
+      for (int64_t r = 1; r < R; ++r)
+        if (l[r] > l[best]) best = r;
+      float sum = 0.f;
+      for (int64_t r = 0; r < R; ++r) sum += std::exp(l[r] - l[best]);
+      const float p = 1.f / sum;
+      tnew[b] = hw.reduced[best];
+      out.ids[b * steps + s] = tnew[b];
+      out.probs[b * steps + s] = p;
+      if (stop_below >= 0.0) alive[b] = alive[b] && p >= float(stop_below);
+      any = any || alive[b];
+    }
+    out.done = s + 1;
+    if (s + 1 == steps || (stop_below >= 0.0 && s + 1 >= min_tokens && !any)) break;
+    // the drafted token and hn form the next pair of each row: its key, value and query
+    fuse_project(hn.data(), tnew.data(), B);
+    for (int64_t b = 0; b < B; ++b) {
+      qpos[b] += 1;
+      store_kv(b, n, b, qpos[b], true);
+      take_query(b, b);
+    }
+    ++n;
+    for (int64_t b = 0; b < B; ++b) attend(b, n);
+    std::memcpy(zlast.data(), z.data(), B * H * sizeof(float));
+    finish();
+  }
+  return out;
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> head_draft(
+    const torch::Tensor& kv_old, const torch::Tensor& pos_old, const torch::Tensor& valid_old, const torch::Tensor& h,
+    const torch::Tensor& tok, const torch::Tensor& pos, const torch::Tensor& valid, const torch::Tensor& embed,
+    const torch::Tensor& fc, const torch::Tensor& qkv, const torch::Tensor& o, const torch::Tensor& gate_up,
+    const torch::Tensor& down, const torch::Tensor& out_embed, const torch::Tensor& norms,
+    const torch::Tensor& reduced_ids, int64_t heads, int64_t window, int64_t steps, double stop_below,
+    int64_t min_tokens, double eps, double theta) {
+  TORCH_CHECK(h.dim() == 3 && h.scalar_type() == at::kFloat && h.size(1) > 0, "head_draft: h fp32 [B, Tn, H]");
+  const int64_t B = h.size(0), Tn = h.size(1), H = h.size(2);
+  TORCH_CHECK(tok.scalar_type() == at::kLong && pos.scalar_type() == at::kLong && valid.scalar_type() == at::kBool &&
+              tok.dim() == 2 && tok.size(0) == B && tok.size(1) == Tn && pos.sizes() == tok.sizes() &&
+              valid.sizes() == tok.sizes(), "head_draft: tok, pos int64 and valid bool, [B, Tn]");
+  TORCH_CHECK(kv_old.scalar_type() == at::kFloat && kv_old.dim() == 4 && kv_old.size(0) == B && kv_old.size(2) == 2 &&
+              kv_old.size(3) == H, "head_draft: kv_old fp32 [B, To, 2, H]");
+  const int64_t To = kv_old.size(1);
+  TORCH_CHECK(pos_old.scalar_type() == at::kLong && valid_old.scalar_type() == at::kBool && pos_old.dim() == 2 &&
+              pos_old.size(0) == B && pos_old.size(1) == To && valid_old.sizes() == pos_old.sizes(),
+              "head_draft: pos_old int64 and valid_old bool, [B, To]");
+  TORCH_CHECK(embed.scalar_type() == at::kFloat && embed.is_contiguous() && embed.dim() == 2 && embed.size(1) == H,
+              "head_draft: embed fp32 [V, H]");
+  const auto dt = fc.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf, "head_draft: matrices fp32 or fp16");
+  for (const auto* t : {&fc, &qkv, &o, &gate_up, &down, &out_embed})
+    TORCH_CHECK(t->scalar_type() == dt && t->is_contiguous() && t->dim() == 2, "head_draft: matrices of one dtype, contiguous");
+  const int64_t F = down.size(1), R = out_embed.size(0);
+  TORCH_CHECK(fc.size(0) == H && fc.size(1) == 2 * H && qkv.size(0) == 3 * H && qkv.size(1) == H && o.size(0) == H &&
+              o.size(1) == H && gate_up.size(0) == 2 * F && gate_up.size(1) == H && down.size(0) == H &&
+              out_embed.size(1) == H, "head_draft: matrix shapes");
+  TORCH_CHECK(norms.scalar_type() == at::kFloat && norms.is_contiguous() && norms.numel() == 3 * H,
+              "head_draft: norms fp32 [3, H]");
+  TORCH_CHECK(reduced_ids.scalar_type() == at::kLong && reduced_ids.numel() == R, "head_draft: reduced_ids int64 [R]");
+  TORCH_CHECK(heads > 0 && H % heads == 0 && (H / heads) % 2 == 0 && steps > 0, "head_draft: heads, steps");
+  auto kvc = kv_old.contiguous();
+  auto poc = pos_old.contiguous();
+  auto voc = valid_old.contiguous();
+  auto hc = h.contiguous();
+  auto tc = tok.contiguous();
+  auto pc = pos.contiguous();
+  auto vc = valid.contiguous();
+  auto rc = reduced_ids.contiguous();
+  const int64_t V = embed.size(0);
+  const int64_t* tp = tc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * Tn; ++i) TORCH_CHECK(tp[i] >= 0 && tp[i] < V, "head_draft: token id out of range");
+  const int64_t* rp = rc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < R; ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < V, "head_draft: reduced id out of range");
+  auto kv_new = torch::empty({B, Tn, 2, H}, hc.options());
+  auto run = [&](auto* tag) {
+    using Wt = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    auto p = [](const torch::Tensor& t) { return reinterpret_cast<const Wt*>(t.data_ptr()); };
+    const HeadWeights<Wt> hw{embed.data_ptr<float>(), p(fc), p(qkv), p(o), p(gate_up), p(down), p(out_embed),
+                             norms.data_ptr<float>(), rp, H, F, R, heads, window};
+    return head_draft_impl(hw, kvc.data_ptr<float>(), poc.data_ptr<int64_t>(), voc.data_ptr<bool>(), To,
+                           hc.data_ptr<float>(), tp, pc.data_ptr<int64_t>(), vc.data_ptr<bool>(), B, Tn, steps,
+                           stop_below, min_tokens, float(eps), float(theta), kv_new.data_ptr<float>());
+  };
+  const HeadDraft d = dt == at::kHalf ? run(static_cast<const _Float16*>(nullptr)) : run(static_cast<const float*>(nullptr));
+  auto idt = torch::empty({B, d.done}, torch::dtype(torch::kLong));
+  auto prt = torch::empty({B, d.done}, torch::dtype(torch::kFloat));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < d.done; ++s) {
+      idt.data_ptr<int64_t>()[b * d.done + s] = d.ids[b * steps + s];
+      prt.data_ptr<float>()[b * d.done + s] = d.probs[b * steps + s];
+    }
+  return {idt, prt, kv_new};
+}
+
 TORCH_LIBRARY(via_sd_cpu, m) {
   m.def("skinny_linear(Tensor x, Tensor w, Tensor? residual=None) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
@@ -518,6 +777,10 @@ TORCH_LIBRARY(via_sd_cpu, m) {
   m.def("paged_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor token_seq, "
         "Tensor slot_mapping, Tensor ctx_slots, Tensor(a!) k_cache, Tensor(b!) v_cache, int nh, int nkv, "
         "float scale) -> Tensor");
+  m.def("head_draft(Tensor kv_old, Tensor pos_old, Tensor valid_old, Tensor h, Tensor tok, Tensor pos, Tensor valid, "
+        "Tensor embed, Tensor fc, Tensor qkv, Tensor o, Tensor gate_up, Tensor down, Tensor out_embed, Tensor norms, "
+        "Tensor reduced_ids, int heads, int window, int steps, float stop_below, int min_tokens, float eps, "
+        "float theta) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(via_sd_cpu, CPU, m) {
@@ -526,4 +789,5 @@ TORCH_LIBRARY_IMPL(via_sd_cpu, CPU, m) {
   m.impl("silu_mul", &silu_mul);
   m.impl("greedy_linear", &greedy_linear);
   m.impl("paged_attention", &paged_attention);
+  m.impl("head_draft", &head_draft);
 }

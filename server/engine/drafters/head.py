@@ -57,7 +57,9 @@ DEFAULT_THRESHOLD = 0.4
 PACE_ALPHA = 0.3
 PACE_MAX_SKIP = 16
 HEAD_FP16 = os.environ.get("VIA_SD_HEAD_FP16", "1") != "0"
+HEAD_KERNEL = os.environ.get("VIA_SD_HEAD_KERNEL", "1") != "0"  # 0: draft with torch ops (comparisons)
 EPS = 1e-6
+ROPE_THETA = 10000.0
 
 
 def _fast(x: torch.Tensor) -> bool:
@@ -100,7 +102,7 @@ def _linear(x: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
 _INV_FREQ: dict[int, torch.Tensor] = {}
 
 
-def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float = ROPE_THETA) -> torch.Tensor:
     """Rotary embedding (half-split) of x [..., T, hd] at integer positions pos [..., T]."""
     hd = x.shape[-1]
     inv = _INV_FREQ.get(hd)
@@ -174,6 +176,23 @@ class DraftHead(torch.nn.Module):
             return _matmul(h.reshape(-1, h.shape[-1]), self.out_embed).view(*h.shape[:-1], -1)
         return h @ self.out_embed.T
 
+    def kernel_mats(self) -> tuple[torch.Tensor, ...] | None:
+        """(fc, qkv, o, gate_up, down, out_embed) for `cpu_kernels.head_draft`, or None when they
+        are not all contiguous fp32 or all fp16 on the CPU (or no embedding is attached)."""
+        if self.embed is None or self.out_embed is None or self.embed.dtype != torch.float32 \
+                or not self.embed.is_contiguous():
+            return None
+        mats = (self.fc.weight, self.qkv.weight, self.o.weight, self.gate_up.weight, self.down.weight, self.out_embed)
+        dt = mats[0].dtype
+        if dt not in (torch.float32, torch.float16) or any(
+                m.dtype != dt or m.device.type != "cpu" or not m.is_contiguous() for m in mats):
+            return None
+        return tuple(m.detach() for m in mats)
+
+    def norms(self) -> torch.Tensor:
+        """[3, H]: the attention, feed-forward and output norm weights."""
+        return torch.stack([self.w_attn, self.w_ffn, self.w_out]).detach().float()
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -236,7 +255,16 @@ def draft(head: DraftHead, h: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor
     padded (valid False), the newest at index T-1 (which must be valid). Returns the drafted full
     ids [B, S] and the head's probability of each [B, S], S = `steps`, or fewer with `stop_below`:
     drafting ends once every row has drafted a token below that probability (and `min_tokens`),
-    since `accepted_lengths` would cut every row there anyway."""
+    since `accepted_lengths` would cut every row there anyway.
+
+    On the CPU kernels this is one call (`cpu_kernels.head_draft`, the same arithmetic); the
+    torch ops below are the reference and the path elsewhere."""
+    if kernel_ready(head, h):
+        B, _, H = h.shape
+        none = torch.zeros(B, 0, dtype=torch.int64)
+        ids, probs, _ = kernel_draft(head, (h.new_zeros(B, 0, 2, H), none, none.bool()), (h, tok, pos, valid),
+                                     steps, stop_below, min_tokens)
+        return ids, probs
     z = head.fuse(h, tok)  # [B, T, H]
     q, k, v = head.project(z, pos)
     qpos = pos[:, -1:]  # [B, 1]
@@ -265,6 +293,27 @@ def draft(head: DraftHead, h: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor
         kvalid = torch.cat([kvalid, torch.ones_like(qpos, dtype=torch.bool)], 1)
         hn = head.finish(zn, _attend(qn, k, v, window_mask(qpos, kpos, kvalid, head.window)))
     return torch.stack(ids, 1), torch.stack(probs, 1)
+
+
+def kernel_ready(head: DraftHead, h: torch.Tensor) -> bool:
+    """Whether `kernel_draft` can draft for hidden states `h` with this head."""
+    return (HEAD_KERNEL and h.device.type == "cpu" and not torch.is_grad_enabled() and cpu_kernels.available()
+            and head.kernel_mats() is not None)
+
+
+def kernel_draft(head: DraftHead, old, new, steps: int, stop_below: float | None = None, min_tokens: int = 0):
+    """`draft` in one kernel call (`cpu_kernels.head_draft`, the same arithmetic), with the keys
+    and values of pairs drafted for before passed in, not recomputed.
+    old = (kv [B, To, 2, H], pos [B, To], valid [B, To]) (To may be 0); new = (h, tok, pos, valid)
+    [B, Tn, ...] as `draft` takes them. Returns (ids [B, S], probs [B, S], kv of the new pairs
+    [B, Tn, 2, H])."""
+    kv_old, pos_old, valid_old = old
+    h, tok, pos, valid = new
+    return cpu_kernels.head_draft(kv_old.contiguous(), pos_old, valid_old, h.float().contiguous(), tok, pos, valid,
+                                  head.embed, head.kernel_mats(), head.norms(), head.reduced_ids, heads=head.heads,
+                                  window=head.window, steps=steps,
+                                  stop_below=-1.0 if stop_below is None else float(stop_below),
+                                  min_tokens=min_tokens, eps=EPS, theta=ROPE_THETA)
 
 
 def pack_windows(rows: list[tuple[torch.Tensor, torch.Tensor, int]], T: int):
@@ -300,6 +349,9 @@ class _HeadState:
     tokens: torch.Tensor  # [n] x_{i+1}
     end: int  # seq.num_tokens when observed: the newest pair is at position end - 2
     pace: "_Pace"
+    # [c, 2, H], c < n: the head's rotated keys and values of the oldest c pairs (the kernel path
+    # keeps them; the newest pair is always recomputed, it also asks for the first draft)
+    kv: torch.Tensor | None = None
 
 
 @dataclass
@@ -373,10 +425,13 @@ class HeadDrafter(Drafter):
         if not rows:
             return DraftBatch(out)
         states = [seqs[i].drafter_state for i in rows]
-        h, tok, pos, valid = pack_windows([(st.hidden, st.tokens, st.end - 2) for st in states],
-                                          max(len(st.tokens) for st in states))
         ks = torch.tensor([max_tokens[i] for i in rows])
-        ids, probs = draft(self.head, h, tok, pos, valid, int(ks.max()), self.threshold, self.min_tokens)
+        if kernel_ready(self.head, states[0].hidden):
+            ids, probs = self._draft_cached(states, int(ks.max()))
+        else:
+            h, tok, pos, valid = pack_windows([(st.hidden, st.tokens, st.end - 2) for st in states],
+                                              max(len(st.tokens) for st in states))
+            ids, probs = draft(self.head, h, tok, pos, valid, int(ks.max()), self.threshold, self.min_tokens)
         n = accepted_lengths(probs, ks, self.threshold, self.min_tokens)
         ids_l, n_l = ids.tolist(), n.tolist()  # the one host sync
         for r, i in enumerate(rows):
@@ -384,6 +439,31 @@ class HeadDrafter(Drafter):
             pace = seqs[i].drafter_state.pace
             pace.proposed, pace.proposed_at = tuple(out[i]), seqs[i].num_tokens
         return DraftBatch(out)
+
+    def _draft_cached(self, states: list[_HeadState], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`kernel_draft` with each sequence's kept keys and values; keeps those of its new pairs
+        but the newest."""
+        H = self.head.hidden
+        cached = [0 if st.kv is None else min(len(st.kv), len(st.tokens) - 1) for st in states]
+        To = max(cached)
+        kv_old = torch.zeros(len(states), To, 2, H)
+        pos_old = torch.zeros(len(states), To, dtype=torch.int64)
+        valid_old = torch.zeros(len(states), To, dtype=torch.bool)
+        for r, (st, c) in enumerate(zip(states, cached)):
+            if c:
+                kv_old[r, To - c:] = st.kv[:c]
+                first = st.end - 1 - len(st.tokens)  # position of the window's oldest pair
+                pos_old[r, To - c:] = torch.arange(first, first + c)
+                valid_old[r, To - c:] = True
+        new = pack_windows([(st.hidden[c:], st.tokens[c:], st.end - 2) for st, c in zip(states, cached)],
+                           max(len(st.tokens) - c for st, c in zip(states, cached)))
+        ids, probs, kv_new = kernel_draft(self.head, (kv_old, pos_old, valid_old), new, steps, self.threshold,
+                                          self.min_tokens)
+        Tn = kv_new.shape[1]
+        for r, (st, c) in enumerate(zip(states, cached)):
+            fresh = kv_new[r, Tn - (len(st.tokens) - c): Tn - 1]  # the new pairs but the newest
+            st.kv = fresh.clone() if c == 0 else torch.cat([st.kv[:c], fresh])
+        return ids, probs
 
     def _wants_draft(self, pace: _Pace) -> bool:
         if pace.skip > 0:
@@ -417,15 +497,18 @@ class HeadDrafter(Drafter):
         st = seq.drafter_state
         h = hidden.detach().float().cpu()
         t = torch.tensor(tokens, dtype=torch.int64)
-        pace = _Pace()
+        pace, kv = _Pace(), None
         if isinstance(st, _HeadState) and st.end == seq.num_tokens:
             h, t = torch.cat([st.hidden, h]), torch.cat([st.tokens, t])
-            pace = st.pace
+            pace, kv = st.pace, st.kv
             if pace.proposed_at == seq.num_tokens:
                 self._judge(pace, tokens)
             pace.proposed, pace.proposed_at = (), -1
         w = self.head.window
-        seq.drafter_state = _HeadState(h[-w:].clone(), t[-w:].clone(), seq.num_tokens + len(tokens), pace)
+        drop = max(0, len(t) - w)  # the oldest pairs leave the window, and their keys and values
+        if kv is not None:
+            kv = kv[drop:].clone() if len(kv) > drop else None
+        seq.drafter_state = _HeadState(h[-w:].clone(), t[-w:].clone(), seq.num_tokens + len(tokens), pace, kv)
 
     def release(self, seq) -> None:
         seq.drafter_state = None
