@@ -434,7 +434,7 @@ class LlamaModel:
     def _forward_small(self, batch: ForwardBatch, x: torch.Tensor, k_cache: list[torch.Tensor],
                        v_cache: list[torch.Tensor], route, start_sublayer: int, save_at: int | None,
                        want_hidden: bool, argmax_only: bool = False) -> ForwardOutput:
-        """The same forward for a decode-sized fp32 pass on the CPU kernels: seven calls a layer
+        """The same forward for a decode-sized fp32 pass on the CPU kernels: two calls a layer
         (via_sd_kernels.cpu explains why), each output computed as for any other pass size."""
         cfg = self.cfg
         nh, nkv, eps = cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps
@@ -446,16 +446,19 @@ class LlamaModel:
             if save_at is not None and save_at == 2 * i:
                 prefix = x
             if 2 * i >= start_sublayer and (route is None or route.attn[i]):
-                h = k.rms_norm(x, lw.attn_norm, eps)
-                qkv = k.skinny_linear(h, lw.wqkv) if lw.qkv_bias is None else F.linear(h, lw.wqkv, lw.qkv_bias)
-                att = k.paged_attention(qkv, cos, sin, batch.positions, batch.token_seq, batch.slot_mapping,
-                                        batch.ctx_slots, k_cache[i], v_cache[i], nh, nkv, scale)
-                x = k.skinny_linear(att, lw.wo, x)
+                if lw.qkv_bias is None:
+                    x = k.attn_block(x, lw.attn_norm, eps, lw.wqkv, lw.wo, cos, sin, batch.positions, batch.token_seq,
+                                     batch.slot_mapping, batch.ctx_slots, k_cache[i], v_cache[i], nh, nkv, scale)
+                else:
+                    h = k.rms_norm(x, lw.attn_norm, eps)
+                    att = k.paged_attention(F.linear(h, lw.wqkv, lw.qkv_bias), cos, sin, batch.positions,
+                                            batch.token_seq, batch.slot_mapping, batch.ctx_slots, k_cache[i],
+                                            v_cache[i], nh, nkv, scale)
+                    x = k.skinny_linear(att, lw.wo, x)
             if save_at is not None and save_at == 2 * i + 1:
                 prefix = x
             if 2 * i + 1 >= start_sublayer and (route is None or route.mlp[i]):
-                h = k.rms_norm(x, lw.mlp_norm, eps)
-                x = k.skinny_linear(k.silu_mul(k.skinny_linear(h, lw.w_gate_up)), lw.w_down, x)
+                x = k.mlp_block(x, lw.mlp_norm, eps, lw.w_gate_up, lw.w_down)
         if save_at is not None and save_at >= 2 * len(self.layers):
             prefix = x
         return self._head(x, batch, prefix, want_hidden, argmax_only)

@@ -108,6 +108,18 @@ def paged_attention(qkv, cos, sin, positions, token_seq, slot_mapping, ctx_slots
                                                 k_cache, v_cache, nh, nkv, scale)
 
 
+def attn_block(x, norm, eps: float, wqkv, wo, cos, sin, positions, token_seq, slot_mapping, ctx_slots, k_cache,
+               v_cache, nh: int, nkv: int, scale: float) -> torch.Tensor:
+    """x + paged_attention(rms_norm(x) @ wqkv^T) @ wo^T in one call (the same values as the ops)."""
+    return torch.ops.via_sd_cpu.attn_block(x, norm, eps, wqkv, wo, cos, sin, positions, token_seq, slot_mapping,
+                                           ctx_slots, k_cache, v_cache, nh, nkv, scale)
+
+
+def mlp_block(x, norm, eps: float, w_gate_up, w_down) -> torch.Tensor:
+    """x + silu_mul(rms_norm(x) @ w_gate_up^T) @ w_down^T in one call (the same values as the ops)."""
+    return torch.ops.via_sd_cpu.mlp_block(x, norm, eps, w_gate_up, w_down)
+
+
 def head_draft(kv_old, pos_old, valid_old, h, tok, pos, valid, embed, mats, norms, reduced_ids, *, heads: int,
                window: int, steps: int, stop_below: float, min_tokens: int, eps: float,
                theta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -311,7 +311,16 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
     const float* g = p + m * 2 * I;
     const float* u = g + I;
     float* om = o + m * I;
-    for (int64_t i = 0; i < I; ++i) om[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    // 16 lanes with exp16 (e^-g capped at e^88, where g / (1 + e^-g) is zero to 36 digits)
+    const int64_t I16 = I & ~int64_t(15);
+    for (int64_t i = 0; i < I16; i += 16) {
+      const v16 gv = load16(g + i);
+      v16 x = v16{} - gv;
+      x = x > 88.f ? v16{} + 88.f : x;
+      const v16 r = gv / (1.f + exp16(x)) * load16(u + i);
+      __builtin_memcpy(om + i, &r, sizeof(r));
+    }
+    for (int64_t i = I16; i < I; ++i) om[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
   }
   return out;
 }
@@ -451,10 +460,17 @@ torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tensor& cos
       for (int64_t a = 0; a < nq; ++a) {
         float* p = pbuf.data() + a * L16;
         const int64_t n = nctx[a];
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < n; ++j) mx = p[j] > mx ? p[j] : mx;
         const int64_t n16 = (n + 15) & ~int64_t(15);
         for (int64_t j = n; j < n16; ++j) p[j] = -INFINITY;
+        // the maximum in 16 lanes (a scalar max is a chain of dependent instructions); exact, so
+        // the same value whatever the order
+        v16 mv = v16{} - INFINITY;
+        for (int64_t j = 0; j < n16; j += 16) {
+          const v16 x = load16(p + j);
+          mv = x > mv ? x : mv;
+        }
+        float mx = -INFINITY;
+        for (int i = 0; i < 16; ++i) mx = mv[i] > mx ? mv[i] : mx;
         v16 den{};
         for (int64_t j = 0; j < n16; j += 16) {
           const v16 e = exp16(load16(p + j) - mx);
@@ -465,33 +481,38 @@ torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tensor& cos
         inv[a] = 1.f / reduce16(den);
       }
       // p @ V: each V row once for all queries (a zero weight past a query's context adds
-      // nothing, so its sums are the ones it would get alone)
-      for (int64_t c0 = 0; c0 < hd; c0 += 16 * VC) {
-        const int64_t nc = std::min<int64_t>(VC, (hd - c0) / 16);
-        v16 acc[QC][VC];
+      // nothing, so its sums are the ones it would get alone). The absent queries of a short
+      // item weigh zero; the counts are compile-time so that the accumulators stay in registers.
+      for (int64_t a = nq; a < QC; ++a) std::fill(pbuf.begin() + a * L16, pbuf.begin() + a * L16 + item.nmax, 0.f);
+      auto pv = [&](auto nc_tag, int64_t c0) {
+        constexpr int64_t NC = decltype(nc_tag)::value;
+        v16 acc[QC][NC];
         for (int64_t a = 0; a < QC; ++a)
-          for (int64_t c = 0; c < VC; ++c) acc[a][c] = v16{};
+          for (int64_t c = 0; c < NC; ++c) acc[a][c] = v16{};
         for (int64_t j = 0; j < item.nmax; ++j) {
           const float* vv = vc + cs_row[j] * row + item.g * hd + c0;
           if (j + 8 < item.nmax) {
             const char* nv = reinterpret_cast<const char*>(vc + cs_row[j + 8] * row + item.g * hd + c0);
-            for (int64_t b = 0; b < nc * 64; b += 64) __builtin_prefetch(nv + b, 0, 3);
+            for (int64_t b = 0; b < NC * 64; b += 64) __builtin_prefetch(nv + b, 0, 3);
           }
-          v16 vr[VC];
-          for (int64_t c = 0; c < nc; ++c) vr[c] = load16(vv + 16 * c);
-          for (int64_t a = 0; a < nq; ++a) {
+          v16 vr[NC];
+          for (int64_t c = 0; c < NC; ++c) vr[c] = load16(vv + 16 * c);
+          for (int64_t a = 0; a < QC; ++a) {
             const float pj = pbuf[a * L16 + j];
-            for (int64_t c = 0; c < nc; ++c) acc[a][c] = acc[a][c] + pj * vr[c];
+            for (int64_t c = 0; c < NC; ++c) acc[a][c] = acc[a][c] + pj * vr[c];
           }
         }
         for (int64_t a = 0; a < nq; ++a) {
           float* o = op + tok[a] * nh * hd + head[a] * hd + c0;
-          for (int64_t c = 0; c < nc; ++c) {
+          for (int64_t c = 0; c < NC; ++c) {
             const v16 r = acc[a][c] * inv[a];
             __builtin_memcpy(o + 16 * c, &r, sizeof(r));
           }
         }
-      }
+      };
+      int64_t c0 = 0;
+      for (; c0 + 16 * VC <= hd; c0 += 16 * VC) pv(std::integral_constant<int64_t, VC>{}, c0);
+      for (; c0 + 16 <= hd; c0 += 16) pv(std::integral_constant<int64_t, 1>{}, c0);
       // a head size that is not a multiple of 16: the tail columns one by one
       for (int64_t i = (hd / 16) * 16; i < hd; ++i)
         for (int64_t a = 0; a < nq; ++a) {
@@ -509,6 +530,27 @@ torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tensor& cos
     work(0, n_items);
   }
   return out;
+}
+
+// A decoder layer's two halves in one call each (the same kernels as the separate ops, so the
+// same values bitwise): at decode sizes each op dispatched from Python costs more than its
+// arithmetic, and a layer was seven of them.
+//   attention: x + paged_attention(rms_norm(x) @ wqkv^T) @ wo^T
+torch::Tensor attn_block(const torch::Tensor& x, const torch::Tensor& norm, double eps, const torch::Tensor& wqkv,
+                         const torch::Tensor& wo, const torch::Tensor& cos, const torch::Tensor& sin,
+                         const torch::Tensor& positions, const torch::Tensor& token_seq,
+                         const torch::Tensor& slot_mapping, const torch::Tensor& ctx_slots, torch::Tensor k_cache,
+                         torch::Tensor v_cache, int64_t nh, int64_t nkv, double scale) {
+  const auto qkv = skinny_linear(rms_norm(x, norm, eps), wqkv, c10::nullopt);
+  const auto att = paged_attention(qkv, cos, sin, positions, token_seq, slot_mapping, ctx_slots, k_cache, v_cache, nh,
+                                   nkv, scale);
+  return skinny_linear(att, wo, x);
+}
+
+//   feed-forward: x + silu_mul(rms_norm(x) @ w_gate_up^T) @ w_down^T
+torch::Tensor mlp_block(const torch::Tensor& x, const torch::Tensor& norm, double eps, const torch::Tensor& w_gate_up,
+                        const torch::Tensor& w_down) {
+  return skinny_linear(silu_mul(skinny_linear(rms_norm(x, norm, eps), w_gate_up, c10::nullopt)), w_down, x);
 }
 
 // The draft head's chained drafting (server/engine/drafters/head.py: `draft` is the contract and
@@ -777,6 +819,10 @@ TORCH_LIBRARY(via_sd_cpu, m) {
   m.def("paged_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor token_seq, "
         "Tensor slot_mapping, Tensor ctx_slots, Tensor(a!) k_cache, Tensor(b!) v_cache, int nh, int nkv, "
         "float scale) -> Tensor");
+  m.def("attn_block(Tensor x, Tensor norm, float eps, Tensor wqkv, Tensor wo, Tensor cos, Tensor sin, "
+        "Tensor positions, Tensor token_seq, Tensor slot_mapping, Tensor ctx_slots, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, int nh, int nkv, float scale) -> Tensor");
+  m.def("mlp_block(Tensor x, Tensor norm, float eps, Tensor w_gate_up, Tensor w_down) -> Tensor");
   m.def("head_draft(Tensor kv_old, Tensor pos_old, Tensor valid_old, Tensor h, Tensor tok, Tensor pos, Tensor valid, "
         "Tensor embed, Tensor fc, Tensor qkv, Tensor o, Tensor gate_up, Tensor down, Tensor out_embed, Tensor norms, "
         "Tensor reduced_ids, int heads, int window, int steps, float stop_below, int min_tokens, float eps, "
@@ -789,5 +835,7 @@ TORCH_LIBRARY_IMPL(via_sd_cpu, CPU, m) {
   m.impl("silu_mul", &silu_mul);
   m.impl("greedy_linear", &greedy_linear);
   m.impl("paged_attention", &paged_attention);
+  m.impl("attn_block", &attn_block);
+  m.impl("mlp_block", &mlp_block);
   m.impl("head_draft", &head_draft);
 }
