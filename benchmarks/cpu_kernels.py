@@ -1,0 +1,101 @@
+"""Microbenchmarks of two CPU kernels at the sizes a Spec-Bench step meets.
+
+    python benchmarks/cpu_kernels.py                # both
+    python benchmarks/cpu_kernels.py --only attention --contexts 200,800,1600
+
+- `attention`: `via_sd_cpu::paged_attention` for one layer (SmolLM2-135M's 9 query heads, 3 KV
+  heads, head size 64) at several context lengths, for a decode token (N=1) and a 6-token
+  verification pass (N=6); the context's slots lie in shuffled 16-slot blocks, as in the paged
+  cache. Median microseconds per call over repeated calls (the cache stays warm).
+- `draft`: the shipped draft head's 5-token chained draft for one sequence with a full 32-pair
+  window, with the target's weights' worth of memory streamed in between (as in a step), on the
+  one-call kernel and on torch ops (`VIA_SD_HEAD_KERNEL=0` in the engine). Median milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+import torch
+
+
+def attention(contexts: list[int], reps: int) -> None:
+    from via_sd_kernels import cpu as k
+
+    if not k.available():
+        raise SystemExit("the CPU kernels are not built on this host")
+    nh, nkv, hd = 9, 3, 64
+    P = max(contexts) + 64
+    inv = 10000 ** (-torch.arange(0, hd, 2).float() / hd)
+    ang = torch.arange(P).float()[:, None] * inv
+    cos, sin = torch.cat([ang.cos(), ang.cos()], 1), torch.cat([ang.sin(), ang.sin()], 1)
+    g = torch.Generator().manual_seed(0)
+    for L in contexts:
+        blocks = (L + 64) // 16 + 8
+        kc, vc = torch.randn(blocks * 16, nkv, hd, generator=g), torch.randn(blocks * 16, nkv, hd, generator=g)
+        ctx = (torch.randperm(blocks, generator=g)[:, None] * 16 + torch.arange(16)).flatten()[None, : L + 16].contiguous()
+        for N in (1, 6):
+            qkv = torch.randn(N, (nh + 2 * nkv) * hd, generator=g)
+            pos, seq, slot = torch.arange(L - N, L), torch.zeros(N, dtype=torch.int64), ctx[0, L - N:L].clone()
+
+            def call():
+                k.paged_attention(qkv, cos, sin, pos, seq, slot, ctx, kc, vc, nh, nkv, 1 / math.sqrt(hd))
+
+            for _ in range(20):
+                call()
+            ts = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                for _ in range(20):
+                    call()
+                ts.append((time.perf_counter() - t) / 20)
+            print(f"attention  context {L:5d}  N={N}: {statistics.median(ts) * 1e6:7.1f} us per layer call", flush=True)
+
+
+def draft(reps: int) -> None:
+    import server.engine.drafters.head as hd
+    from server.engine.config import EngineConfig, SpecConfig
+    from server.engine.engine import LLMEngine
+    from server.engine.model_files import prepare_model
+
+    folder = prepare_model(None, progress=False)
+    eng = LLMEngine(EngineConfig(model=str(folder), spec=SpecConfig(mode="binary", drafter="head"), max_num_seqs=8))
+    drafter = hd.HeadDrafter(eng)
+    g = torch.Generator().manual_seed(0)
+    H, T = drafter.head.hidden, drafter.head.window
+    args = hd.pack_windows([(torch.randn(T, H, generator=g), torch.randint(0, 49152, (T,), generator=g), 200)], T)
+    stream = torch.randn(128_000_000)  # 512 MB: evicts the head, as the target's weights do in a step
+    for kernel in (True, False):
+        hd.HEAD_KERNEL = kernel
+        for _ in range(3):
+            hd.draft(drafter.head, *args, 5)
+        ts = []
+        for _ in range(reps):
+            stream.mul_(1.0)
+            t = time.perf_counter()
+            hd.draft(drafter.head, *args, 5)
+            ts.append(time.perf_counter() - t)
+        name = "one-call kernel" if kernel else "torch ops"
+        print(f"draft      5 tokens, window {T}, {name:15s}: {statistics.median(ts) * 1e3:6.2f} ms", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=["attention", "draft"])
+    ap.add_argument("--contexts", default="200,800,1600")
+    ap.add_argument("--reps", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.only in (None, "attention"):
+        attention([int(c) for c in args.contexts.split(",")], args.reps)
+    if args.only in (None, "draft"):
+        draft(args.reps)
+
+
+if __name__ == "__main__":
+    main()
