@@ -210,7 +210,8 @@ def verify_core_torch(
 
     # 1. the test at every draft position (only those in the scan window matter)
     if greedy:
-        slim_am, full_am = slim.argmax(-1), full.argmax(-1)  # [T+B]
+        slim_am = slim.argmax(-1)  # [T+B]
+        full_am = slim_am if full is slim else full.argmax(-1)  # binary passes q as both
         acc = torch.where(slim_scan, slim_am[rows], full_am[rows]) == d  # [T]
     else:
         target_d = torch.where(slim_scan, slim[rows, d], full[rows, d]).float()  # [T]
