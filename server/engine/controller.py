@@ -16,7 +16,12 @@ What the engine has seen also carries over: an engine-wide estimate (`prior`, th
 every request's steps, slower) starts each new request once it holds `prior_steps` steps of each
 kind. Such a request skips the warm-up, runs the kind the engine found better, and first explores
 after `max_explore_every // 2` steps, so a model where the slim tier does not pay spends about one
-step in 50 on it rather than 5 to 8 in the first 64 of every request.
+step in 50 on it rather than 5 to 8 in the first 64 of every request. The engine's estimate also
+makes that request's choices (its explorations feed it): comparing a request's own two values
+turned the slim tier on whenever a few rejected drafts lowered the binary value below the
+three-tier value the request had inherited (a log of 24 Spec-Bench requests: stretches of 1-6
+slim steps at arbitrary points, each with the inherited 1.33 against a binary 1.1-1.2), though
+the same drafts would have lowered a three-tier step's value as much.
 
 The slim tier must look `margin` (1.1) times better than the binary step to be chosen. The
 estimates are EWMAs over a few noisy steps, the cost model counts weights read and leaves out
@@ -45,6 +50,7 @@ class ControllerState:
     since_explore: int = 0
     explore_every: int = 0  # the current exploration period; 0 = the controller's base period
     last_on: bool = True
+    from_prior: bool = False  # started from the engine-wide estimate, which then decides
 
 
 class SlimController:
@@ -71,7 +77,15 @@ class SlimController:
             return ControllerState()
         return ControllerState(value_three=p.value_three, value_binary=p.value_binary, n_three=self.warmup,
                                n_binary=self.warmup, explore_every=max(self.explore_every, self.max_explore_every // 2),
-                               last_on=self._preferred(p))
+                               last_on=self._preferred(p), from_prior=True)
+
+    def _deciding(self, st: ControllerState) -> ControllerState:
+        """The estimate a request's choice is made from: its own, or the engine's once it started
+        from it. A request's own two values are measured at different times, so a stretch of
+        rejected drafts lowers the binary one while the three-tier one keeps older, better steps,
+        though the same drafts would lower it as much; the engine's pair is measured over the
+        same mix of text."""
+        return self.prior if st.from_prior else st
 
     def want_slim(self, st: ControllerState) -> bool:
         if not self.enabled:
@@ -80,14 +94,14 @@ class SlimController:
             return True  # measure the three-tier step first
         if st.n_binary < self.warmup:
             return False  # then the binary step as many times: one unlucky step decides nothing
-        best_three = self._preferred(st)
+        best_three = self._preferred(self._deciding(st))
         if st.since_explore >= (st.explore_every or self.explore_every):
             return not best_three  # try the other kind now and then
         return best_three
 
     def update(self, st: ControllerState, *, slim_ran: bool, full_ran: bool, prefix_reused: bool, tokens: int) -> None:
         warm = st.n_three >= self.warmup and st.n_binary >= self.warmup
-        before = self._preferred(st) if warm else None
+        before = self._preferred(self._deciding(st)) if warm else None
         if slim_ran:
             cost = self.slim_cost + (1.0 - (self.prefix_share if prefix_reused else 0.0)) * float(full_ran)
             v = tokens / max(cost, 1e-6)
@@ -95,7 +109,7 @@ class SlimController:
             v = float(tokens)
         self._measure(st, slim_ran, v, self.alpha)
         self._measure(self.prior, slim_ran, v, self.prior_alpha)
-        after = self._preferred(st)
+        after = self._preferred(self._deciding(st))
         explored = before is not None and slim_ran != before
         if explored:
             period = st.explore_every or self.explore_every

@@ -87,3 +87,19 @@ def test_the_slim_tier_needs_a_clear_margin():
     assert sum(on[4:]) <= 3  # explorations only
     on = run(SlimController(0.9, 0.2), 60, lambda i: 1.7 * 1.25, 1.0)
     assert sum(on[4:]) >= 0.8 * len(on[4:])
+
+
+def test_a_stretch_of_rejected_drafts_does_not_turn_the_slim_tier_on():
+    """The engine has seen three-tier steps at 2 tokens per 1.7 of cost against binary steps at 3.
+    A later request's drafts then fail for a while (1 token a step, which a three-tier step would
+    not beat): its choice follows the engine's estimate, so the slim tier runs only when explored."""
+    ctl = SlimController(0.9, 0.2)
+    while ctl.prior.n_three < ctl.prior_steps:
+        run_from_prior(ctl, 64, lambda i: 2, 3.0)
+    st = ctl.new_state()
+    on = []
+    for i in range(40):
+        slim = ctl.want_slim(st)
+        on.append(slim)
+        ctl.update(st, slim_ran=slim, full_ran=slim, prefix_reused=True, tokens=1 if i >= 5 else 3)
+    assert not any(on)  # the request's own binary value fell to ~1, below the inherited 2 / 1.7
