@@ -212,6 +212,14 @@ std::tuple<torch::Tensor, torch::Tensor> greedy_linear(const torch::Tensor& x, c
   return {out, idt};
 }
 
+// One row's RMSNorm, scaled by w (nullptr: by one)
+static inline void rms_row(const float* x, const float* w, float* o, int64_t H, float eps) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < H; ++i) ss += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(ss / float(H) + eps);
+  for (int64_t i = 0; i < H; ++i) o[i] = w ? x[i] * inv * w[i] : x[i] * inv;
+}
+
 // RMSNorm of a few rows, in one pass over each row and on the calling thread: for decode-sized
 // inputs a parallel region costs more than the arithmetic.
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
@@ -223,14 +231,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
   const float* xp = xc.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    const float* r = xp + m * H;
-    float ss = 0.f;
-    for (int64_t h = 0; h < H; ++h) ss += r[h] * r[h];
-    const float inv = 1.f / std::sqrt(ss / float(H) + float(eps));
-    float* o = op + m * H;
-    for (int64_t h = 0; h < H; ++h) o[h] = r[h] * inv * wp[h];
-  }
+  for (int64_t m = 0; m < M; ++m) rms_row(xp + m * H, wp, op + m * H, H, float(eps));
   return out;
 }
 
@@ -590,12 +591,7 @@ static HeadDraft head_draft_impl(const HeadWeights<W>& hw, const float* kv_old, 
   const int64_t hd = H / heads, half = hd / 2, L = To + Tn + steps;
   const float scale = 1.f / std::sqrt(float(hd));
   const float *w_attn = hw.norms, *w_ffn = hw.norms + H, *w_out = hw.norms + 2 * H;
-  auto rms = [&](const float* x, const float* w, float* o) {
-    float ss = 0.f;
-    for (int64_t i = 0; i < H; ++i) ss += x[i] * x[i];
-    const float inv = 1.f / std::sqrt(ss / float(H) + eps);
-    for (int64_t i = 0; i < H; ++i) o[i] = w ? x[i] * inv * w[i] : x[i] * inv;
-  };
+  auto rms = [&](const float* x, const float* w, float* o) { rms_row(x, w, o, H, eps); };
   std::vector<float> inv_freq(half);
   for (int64_t i = 0; i < half; ++i) inv_freq[i] = std::pow(theta, -float(2 * i) / float(hd));
   auto rope = [&](float* x, int64_t p) {
