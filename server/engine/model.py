@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from via_sd_kernels import cpu as cpu_kernels
+
+log = logging.getLogger("via_sd.engine")
 
 # On CUDA, attention runs on the flash / memory-efficient kernels (math as the last resort), not on
 # cuDNN's: cuDNN builds an execution plan for every new shape, and a decode step's context length
@@ -40,6 +43,11 @@ PAGED_MAX_QUERIES = 16
 # Greedy passes read the LM head in fp16 and recompute the few rows that could be the argmax
 # exactly (GreedyHead); VIA_SD_GREEDY_HEAD=0 reads it in fp32 always.
 GREEDY_HEAD = os.environ.get("VIA_SD_GREEDY_HEAD", "1") != "0"
+# Layer matrices that are exactly GGUF Q4_1 blocks (a model converted from such a file, the bundled
+# one included) are also kept as those blocks, which decode-sized passes read instead: bitwise
+# the same values at a fifth of the bytes (via_sd_kernels/cpu/q4_1.py). VIA_SD_PACKED_WEIGHTS=0
+# reads the fp32 matrices always.
+PACKED_WEIGHTS = os.environ.get("VIA_SD_PACKED_WEIGHTS", "1") != "0"
 
 
 class GreedyHead:
@@ -151,6 +159,15 @@ class LayerWeights:
     w_gate_up: torch.Tensor  # [2 I, H]
     w_down: torch.Tensor  # [H, I]
     qkv_bias: torch.Tensor | None = None
+    # the same four matrices as Q4_1 blocks, uint8 [N, K / 32 * 20], where they are exactly that
+    # (CPU, PACKED_WEIGHTS); the skinny GEMM reads these, larger passes the fp32 ones
+    packed: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    PACKABLE = ("wqkv", "wo", "w_gate_up", "w_down")
+
+    def small(self, name: str) -> torch.Tensor:
+        """The matrix a decode-sized pass reads: packed when it is, else fp32."""
+        return self.packed.get(name, getattr(self, name))
 
 
 @dataclass
@@ -243,18 +260,41 @@ class LlamaModel:
         streams them all, and 4 KiB pages cost it a TLB miss per page."""
         from server.engine import host_memory
 
+        if PACKED_WEIGHTS and cpu_kernels.available():
+            self.pack_weights()
         slots = [(lw, f) for lw in self.layers for f in self._LAYER_FIELDS if getattr(lw, f) is not None]
-        tensors = [getattr(lw, f) for lw, f in slots] + [self.embed, self.norm, self.lm_head]
+        packed = [(lw, f) for lw in self.layers for f in lw.packed]
+        tensors = [getattr(lw, f) for lw, f in slots] + [lw.packed[f] for lw, f in packed]
+        tensors += [self.embed, self.norm, self.lm_head]
         greedy = GreedyHead.build(self.lm_head) if GREEDY_HEAD else None
         if greedy is not None:
             tensors.append(greedy.w16)
         moved = host_memory.move_to_huge_pages(tensors)
         for (lw, f), t in zip(slots, moved):
             setattr(lw, f, t)
-        self.embed, self.norm, self.lm_head = moved[len(slots):len(slots) + 3]
+        for (lw, f), t in zip(packed, moved[len(slots):]):
+            lw.packed[f] = t
+        n = len(slots) + len(packed)
+        self.embed, self.norm, self.lm_head = moved[n:n + 3]
         if greedy is not None:
             greedy.w, greedy.w16 = self.lm_head, moved[-1]
         self.greedy_head = greedy
+
+    def pack_weights(self) -> int:
+        """Keep every layer matrix that is exactly Q4_1 blocks also in that form; returns how many."""
+        from via_sd_kernels.cpu import q4_1
+
+        n = 0
+        for lw in self.layers:
+            for f in LayerWeights.PACKABLE:
+                p = q4_1.pack(getattr(lw, f))
+                if p is not None:
+                    lw.packed[f] = p
+                    n += 1
+        if n:
+            log.info("%d of %d layer matrices are Q4_1 blocks: decode passes read them packed", n,
+                     len(self.layers) * len(LayerWeights.PACKABLE))
+        return n
 
     # ---------------------------------------------------------------- rotary
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,18 +487,18 @@ class LlamaModel:
                 prefix = x
             if 2 * i >= start_sublayer and (route is None or route.attn[i]):
                 if lw.qkv_bias is None:
-                    x = k.attn_block(x, lw.attn_norm, eps, lw.wqkv, lw.wo, cos, sin, batch.positions, batch.token_seq,
+                    x = k.attn_block(x, lw.attn_norm, eps, lw.small("wqkv"), lw.small("wo"), cos, sin, batch.positions, batch.token_seq,
                                      batch.slot_mapping, batch.ctx_slots, k_cache[i], v_cache[i], nh, nkv, scale)
                 else:
                     h = k.rms_norm(x, lw.attn_norm, eps)
                     att = k.paged_attention(F.linear(h, lw.wqkv, lw.qkv_bias), cos, sin, batch.positions,
                                             batch.token_seq, batch.slot_mapping, batch.ctx_slots, k_cache[i],
                                             v_cache[i], nh, nkv, scale)
-                    x = k.skinny_linear(att, lw.wo, x)
+                    x = k.skinny_linear(att, lw.small("wo"), x)
             if save_at is not None and save_at == 2 * i + 1:
                 prefix = x
             if 2 * i + 1 >= start_sublayer and (route is None or route.mlp[i]):
-                x = k.mlp_block(x, lw.mlp_norm, eps, lw.w_gate_up, lw.w_down)
+                x = k.mlp_block(x, lw.mlp_norm, eps, lw.small("w_gate_up"), lw.small("w_down"))
         if save_at is not None and save_at >= 2 * len(self.layers):
             prefix = x
         return self._head(x, batch, prefix, want_hidden, argmax_only)

@@ -112,3 +112,23 @@ def test_generate_cli_reports_three_tier_usage(real_model_dir):
     assert u["accepted"] <= u["draft_tokens"]
     assert u["full_verified"] <= u["draft_tokens"]
     assert u["accepted"] + u["slim_regenerated"] <= len(data["token_ids"]) <= u["accepted"] + u["slim_regenerated"] + u["steps"]
+
+
+def test_packed_weights_give_the_fp32_models_logprobs_bitwise(off_engine, prompts):
+    """The bundled model's layer matrices are Q4_1 blocks: decode passes read them packed, and every
+    logprob equals the one computed from the fp32 matrices."""
+    model = off_engine.model
+    assert [len(lw.packed) for lw in model.layers] == [4] * model.cfg.num_layers
+    packed = off_engine.generate(greedy_requests(prompts[:4], 24, mode="off", prefix="p", logprobs=3))
+    kept = [lw.packed for lw in model.layers]
+    for lw in model.layers:
+        lw.packed = {}
+    try:
+        plain = off_engine.generate(greedy_requests(prompts[:4], 24, mode="off", prefix="f", logprobs=3))
+    finally:
+        for lw, p in zip(model.layers, kept):
+            lw.packed = p
+    for a, b in zip(packed, plain):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == b.logprobs and a.logprobs
+    assert_pool_full(off_engine)

@@ -65,47 +65,135 @@ static inline float reduce16(v16 a) {
   return (t4[0] + t4[2]) + (t4[1] + t4[3]);
 }
 
-// R weight rows x MB tokens, all of K.
-template <int R, int MB, typename W>
+// 4-bit weights, GGUF's Q4_1 blocks of 32 along K: element i of a block is d * q_i + m, d and m
+// fp16, q_i in 0..15, low nibbles of qs holding elements 0-15 and high nibbles 16-31. Dequantized
+// in registers to the exact fp32 values a converter writes (d * q is exact in fp32: 11 by 4
+// significant bits, so fused or not, the one rounding is that of the sum), a fifth of fp32's bytes.
+struct Q4Block {
+  _Float16 d, m;
+  uint8_t qs[16];
+};
+static_assert(sizeof(Q4Block) == 20, "Q4_1 block is 20 bytes");
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+static inline void dequant(const Q4Block* b, v16& lo, v16& hi) {
+#if defined(__AVX512F__)
+  uint32_t dm;
+  __builtin_memcpy(&dm, b, 4);
+  const __m128 dmf = _mm_cvtph_ps(_mm_cvtsi32_si128(int(dm)));  // [d, m, 0, 0]
+  const __m512 dv = _mm512_broadcastss_ps(dmf), mv = _mm512_broadcastss_ps(_mm_movehdup_ps(dmf));
+  const __m512i qi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs)));
+  const __m512 l = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_and_si512(qi, _mm512_set1_epi32(15))), mv);
+  const __m512 h = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_srli_epi32(qi, 4)), mv);
+  __builtin_memcpy(&lo, &l, sizeof(lo));
+  __builtin_memcpy(&hi, &h, sizeof(hi));
+#else
+  u8x16 q;
+  __builtin_memcpy(&q, b->qs, 16);
+  const vi16 qi = __builtin_convertvector(q, vi16);
+  const v16 dv = v16{} + float(b->d), mv = v16{} + float(b->m);
+  lo = dv * __builtin_convertvector(qi & 15, v16) + mv;
+  hi = dv * __builtin_convertvector(qi >> 4, v16) + mv;
+#endif
+}
+
+// R weight rows x MB tokens, all of K: output columns n.., from weight rows nw.. (nw = n, except
+// for rows dequantized into a buffer). PF: prefetch the next tile's rows.
+template <int R, int MB, typename W, bool PF = true>
 static inline void tile(const float* __restrict__ x, const W* __restrict__ w, float* __restrict__ out,
-                        const float* __restrict__ res, int64_t K, int64_t N, int64_t n, int64_t m) {
+                        const float* __restrict__ res, int64_t K, int64_t N, int64_t n, int64_t m, int64_t nw) {
   v16 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < MB; ++j) acc[r][j] = v16{};
   const int64_t K16 = K & ~int64_t(15);
-  for (int64_t k = 0; k < K16; k += 16) {
-    v16 xv[MB];
-    for (int j = 0; j < MB; ++j) xv[j] = load16(x + (m + j) * K + k);
-    for (int r = 0; r < R; ++r) {
-      // the next tile's rows, a line per row per step: memory keeps streaming while this tile
-      // computes (the hardware prefetcher alone leaves the FMAs waiting once M > 2)
-      __builtin_prefetch(w + (n + R + r) * K + k, 0, 3);
-      const v16 wv = load16(w + (n + r) * K + k);
-      for (int j = 0; j < MB; ++j) acc[r][j] = acc[r][j] + wv * xv[j];
+  if constexpr (std::is_same_v<W, Q4Block>) {
+    // the same fused multiply-adds in the same order as fp32 weights: k, then k + 16
+    const int64_t KB = K / 32;  // K % 32 == 0 (checked by the caller)
+    for (int64_t b = 0; b < KB; ++b) {
+      v16 x0[MB], x1[MB];
+      for (int j = 0; j < MB; ++j) {
+        x0[j] = load16(x + (m + j) * K + 32 * b);
+        x1[j] = load16(x + (m + j) * K + 32 * b + 16);
+      }
+      for (int r = 0; r < R; ++r) {
+        if constexpr (PF) __builtin_prefetch(w + (nw + R + r) * KB + b, 0, 3);
+        v16 lo, hi;
+        dequant(w + (nw + r) * KB + b, lo, hi);
+        for (int j = 0; j < MB; ++j) acc[r][j] = acc[r][j] + lo * x0[j];
+        for (int j = 0; j < MB; ++j) acc[r][j] = acc[r][j] + hi * x1[j];
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MB; ++j) {
+        const float s = reduce16(acc[r][j]);
+        const int64_t o = (m + j) * N + n + r;
+        out[o] = res ? res[o] + s : s;
+      }
+  } else {
+    for (int64_t k = 0; k < K16; k += 16) {
+      v16 xv[MB];
+      for (int j = 0; j < MB; ++j) xv[j] = load16(x + (m + j) * K + k);
+      for (int r = 0; r < R; ++r) {
+        // the next tile's rows, a line per row per step: memory keeps streaming while this tile
+        // computes (the hardware prefetcher alone leaves the FMAs waiting once M > 2)
+        if constexpr (PF) __builtin_prefetch(w + (nw + R + r) * K + k, 0, 3);
+        const v16 wv = load16(w + (nw + r) * K + k);
+        for (int j = 0; j < MB; ++j) acc[r][j] = acc[r][j] + wv * xv[j];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MB; ++j) {
+        float s = reduce16(acc[r][j]);
+        const W* wr = w + (nw + r) * K;
+        const float* xr = x + (m + j) * K;
+        for (int64_t k = K16; k < K; ++k) s = __builtin_fmaf(float(wr[k]), xr[k], s);
+        const int64_t o = (m + j) * N + n + r;
+        out[o] = res ? res[o] + s : s;
+      }
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < MB; ++j) {
-      float s = reduce16(acc[r][j]);
-      const W* wr = w + (n + r) * K;
-      const float* xr = x + (m + j) * K;
-      for (int64_t k = K16; k < K; ++k) s = __builtin_fmaf(float(wr[k]), xr[k], s);
-      const int64_t o = (m + j) * N + n + r;
-      out[o] = res ? res[o] + s : s;
-    }
+}
+
+template <int R, typename W, bool PF = true>
+static void rows(const float* x, const W* w, float* out, const float* res, int64_t M, int64_t K, int64_t N,
+                 int64_t n, int64_t nw) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile<R, 4, W, PF>(x, w, out, res, K, N, n, m, nw);
+  switch (M - m) {
+    case 3: tile<R, 3, W, PF>(x, w, out, res, K, N, n, m, nw); break;
+    case 2: tile<R, 2, W, PF>(x, w, out, res, K, N, n, m, nw); break;
+    case 1: tile<R, 1, W, PF>(x, w, out, res, K, N, n, m, nw); break;
+    default: break;
+  }
 }
 
 template <int R, typename W>
 static void rows(const float* x, const W* w, float* out, const float* res, int64_t M, int64_t K, int64_t N,
                  int64_t n) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile<R, 4>(x, w, out, res, K, N, n, m);
-  switch (M - m) {
-    case 3: tile<R, 3>(x, w, out, res, K, N, n, m); break;
-    case 2: tile<R, 2>(x, w, out, res, K, N, n, m); break;
-    case 1: tile<R, 1>(x, w, out, res, K, N, n, m); break;
-    default: break;
+  rows<R, W, true>(x, w, out, res, M, K, N, n, n);
+}
+
+// Q4_1 weights: a tile as wide as the pass (up to 8 tokens), so that each block is dequantized once
+template <int R>
+static void rows_q4(const float* x, const Q4Block* w, float* out, const float* res, int64_t M, int64_t K, int64_t N,
+                    int64_t n) {
+  switch (M) {
+    case 5: tile<R, 5>(x, w, out, res, K, N, n, 0, n); break;
+    case 6: tile<R, 6>(x, w, out, res, K, N, n, 0, n); break;
+    case 7: tile<R, 7>(x, w, out, res, K, N, n, 0, n); break;
+    case 8: tile<R, 8>(x, w, out, res, K, N, n, 0, n); break;
+    default: rows<R, Q4Block>(x, w, out, res, M, K, N, n);
   }
+}
+
+template <int R>
+static void run_rows_q4(const float* xp, const Q4Block* wp, float* op, const float* rp, int64_t M, int64_t K,
+                        int64_t N) {
+  const int64_t tiles = N / R;
+  at::parallel_for(0, tiles, 32 / R, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) rows_q4<R>(xp, wp, op, rp, M, K, N, t * R);
+  });
+  for (int64_t n = tiles * R; n < N; ++n) rows<1, Q4Block>(xp, wp, op, rp, M, K, N, n);
 }
 
 template <int R, typename W>
@@ -124,17 +212,30 @@ static void skinny(const float* xp, const W* wp, float* op, const float* rp, int
   // 4 rows x 4 tokens, 16 accumulators in registers
   if (M <= 2) {
     run_rows<8>(xp, wp, op, rp, M, K, N);
+  } else if constexpr (std::is_same_v<W, Q4Block>) {
+    // 4 rows x up to 4 tokens; wider passes 2 rows x all tokens (each block dequantized once)
+    if (M <= 4)
+      run_rows<4>(xp, wp, op, rp, M, K, N);
+    else
+      run_rows_q4<2>(xp, wp, op, rp, M, K, N);
   } else {
     run_rows<4>(xp, wp, op, rp, M, K, N);
   }
 }
 
-// w fp32, or fp16 (every fp16 value is exact in fp32, so the sums are those of w.float())
+// w fp32, or fp16 (every fp16 value is exact in fp32, so the sums are those of w.float()), or
+// uint8 [N, K / 32 * 20] Q4_1 blocks (the sums are those of the dequantized fp32 matrix)
 torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "skinny_linear: x [M, K] and w [N, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "skinny_linear: x fp32");
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kHalf, "skinny_linear: w fp32 or fp16");
-  TORCH_CHECK(x.size(1) == w.size(1), "skinny_linear: K mismatch");
+  if (w.scalar_type() == at::kByte) {
+    TORCH_CHECK(x.size(1) % 32 == 0 && w.size(1) == x.size(1) / 32 * int64_t(sizeof(Q4Block)),
+                "skinny_linear: Q4_1 w [N, K / 32 * 20] bytes, K a multiple of 32");
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kHalf,
+                "skinny_linear: w fp32, fp16 or Q4_1 bytes");
+    TORCH_CHECK(x.size(1) == w.size(1), "skinny_linear: K mismatch");
+  }
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
@@ -148,7 +249,9 @@ torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& w, cons
     TORCH_CHECK(rc.scalar_type() == at::kFloat && rc.size(0) == M && rc.size(1) == N, "skinny_linear: residual [M, N]");
     rp = rc.data_ptr<float>();
   }
-  if (wc.scalar_type() == at::kHalf) {
+  if (wc.scalar_type() == at::kByte) {
+    skinny(xp, reinterpret_cast<const Q4Block*>(wc.data_ptr<uint8_t>()), op, rp, M, K, N);
+  } else if (wc.scalar_type() == at::kHalf) {
     skinny(xp, reinterpret_cast<const _Float16*>(wc.data_ptr<at::Half>()), op, rp, M, K, N);
   } else {
     skinny(xp, wc.data_ptr<float>(), op, rp, M, K, N);
@@ -247,7 +350,6 @@ static inline float dot(const float* a, const float* b, int64_t n) {
 
 // e^x in 16 lanes (Cephes' polynomial, about 1 ulp); 0 below -87. The attention's softmax uses
 // it for every pass size, so a token's weights do not depend on what shares its pass.
-typedef int32_t vi16 __attribute__((vector_size(64)));
 static inline v16 exp16(v16 x) {
   const vi16 small = x < -87.f;  // lanes that underflow: zero
   x = small ? v16{} - 87.f : x;
