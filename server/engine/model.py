@@ -43,10 +43,10 @@ PAGED_MAX_QUERIES = 16
 # Greedy passes read the LM head in fp16 and recompute the few rows that could be the argmax
 # exactly (GreedyHead); VIA_SD_GREEDY_HEAD=0 reads it in fp32 always.
 GREEDY_HEAD = os.environ.get("VIA_SD_GREEDY_HEAD", "1") != "0"
-# Layer matrices that are exactly GGUF Q4_1 blocks (a model converted from such a file, the bundled
-# one included) are also kept as those blocks, which decode-sized passes read instead: bitwise
-# the same values at a fifth of the bytes (via_sd_kernels/cpu/q4_1.py). VIA_SD_PACKED_WEIGHTS=0
-# reads the fp32 matrices always.
+# Matrices that are exactly GGUF blocks (a model converted from a GGUF file, the bundled one
+# included: Q4_1 layers, a Q8_0 embedding that is also its LM head) are also kept as those blocks,
+# which decode-sized passes read instead: bitwise the same values at a fifth (a quarter) of the
+# bytes (via_sd_kernels/cpu/blocks.py). VIA_SD_PACKED_WEIGHTS=0 reads the fp32 matrices always.
 PACKED_WEIGHTS = os.environ.get("VIA_SD_PACKED_WEIGHTS", "1") != "0"
 
 
@@ -207,6 +207,7 @@ class LlamaModel:
         self.dtype = dtype
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.greedy_head: GreedyHead | None = None  # set by move_to_huge_pages (CPU)
+        self.lm_head_packed: torch.Tensor | None = None  # the LM head as exact GGUF blocks (pack_weights)
 
     @property
     def device(self) -> torch.device:
@@ -266,7 +267,10 @@ class LlamaModel:
         packed = [(lw, f) for lw in self.layers for f in lw.packed]
         tensors = [getattr(lw, f) for lw, f in slots] + [lw.packed[f] for lw, f in packed]
         tensors += [self.embed, self.norm, self.lm_head]
-        greedy = GreedyHead.build(self.lm_head) if GREEDY_HEAD else None
+        if self.lm_head_packed is not None:
+            tensors.append(self.lm_head_packed)
+        # an exact packed LM head needs no fp16 copy
+        greedy = GreedyHead.build(self.lm_head) if GREEDY_HEAD and self.lm_head_packed is None else None
         if greedy is not None:
             tensors.append(greedy.w16)
         moved = host_memory.move_to_huge_pages(tensors)
@@ -276,25 +280,32 @@ class LlamaModel:
             lw.packed[f] = t
         n = len(slots) + len(packed)
         self.embed, self.norm, self.lm_head = moved[n:n + 3]
+        if self.lm_head_packed is not None:
+            self.lm_head_packed = moved[n + 3]
         if greedy is not None:
             greedy.w, greedy.w16 = self.lm_head, moved[-1]
         self.greedy_head = greedy
 
     def pack_weights(self) -> int:
-        """Keep every layer matrix that is exactly Q4_1 blocks also in that form; returns how many."""
-        from via_sd_kernels.cpu import q4_1
+        """Keep every layer matrix that is exactly Q4_1 blocks, and an LM head that is exactly Q8_0
+        or Q4_1 blocks, also in that form; returns how many matrices."""
+        from via_sd_kernels.cpu import blocks
 
         n = 0
         for lw in self.layers:
             for f in LayerWeights.PACKABLE:
-                p = q4_1.pack(getattr(lw, f))
+                p = blocks.pack_q4_1(getattr(lw, f))
                 if p is not None:
                     lw.packed[f] = p
                     n += 1
-        if n:
-            log.info("%d of %d layer matrices are Q4_1 blocks: decode passes read them packed", n,
-                     len(self.layers) * len(LayerWeights.PACKABLE))
-        return n
+        head = blocks.pack_q8_0(self.lm_head)  # GGUF's usual form for the embedding, then the smaller one
+        self.lm_head_packed = head if head is not None else blocks.pack_q4_1(self.lm_head)
+        if n or self.lm_head_packed is not None:
+            log.info("%d of %d layer matrices are Q4_1 blocks, the LM head %s: decode passes read them packed", n,
+                     len(self.layers) * len(LayerWeights.PACKABLE),
+                     "fp32" if self.lm_head_packed is None else
+                     ("Q8_0 blocks" if self.lm_head_packed.dtype == torch.int8 else "Q4_1 blocks"))
+        return n + (self.lm_head_packed is not None)
 
     # ---------------------------------------------------------------- rotary
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -465,7 +476,9 @@ class LlamaModel:
               want_hidden: bool, argmax_only: bool = False) -> ForwardOutput:
         xs = x[batch.logits_index]
         hidden = F.rms_norm(xs, (xs.shape[-1],), self.norm, self.cfg.rms_norm_eps)
-        if argmax_only and self.greedy_head is not None and cpu_kernels.use_for(hidden):
+        if self.lm_head_packed is not None and cpu_kernels.use_for(hidden):
+            logits = cpu_kernels.skinny_linear(hidden, self.lm_head_packed)  # exact: the fp32 head's values
+        elif argmax_only and self.greedy_head is not None and cpu_kernels.use_for(hidden):
             logits = self.greedy_head.logits(hidden)
         else:
             logits = cpu_kernels.linear(hidden, self.lm_head)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.engine.helpers import assert_pool_full, greedy_requests, hf_greedy, make_engine
 
@@ -115,17 +116,20 @@ def test_generate_cli_reports_three_tier_usage(real_model_dir):
 
 
 def test_packed_weights_give_the_fp32_models_logprobs_bitwise(off_engine, prompts):
-    """The bundled model's layer matrices are Q4_1 blocks: decode passes read them packed, and every
-    logprob equals the one computed from the fp32 matrices."""
+    """The bundled model's layer matrices are Q4_1 blocks and its LM head Q8_0: decode passes read
+    them packed, and every logprob equals the one computed from the fp32 matrices."""
     model = off_engine.model
     assert [len(lw.packed) for lw in model.layers] == [4] * model.cfg.num_layers
+    assert model.lm_head_packed is not None and model.lm_head_packed.dtype == torch.int8
     packed = off_engine.generate(greedy_requests(prompts[:4], 24, mode="off", prefix="p", logprobs=3))
-    kept = [lw.packed for lw in model.layers]
+    kept, head = [lw.packed for lw in model.layers], model.lm_head_packed
+    model.lm_head_packed = None
     for lw in model.layers:
         lw.packed = {}
     try:
         plain = off_engine.generate(greedy_requests(prompts[:4], 24, mode="off", prefix="f", logprobs=3))
     finally:
+        model.lm_head_packed = head
         for lw, p in zip(model.layers, kept):
             lw.packed = p
     for a, b in zip(packed, plain):

@@ -221,48 +221,84 @@ def q4_1_matrix(N: int, K: int, g: torch.Generator) -> torch.Tensor:
 
 @pytest.mark.parametrize("K", [32, 576, 1536])
 def test_q4_1_pack_reproduces_gguf_blocks_exactly(K):
-    from via_sd_kernels.cpu import q4_1
+    from via_sd_kernels.cpu import blocks
 
     w = q4_1_matrix(37, K, torch.Generator().manual_seed(K))
     w[3, :32] = 0.25  # a constant block (d = 0)
-    p = q4_1.pack(w)
+    p = blocks.pack_q4_1(w)
     assert p is not None and p.dtype == torch.uint8 and p.shape == (37, K // 32 * 20)
-    assert torch.equal(q4_1.unpack(p, K), w)
+    assert torch.equal(blocks.unpack_q4_1(p, K), w)
 
 
 def test_q4_1_pack_refuses_what_is_not_q4_1():
-    from via_sd_kernels.cpu import q4_1
+    from via_sd_kernels.cpu import blocks
 
     g = torch.Generator().manual_seed(0)
-    assert q4_1.pack(torch.randn(8, 64, generator=g)) is None  # 32 distinct values a block
-    assert q4_1.pack(q4_1_matrix(8, 64, g)[:, :40].contiguous()) is None  # K not a multiple of 32
+    assert blocks.pack_q4_1(torch.randn(8, 64, generator=g)) is None  # 32 distinct values a block
+    assert blocks.pack_q4_1(q4_1_matrix(8, 64, g)[:, :40].contiguous()) is None  # K not a multiple of 32
     w = q4_1_matrix(8, 64, g)
     w[2, 5] = float("nan")
-    assert q4_1.pack(w) is None
+    assert blocks.pack_q4_1(w) is None
     w = q4_1_matrix(8, 64, g)
     w[1, 7] += 1e-3  # one value off the block's grid
-    assert q4_1.pack(w) is None
-    assert q4_1.pack(q4_1_matrix(8, 64, g).half()) is None
+    assert blocks.pack_q4_1(w) is None
+    assert blocks.pack_q4_1(q4_1_matrix(8, 64, g).half()) is None
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 32])
 @pytest.mark.parametrize("K,N", [(576, 131), (1536, 77), (64, 9)])
 def test_skinny_linear_q4_1_is_bitwise_the_fp32_matrix(M, K, N):
     """Packed weights give the fp32 pass's values exactly, for every pass size and row tail."""
-    from via_sd_kernels.cpu import q4_1
+    from via_sd_kernels.cpu import blocks
 
     g = torch.Generator().manual_seed(M * 7 + K + N)
     w = q4_1_matrix(N, K, g)
     x, r = torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
-    p = q4_1.pack(w)
+    p = blocks.pack_q4_1(w)
     assert torch.equal(cpu.skinny_linear(x, p), cpu.skinny_linear(x, w))
     assert torch.equal(cpu.skinny_linear(x, p, r), cpu.skinny_linear(x, w, r))
     torch.testing.assert_close(cpu.skinny_linear(x, p), F.linear(x, w), rtol=1e-5, atol=1e-4)
 
 
 def test_skinny_linear_rejects_a_q4_1_matrix_of_the_wrong_width():
-    from via_sd_kernels.cpu import q4_1
+    from via_sd_kernels.cpu import blocks
 
-    p = q4_1.pack(q4_1_matrix(16, 64, torch.Generator().manual_seed(1)))
+    p = blocks.pack_q4_1(q4_1_matrix(16, 64, torch.Generator().manual_seed(1)))
     with pytest.raises(RuntimeError, match="Q4_1"):
         cpu.skinny_linear(torch.randn(2, 96), p)
+
+
+def q8_0_matrix(N: int, K: int, g: torch.Generator) -> torch.Tensor:
+    """fp32 [N, K] that is exactly Q8_0 blocks, as GGUF's quantizer and dequantizer leave it."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    q = quantize((torch.randn(N, K, generator=g) * 0.05).numpy(), GGMLQuantizationType.Q8_0)
+    return torch.from_numpy(dequantize(q, GGMLQuantizationType.Q8_0).reshape(N, K).astype("float32").copy())
+
+
+def test_q8_0_pack_reproduces_gguf_blocks_exactly_and_refuses_others():
+    from via_sd_kernels.cpu import blocks
+
+    g = torch.Generator().manual_seed(3)
+    w = q8_0_matrix(41, 576, g)
+    w[5, 32:64] = 0.0
+    p = blocks.pack_q8_0(w)
+    assert p is not None and p.dtype == torch.int8 and p.shape == (41, 18 * 34)
+    assert torch.equal(blocks.unpack_q8_0(p, 576), w)
+    assert blocks.pack(w).dtype == torch.int8  # not Q4_1: the next form
+    assert blocks.pack_q8_0(torch.randn(4, 64, generator=g)) is None
+    w[0, 0] += 1e-4
+    assert blocks.pack_q8_0(w) is None
+
+
+@pytest.mark.parametrize("M", [1, 2, 4, 6, 8, 11])
+def test_skinny_linear_q8_0_is_bitwise_the_fp32_matrix(M):
+    from via_sd_kernels.cpu import blocks
+
+    g = torch.Generator().manual_seed(M)
+    w = q8_0_matrix(203, 576, g)
+    x, r = torch.randn(M, 576, generator=g), torch.randn(M, 203, generator=g)
+    p = blocks.pack_q8_0(w)
+    assert torch.equal(cpu.skinny_linear(x, p), cpu.skinny_linear(x, w))
+    assert torch.equal(cpu.skinny_linear(x, p, r), cpu.skinny_linear(x, w, r))

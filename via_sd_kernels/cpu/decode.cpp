@@ -98,6 +98,37 @@ static inline void dequant(const Q4Block* b, v16& lo, v16& hi) {
 #endif
 }
 
+// 8-bit weights, GGUF's Q8_0 blocks of 32 along K: element i is d * q_i, d fp16, q_i int8, exact
+// in fp32 (11 by 8 significant bits), a quarter of fp32's bytes.
+struct Q8Block {
+  _Float16 d;
+  int8_t qs[32];
+};
+static_assert(sizeof(Q8Block) == 34, "Q8_0 block is 34 bytes");
+
+static inline void dequant(const Q8Block* b, v16& lo, v16& hi) {
+#if defined(__AVX512F__)
+  uint16_t dbits;
+  __builtin_memcpy(&dbits, b, 2);
+  const __m512 dv = _mm512_set1_ps(_cvtsh_ss(dbits));
+  const __m512 l = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs)))));
+  const __m512 h = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs + 16)))));
+  __builtin_memcpy(&lo, &l, sizeof(lo));
+  __builtin_memcpy(&hi, &h, sizeof(hi));
+#else
+  const float d = float(b->d);
+  for (int i = 0; i < 16; ++i) {
+    lo[i] = d * float(b->qs[i]);
+    hi[i] = d * float(b->qs[16 + i]);
+  }
+#endif
+}
+
+template <typename W>
+constexpr bool is_block_v = std::is_same_v<W, Q4Block> || std::is_same_v<W, Q8Block>;
+
 // R weight rows x MB tokens, all of K: output columns n.., from weight rows nw.. (nw = n, except
 // for rows dequantized into a buffer). PF: prefetch the next tile's rows.
 template <int R, int MB, typename W, bool PF = true>
@@ -107,7 +138,7 @@ static inline void tile(const float* __restrict__ x, const W* __restrict__ w, fl
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < MB; ++j) acc[r][j] = v16{};
   const int64_t K16 = K & ~int64_t(15);
-  if constexpr (std::is_same_v<W, Q4Block>) {
+  if constexpr (is_block_v<W>) {
     // the same fused multiply-adds in the same order as fp32 weights: k, then k + 16
     const int64_t KB = K / 32;  // K % 32 == 0 (checked by the caller)
     for (int64_t b = 0; b < KB; ++b) {
@@ -173,27 +204,27 @@ static void rows(const float* x, const W* w, float* out, const float* res, int64
   rows<R, W, true>(x, w, out, res, M, K, N, n, n);
 }
 
-// Q4_1 weights: a tile as wide as the pass (up to 8 tokens), so that each block is dequantized once
-template <int R>
-static void rows_q4(const float* x, const Q4Block* w, float* out, const float* res, int64_t M, int64_t K, int64_t N,
+// Block weights: a tile as wide as the pass (up to 8 tokens), so that each block is dequantized once
+template <int R, typename W>
+static void rows_blocks(const float* x, const W* w, float* out, const float* res, int64_t M, int64_t K, int64_t N,
                     int64_t n) {
   switch (M) {
     case 5: tile<R, 5>(x, w, out, res, K, N, n, 0, n); break;
     case 6: tile<R, 6>(x, w, out, res, K, N, n, 0, n); break;
     case 7: tile<R, 7>(x, w, out, res, K, N, n, 0, n); break;
     case 8: tile<R, 8>(x, w, out, res, K, N, n, 0, n); break;
-    default: rows<R, Q4Block>(x, w, out, res, M, K, N, n);
+    default: rows<R, W>(x, w, out, res, M, K, N, n);
   }
 }
 
-template <int R>
-static void run_rows_q4(const float* xp, const Q4Block* wp, float* op, const float* rp, int64_t M, int64_t K,
+template <int R, typename W>
+static void run_rows_blocks(const float* xp, const W* wp, float* op, const float* rp, int64_t M, int64_t K,
                         int64_t N) {
   const int64_t tiles = N / R;
   at::parallel_for(0, tiles, 32 / R, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) rows_q4<R>(xp, wp, op, rp, M, K, N, t * R);
+    for (int64_t t = t0; t < t1; ++t) rows_blocks<R, W>(xp, wp, op, rp, M, K, N, t * R);
   });
-  for (int64_t n = tiles * R; n < N; ++n) rows<1, Q4Block>(xp, wp, op, rp, M, K, N, n);
+  for (int64_t n = tiles * R; n < N; ++n) rows<1, W>(xp, wp, op, rp, M, K, N, n);
 }
 
 template <int R, typename W>
@@ -212,28 +243,32 @@ static void skinny(const float* xp, const W* wp, float* op, const float* rp, int
   // 4 rows x 4 tokens, 16 accumulators in registers
   if (M <= 2) {
     run_rows<8>(xp, wp, op, rp, M, K, N);
-  } else if constexpr (std::is_same_v<W, Q4Block>) {
+  } else if constexpr (is_block_v<W>) {
     // 4 rows x up to 4 tokens; wider passes 2 rows x all tokens (each block dequantized once)
     if (M <= 4)
       run_rows<4>(xp, wp, op, rp, M, K, N);
     else
-      run_rows_q4<2>(xp, wp, op, rp, M, K, N);
+      run_rows_blocks<2>(xp, wp, op, rp, M, K, N);
   } else {
     run_rows<4>(xp, wp, op, rp, M, K, N);
   }
 }
 
 // w fp32, or fp16 (every fp16 value is exact in fp32, so the sums are those of w.float()), or
-// uint8 [N, K / 32 * 20] Q4_1 blocks (the sums are those of the dequantized fp32 matrix)
+// uint8 [N, K / 32 * 20] Q4_1 or int8 [N, K / 32 * 34] Q8_0 blocks (the sums are those of the
+// dequantized fp32 matrix)
 torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "skinny_linear: x [M, K] and w [N, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "skinny_linear: x fp32");
   if (w.scalar_type() == at::kByte) {
     TORCH_CHECK(x.size(1) % 32 == 0 && w.size(1) == x.size(1) / 32 * int64_t(sizeof(Q4Block)),
                 "skinny_linear: Q4_1 w [N, K / 32 * 20] bytes, K a multiple of 32");
+  } else if (w.scalar_type() == at::kChar) {
+    TORCH_CHECK(x.size(1) % 32 == 0 && w.size(1) == x.size(1) / 32 * int64_t(sizeof(Q8Block)),
+                "skinny_linear: Q8_0 w [N, K / 32 * 34] int8, K a multiple of 32");
   } else {
     TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kHalf,
-                "skinny_linear: w fp32, fp16 or Q4_1 bytes");
+                "skinny_linear: w fp32, fp16, Q4_1 (uint8) or Q8_0 (int8) blocks");
     TORCH_CHECK(x.size(1) == w.size(1), "skinny_linear: K mismatch");
   }
   auto xc = x.contiguous();
@@ -251,6 +286,8 @@ torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& w, cons
   }
   if (wc.scalar_type() == at::kByte) {
     skinny(xp, reinterpret_cast<const Q4Block*>(wc.data_ptr<uint8_t>()), op, rp, M, K, N);
+  } else if (wc.scalar_type() == at::kChar) {
+    skinny(xp, reinterpret_cast<const Q8Block*>(wc.data_ptr<int8_t>()), op, rp, M, K, N);
   } else if (wc.scalar_type() == at::kHalf) {
     skinny(xp, reinterpret_cast<const _Float16*>(wc.data_ptr<at::Half>()), op, rp, M, K, N);
   } else {

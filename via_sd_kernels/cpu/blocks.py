@@ -1,0 +1,127 @@
+"""Weights that are exactly GGUF blocks, kept as such for the skinny GEMM.
+
+A model converted from a GGUF file (the bundled SmolLM2 is one: Q4_1 layers, a Q8_0 embedding)
+holds fp32 matrices whose every block of 32 values along K is one of
+
+* Q4_1: `d * q + m`, d and m fp16, q in 0..15 (20 bytes a block: d, m, then 16 bytes whose low
+  nibbles are values 0-15 and high nibbles 16-31);
+* Q8_0: `d * q`, d fp16, q in -128..127 (34 bytes a block: d, then the 32 q).
+
+`pack_q4_1` and `pack_q8_0` find d (m) and q for each block and return the blocks in GGUF's
+layout, or None when any block is not of that form; `unpack_*` are their inverses. The kernel
+(`decode.cpp`, `Q4Block` and `Q8Block`) dequantizes in registers to the same fp32 values and runs
+the same fused multiply-adds in the same order, so a pass on packed weights is bitwise the pass on
+the fp32 matrix while reading a fifth (Q4_1) or a quarter (Q8_0) of the bytes: lossless, not a
+quantization. d * q is exact in fp32 (11 significant bits by 4 or 8), so Q4_1's one rounding is
+that of the sum, and Q8_0 has none.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 32
+Q4_1_BYTES = 20
+Q8_0_BYTES = 34
+
+
+def _solve(b: torch.Tensor, base: torch.Tensor, span: torch.Tensor, tops: tuple[int, ...], qmin: int, qmax: int):
+    """Per block of b [nb, 32]: d (fp16) and q with d * q + base == b exactly, trying d near
+    span / top for each top; (d, q int16, unsolved block indices)."""
+    nb = b.shape[0]
+    d = torch.zeros(nb, dtype=torch.float16)
+    q = torch.zeros(nb, BLOCK, dtype=torch.int16)
+    todo = torch.arange(nb)
+    for top in tops:
+        guess = (span[todo] / top).half()
+        # d's nearest fp16 value, then its neighbours: the quantizer rounds d to fp16 after choosing q
+        for step in (0, -1, 1, -2, 2):
+            if todo.numel() == 0:
+                break
+            cand = (guess.view(torch.int16) + step).view(torch.float16) if step else guess
+            df = cand.float()
+            vals = b[todo]
+            offs = vals - base[todo][:, None]
+            safe = torch.where(df > 0, df, torch.ones_like(df))
+            qf = torch.round(offs / safe[:, None]).clamp_(qmin, qmax)
+            qf = torch.where(df[:, None] > 0, qf, torch.zeros_like(qf))
+            ok = (df[:, None] * qf + base[todo][:, None] == vals).all(-1) & torch.isfinite(df) & (df >= 0)
+            hit = todo[ok]
+            d[hit] = cand[ok]
+            q[hit] = qf[ok].to(torch.int16)
+            todo, guess = todo[~ok], guess[~ok]
+        if todo.numel() == 0:
+            break
+    return d, q, todo
+
+
+def _blocks(w: torch.Tensor) -> torch.Tensor | None:
+    if w.dtype != torch.float32 or w.dim() != 2 or w.shape[1] % BLOCK or w.numel() == 0:
+        return None
+    b = w.detach().to("cpu").contiguous().reshape(-1, BLOCK)
+    return b if torch.isfinite(b).all() else None
+
+
+def pack_q4_1(w: torch.Tensor) -> torch.Tensor | None:
+    """fp32 [N, K] -> uint8 [N, K / 32 * 20] that `unpack_q4_1`s to exactly `w`, or None."""
+    b = _blocks(w)
+    if b is None:
+        return None
+    N, K = w.shape
+    lo = b.min(-1).values
+    m = lo.half()  # q = 0 is the block's minimum
+    if not torch.equal(m.float(), lo):
+        return None
+    # the quantizer puts the maximum at q = 15; other top levels for blocks whose maximum sits lower
+    d, q, todo = _solve(b, m.float(), b.max(-1).values - lo, tuple(range(15, 0, -1)), 0, 15)
+    if todo.numel():
+        return None
+    nb = b.shape[0]
+    q = q.to(torch.uint8)
+    out = torch.empty(nb, Q4_1_BYTES, dtype=torch.uint8)
+    out[:, 0:2] = d.view(torch.uint8).reshape(nb, 2)
+    out[:, 2:4] = m.view(torch.uint8).reshape(nb, 2)
+    out[:, 4:] = q[:, :16] | (q[:, 16:] << 4)
+    packed = out.reshape(N, K // BLOCK * Q4_1_BYTES)
+    return packed if torch.equal(unpack_q4_1(packed, K), w.detach().to("cpu")) else None
+
+
+def unpack_q4_1(p: torch.Tensor, K: int) -> torch.Tensor:
+    """uint8 [N, K / 32 * 20] -> the fp32 [N, K] it encodes."""
+    blocks = p.reshape(-1, Q4_1_BYTES)
+    d = blocks[:, 0:2].contiguous().view(torch.float16).reshape(-1).float()
+    m = blocks[:, 2:4].contiguous().view(torch.float16).reshape(-1).float()
+    qs = blocks[:, 4:]
+    q = torch.cat([qs & 15, qs >> 4], dim=1).float()
+    return (d[:, None] * q + m[:, None]).reshape(p.shape[0], K)
+
+
+def pack_q8_0(w: torch.Tensor) -> torch.Tensor | None:
+    """fp32 [N, K] -> int8 [N, K / 32 * 34] that `unpack_q8_0`s to exactly `w`, or None."""
+    b = _blocks(w)
+    if b is None:
+        return None
+    N, K = w.shape
+    amax = b.abs().max(-1).values
+    d, q, todo = _solve(b, torch.zeros_like(amax), amax, (127, 128), -128, 127)
+    if todo.numel():
+        return None
+    nb = b.shape[0]
+    out = torch.empty(nb, Q8_0_BYTES, dtype=torch.int8)
+    out[:, 0:2] = d.view(torch.int8).reshape(nb, 2)
+    out[:, 2:] = q.to(torch.int8)
+    packed = out.reshape(N, K // BLOCK * Q8_0_BYTES)
+    return packed if torch.equal(unpack_q8_0(packed, K), w.detach().to("cpu")) else None
+
+
+def unpack_q8_0(p: torch.Tensor, K: int) -> torch.Tensor:
+    """int8 [N, K / 32 * 34] -> the fp32 [N, K] it encodes."""
+    blocks = p.reshape(-1, Q8_0_BYTES)
+    d = blocks[:, 0:2].contiguous().view(torch.float16).reshape(-1).float()
+    return (d[:, None] * blocks[:, 2:].float()).reshape(p.shape[0], K)
+
+
+def pack(w: torch.Tensor) -> torch.Tensor | None:
+    """The smallest exact block form of w (Q4_1, else Q8_0), or None."""
+    p = pack_q4_1(w)
+    return p if p is not None else pack_q8_0(w)
