@@ -126,6 +126,8 @@ class SpecConfig:
     # the head sits a sequence out while fewer drafts than this are kept per drafted step (0: never)
     head_min_gain: float = 0.3
     controller: bool = True  # bypass the slim tier when it does not pay
+    # verify only the drafts that pay for their place in the pass (server/engine/draft_length.py)
+    adaptive_draft: bool = True
     # draft tokens verified per step across the batch: speculation is nearly free while a forward
     # is memory-bound (small batches) and costs compute once it is not, so drafts shrink as the
     # batch grows (γ_i = min(γ, budget // sequences), 0 = plain decoding)

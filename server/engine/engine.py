@@ -24,6 +24,7 @@ from server.engine.api import (
     TokenLogprob,
 )
 from server.engine.config import ConfigError, EngineConfig
+from server.engine.draft_length import PassCosts
 from server.engine.kv_cache import Chunk, KVCache
 from server.engine.model import LlamaModel
 from server.engine.runner import ModelRunner
@@ -64,6 +65,7 @@ class LLMEngine:
         self.stats_ = EngineStats()
         from server.engine.spec_step import SpecDecoder
 
+        self.pass_costs = PassCosts()  # seconds of one-sequence decode passes by size (draft_length)
         self.spec = SpecDecoder(self)
 
     @staticmethod
@@ -185,7 +187,14 @@ class LLMEngine:
             else:
                 # a drafter that reads hidden states sees every committed token, plain steps included
                 watch = self.spec.drafter.wants_hidden and (spec_job is not None or any(s.seq.spec.mode != "off" for s in plain))
+                timed = not prefills and len(all_chunks) == 1
+                t0 = time.perf_counter() if timed else 0.0
                 out = self.runner.forward(all_chunks, want_hidden=watch, argmax_only=argmax_only)
+                if timed:
+                    if out.logits.device.type == "cuda":
+                        torch.cuda.synchronize(out.logits.device)
+                    # one sequence's decode-sized pass: what a draft token adds to it (draft_length)
+                    self.pass_costs.observe(len(all_chunks[0].token_ids), time.perf_counter() - t0)
         for s in prefills:
             s.seq.full_frontier += s.num_new
             s.seq.slim_frontier = max(s.seq.slim_frontier, s.seq.full_frontier)

@@ -57,6 +57,7 @@ class Sequence:
     num_preemptions: int = 0
     controller: object | None = None  # per-request slim-tier controller state
     drafter_state: object | None = None
+    draft_accept: object | None = None  # draft_length.AcceptanceEstimate of its lookup drafts
 
     @property
     def request_id(self) -> str:

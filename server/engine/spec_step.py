@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 
 from server.engine.api import SpecUsage, TokenLogprob
 from server.engine.controller import SlimController
+from server.engine.draft_length import AcceptanceEstimate, best_length
 from server.engine.drafters import DraftBatch, make_drafter
 from server.engine.kv_cache import Chunk
 from server.engine.scheduler import ScheduledSeq
@@ -80,6 +82,7 @@ class _SeqPlan:
     drafts: list[int]
     slim: bool  # runs the slim pass this step
     full: bool = False  # runs the full pass this step
+    lookup: bool = True  # drafts without a probability of their own (their acceptance is estimated)
     slim_row: int = -1  # index among slim sequences
     full_row: int = -1  # index among full-pass sequences (within the spec part)
 
@@ -132,6 +135,8 @@ class SpecDecoder:
         prefix_layers_cost = (self.prefix_sublayers // 2) * (attn + mlp) + (self.prefix_sublayers % 2) * attn
         self.prefix_share = prefix_layers_cost / (mcfg.num_layers * (attn + mlp) + fixed)
         self.controller = SlimController(self.slim_cost, self.prefix_share, enabled=cfg.controller)
+        self.adaptive = cfg.adaptive_draft and os.environ.get("VIA_SD_ADAPTIVE_DRAFT", "1") != "0"
+        self.trimmed = 0  # draft tokens left unverified because they did not pay
 
     # ------------------------------------------------------------------ begin
     def begin(self, scheduled: list[ScheduledSeq]) -> SpecJob:
@@ -145,8 +150,9 @@ class SpecDecoder:
             room = eng.max_model_len - seq.num_tokens - 1
             max_tokens.append(max(0, min(seq.spec.num_draft_tokens, left, room, s.lookahead, share)))
         drafts: DraftBatch = self.drafter.propose([s.seq for s in scheduled], max_tokens)
+        self._trim(scheduled, drafts)
         plans: list[_SeqPlan] = []
-        for s, d in zip(scheduled, drafts.tokens):
+        for i, (s, d) in enumerate(zip(scheduled, drafts.tokens)):
             seq = s.seq
             if seq.controller is None:
                 seq.controller = self.controller.new_state()
@@ -157,7 +163,8 @@ class SpecDecoder:
                 and backlog < cfg.max_slim_backlog
                 and self.controller.want_slim(seq.controller)
             )
-            plans.append(_SeqPlan(s, list(d), slim))
+            lookup = drafts.confidence is None or drafts.confidence[i] is None
+            plans.append(_SeqPlan(s, list(d), slim, lookup=lookup))
         job = SpecJob(self, plans, [], wants_hidden=self.drafter.wants_hidden)
         if drafts.draft_probs is not None:
             off = 0
@@ -198,6 +205,25 @@ class SpecDecoder:
             idx = torch.cat(rows).to(job.slim_hidden_prefix.device)
             job.prefix = (self.prefix_sublayers, job.slim_hidden_prefix[idx])
         return job
+
+    def _trim(self, scheduled: list[ScheduledSeq], drafts: DraftBatch) -> None:
+        """Keep each sequence's leading drafts that pay for their place in the full pass
+        (server/engine/draft_length.py). Drafts with distributions (`draft_probs`) stay whole."""
+        if not self.adaptive or drafts.draft_probs is not None:
+            return
+        rel = self.engine.pass_costs.relative
+        for i, (s, d) in enumerate(zip(scheduled, drafts.tokens)):
+            if not d:
+                continue
+            conf = drafts.confidence[i] if drafts.confidence is not None else None
+            if conf is None:
+                if s.seq.draft_accept is None:
+                    s.seq.draft_accept = AcceptanceEstimate()
+                conf = [s.seq.draft_accept.rate] * len(d)
+            n = best_length(conf, rel)
+            if n < len(d):
+                self.trimmed += len(d) - n
+                drafts.tokens[i] = d[:n]
 
     def _slim_pass(self, job: SpecJob, slim_plans: list[_SeqPlan]) -> None:
         eng = self.engine
@@ -349,6 +375,11 @@ class SpecDecoder:
                 seq.slim_frontier = end
             elif p.slim:
                 seq.slim_frontier = end
+            if n and p.lookup and seq.draft_accept is not None:
+                kept = 0
+                while kept < min(n, m) and toks[kept] == p.drafts[kept]:
+                    kept += 1
+                seq.draft_accept.update(n, kept)
             u = seq.usage
             u.steps += 1
             u.draft_tokens += n

@@ -6,6 +6,7 @@ proposes nothing when the context has no match, a model drafter stops where it i
 
 `draft_probs` is None for a deterministic drafter (verification then treats p as one-hot), or a
 `[T, V]` tensor of the drafter's distributions, flat in the same order as the tokens.
+`confidence` optionally gives, per token, the drafter's own probability that it is right.
 
 A drafter with `wants_hidden` gets `observe(seq, hidden [m, H], tokens)` after every step that
 commits tokens for a speculative sequence (plain steps included), before they join the sequence:
@@ -26,6 +27,9 @@ import torch
 class DraftBatch:
     tokens: list[list[int]]
     draft_probs: torch.Tensor | None = None  # [T, V]
+    # per sequence, the drafter's probability of each of its tokens, or None where it has none
+    # (prompt lookup): what `server.engine.draft_length` weighs each draft by
+    confidence: list[list[float] | None] | None = None
 
 
 class Drafter(abc.ABC):

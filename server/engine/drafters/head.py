@@ -433,12 +433,14 @@ class HeadDrafter(Drafter):
                                               max(len(st.tokens) for st in states))
             ids, probs = draft(self.head, h, tok, pos, valid, int(ks.max()), self.threshold, self.min_tokens)
         n = accepted_lengths(probs, ks, self.threshold, self.min_tokens)
-        ids_l, n_l = ids.tolist(), n.tolist()  # the one host sync
+        ids_l, n_l, p_l = ids.tolist(), n.tolist(), probs.tolist()  # the one host sync
+        conf: list[list[float] | None] = [None] * len(seqs)
         for r, i in enumerate(rows):
             out[i] = ids_l[r][: n_l[r]]
+            conf[i] = p_l[r][: n_l[r]]
             pace = seqs[i].drafter_state.pace
             pace.proposed, pace.proposed_at = tuple(out[i]), seqs[i].num_tokens
-        return DraftBatch(out)
+        return DraftBatch(out, confidence=conf)
 
     def _draft_cached(self, states: list[_HeadState], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`kernel_draft` with each sequence's kept keys and values; keeps those of its new pairs

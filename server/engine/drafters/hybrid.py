@@ -60,12 +60,15 @@ class HybridDrafter(Drafter):
                 self.lookups += 1
             else:
                 rest.append(i)
+        conf: list[list[float] | None] = [None] * len(seqs)  # lookups carry no probability
         if rest and self.head is not None:
             self.head_calls += len(rest)
             got = self.head.propose([seqs[i] for i in rest], [max_tokens[i] for i in rest])
-            for i, toks in zip(rest, got.tokens):
+            for j, (i, toks) in enumerate(zip(rest, got.tokens)):
                 out[i] = toks
-        return DraftBatch(out)
+                if got.confidence is not None:
+                    conf[i] = got.confidence[j]
+        return DraftBatch(out, confidence=conf)
 
     def observe(self, seq, hidden: torch.Tensor | None, tokens: list[int] | None = None) -> None:
         if self.head is not None:

@@ -1,0 +1,119 @@
+"""How many of a sequence's draft tokens to verify: as many as pay for their place in the pass.
+
+A verification pass over n + 1 tokens costs more than a plain decode step by a factor r(n + 1)
+that depends on the machine: on a GPU, or on a CPU streaming fp32 weights, r stays near 1 for a
+few tokens (the pass is bound by reading the weights); on a CPU reading packed 4-bit weights the
+pass is bound by fp32 multiply-adds, and six tokens cost about 1.8 times one. What n draft tokens
+buy is the tokens the step commits, 1 + the expected run of accepted drafts:
+
+    E(n) = 1 + sum_{i <= n} a_1 a_2 ... a_i
+
+with a_i the chance that draft i is accepted once drafts 1 .. i-1 were. The step keeps the n that
+maximises E(n) / r(n + 1), which is 0 (a plain step) when no draft is likely enough.
+
+* `PassCosts` measures r: the seconds of every one-sequence decode-sized full pass, by its
+  token count, the median of the latest 15 each, and a least-squares line through them, weighted
+  by how often each size ran (a prior slope until two sizes have been seen a few times).
+* `AcceptanceEstimate` keeps a per-sequence estimate of a for drafts that carry no probability of
+  their own (prompt lookup: its chance is how often this sequence's lookups have been right),
+  as discounted counts of kept drafts over drafts checked. Drafts with a probability (the draft
+  head's) use it as a_i.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass
+
+# r(n) = 1 + PRIOR_SLOPE (n - 1) until measured: between a weight-bound pass (0) and this CPU's
+# packed passes (~0.15)
+PRIOR_SLOPE = 0.1
+MIN_SAMPLES = 3  # passes of a size before its EWMA enters the fit
+
+
+class PassCosts:
+    def __init__(self, max_tokens: int = 64, keep: int = 15, prior_slope: float = PRIOR_SLOPE):
+        self.prior_slope = prior_slope
+        self.samples: list[deque] = [deque(maxlen=keep) for _ in range(max_tokens + 1)]
+        self.count = [0] * (max_tokens + 1)
+        self._fit: tuple[float, float] | None = None  # (cost of 1 token, cost per extra token)
+        self._since_fit = 0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if not 1 <= tokens < len(self.samples) or seconds <= 0:
+            return
+        self.samples[tokens].append(seconds)
+        self.count[tokens] += 1
+        self._since_fit += 1
+        if self._since_fit >= 16:  # refit now and then: a few hundred microseconds of Python each
+            self._fit, self._since_fit = None, 0
+
+    def seconds(self, tokens: int) -> float | None:
+        """The median of the latest passes over `tokens` tokens (robust to a stray slow pass)."""
+        s = self.samples[tokens]
+        return statistics.median(s) if len(s) >= MIN_SAMPLES else None
+
+    def _line(self) -> tuple[float, float] | None:
+        if self._fit is None:
+            pts = [(n, self.seconds(n), min(c, 20)) for n, c in enumerate(self.count) if c >= MIN_SAMPLES]
+            if len(pts) < 2:
+                return None
+            w = sum(p[2] for p in pts)
+            mx = sum(n * c for n, _, c in pts) / w
+            my = sum(s * c for _, s, c in pts) / w
+            sxx = sum(c * (n - mx) ** 2 for n, _, c in pts)
+            slope = max(0.0, sum(c * (n - mx) * (s - my) for n, s, c in pts) / sxx)
+            one = my - slope * (mx - 1)
+            if one <= 0:
+                return None
+            self._fit = (one, slope)
+        return self._fit
+
+    def relative(self, tokens: int) -> float:
+        """Cost of a pass over `tokens` tokens, in plain decode steps (1 for one token): measured
+        where both sizes have run, else from the line, else from the prior slope."""
+        if tokens == 1:
+            return 1.0
+        one, this = self.seconds(1), self.seconds(tokens) if tokens < len(self.samples) else None
+        if one is not None and this is not None:
+            return this / one
+        line = self._line()
+        if line is None:
+            return 1.0 + self.prior_slope * (tokens - 1)
+        one, slope = line
+        return 1.0 + slope / one * (tokens - 1)
+
+
+@dataclass
+class AcceptanceEstimate:
+    """Chance that a draft without a probability of its own is accepted, given the ones before it
+    were: discounted kept / checked, starting from `prior` over `weight` checked drafts."""
+
+    kept: float = 1.4
+    checked: float = 2.0
+    decay: float = 0.9
+
+    @property
+    def rate(self) -> float:
+        return self.kept / self.checked
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted <= 0:
+            return
+        checked = accepted + (1 if accepted < drafted else 0)  # drafts after the first rejection are not tried
+        self.kept = self.decay * self.kept + accepted
+        self.checked = self.decay * self.checked + checked
+
+
+def best_length(chances: list[float], relative_cost) -> int:
+    """The n in 0..len(chances) that maximises E(n) / relative_cost(n + 1)."""
+    best_n, best = 0, 1.0 / relative_cost(1)
+    expected, run = 1.0, 1.0
+    for i, a in enumerate(chances):
+        run *= max(0.0, min(1.0, a))
+        expected += run
+        v = expected / relative_cost(i + 2)
+        if v > best:
+            best_n, best = i + 1, v
+    return best_n
