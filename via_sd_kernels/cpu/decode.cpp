@@ -83,9 +83,12 @@ static inline void dequant(const Q4Block* b, v16& lo, v16& hi) {
   __builtin_memcpy(&dm, b, 4);
   const __m128 dmf = _mm_cvtph_ps(_mm_cvtsi32_si128(int(dm)));  // [d, m, 0, 0]
   const __m512 dv = _mm512_broadcastss_ps(dmf), mv = _mm512_broadcastss_ps(_mm_movehdup_ps(dmf));
+  // the block's 16 possible values d * i + m, i = 0..15, in one multiply-add; each weight is then
+  // a lane of that table picked by its nibble (vpermps reads an index's low 4 bits)
+  const __m512 table = _mm512_fmadd_ps(dv, _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), mv);
   const __m512i qi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs)));
-  const __m512 l = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_and_si512(qi, _mm512_set1_epi32(15))), mv);
-  const __m512 h = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_srli_epi32(qi, 4)), mv);
+  const __m512 l = _mm512_permutexvar_ps(qi, table);
+  const __m512 h = _mm512_permutexvar_ps(_mm512_srli_epi32(qi, 4), table);
   __builtin_memcpy(&lo, &l, sizeof(lo));
   __builtin_memcpy(&hi, &h, sizeof(hi));
 #else
