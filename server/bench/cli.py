@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vllm-python", default=None, help="interpreter of the vLLM environment (default .venv-vllm/bin/python)")
     p.add_argument("--row-timeout", type=float, default=3600.0, help="seconds one row may take")
     p.add_argument("--repeats", type=int, default=1, help="run every row this many times; each prompt keeps its fastest")
+    p.add_argument("--peer-repeats", type=int, default=None,
+                   help="runs of the peer rows (hf, vllm); default: --repeats (a peer row takes minutes)")
     p.add_argument("--sweep", nargs="?", const="default", default=None,
                    help="sweep three_tier settings: 'accept_threshold=0.6,0.8;escalate_threshold=...;slim_confidence=...;"
                         "bonus_confidence=...;gamma=3,5' (no value: a default grid)")
@@ -161,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         return _die(f"--limit-per-category must be positive, got {args.limit_per_category}")
     if not 1 <= args.repeats <= 20:
         return _die(f"--repeats must be in [1, 20], got {args.repeats}")
+    if args.peer_repeats is None:
+        args.peer_repeats = args.repeats
+    if not 1 <= args.peer_repeats <= args.repeats:
+        return _die(f"--peer-repeats must be in [1, --repeats], got {args.peer_repeats}")
     if args.temperature < 0:
         return _die(f"--temperature must be >= 0, got {args.temperature}")
     try:
@@ -224,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):
             order = todo if rep % 2 == 0 else todo[::-1]
             for i, row in enumerate(order, 1):
-                if row.name in failed:
+                if row.name in failed or (row.kind != "engine" and rep >= args.peer_repeats):
                     continue
                 tag = f"[{label} {i}/{len(todo)}" + (f" round {rep + 1}/{args.repeats}]" if args.repeats > 1 else "]")
                 print(f"{tag} {row.name} ...", file=sys.stderr, flush=True)
@@ -268,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": {"prompts": len(prompts), "categories": list(dict.fromkeys(p.category for p in prompts)),
                      "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
-                     "batch_size": 1, "threads": threads, "repeats": args.repeats, "prompt_file": str(args.prompts)},
+                     "batch_size": 1, "threads": threads, "repeats": args.repeats,
+                     "peer_repeats": args.peer_repeats, "prompt_file": str(args.prompts)},
         "git": git,
         "runs": runs,
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],

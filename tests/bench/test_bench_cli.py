@@ -95,6 +95,7 @@ def test_vllm_rows_skip_without_the_environment(tmp_path):
     (["--prompts", "PROMPTS", "--modes", "off,turbo"], "unknown turbo"),
     (["--prompts", "PROMPTS", "--categories", "poetry"], "unknown categories poetry"),
     (["--prompts", "PROMPTS", "--max-tokens", "0"], "--max-tokens"),
+    (["--prompts", "PROMPTS", "--repeats", "2", "--peer-repeats", "3"], "--peer-repeats"),
 ])
 def test_bad_arguments_exit_2_with_a_message(argv, msg, tmp_path, capsys):
     q = tmp_path / "q.jsonl"
@@ -102,3 +103,18 @@ def test_bad_arguments_exit_2_with_a_message(argv, msg, tmp_path, capsys):
     argv = [str(q) if a == "PROMPTS" else a for a in argv]
     assert cli.main(argv) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_peer_rows_run_peer_repeats_times(tiny_model_dir, tmp_path, capfd):
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps(QUESTIONS[2]) + "\n")
+    out = tmp_path / "r.json"
+    argv = ["--prompts", str(q), "--model", str(tiny_model_dir), "--max-tokens", "4", "--modes", "off",
+            "--peers", "hf", "--repeats", "2", "--peer-repeats", "1", "--threads", "1", "--no-progress",
+            "--out", str(out)]
+    assert cli.main(argv) == 0
+    err = capfd.readouterr().err
+    assert err.count("] off ...") == 2 and err.count("] hf ...") == 1
+    report = json.loads(out.read_text())
+    assert report["settings"]["repeats"] == 2 and report["settings"]["peer_repeats"] == 1
+    assert {r["name"] for r in report["runs"]} == {"off", "hf"}
