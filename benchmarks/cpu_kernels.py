@@ -1,7 +1,8 @@
-"""Microbenchmarks of two CPU kernels at the sizes a Spec-Bench step meets.
+"""Microbenchmarks of the CPU kernels at the sizes a Spec-Bench step meets.
 
-    python benchmarks/cpu_kernels.py                # both
+    python benchmarks/cpu_kernels.py                # all
     python benchmarks/cpu_kernels.py --only attention --contexts 200,800,1600
+    python benchmarks/cpu_kernels.py --only packed --tokens 1,2,4,6,8
 
 - `attention`: `via_sd_cpu::paged_attention` for one layer (SmolLM2-135M's 9 query heads, 3 KV
   heads, head size 64) at several context lengths, for a decode token (N=1) and a 6-token
@@ -10,6 +11,10 @@
 - `draft`: the shipped draft head's 5-token chained draft for one sequence with a full 32-pair
   window, with the target's weights' worth of memory streamed in between (as in a step), on the
   one-call kernel and on torch ops (`VIA_SD_HEAD_KERNEL=0` in the engine). Median milliseconds.
+- `packed`: every layer matrix of the bundled model through `skinny_linear` once (a forward's
+  matmuls, 210 calls), fp32 against the packed Q4_1 blocks, and the LM head fp32, fp16-read
+  (`greedy_linear`) and Q8_0, for several tokens per pass. Median milliseconds (the weights do not
+  fit in the caches, so each call reads them from memory).
 """
 
 from __future__ import annotations
@@ -83,9 +88,48 @@ def draft(reps: int) -> None:
         print(f"draft      5 tokens, window {T}, {name:15s}: {statistics.median(ts) * 1e3:6.2f} ms", flush=True)
 
 
+def packed(tokens: list[int], reps: int) -> None:
+    from safetensors.torch import load_file
+
+    from server.engine.model import GreedyHead
+    from server.engine.model_files import prepare_model
+    from via_sd_kernels import cpu as k
+    from via_sd_kernels.cpu import blocks
+
+    if not k.available():
+        raise SystemExit("the CPU kernels are not built on this host")
+    t = load_file(str(prepare_model(None, progress=False) / "model.safetensors"))
+    mats = [v for name, v in t.items() if ".layers." in name and v.dim() == 2]
+    packs = [blocks.pack_q4_1(w) for w in mats]
+    if any(p is None for p in packs):
+        raise SystemExit("the bundled model's layer matrices are not all Q4_1 blocks")
+    head = t["model.embed_tokens.weight"]
+    head8, greedy = blocks.pack_q8_0(head), GreedyHead.build(head)
+
+    def timed(calls, M: int) -> float:
+        xs = {K: torch.randn(M, K) for K in {576, 1536}}
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for f, K in calls:
+                f(xs[K])
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+
+    for M in tokens:
+        fp32 = timed([(lambda x, w=w: k.skinny_linear(x, w), w.shape[1]) for w in mats], M)
+        q4 = timed([(lambda x, p=p: k.skinny_linear(x, p), w.shape[1]) for w, p in zip(mats, packs)], M)
+        print(f"layers     {M} tokens: fp32 {fp32:6.2f} ms   Q4_1 {q4:6.2f} ms", flush=True)
+        h32 = timed([(lambda x: k.skinny_linear(x, head), 576)], M)
+        h16 = timed([(lambda x: greedy.logits(x), 576)], M)
+        h8 = timed([(lambda x: k.skinny_linear(x, head8), 576)], M)
+        print(f"LM head    {M} tokens: fp32 {h32:6.2f} ms   fp16 read {h16:6.2f} ms   Q8_0 {h8:6.2f} ms", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["attention", "draft"])
+    ap.add_argument("--only", choices=["attention", "draft", "packed"])
+    ap.add_argument("--tokens", default="1,2,4,6,8")
     ap.add_argument("--contexts", default="200,800,1600")
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -95,6 +139,8 @@ def main() -> None:
         attention([int(c) for c in args.contexts.split(",")], args.reps)
     if args.only in (None, "draft"):
         draft(args.reps)
+    if args.only in (None, "packed"):
+        packed([int(m) for m in args.tokens.split(",")], args.reps)
 
 
 if __name__ == "__main__":
