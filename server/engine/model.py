@@ -286,9 +286,9 @@ class LlamaModel:
             greedy.w, greedy.w16 = self.lm_head, moved[-1]
         self.greedy_head = greedy
 
-    def pack_weights(self) -> int:
-        """Keep every layer matrix that is exactly Q4_1 blocks, and an LM head that is exactly Q8_0
-        or Q4_1 blocks, also in that form; returns how many matrices."""
+    def pack_weights(self) -> None:
+        """Keep every layer matrix that is exactly Q4_1 blocks, and an LM head that is exactly Q4_1
+        or Q8_0 blocks, also in that form."""
         from via_sd_kernels.cpu import blocks
 
         n = 0
@@ -298,14 +298,11 @@ class LlamaModel:
                 if p is not None:
                     lw.packed[f] = p
                     n += 1
-        head = blocks.pack_q8_0(self.lm_head)  # GGUF's usual form for the embedding, then the smaller one
-        self.lm_head_packed = head if head is not None else blocks.pack_q4_1(self.lm_head)
-        if n or self.lm_head_packed is not None:
+        self.lm_head_packed = head = blocks.pack(self.lm_head)
+        if n or head is not None:
+            form = "fp32" if head is None else "Q8_0 blocks" if head.dtype == torch.int8 else "Q4_1 blocks"
             log.info("%d of %d layer matrices are Q4_1 blocks, the LM head %s: decode passes read them packed", n,
-                     len(self.layers) * len(LayerWeights.PACKABLE),
-                     "fp32" if self.lm_head_packed is None else
-                     ("Q8_0 blocks" if self.lm_head_packed.dtype == torch.int8 else "Q4_1 blocks"))
-        return n + (self.lm_head_packed is not None)
+                     len(self.layers) * len(LayerWeights.PACKABLE), form)
 
     # ---------------------------------------------------------------- rotary
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:

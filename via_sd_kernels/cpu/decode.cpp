@@ -132,11 +132,10 @@ static inline void dequant(const Q8Block* b, v16& lo, v16& hi) {
 template <typename W>
 constexpr bool is_block_v = std::is_same_v<W, Q4Block> || std::is_same_v<W, Q8Block>;
 
-// R weight rows x MB tokens, all of K: output columns n.., from weight rows nw.. (nw = n, except
-// for rows dequantized into a buffer). PF: prefetch the next tile's rows.
-template <int R, int MB, typename W, bool PF = true>
+// R weight rows x MB tokens, all of K.
+template <int R, int MB, typename W>
 static inline void tile(const float* __restrict__ x, const W* __restrict__ w, float* __restrict__ out,
-                        const float* __restrict__ res, int64_t K, int64_t N, int64_t n, int64_t m, int64_t nw) {
+                        const float* __restrict__ res, int64_t K, int64_t N, int64_t n, int64_t m) {
   v16 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < MB; ++j) acc[r][j] = v16{};
@@ -151,9 +150,9 @@ static inline void tile(const float* __restrict__ x, const W* __restrict__ w, fl
         x1[j] = load16(x + (m + j) * K + 32 * b + 16);
       }
       for (int r = 0; r < R; ++r) {
-        if constexpr (PF) __builtin_prefetch(w + (nw + R + r) * KB + b, 0, 3);
+        __builtin_prefetch(w + (n + R + r) * KB + b, 0, 3);
         v16 lo, hi;
-        dequant(w + (nw + r) * KB + b, lo, hi);
+        dequant(w + (n + r) * KB + b, lo, hi);
         for (int j = 0; j < MB; ++j) acc[r][j] = acc[r][j] + lo * x0[j];
         for (int j = 0; j < MB; ++j) acc[r][j] = acc[r][j] + hi * x1[j];
       }
@@ -171,15 +170,15 @@ static inline void tile(const float* __restrict__ x, const W* __restrict__ w, fl
       for (int r = 0; r < R; ++r) {
         // the next tile's rows, a line per row per step: memory keeps streaming while this tile
         // computes (the hardware prefetcher alone leaves the FMAs waiting once M > 2)
-        if constexpr (PF) __builtin_prefetch(w + (nw + R + r) * K + k, 0, 3);
-        const v16 wv = load16(w + (nw + r) * K + k);
+        __builtin_prefetch(w + (n + R + r) * K + k, 0, 3);
+        const v16 wv = load16(w + (n + r) * K + k);
         for (int j = 0; j < MB; ++j) acc[r][j] = acc[r][j] + wv * xv[j];
       }
     }
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < MB; ++j) {
         float s = reduce16(acc[r][j]);
-        const W* wr = w + (nw + r) * K;
+        const W* wr = w + (n + r) * K;
         const float* xr = x + (m + j) * K;
         for (int64_t k = K16; k < K; ++k) s = __builtin_fmaf(float(wr[k]), xr[k], s);
         const int64_t o = (m + j) * N + n + r;
@@ -188,46 +187,27 @@ static inline void tile(const float* __restrict__ x, const W* __restrict__ w, fl
   }
 }
 
-template <int R, typename W, bool PF = true>
-static void rows(const float* x, const W* w, float* out, const float* res, int64_t M, int64_t K, int64_t N,
-                 int64_t n, int64_t nw) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile<R, 4, W, PF>(x, w, out, res, K, N, n, m, nw);
-  switch (M - m) {
-    case 3: tile<R, 3, W, PF>(x, w, out, res, K, N, n, m, nw); break;
-    case 2: tile<R, 2, W, PF>(x, w, out, res, K, N, n, m, nw); break;
-    case 1: tile<R, 1, W, PF>(x, w, out, res, K, N, n, m, nw); break;
-    default: break;
-  }
-}
-
 template <int R, typename W>
 static void rows(const float* x, const W* w, float* out, const float* res, int64_t M, int64_t K, int64_t N,
                  int64_t n) {
-  rows<R, W, true>(x, w, out, res, M, K, N, n, n);
-}
-
-// Block weights: a tile as wide as the pass (up to 8 tokens), so that each block is dequantized once
-template <int R, typename W>
-static void rows_blocks(const float* x, const W* w, float* out, const float* res, int64_t M, int64_t K, int64_t N,
-                    int64_t n) {
-  switch (M) {
-    case 5: tile<R, 5>(x, w, out, res, K, N, n, 0, n); break;
-    case 6: tile<R, 6>(x, w, out, res, K, N, n, 0, n); break;
-    case 7: tile<R, 7>(x, w, out, res, K, N, n, 0, n); break;
-    case 8: tile<R, 8>(x, w, out, res, K, N, n, 0, n); break;
-    default: rows<R, W>(x, w, out, res, M, K, N, n);
+  if constexpr (is_block_v<W>) {
+    // block weights: one tile as wide as the pass (up to 8 tokens), each block dequantized once
+    switch (M) {
+      case 5: tile<R, 5>(x, w, out, res, K, N, n, 0); return;
+      case 6: tile<R, 6>(x, w, out, res, K, N, n, 0); return;
+      case 7: tile<R, 7>(x, w, out, res, K, N, n, 0); return;
+      case 8: tile<R, 8>(x, w, out, res, K, N, n, 0); return;
+      default: break;
+    }
   }
-}
-
-template <int R, typename W>
-static void run_rows_blocks(const float* xp, const W* wp, float* op, const float* rp, int64_t M, int64_t K,
-                        int64_t N) {
-  const int64_t tiles = N / R;
-  at::parallel_for(0, tiles, 32 / R, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) rows_blocks<R, W>(xp, wp, op, rp, M, K, N, t * R);
-  });
-  for (int64_t n = tiles * R; n < N; ++n) rows<1, W>(xp, wp, op, rp, M, K, N, n);
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile<R, 4>(x, w, out, res, K, N, n, m);
+  switch (M - m) {
+    case 3: tile<R, 3>(x, w, out, res, K, N, n, m); break;
+    case 2: tile<R, 2>(x, w, out, res, K, N, n, m); break;
+    case 1: tile<R, 1>(x, w, out, res, K, N, n, m); break;
+    default: break;
+  }
 }
 
 template <int R, typename W>
@@ -251,7 +231,7 @@ static void skinny(const float* xp, const W* wp, float* op, const float* rp, int
     if (M <= 4)
       run_rows<4>(xp, wp, op, rp, M, K, N);
     else
-      run_rows_blocks<2>(xp, wp, op, rp, M, K, N);
+      run_rows<2>(xp, wp, op, rp, M, K, N);
   } else {
     run_rows<4>(xp, wp, op, rp, M, K, N);
   }
