@@ -37,6 +37,17 @@ def test_failed_allocation_takes_nothing():
     assert pool.num_free == 1
 
 
+def test_freed_blocks_are_reused_first():
+    # one request after another keeps writing the same (mapped, cached) blocks instead of walking
+    # through the whole cache
+    pool = BlockPool(64)
+    first = pool.allocate(5)
+    pool.free(first)
+    assert sorted(pool.allocate(5)) == sorted(first)
+    other = pool.allocate(3)
+    assert not set(other) & set(first)
+
+
 def test_block_table_lookahead_truncate_release():
     pool = BlockPool(10)
     t = BlockTable(block_size=4)
