@@ -262,9 +262,14 @@ def evaluate(head, seqs: list[dict], reduced: torch.Tensor, gamma: int = 5, thre
     position (tokens outside the reduced vocabulary count as misses). Chained, on greedy answers
     (where the answer is the target's greedy continuation), with the drafter's own code: from
     each position, draft γ tokens from the last `window` pairs and count the leading matches;
-    `tau` = expected tokens per step (matches + the bonus token). Per threshold: the block stops
-    at the first draft whose head probability is below it; `est_speedup` = tau / (1 + draft_cost
-    * drafted), with a draft token costing `draft_cost` of a step, ranks thresholds."""
+    `tau` = expected tokens per step (matches + the bonus token), averaged over start positions.
+    `tokens_per_step` walks each answer as the engine does: a step from position t commits its
+    matches and the bonus token, and the next step starts after them. Where the head is right it
+    commits many tokens in few steps, so the walk counts those stretches less than `tau` does, and
+    is what the engine's tokens per step come to on these answers. Per threshold: the block stops
+    at the first draft whose head probability is below it; `est_speedup` = walked tokens per step
+    / (1 + draft_cost * drafted per step), with a draft token costing `draft_cost` of a step,
+    ranks thresholds."""
     from server.engine.drafters.head import accepted_lengths, draft, pack_windows
 
     d = pad_answers(seqs)
@@ -278,11 +283,12 @@ def evaluate(head, seqs: list[dict], reduced: torch.Tensor, gamma: int = 5, thre
         tot += int(m.sum())
     res = {"top1": hit / max(tot, 1), "positions": tot, "gamma": gamma}
     W = head.window
-    starts = []
+    starts, first = [], []  # first: index in `starts` of each greedy answer's position 0
     for s in seqs:
         if s["kind"] != "greedy":
             continue
         T = len(s["hidden"])
+        first.append((len(starts), T - 1))
         for t in range(T - 1):
             starts.append((s, t))
     if not starts:
@@ -305,18 +311,38 @@ def evaluate(head, seqs: list[dict], reduced: torch.Tensor, gamma: int = 5, thre
     res["chain_positions"] = int(len(cont))
     res["chained_accept_per_position"] = [round(float(v), 4) for v in match.float().mean(0)]
     res["tau"] = round(float(match.sum(1).float().mean()) + 1.0, 4)
+    res["tokens_per_step"] = round(walk(match.sum(1), torch.full((len(cont),), gamma), first)[0], 4)
     per = []
     for th in thresholds:
         for mt in (0, 1):
             n = accepted_lengths(probs, torch.full((len(cont),), gamma), th, mt)
             keep = torch.arange(gamma)[None, :] < n[:, None]
-            acc = (match.bool() & keep).long().sum(1).float().mean()
-            drafted = n.float().mean()
-            tau = float(acc) + 1.0
-            per.append({"threshold": th, "min_tokens": mt, "tau": round(tau, 4), "drafted": round(float(drafted), 4),
-                        "est_speedup": round(tau / (1 + draft_cost * float(drafted)), 4)})
+            kept = (match.bool() & keep).long().sum(1)
+            per_step, drafted = walk(kept, n, first)
+            per.append({"threshold": th, "min_tokens": mt, "tau": round(float(kept.float().mean()) + 1.0, 4),
+                        "tokens_per_step": round(per_step, 4), "drafted": round(drafted, 4),
+                        "est_speedup": round(per_step / (1 + draft_cost * drafted), 4)})
     res["per_threshold"] = per
     return res
+
+
+def walk(kept: torch.Tensor, drafted: torch.Tensor, answers: list[tuple[int, int]]) -> tuple[float, float]:
+    """Steps through each answer as the engine does. `kept[i]` / `drafted[i]`: drafts kept and
+    proposed from start i; `answers`: (index of the answer's first start, its number of starts).
+    A step from start t commits its kept drafts and the bonus token, and the next step starts
+    after them; from start t the answer has n - t tokens left. Returns (tokens per step, drafts
+    proposed per step)."""
+    kept_l, drafted_l = kept.tolist(), drafted.tolist()
+    tokens = steps = proposed = 0
+    for i0, n in answers:
+        t = 0
+        while t < n:
+            step = min(kept_l[i0 + t] + 1, n - t)
+            proposed += drafted_l[i0 + t]
+            tokens += step
+            steps += 1
+            t += step
+    return tokens / max(steps, 1), proposed / max(steps, 1)
 
 
 def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
@@ -438,7 +464,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=float, default=0.1, help="share of prompts held out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output stem (default: assets/<model>.head)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="train nothing: collect the held-out prompts' answers only, evaluate the head at --out "
+                        "(default: the shipped one) and rewrite the held-out numbers of its record")
     return p
+
+
+def evaluate_saved(args, model_dir: Path, data: dict, argv) -> int:
+    """`--evaluate`: the held-out numbers of a trained head, from the same held-out prompts as its
+    training (the split depends only on the prompt ids and the seed), written into its record."""
+    from server.engine.drafters.head import DraftHead
+    from server.engine.model import LlamaModel
+
+    stem = Path(args.out) if args.out else ASSETS / f"{model_dir.name}.head"
+    head, info = DraftHead.load(Path(str(stem) + ".safetensors"))
+    model = LlamaModel.from_folder(model_dir)
+    head.attach(model.embed, model.lm_head)
+    del model
+    ev = evaluate(head, data["seqs"], head.reduced_ids, gamma=args.gamma)
+    record_path = Path(str(stem) + ".json")
+    record = json.loads(record_path.read_text()) if record_path.exists() else {"model": model_dir.name}
+    record["heldout"] = ev
+    record["heldout_command"] = "via-sd train-head " + " ".join(argv if argv is not None else sys.argv[1:])
+    record["heldout_date"] = time.strftime("%Y-%m-%d")
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    chosen = next((r for r in ev.get("per_threshold", []) if r["threshold"] == info.get("threshold")
+                   and r["min_tokens"] == info.get("min_tokens")), None)
+    print(f"held-out top-1 acceptance {ev['top1']:.3f} over {ev['positions']} positions; "
+          f"γ={args.gamma}: {ev.get('tau', 1.0):.3f} tokens per start position, "
+          f"{ev.get('tokens_per_step', 1.0):.3f} per step walked as the engine does")
+    if chosen:
+        print(f"at the head's threshold {chosen['threshold']} (min_tokens {chosen['min_tokens']}): "
+              f"{chosen['tokens_per_step']:.3f} tokens per step, {chosen['drafted']:.2f} drafted per step")
+    print(f"wrote {record_path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,10 +507,15 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = Path(args.model) if args.model else prepare_model()
     if args.threads:
         torch.set_num_threads(args.threads)
-    data_path = Path(args.data) if args.data else Path.home() / ".cache" / "via-sd" / f"{model_dir.name}.head-data.pt"
+    cache_name = f"{model_dir.name}.head-{'heldout' if args.evaluate else 'data'}.pt"
+    data_path = Path(args.data) if args.data else Path.home() / ".cache" / "via-sd" / cache_name
     prompts = builtin_prompts(args.seed) if args.prompts == "builtin" else load_prompts(Path(args.prompts), None)
     if args.limit_prompts:
         prompts = prompts[: args.limit_prompts]
+    if args.evaluate:  # the held-out prompts only, split as training splits the answers
+        _, held = split_by_prompt([{"prompt_id": r["id"]} for r in prompts], args.heldout, args.seed)
+        held_ids = {h["prompt_id"] for h in held}
+        prompts = [r for r in prompts if r["id"] in held_ids]
     key = {"model": model_dir.name, "prompts": Path(args.prompts).name, "max_tokens": args.max_tokens,
            "sampled": args.sampled, "temperature": args.temperature, "seed": args.seed}
     data = {"key": key, "seqs": [], "collect_seconds": 0.0, "num_prompts": len(prompts)}
@@ -481,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
               f"in {data['collect_seconds']:.0f}s -> {data_path}")
     if args.collect_only:
         return 0
+    if args.evaluate:
+        return evaluate_saved(args, model_dir, data, argv)
     return train_and_save(args, model_dir, data, argv)
 
 
