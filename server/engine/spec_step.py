@@ -31,7 +31,7 @@ import torch
 
 from server.engine.api import SpecUsage, TokenLogprob
 from server.engine.controller import SlimController
-from server.engine.draft_length import AcceptanceEstimate, best_length
+from server.engine.draft_length import AcceptanceEstimate, LookupAcceptance, best_length
 from server.engine.drafters import DraftBatch, make_drafter
 from server.engine.kv_cache import Chunk
 from server.engine.scheduler import ScheduledSeq
@@ -83,6 +83,7 @@ class _SeqPlan:
     slim: bool  # runs the slim pass this step
     full: bool = False  # runs the full pass this step
     lookup: bool = True  # drafts without a probability of their own (their acceptance is estimated)
+    span: int | None = None  # a prompt-lookup draft: the span of the match it copies
     slim_row: int = -1  # index among slim sequences
     full_row: int = -1  # index among full-pass sequences (within the spec part)
 
@@ -137,6 +138,7 @@ class SpecDecoder:
         self.controller = SlimController(self.slim_cost, self.prefix_share, enabled=cfg.controller)
         self.adaptive = cfg.adaptive_draft and os.environ.get("VIA_SD_ADAPTIVE_DRAFT", "1") != "0"
         self.trimmed = 0  # draft tokens left unverified because they did not pay
+        self.lookup_accept = LookupAcceptance()
 
     # ------------------------------------------------------------------ begin
     def begin(self, scheduled: list[ScheduledSeq]) -> SpecJob:
@@ -164,7 +166,8 @@ class SpecDecoder:
                 and self.controller.want_slim(seq.controller)
             )
             lookup = drafts.confidence is None or drafts.confidence[i] is None
-            plans.append(_SeqPlan(s, list(d), slim, lookup=lookup))
+            span = drafts.spans[i] if lookup and drafts.spans is not None else None
+            plans.append(_SeqPlan(s, list(d), slim, lookup=lookup, span=span))
         job = SpecJob(self, plans, [], wants_hidden=self.drafter.wants_hidden)
         if drafts.draft_probs is not None:
             off = 0
@@ -216,11 +219,15 @@ class SpecDecoder:
             if not d:
                 continue
             conf = drafts.confidence[i] if drafts.confidence is not None else None
-            if conf is None:
-                if s.seq.draft_accept is None:
-                    s.seq.draft_accept = AcceptanceEstimate()
-                conf = [s.seq.draft_accept.rate] * len(d)
-            n = best_length(conf, rel)
+            span = drafts.spans[i] if drafts.spans is not None else None
+            if conf is None and span:
+                n = self.lookup_accept.length(span, len(d), rel)
+            else:
+                if conf is None:
+                    if s.seq.draft_accept is None:
+                        s.seq.draft_accept = AcceptanceEstimate()
+                    conf = [s.seq.draft_accept.rate] * len(d)
+                n = best_length(conf, rel)
             if n < len(d):
                 self.trimmed += len(d) - n
                 drafts.tokens[i] = d[:n]
@@ -375,11 +382,14 @@ class SpecDecoder:
                 seq.slim_frontier = end
             elif p.slim:
                 seq.slim_frontier = end
-            if n and p.lookup and seq.draft_accept is not None:
+            if n and p.lookup:
                 kept = 0
                 while kept < min(n, m) and toks[kept] == p.drafts[kept]:
                     kept += 1
-                seq.draft_accept.update(n, kept)
+                if p.span:
+                    self.lookup_accept.update(p.span, n, kept)
+                elif seq.draft_accept is not None:
+                    seq.draft_accept.update(n, kept)
             u = seq.usage
             u.steps += 1
             u.draft_tokens += n

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.draft_length import AcceptanceEstimate, PassCosts, best_length
+import torch
+
+from server.engine.draft_length import AcceptanceEstimate, LookupAcceptance, PassCosts, best_length
+from server.engine.drafters.ngram import MAX_SPAN, ngram_lookup, ngram_match
 from tests.engine.helpers import assert_pool_full, greedy_requests, make_engine
 from tests.engine.test_spec import PROMPTS
 
@@ -52,6 +55,47 @@ def test_acceptance_estimate_counts_drafts_checked_up_to_the_first_rejection():
     assert est.rate == pytest.approx(6 / 7)
 
 
+def ids(*t: int) -> torch.Tensor:
+    return torch.tensor(t, dtype=torch.int64)
+
+
+def test_ngram_match_reports_the_span_of_the_match_it_copies():
+    # suffix [3, 4] (n_max 2) matches at 2; the two tokens before agree too: span 4
+    assert ngram_match(ids(1, 2, 3, 4, 5, 0, 1, 2, 3, 4), 1, 2, 3) == ([5, 0, 1], 4)
+    # the token before differs (6 against 1): the span is the n-gram's
+    assert ngram_match(ids(5, 6, 7, 8, 9, 1, 7, 8), 1, 2, 2) == ([9, 1], 2)
+    # the most recent occurrence is copied, and measured
+    assert ngram_match(ids(7, 1, 7, 2, 7), 1, 4, 1) == ([2], 1)
+    assert ngram_match(ids(1, 2, 3), 1, 4, 2) == ([], 0)
+    # a long repetition: the span stops at MAX_SPAN
+    run = list(range(40))
+    toks, span = ngram_match(torch.tensor(run + run[:30]), 1, 4, 5)
+    assert toks == [30, 31, 32, 33, 34] and span == MAX_SPAN
+    assert ngram_lookup(ids(1, 2, 3, 4, 5, 0, 1, 2, 3, 4), 1, 2, 3) == [5, 0, 1]
+
+
+def test_lookup_acceptance_learns_per_span_and_position():
+    la = LookupAcceptance(decay=1.0, prior_weight=4.0)
+    # the prior: a longer match is likelier to continue
+    assert la.chances(1, 1)[0] < la.chances(2, 1)[0] < la.chances(8, 1)[0] == la.chances(20, 1)[0]
+    before = la.chances(3, 3)
+    for _ in range(20):
+        la.update(3, 3, 1)  # the first token kept, the second rejected, the third never checked
+    after = la.chances(3, 3)
+    assert after[0] > before[0] and after[1] < before[1] and after[2] == before[2]
+    assert la.chances(4, 3) == LookupAcceptance(decay=1.0).chances(4, 3)  # other spans untouched
+
+
+def test_lookup_acceptance_explores_a_span_it_stopped_verifying():
+    la = LookupAcceptance(explore_every=4)
+    steep = lambda n: 1.0 + 2.0 * (n - 1)  # noqa: E731
+    for _ in range(50):
+        la.update(1, 2, 0)  # 1-token matches: never right
+    got = [la.length(1, 3, steep) for _ in range(8)]
+    assert got == [0, 0, 0, 1, 0, 0, 0, 1]  # one draft token every fourth step
+    assert la.length(8, 3, flat) == 3  # free width: every draft of a long match
+
+
 def test_trimmed_drafts_keep_binary_lossless(tiny_model_dir):
     eng = make_engine(tiny_model_dir, spec={"mode": "binary", "drafter": "ngram"})
     off = eng.generate(greedy_requests(PROMPTS, 32, mode="off", ignore_eos=True, prefix="o"))
@@ -64,6 +108,9 @@ def test_trimmed_drafts_keep_binary_lossless(tiny_model_dir):
     trimmed = eng.generate(greedy_requests(PROMPTS, 32, mode="binary", ignore_eos=True, prefix="t"))
     assert [r.token_ids for r in trimmed] == [r.token_ids for r in off]
     assert eng.spec.trimmed > 0
+    # the lookups' outcomes reached the per-span estimate
+    fresh = LookupAcceptance()
+    assert any(eng.spec.lookup_accept.checked[b] != fresh.checked[b] for b in range(1, fresh.max_span + 1))
     assert_pool_full(eng)
     eng.spec.adaptive = False
     before = eng.spec.trimmed

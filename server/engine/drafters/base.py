@@ -7,6 +7,9 @@ proposes nothing when the context has no match, a model drafter stops where it i
 `draft_probs` is None for a deterministic drafter (verification then treats p as one-hot), or a
 `[T, V]` tensor of the drafter's distributions, flat in the same order as the tokens.
 `confidence` optionally gives, per token, the drafter's own probability that it is right.
+`spans` optionally gives, per sequence, the length of the context match a lookup draft copies
+(None for a draft that is not a lookup): the engine learns how often drafts after a match of each
+span are accepted (`server.engine.draft_length.LookupAcceptance`).
 
 A drafter with `wants_hidden` gets `observe(seq, hidden [m, H], tokens)` after every step that
 commits tokens for a speculative sequence (plain steps included), before they join the sequence:
@@ -30,6 +33,8 @@ class DraftBatch:
     # per sequence, the drafter's probability of each of its tokens, or None where it has none
     # (prompt lookup): what `server.engine.draft_length` weighs each draft by
     confidence: list[list[float] | None] | None = None
+    # per sequence, the span of the match a lookup draft copies (`ngram_match`), None elsewhere
+    spans: list[int | None] | None = None
 
 
 class Drafter(abc.ABC):

@@ -24,7 +24,7 @@ import torch
 
 from server.engine.drafters.base import DraftBatch, Drafter
 from server.engine.drafters.head import HeadDrafter
-from server.engine.drafters.ngram import ngram_lookup
+from server.engine.drafters.ngram import ngram_match
 
 log = logging.getLogger("via_sd.engine")
 
@@ -50,13 +50,15 @@ class HybridDrafter(Drafter):
 
     def propose(self, seqs, max_tokens: list[int]) -> DraftBatch:
         out: list[list[int]] = [[] for _ in seqs]
+        spans: list[int | None] = [None] * len(seqs)
         rest = []
         for i, (seq, k) in enumerate(zip(seqs, max_tokens)):
             if k <= 0:
                 continue
             ids = torch.tensor(seq.token_ids, dtype=torch.int64)
-            out[i] = ngram_lookup(ids, self.n_min, self.n_max, k)
+            out[i], span = ngram_match(ids, self.n_min, self.n_max, k)
             if out[i]:
+                spans[i] = span
                 self.lookups += 1
             else:
                 rest.append(i)
@@ -68,7 +70,7 @@ class HybridDrafter(Drafter):
                 out[i] = toks
                 if got.confidence is not None:
                     conf[i] = got.confidence[j]
-        return DraftBatch(out, confidence=conf)
+        return DraftBatch(out, confidence=conf, spans=spans)
 
     def observe(self, seq, hidden: torch.Tensor | None, tokens: list[int] | None = None) -> None:
         if self.head is not None:
