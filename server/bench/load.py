@@ -5,7 +5,8 @@
         [--out FILE.json]
 
 Starts `via-sd serve` on a free loopback port in a subprocess, waits for `GET /health` 200, then for
-each mode and concurrency sends `--requests` streaming requests, at most `concurrency` in flight,
+each concurrency and mode (the modes in turn at each concurrency) sends `--requests` streaming
+requests, at most `concurrency` in flight,
 each with `via_sd: {"mode": MODE}`; measures total tokens/s (completion tokens over the wall time
 of the whole batch) and TTFT p50/p99 (send to first content delta). With `--peers vllm` and the
 vLLM environment present it does the same against `vllm serve` (no `via_sd` field). Every server
@@ -310,9 +311,11 @@ def main(argv: list[str]) -> int:
     skipped: list[dict] = []
 
     def drive(server: Server, names_modes: list[tuple[str, str | None]]) -> None:
+        # the modes take turns at each concurrency, so that the two figures compared there are
+        # measured minutes apart, not half a run (this machine's speed drifts by 10-20% in that)
         model = served_model(server, str(folder))
-        for name, mode in names_modes:
-            for c in concs:
+        for c in concs:
+            for name, mode in names_modes:
                 print(f"[load] {name} concurrency {c}: {args.requests} requests ...", file=sys.stderr, flush=True)
                 res, wall = asyncio.run(run_batch(server.base_url, args.endpoint, model, prompts, args.requests, c,
                                                   args.max_tokens, mode, args.request_timeout))
