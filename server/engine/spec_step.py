@@ -382,14 +382,15 @@ class SpecDecoder:
                 seq.slim_frontier = end
             elif p.slim:
                 seq.slim_frontier = end
-            if n and p.lookup:
+            estimate = self.lookup_accept if p.span else seq.draft_accept if p.lookup else None
+            if n and estimate is not None:
                 kept = 0
                 while kept < min(n, m) and toks[kept] == p.drafts[kept]:
                     kept += 1
                 if p.span:
-                    self.lookup_accept.update(p.span, n, kept)
-                elif seq.draft_accept is not None:
-                    seq.draft_accept.update(n, kept)
+                    estimate.update(p.span, n, kept)
+                else:
+                    estimate.update(n, kept)
             u = seq.usage
             u.steps += 1
             u.draft_tokens += n
