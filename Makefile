@@ -40,7 +40,7 @@ test-fast: install-test
 
 # the README's latest Spec-Bench table (about 50 minutes on 2 cores; `vllm-env` for the vLLM rows)
 bench: install
-	$(VENV)/bin/via-sd bench --prompts ../shared/data/spec_bench/question.jsonl --categories mt_bench,translation,summarization,qa,math_reasoning,rag --limit-per-category 10 --max-tokens 128 --modes off,binary,three_tier --drafters ngram,head,hybrid --peers hf,hf_pld,vllm,vllm_ngram --repeats 2 --peer-repeats 1 --out benchmarks/results/latest.json
+	$(VENV)/bin/via-sd bench --prompts ../shared/data/spec_bench/question.jsonl --categories mt_bench,translation,summarization,qa,math_reasoning,rag --limit-per-category 10 --max-tokens 128 --modes off,binary,three_tier --drafters ngram,head,self,hybrid --peers hf,hf_pld,vllm,vllm_ngram --repeats 2 --peer-repeats 1 --out benchmarks/results/latest.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
