@@ -48,6 +48,10 @@ GREEDY_HEAD = os.environ.get("VIA_SD_GREEDY_HEAD", "1") != "0"
 # which decode-sized passes read instead: bitwise the same values at a fifth (a quarter) of the
 # bytes (via_sd_kernels/cpu/blocks.py). VIA_SD_PACKED_WEIGHTS=0 reads the fp32 matrices always.
 PACKED_WEIGHTS = os.environ.get("VIA_SD_PACKED_WEIGHTS", "1") != "0"
+# Finding the blocks takes ~3 s for the bundled model; the result is kept between loads
+# (`packed_cache_path`). VIA_SD_PACKED_CACHE=0 finds them at every load.
+PACKED_CACHE = os.environ.get("VIA_SD_PACKED_CACHE", "1") != "0"
+PACKED_CACHE_VERSION = 1  # of the packed layout (blocks.py); a new one makes every cached file stale
 
 
 class GreedyHead:
@@ -194,6 +198,27 @@ class ForwardOutput:
     prefix_hidden: torch.Tensor | None = None  # [N, H] hidden (h + residual folded) at `save_at`
 
 
+def packed_cache_path(folder: str | Path) -> Path | None:
+    """Where `LlamaModel.pack_weights` keeps the packed blocks of the model in `folder` between
+    loads: under the model cache (`model_files.default_cache_dir()/.packed`), in a file named by
+    the folder's path and its weight files' names, sizes and modification times, and the packed
+    layout's version, so that changed weights or a new layout miss it. None without weights."""
+    import hashlib
+
+    from server.engine.model_files import default_cache_dir
+
+    folder = Path(folder).resolve()
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    key = [str(PACKED_CACHE_VERSION), str(folder)]
+    for f in files:
+        st = f.stat()
+        key.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(key).encode()).hexdigest()[:24]
+    return default_cache_dir() / ".packed" / f"{folder.name}-{digest}.safetensors"
+
+
 class LlamaModel:
     """Weights and the forward. Holds no per-request state; the KV cache is passed in."""
 
@@ -251,18 +276,18 @@ class LlamaModel:
         lm_head = embed if cfg.tie_word_embeddings or "lm_head.weight" not in tensors else get("lm_head.weight")
         model = cls(cfg, layers, embed, get("model.norm.weight"), lm_head, dtype)
         if torch.device(device).type == "cpu":
-            model.move_to_huge_pages()
+            model.move_to_huge_pages(packed_cache=packed_cache_path(path) if PACKED_CACHE else None)
         return model
 
     _LAYER_FIELDS = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up", "w_down", "qkv_bias")
 
-    def move_to_huge_pages(self) -> None:
+    def move_to_huge_pages(self, packed_cache: Path | None = None) -> None:
         """Weights into one huge-page mapping (server/engine/host_memory.py): a decode step
         streams them all, and 4 KiB pages cost it a TLB miss per page."""
         from server.engine import host_memory
 
         if PACKED_WEIGHTS and cpu_kernels.available():
-            self.pack_weights()
+            self.pack_weights(cache=packed_cache)
         slots = [(lw, f) for lw in self.layers for f in self._LAYER_FIELDS if getattr(lw, f) is not None]
         packed = [(lw, f) for lw in self.layers for f in lw.packed]
         tensors = [getattr(lw, f) for lw, f in slots] + [lw.packed[f] for lw, f in packed]
@@ -286,23 +311,97 @@ class LlamaModel:
             greedy.w, greedy.w16 = self.lm_head, moved[-1]
         self.greedy_head = greedy
 
-    def pack_weights(self) -> None:
+    def pack_weights(self, cache: Path | None = None) -> None:
         """Keep every layer matrix that is exactly Q4_1 blocks, and an LM head that is exactly Q4_1
-        or Q8_0 blocks, also in that form."""
+        or Q8_0 blocks, also in that form. With `cache` (`packed_cache_path`), take them from that
+        file when it holds this model's blocks, else find them and write it."""
         from via_sd_kernels.cpu import blocks
 
-        n = 0
-        for lw in self.layers:
-            for f in LayerWeights.PACKABLE:
-                p = blocks.pack_q4_1(getattr(lw, f))
-                if p is not None:
-                    lw.packed[f] = p
-                    n += 1
-        self.lm_head_packed = head = blocks.pack(self.lm_head)
+        if cache is None or not self._load_packed(cache):
+            for lw in self.layers:
+                for f in LayerWeights.PACKABLE:
+                    p = blocks.pack_q4_1(getattr(lw, f))
+                    if p is not None:
+                        lw.packed[f] = p
+            self.lm_head_packed = blocks.pack(self.lm_head)
+            if cache is not None:
+                self._save_packed(cache)
+        n = sum(len(lw.packed) for lw in self.layers)
+        head = self.lm_head_packed
         if n or head is not None:
             form = "fp32" if head is None else "Q8_0 blocks" if head.dtype == torch.int8 else "Q4_1 blocks"
             log.info("%d of %d layer matrices are Q4_1 blocks, the LM head %s: decode passes read them packed", n,
                      len(self.layers) * len(LayerWeights.PACKABLE), form)
+
+    def _packed_items(self):
+        """(name, fp32 matrix) of every matrix `pack_weights` considers, in the cache file's names."""
+        for i, lw in enumerate(self.layers):
+            for f in LayerWeights.PACKABLE:
+                yield f"layers.{i}.{f}", getattr(lw, f)
+        yield "lm_head", self.lm_head
+
+    def _save_packed(self, path: Path) -> None:
+        """The packed matrices to `path` (written beside it, then renamed into place); nothing
+        when no matrix is packed. A cache that cannot be written is skipped."""
+        from safetensors.torch import save_file
+
+        found = {f"layers.{i}.{f}": p for i, lw in enumerate(self.layers) for f, p in lw.packed.items()}
+        if self.lm_head_packed is not None:
+            found["lm_head"] = self.lm_head_packed
+        if not found:
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in found.items()}, str(tmp),
+                      metadata={"via_sd_packed": str(PACKED_CACHE_VERSION)})
+            os.replace(tmp, path)
+        except OSError as e:
+            log.info("packed weights not cached (%s): the next load finds the blocks again", e)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _load_packed(self, path: Path) -> bool:
+        """Take the packed matrices from `path` if it is this model's: the right shape for each,
+        and the first and last rows of each unpack to the fp32 matrix's bit for bit (the file is
+        named by the weight files' sizes and times, so this only guards against a damaged or
+        foreign file). A matrix absent from the file is not blocks. False leaves the model as it was."""
+        from safetensors import safe_open
+
+        from via_sd_kernels.cpu import blocks
+
+        if not path.is_file():
+            return False
+        try:
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("via_sd_packed") != str(PACKED_CACHE_VERSION):
+                    return False
+                got = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # a truncated or foreign file: find the blocks again
+            log.info("packed weights cache %s unreadable (%s): finding the blocks again", path, e)
+            return False
+        keep = {}
+        for name, w in self._packed_items():
+            p = got.pop(name, None)
+            if p is None:
+                continue
+            N, K = w.shape
+            q4 = p.dtype == torch.uint8
+            width = K // blocks.BLOCK * (blocks.Q4_1_BYTES if q4 else blocks.Q8_0_BYTES)
+            if p.dtype not in (torch.uint8, torch.int8) or tuple(p.shape) != (N, width):
+                return False
+            rows = p[[0, N - 1]]
+            back = blocks.unpack_q4_1(rows, K) if q4 else blocks.unpack_q8_0(rows, K)
+            if not torch.equal(back, w.detach()[[0, N - 1]].to("cpu")):
+                log.info("packed weights cache %s does not match the model: finding the blocks again", path)
+                return False
+            keep[name] = p
+        if got or not keep:  # names this model does not have, or nothing packed
+            return False
+        for i, lw in enumerate(self.layers):
+            lw.packed = {f: keep[f"layers.{i}.{f}"] for f in LayerWeights.PACKABLE if f"layers.{i}.{f}" in keep}
+        self.lm_head_packed = keep.get("lm_head")
+        return True
 
     # ---------------------------------------------------------------- rotary
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
