@@ -355,6 +355,9 @@ class LlamaModel:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in found.items()}, str(tmp),
                       metadata={"via_sd_packed": str(PACKED_CACHE_VERSION)})
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # a shared model cache is readable by all, like its models
             os.replace(tmp, path)
         except OSError as e:
             log.info("packed weights not cached (%s): the next load finds the blocks again", e)
