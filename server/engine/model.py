@@ -334,20 +334,24 @@ class LlamaModel:
                      len(self.layers) * len(LayerWeights.PACKABLE), form)
 
     def _packed_items(self):
-        """(name, fp32 matrix) of every matrix `pack_weights` considers, in the cache file's names."""
+        """(name in the cache file, layer or None for the LM head, field, fp32 matrix) of every
+        matrix `pack_weights` considers."""
         for i, lw in enumerate(self.layers):
             for f in LayerWeights.PACKABLE:
-                yield f"layers.{i}.{f}", getattr(lw, f)
-        yield "lm_head", self.lm_head
+                yield f"layers.{i}.{f}", lw, f, getattr(lw, f)
+        yield "lm_head", None, None, self.lm_head
+
+    def _packed_of(self, lw: "LayerWeights | None", f: str | None) -> torch.Tensor | None:
+        return self.lm_head_packed if lw is None else lw.packed.get(f)
 
     def _save_packed(self, path: Path) -> None:
         """The packed matrices to `path` (written beside it, then renamed into place); nothing
         when no matrix is packed. A cache that cannot be written is skipped."""
         from safetensors.torch import save_file
 
-        found = {f"layers.{i}.{f}": p for i, lw in enumerate(self.layers) for f, p in lw.packed.items()}
-        if self.lm_head_packed is not None:
-            found["lm_head"] = self.lm_head_packed
+        from server.engine.model_files import make_readable
+
+        found = {name: p for name, lw, f, _ in self._packed_items() if (p := self._packed_of(lw, f)) is not None}
         if not found:
             return
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -355,10 +359,8 @@ class LlamaModel:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in found.items()}, str(tmp),
                       metadata={"via_sd_packed": str(PACKED_CACHE_VERSION)})
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # a shared model cache is readable by all, like its models
             os.replace(tmp, path)
+            make_readable(path.parent)  # a shared model cache is readable by all, like its models
         except OSError as e:
             log.info("packed weights not cached (%s): the next load finds the blocks again", e)
             with contextlib.suppress(OSError):
@@ -384,7 +386,7 @@ class LlamaModel:
             log.info("packed weights cache %s unreadable (%s): finding the blocks again", path, e)
             return False
         keep = {}
-        for name, w in self._packed_items():
+        for name, lw, f, w in self._packed_items():
             p = got.pop(name, None)
             if p is None:
                 continue
@@ -398,12 +400,17 @@ class LlamaModel:
             if not torch.equal(back, w.detach()[[0, N - 1]].to("cpu")):
                 log.info("packed weights cache %s does not match the model: finding the blocks again", path)
                 return False
-            keep[name] = p
+            keep[name] = (lw, f, p)
         if got or not keep:  # names this model does not have, or nothing packed
             return False
-        for i, lw in enumerate(self.layers):
-            lw.packed = {f: keep[f"layers.{i}.{f}"] for f in LayerWeights.PACKABLE if f"layers.{i}.{f}" in keep}
-        self.lm_head_packed = keep.get("lm_head")
+        for lw in self.layers:
+            lw.packed = {}
+        self.lm_head_packed = None
+        for lw, f, p in keep.values():
+            if lw is None:
+                self.lm_head_packed = p
+            else:
+                lw.packed[f] = p
         return True
 
     # ---------------------------------------------------------------- rotary

@@ -154,7 +154,7 @@ def _is_complete(folder: Path) -> bool:
     return isinstance(info, dict) and info.get("format_version") == FORMAT_VERSION
 
 
-def _make_readable(folder: Path) -> None:
+def make_readable(folder: Path) -> None:
     # mkdtemp (and safetensors) create owner-only entries; a shared cache should be readable by all.
     umask = os.umask(0)
     os.umask(umask)
@@ -181,7 +181,7 @@ def _prepare_bundled(cache: Path, progress: bool) -> Path:
             "convert_seconds": round(time.perf_counter() - t0, 2),
         }
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        _make_readable(tmp)
+        make_readable(tmp)
         if target.exists():
             if _is_complete(target):  # another process finished first
                 shutil.rmtree(tmp, ignore_errors=True)
