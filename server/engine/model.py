@@ -37,7 +37,8 @@ log = logging.getLogger("via_sd.engine")
 # is new at every step (VIA_SD_CUDNN_SDPA=1 allows it again, for comparisons).
 CUDNN_SDPA = os.environ.get("VIA_SD_CUDNN_SDPA", "0") == "1"
 
-# a CPU batch of sequences with at most this many new tokens each takes the CPU attention kernel
+# a CPU batch of sequences with at most this many new tokens each takes the CPU attention kernel;
+# in a batch that also carries wider chunks (prefill beside decoding), those sequences still do
 PAGED_MAX_QUERIES = 16
 
 # Greedy passes read the LM head in fp16 and recompute the few rows that could be the argmax
@@ -466,7 +467,6 @@ class LlamaModel:
         eps = cfg.rms_norm_eps
         cos, sin = self.rope(batch.positions)
         cos, sin = cos[:, None, :], sin[:, None, :]  # [N, 1, hd]
-        half = hd // 2
         n_tok = x.shape[0]
         B, Q = batch.q_index.shape
         scale = 1.0 / math.sqrt(hd)
@@ -480,11 +480,15 @@ class LlamaModel:
         # many decode-sized sequences on the CPU (more tokens than the small path takes): the CPU
         # attention kernel reads each sequence's own context in place, where the padded batch would
         # gather every sequence's K/V up to the longest context (64 sequences: GBs per step)
-        paged = (x.device.type == "cpu" and x.dtype == torch.float32 and batch.token_seq is not None
-                 and B > 1 and Q <= PAGED_MAX_QUERIES and cpu_kernels.available())
+        kernel_ok = (x.device.type == "cpu" and x.dtype == torch.float32 and batch.token_seq is not None
+                     and B > 1 and cpu_kernels.available())
+        paged = kernel_ok and Q <= PAGED_MAX_QUERIES
         segments = None
+        mixed = None  # (narrow tokens, their metadata, wide tokens, wide segments) of a mixed step
         if not single and not batch.dense and not paged and B > 1 and wide:
             segments = self._segments(batch, n_tok)
+            if kernel_ok:
+                mixed = self._split_mixed(batch, segments)
         mask_g = None
         if batch.attn_mask is not None and segments is None and not paged:
             mask_g = batch.attn_mask.repeat(1, 1, G, 1)  # [B, 1, G*Q, L], rows ordered (g, q)
@@ -500,13 +504,17 @@ class LlamaModel:
                     rc, rs = self.rope_tables()
                     att = cpu_kernels.paged_attention(qkv, rc, rs, batch.positions, batch.token_seq,
                                                       batch.slot_mapping, batch.ctx_slots, kc, vc, nh, nkv, scale)
+                elif mixed is not None:  # decode-sized sequences on the kernel, wide chunks by segments
+                    narrow, (pos_n, seq_n, slot_n), wide_idx, wide_segs = mixed
+                    rc, rs = self.rope_tables()
+                    att = qkv.new_empty(n_tok, nh * hd)
+                    att[narrow] = cpu_kernels.paged_attention(qkv[narrow], rc, rs, pos_n, seq_n, slot_n,
+                                                              batch.ctx_slots, kc, vc, nh, nkv, scale)
+                    q = self._rotate_store(qkv[wide_idx], cos[wide_idx], sin[wide_idx], batch.slot_mapping[wide_idx],
+                                           kc, vc)
+                    att[wide_idx] = self._attend_segments(q, kc, vc, batch, wide_segs, scale)
                 else:
-                    qk = qkv[:, : (nh + nkv) * hd].view(n_tok, nh + nkv, hd)
-                    qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin  # rotary, q and k at once
-                    q, k = qk.split([nh, nkv], dim=1)
-                    v = qkv[:, (nh + nkv) * hd :].view(n_tok, nkv, hd)
-                    kc[batch.slot_mapping] = k
-                    vc[batch.slot_mapping] = v
+                    q = self._rotate_store(qkv, cos, sin, batch.slot_mapping, kc, vc)
                     if segments is not None:
                         att = self._attend_segments(q, kc, vc, batch, segments, scale)
                     else:
@@ -519,6 +527,42 @@ class LlamaModel:
         if save_at is not None and save_at >= 2 * len(self.layers):
             prefix = x
         return self._head(x, batch, prefix, want_hidden, argmax_only)
+
+    def _rotate_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
+                      kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+        """Rotary on the queries and keys of qkv [n, (nh + 2 nkv) hd], the keys and values into the
+        cache at slot_mapping; returns the rotated queries [n, nh, hd]."""
+        cfg = self.cfg
+        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        half = hd // 2
+        n = qkv.shape[0]
+        qk = qkv[:, : (nh + nkv) * hd].view(n, nh + nkv, hd)
+        qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin  # rotary, q and k at once
+        q, k = qk.split([nh, nkv], dim=1)
+        kc[slot_mapping] = k
+        vc[slot_mapping] = qkv[:, (nh + nkv) * hd :].view(n, nkv, hd)
+        return q
+
+    @staticmethod
+    def _split_mixed(batch: ForwardBatch, segments: list[tuple[int, int, int, int]]):
+        """A step whose sequences are partly decode-sized (at most PAGED_MAX_QUERIES new tokens) and
+        partly wide chunks: the narrow sequences' flat tokens and their positions, rows and slots
+        for the CPU attention kernel, and the wide sequences' flat tokens with their segments
+        renumbered over them. None when no sequence is narrow."""
+        narrow, wide, wide_segs = [], [], []
+        for f, n, st, b in segments:
+            if n <= PAGED_MAX_QUERIES:
+                narrow.extend(range(f, f + n))
+            else:
+                wide_segs.append((len(wide), n, st, b))
+                wide.extend(range(f, f + n))
+        if not narrow:
+            return None
+        dev = batch.positions.device
+        nidx = torch.tensor(narrow, dtype=torch.long, device=dev)
+        widx = torch.tensor(wide, dtype=torch.long, device=dev)
+        meta = (batch.positions[nidx], batch.token_seq[nidx], batch.slot_mapping[nidx])
+        return nidx, meta, widx, wide_segs
 
     def _attend_padded(self, q, kc, vc, batch: ForwardBatch, mask_g, single: bool, scale: float) -> torch.Tensor:
         """Attention of the batch padded to [B, Q] queries over [B, L] keys: q [N, nh, hd] -> [N, nh * hd]."""

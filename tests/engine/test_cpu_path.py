@@ -101,6 +101,52 @@ def test_wide_decode_batch_takes_the_attention_kernel_and_matches_sdpa(tiny_mode
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _mixed_pass(model: LlamaModel, calls: list):
+    """Decode-sized steps of 1-3 tokens beside two prefill chunks wider than the kernel takes
+    (one from position 0, one continuing a prompt), interleaved in the batch."""
+    kv = KVCache(model.cfg, 8 * 12 + 1, 8, torch.float32)
+    tables = [kv.new_table() for _ in range(12)]
+    for t in tables:
+        t.ensure(kv.pool, 64)
+    lens = [4 + 3 * i for i in range(12)]
+    with torch.inference_mode():
+        for i, (t, n) in enumerate(zip(tables, lens)):
+            if i != 3:  # sequence 3 starts its prompt in the mixed step
+                model.forward(build_batch([Chunk(t, 0, [(5 * n + j) % 200 for j in range(n)], 1)]), kv.k, kv.v)
+        chunks = []
+        for i, (t, n) in enumerate(zip(tables, lens)):
+            if i == 3:
+                chunks.append(Chunk(t, 0, [(11 * j) % 200 for j in range(30)], 1))
+            elif i == 7:
+                chunks.append(Chunk(t, n, [(n + 2 * j) % 200 for j in range(24)], 2))
+            else:
+                chunks.append(Chunk(t, n, [(n + j) % 200 for j in range(1 + i % 3)], 1 + i % 3))
+        calls.clear()
+        out = model.forward(build_batch(chunks), kv.k, kv.v, want_hidden=True)
+    return out, kv
+
+
+def test_mixed_step_attends_its_decodes_on_the_kernel_and_matches_sdpa(tiny_model_dir, monkeypatch):
+    """A step that carries prefill chunks beside decoding keeps the decode-sized sequences on the
+    attention kernel (the chunks by segments) with the same outputs and cache as all by segments."""
+    import server.engine.model as model_module
+
+    model = LlamaModel.from_folder(tiny_model_dir)
+    calls, seen = [], []
+    real = cpu.paged_attention
+    monkeypatch.setattr(cpu, "paged_attention", lambda *a: calls.append(1) or seen.append(a[0].shape[0]) or real(*a))
+    mixed, kv_mixed = _mixed_pass(model, calls)
+    assert len(calls) == model.cfg.num_layers
+    assert set(seen) == {sum(1 + i % 3 for i in range(12) if i not in (3, 7))}  # the decodes' tokens only
+    monkeypatch.setattr(model_module, "PAGED_MAX_QUERIES", 0)  # every sequence by segments
+    ref, kv_ref = _mixed_pass(model, calls)
+    assert not calls
+    torch.testing.assert_close(mixed.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed.hidden, ref.hidden, rtol=1e-4, atol=1e-4)
+    for a, b in zip(kv_mixed.k + kv_mixed.v, kv_ref.k + kv_ref.v):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_pass_reads_the_lm_head_in_fp16_and_keeps_the_argmax(tiny_model_dir):
     """`argmax_only` passes (greedy, no logprobs) take model.GreedyHead; their argmax is the full
     fp32 pass's and the engine's greedy text does not change."""
