@@ -94,15 +94,32 @@ class PassCosts:
 @dataclass
 class AcceptanceEstimate:
     """Chance that a draft without a probability of its own is accepted, given the ones before it
-    were: discounted kept / checked, starting from `prior` over `weight` checked drafts."""
+    were: discounted kept / checked, starting from `prior` over `weight` checked drafts.
+
+    A sequence whose drafts stop paying has none verified, so nothing would tell it that they
+    pay again: after `explore_every` such steps in a row one draft token is verified anyway."""
 
     kept: float = 1.4
     checked: float = 2.0
     decay: float = 0.9
+    explore_every: int = 16
+    skipped: int = 0
 
     @property
     def rate(self) -> float:
         return self.kept / self.checked
+
+    def length(self, n: int, relative_cost) -> int:
+        """How many of a draft's n tokens to verify."""
+        keep = best_length([self.rate] * n, relative_cost)
+        if keep == 0 and n > 0:
+            self.skipped += 1
+            if self.skipped >= self.explore_every:
+                self.skipped = 0
+                return 1
+        elif keep:
+            self.skipped = 0
+        return keep
 
     def update(self, drafted: int, accepted: int) -> None:
         if drafted <= 0:

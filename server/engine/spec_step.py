@@ -222,11 +222,11 @@ class SpecDecoder:
             span = drafts.spans[i] if drafts.spans is not None else None
             if conf is None and span:
                 n = self.lookup_accept.length(span, len(d), rel)
+            elif conf is None:
+                if s.seq.draft_accept is None:
+                    s.seq.draft_accept = AcceptanceEstimate()
+                n = s.seq.draft_accept.length(len(d), rel)
             else:
-                if conf is None:
-                    if s.seq.draft_accept is None:
-                        s.seq.draft_accept = AcceptanceEstimate()
-                    conf = [s.seq.draft_accept.rate] * len(d)
                 n = best_length(conf, rel)
             if n < len(d):
                 self.trimmed += len(d) - n

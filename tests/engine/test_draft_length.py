@@ -55,6 +55,22 @@ def test_acceptance_estimate_counts_drafts_checked_up_to_the_first_rejection():
     assert est.rate == pytest.approx(6 / 7)
 
 
+def test_acceptance_estimate_explores_when_its_drafts_stopped_paying():
+    """A sequence's estimate that fell below paying verifies one draft token every
+    `explore_every` steps, and recovers once those are kept."""
+    est = AcceptanceEstimate(explore_every=4)
+    cost = lambda n: 1.0 + 0.5 * (n - 1)  # noqa: E731  a draft token pays when kept over half the time
+    for _ in range(10):
+        est.update(3, 0)  # never right
+    got = [est.length(3, cost) for _ in range(8)]
+    assert got == [0, 0, 0, 1, 0, 0, 0, 1]
+    for _ in range(40):  # the explored tokens are kept from now on
+        n = est.length(3, cost)
+        if n:
+            est.update(n, n)
+    assert est.length(3, cost) == 3
+
+
 def ids(*t: int) -> torch.Tensor:
     return torch.tensor(t, dtype=torch.int64)
 
