@@ -22,8 +22,9 @@ maximises E(n) / r(n + 1), which is 0 (a plain step) when no draft is likely eno
   length from rates learned as the replay went committed 1.26 tokens per unit of pass cost
   (1.45 per step); verifying every lookup draft committed 0.97 (1.63 per step).
 * `AcceptanceEstimate` keeps a per-sequence estimate of a for other drafts that carry no
-  probability of their own, as discounted counts of kept drafts over drafts checked. Drafts with
-  a probability (the draft head's) use it as a_i.
+  probability of their own, as discounted counts of kept drafts over drafts checked; like
+  `LookupAcceptance` it verifies one draft token now and then once its drafts stopped paying.
+  Drafts with a probability (the draft head's) use it as a_i.
 """
 
 from __future__ import annotations

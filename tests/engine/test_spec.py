@@ -40,6 +40,28 @@ def test_binary_greedy_equals_off(tiny_model_dir, drafter):
         assert u.accepted <= u.draft_tokens and u.full_verified <= u.draft_tokens
 
 
+def test_self_drafts_do_not_run_the_draft_route_over_a_prompt(tiny_model_dir):
+    """The step that ends a prompt is a plain step for the `self` drafter: the draft route would
+    first have to read the whole prompt (a long first token); later steps draft as before."""
+    eng = make_engine(tiny_model_dir, spec={"mode": "binary", "drafter": "self"})
+    seen = []
+    real = eng.runner.forward
+
+    def forward(chunks, route=None, **kw):
+        if route is eng.spec.drafter.route:
+            seen.extend(len(c.token_ids) for c in chunks)
+        return real(chunks, route, **kw)
+
+    eng.runner.forward = forward
+    prompts = [list(range(3, 3 + 40)), [5, 6, 7], [9] * 30]
+    off = outputs(eng, greedy_requests(prompts, 24, mode="off", ignore_eos=True, prefix="o"))
+    res = outputs(eng, greedy_requests(prompts, 24, mode="binary", ignore_eos=True, prefix="b"))
+    assert [r.token_ids for r in res] == [r.token_ids for r in off]
+    assert seen and max(seen) < 30  # never a whole 30- or 40-token prompt
+    assert sum(r.via_sd.draft_tokens for r in res) > 0
+    assert_pool_full(eng)
+
+
 def test_drafter_equal_to_target_is_always_accepted(tiny_model_dir):
     eng = make_engine(tiny_model_dir, spec={"mode": "binary", "drafter": "model", "draft_model": str(tiny_model_dir)})
     eng.spec.drafter.min_confidence = 0.0  # never stop drafting early

@@ -14,6 +14,10 @@ from server.engine.kv_cache import Chunk
 from via_sd_kernels.routes import Route
 
 
+# more tokens than this not yet seen by the slim route: no draft this step
+MAX_UNSEEN = 16
+
+
 def default_draft_route(slim: Route) -> Route:
     """Without a calibrated route: the slim route minus every other MLP of its middle layers."""
     n = slim.num_layers
@@ -43,6 +47,10 @@ class SelfRouteDrafter(Drafter):
         self.min_confidence = min_confidence
 
     def propose(self, seqs, max_tokens: list[int]) -> DraftBatch:
+        # a sequence whose prompt ends in this step (its last prefill chunk) takes a plain step:
+        # drafting would first run the draft route over the whole chunk (measured: +0.4 s to the
+        # first token of a 770-token prompt), while its first draft buys one token at most
+        max_tokens = [0 if s.num_tokens - s.slim_frontier > MAX_UNSEEN else k for s, k in zip(seqs, max_tokens)]
         first = [Chunk(s.table, s.slim_frontier, s.token_ids[s.slim_frontier:], 1) for s in seqs]
         runner = self.engine.runner
         drafts = draft_loop(lambda ch: runner.forward(ch, self.route).logits, first, max_tokens, self.min_confidence)
