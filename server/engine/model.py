@@ -465,8 +465,6 @@ class LlamaModel:
         cfg = self.cfg
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         eps = cfg.rms_norm_eps
-        cos, sin = self.rope(batch.positions)
-        cos, sin = cos[:, None, :], sin[:, None, :]  # [N, 1, hd]
         n_tok = x.shape[0]
         B, Q = batch.q_index.shape
         scale = 1.0 / math.sqrt(hd)
@@ -510,11 +508,11 @@ class LlamaModel:
                     att = qkv.new_empty(n_tok, nh * hd)
                     att[narrow] = cpu_kernels.paged_attention(qkv[narrow], rc, rs, pos_n, seq_n, slot_n,
                                                               batch.ctx_slots, kc, vc, nh, nkv, scale)
-                    q = self._rotate_store(qkv[wide_idx], cos[wide_idx], sin[wide_idx], batch.slot_mapping[wide_idx],
+                    q = self._rotate_store(qkv[wide_idx], batch.positions[wide_idx], batch.slot_mapping[wide_idx],
                                            kc, vc)
                     att[wide_idx] = self._attend_segments(q, kc, vc, batch, wide_segs, scale)
                 else:
-                    q = self._rotate_store(qkv, cos, sin, batch.slot_mapping, kc, vc)
+                    q = self._rotate_store(qkv, batch.positions, batch.slot_mapping, kc, vc)
                     if segments is not None:
                         att = self._attend_segments(q, kc, vc, batch, segments, scale)
                     else:
@@ -528,14 +526,19 @@ class LlamaModel:
             prefix = x
         return self._head(x, batch, prefix, want_hidden, argmax_only)
 
-    def _rotate_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
+    def _rotate_store(self, qkv: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                       kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
-        """Rotary on the queries and keys of qkv [n, (nh + 2 nkv) hd], the keys and values into the
-        cache at slot_mapping; returns the rotated queries [n, nh, hd]."""
+        """Rotary on the queries and keys of qkv [n, (nh + 2 nkv) hd] at `positions`, the keys and
+        values into the cache at slot_mapping; returns the rotated queries [n, nh, hd]."""
         cfg = self.cfg
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        half = hd // 2
         n = qkv.shape[0]
+        if qkv.device.type == "cpu" and qkv.dtype == torch.float32 and cpu_kernels.available():
+            rc, rs = self.rope_tables()  # one pass over the rows (torch: five, with temporaries)
+            return cpu_kernels.rotate_store(qkv, rc, rs, positions, slot_mapping, kc, vc, nh, nkv).view(n, nh, hd)
+        half = hd // 2
+        cos, sin = self.rope(positions)
+        cos, sin = cos[:, None, :], sin[:, None, :]  # [n, 1, hd]
         qk = qkv[:, : (nh + nkv) * hd].view(n, nh + nkv, hd)
         qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin  # rotary, q and k at once
         q, k = qk.split([nh, nkv], dim=1)
@@ -589,8 +592,13 @@ class LlamaModel:
     @staticmethod
     def _mlp(x: torch.Tensor, lw: LayerWeights, eps: float) -> torch.Tensor:
         h = F.rms_norm(x, (x.shape[-1],), lw.mlp_norm, eps)
-        g, u = F.linear(h, lw.w_gate_up).chunk(2, dim=-1)
-        return x + F.linear(F.silu(g) * u, lw.w_down)
+        gu = F.linear(h, lw.w_gate_up)
+        if gu.device.type == "cpu" and gu.dtype == torch.float32 and cpu_kernels.available():
+            act = cpu_kernels.silu_mul(gu)  # one pass over the rows (torch: two, with a temporary)
+        else:
+            g, u = gu.chunk(2, dim=-1)
+            act = F.silu(g) * u
+        return x + F.linear(act, lw.w_down)
 
     @staticmethod
     def _segments(batch: ForwardBatch, n_tok: int) -> list[tuple[int, int, int, int]]:

@@ -65,6 +65,38 @@ def test_rms_norm_and_silu_mul_match_torch():
     torch.testing.assert_close(cpu.silu_mul(gu), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
 
 
+def test_silu_mul_rows_do_not_depend_on_how_many_share_the_call():
+    """Rows run in parallel for prefill-sized inputs: each row's values are those it gets alone."""
+    g = torch.Generator().manual_seed(2)
+    gu = torch.randn(300, 2 * 1536, generator=g) * 4
+    whole = cpu.silu_mul(gu)
+    gate, up = gu.chunk(2, dim=-1)
+    torch.testing.assert_close(whole, F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    for m in (0, 17, 299):
+        assert torch.equal(cpu.silu_mul(gu[m:m + 1]), whole[m:m + 1])
+
+
+def test_rotate_store_matches_torch_rotary_and_writes_the_cache():
+    nh, nkv, hd, n, P = 6, 2, 16, 70, 200
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(n, (nh + 2 * nkv) * hd, generator=g)
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    emb = torch.cat([torch.outer(torch.arange(P, dtype=torch.float64), inv)] * 2, dim=-1)
+    cos, sin = emb.cos().float(), emb.sin().float()
+    pos = torch.randint(0, P, (n,), generator=g)
+    slots = torch.randperm(150, generator=g)[:n]
+    kc, vc = torch.zeros(150, nkv, hd), torch.zeros(150, nkv, hd)
+    q = cpu.rotate_store(qkv, cos, sin, pos, slots, kc, vc, nh, nkv)
+    qk = qkv[:, : (nh + nkv) * hd].view(n, nh + nkv, hd)
+    ref = _rope(qk, pos, cos, sin)
+    torch.testing.assert_close(q.view(n, nh, hd), ref[:, :nh], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kc[slots], ref[:, nh:], rtol=1e-5, atol=1e-5)
+    assert torch.equal(vc[slots], qkv[:, (nh + nkv) * hd :].view(n, nkv, hd))
+    untouched = torch.ones(150, dtype=torch.bool)
+    untouched[slots] = False
+    assert not kc[untouched].any() and not vc[untouched].any()
+
+
 def _rope(x, pos, cos, sin):
     half = x.shape[-1] // 2
     c, s = cos[pos][:, None], sin[pos][:, None]

@@ -95,6 +95,12 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     return torch.ops.via_sd_cpu.silu_mul(gu)
 
 
+def rotate_store(qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, nh: int, nkv: int) -> torch.Tensor:
+    """Rotary on qkv's queries and keys at `positions` (cos, sin: the [P, hd] tables), the keys and
+    values into the caches at `slot_mapping`; returns the rotated queries [N, nh * hd]."""
+    return torch.ops.via_sd_cpu.rotate_store(qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, nh, nkv)
+
+
 def greedy_linear(x: torch.Tensor, w16: torch.Tensor, w: torch.Tensor, err: torch.Tensor,
                   max_exact: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """x @ w.T read from the fp16 copy `w16`, exact (fp32, bitwise `skinny_linear`'s) at the rows

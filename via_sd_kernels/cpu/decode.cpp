@@ -430,21 +430,77 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
   auto out = torch::empty({M, I}, c.options());
   const float* p = c.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    const float* g = p + m * 2 * I;
-    const float* u = g + I;
-    float* om = o + m * I;
-    // 16 lanes with exp16 (e^-g capped at e^88, where g / (1 + e^-g) is zero to 36 digits)
-    const int64_t I16 = I & ~int64_t(15);
-    for (int64_t i = 0; i < I16; i += 16) {
-      const v16 gv = load16(g + i);
-      v16 x = v16{} - gv;
-      x = x > 88.f ? v16{} + 88.f : x;
-      const v16 r = gv / (1.f + exp16(x)) * load16(u + i);
-      __builtin_memcpy(om + i, &r, sizeof(r));
+  // rows in parallel (a prefill chunk's thousands); each row's values do not depend on the split
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* g = p + m * 2 * I;
+      const float* u = g + I;
+      float* om = o + m * I;
+      // 16 lanes with exp16 (e^-g capped at e^88, where g / (1 + e^-g) is zero to 36 digits)
+      const int64_t I16 = I & ~int64_t(15);
+      for (int64_t i = 0; i < I16; i += 16) {
+        const v16 gv = load16(g + i);
+        v16 x = v16{} - gv;
+        x = x > 88.f ? v16{} + 88.f : x;
+        const v16 r = gv / (1.f + exp16(x)) * load16(u + i);
+        __builtin_memcpy(om + i, &r, sizeof(r));
+      }
+      for (int64_t i = I16; i < I; ++i) om[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
     }
-    for (int64_t i = I16; i < I; ++i) om[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  });
+  return out;
+}
+
+// Rotary on one head's hd values: the layout of paged_attention and of the torch forward
+static inline void rotate_head(const float* x, const float* c, const float* s, float* out, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    out[i] = x[i] * c[i] - x[i + half] * s[i];
+    out[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
   }
+}
+
+// Rotary on the queries and keys of qkv [N, (nh + 2 nkv) hd], the rotated keys and the values
+// into the cache at slot_mapping; returns the rotated queries [N, nh hd]. The first half of
+// paged_attention, for passes whose attention runs elsewhere (prefill chunks).
+torch::Tensor rotate_store(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                           const torch::Tensor& positions, const torch::Tensor& slot_mapping, torch::Tensor k_cache,
+                           torch::Tensor v_cache, int64_t nh, int64_t nkv) {
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat, "rotate_store: fp32");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "rotate_store: contiguous caches");
+  auto q3 = qkv.contiguous();
+  auto cs = cos.contiguous();
+  auto sn = sin.contiguous();
+  auto pos = positions.contiguous();
+  auto slots = slot_mapping.contiguous();
+  const int64_t N = q3.size(0);
+  const int64_t hd = k_cache.size(2);
+  const int64_t half = hd / 2;
+  const int64_t width = (nh + 2 * nkv) * hd;
+  TORCH_CHECK(q3.size(1) == width, "rotate_store: qkv width");
+  const float* qp = q3.data_ptr<float>();
+  const float* cp = cs.data_ptr<float>();
+  const float* sp = sn.data_ptr<float>();
+  const int64_t* posp = pos.data_ptr<int64_t>();
+  const int64_t* slp = slots.data_ptr<int64_t>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t row = nkv * hd;
+  auto out = torch::empty({N, nh * hd}, q3.options());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* src = qp + t * width;
+      const float* c = cp + posp[t] * hd;
+      const float* s = sp + posp[t] * hd;
+      for (int64_t h = 0; h < nh; ++h) rotate_head(src + h * hd, c, s, op + (t * nh + h) * hd, half);
+      float* kd = kc + slp[t] * row;
+      float* vd = vc + slp[t] * row;
+      for (int64_t h = 0; h < nkv; ++h) {
+        rotate_head(src + (nh + h) * hd, c, s, kd + h * hd, half);
+        std::memcpy(vd + h * hd, src + (nh + nkv + h) * hd, hd * sizeof(float));
+      }
+    }
+  });
   return out;
 }
 
@@ -487,12 +543,7 @@ torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tensor& cos
   float* vc = v_cache.data_ptr<float>();
   const int64_t row = nkv * hd;  // floats per cache slot
 
-  auto rotate = [&](const float* x, const float* c, const float* s, float* out) {
-    for (int64_t i = 0; i < half; ++i) {
-      out[i] = x[i] * c[i] - x[i + half] * s[i];
-      out[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
-    }
-  };
+  auto rotate = [&](const float* x, const float* c, const float* s, float* out) { rotate_head(x, c, s, out, half); };
   // rotated queries, and K/V of the new tokens into the cache (before any token reads them)
   std::vector<float> q(N * nh * hd);
   for (int64_t t = 0; t < N; ++t) {
@@ -933,6 +984,8 @@ TORCH_LIBRARY(via_sd_cpu, m) {
   m.def("skinny_linear(Tensor x, Tensor w, Tensor? residual=None) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("silu_mul(Tensor gu) -> Tensor");
+  m.def("rotate_store(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor slot_mapping, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, int nh, int nkv) -> Tensor");
   m.def("greedy_linear(Tensor x, Tensor w16, Tensor w, Tensor err, int max_exact) -> (Tensor, Tensor)");
   m.def("paged_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor token_seq, "
         "Tensor slot_mapping, Tensor ctx_slots, Tensor(a!) k_cache, Tensor(b!) v_cache, int nh, int nkv, "
@@ -951,6 +1004,7 @@ TORCH_LIBRARY_IMPL(via_sd_cpu, CPU, m) {
   m.impl("skinny_linear", &skinny_linear);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
+  m.impl("rotate_store", &rotate_store);
   m.impl("greedy_linear", &greedy_linear);
   m.impl("paged_attention", &paged_attention);
   m.impl("attn_block", &attn_block);
