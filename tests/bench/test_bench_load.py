@@ -23,6 +23,18 @@ def test_request_body_carries_the_mode_extension():
     assert c["prompt"] == "hi" and "via_sd" not in c
 
 
+def test_vllm_serve_runs_like_our_engine():
+    """fp32, eager, no prefix caching (the load test sends the same prompts at every
+    concurrency, and our engine recomputes them)."""
+    from server.bench.load import vllm_serve_cmd
+
+    cmd = vllm_serve_cmd("/py", "/models/m", 8123, 64)
+    assert cmd[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
+    assert "--no-enable-prefix-caching" in cmd and "--enable-prefix-caching" not in cmd
+    assert cmd[cmd.index("--dtype") + 1] == "float32" and "--enforce-eager" in cmd
+    assert cmd[cmd.index("--max-num-seqs") + 1] == "64" and cmd[cmd.index("--port") + 1] == "8123"
+
+
 def test_summarize_and_table():
     res = [RequestResult(True, 10, 0.1, 1.0, via_sd={"steps": 3}), RequestResult(True, 6, 0.3, 2.0, via_sd={"steps": 2}),
            RequestResult(False, error="HTTP 429: busy")]
