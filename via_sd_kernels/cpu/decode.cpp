@@ -516,49 +516,24 @@ torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tensor& cos
                               const torch::Tensor& positions, const torch::Tensor& token_seq,
                               const torch::Tensor& slot_mapping, const torch::Tensor& ctx_slots,
                               torch::Tensor k_cache, torch::Tensor v_cache, int64_t nh, int64_t nkv, double scale) {
-  TORCH_CHECK(qkv.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat, "paged_attention: fp32");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_attention: contiguous caches");
-  auto q3 = qkv.contiguous();
-  auto cs = cos.contiguous();
-  auto sn = sin.contiguous();
+  // rotated queries, and K/V of the new tokens into the cache (before any token reads them)
+  const auto q = rotate_store(qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, nh, nkv);
   auto pos = positions.contiguous();
   auto seq = token_seq.contiguous();
-  auto slots = slot_mapping.contiguous();
   auto ctx = ctx_slots.contiguous();
-  const int64_t N = q3.size(0);
+  const int64_t N = q.size(0);
   const int64_t hd = k_cache.size(2);
-  const int64_t half = hd / 2;
-  const int64_t width = (nh + 2 * nkv) * hd;
-  TORCH_CHECK(q3.size(1) == width, "paged_attention: qkv width");
   const int64_t L = ctx.size(1);
   const int64_t G = nh / nkv;
-  const float* qp = q3.data_ptr<float>();
-  const float* cp = cs.data_ptr<float>();
-  const float* sp = sn.data_ptr<float>();
+  const float* qd = q.data_ptr<float>();
   const int64_t* posp = pos.data_ptr<int64_t>();
   const int64_t* seqp = seq.data_ptr<int64_t>();
-  const int64_t* slp = slots.data_ptr<int64_t>();
   const int64_t* ctxp = ctx.data_ptr<int64_t>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
+  const float* kc = k_cache.data_ptr<float>();
+  const float* vc = v_cache.data_ptr<float>();
   const int64_t row = nkv * hd;  // floats per cache slot
 
-  auto rotate = [&](const float* x, const float* c, const float* s, float* out) { rotate_head(x, c, s, out, half); };
-  // rotated queries, and K/V of the new tokens into the cache (before any token reads them)
-  std::vector<float> q(N * nh * hd);
-  for (int64_t t = 0; t < N; ++t) {
-    const float* src = qp + t * width;
-    const float* c = cp + posp[t] * hd;
-    const float* s = sp + posp[t] * hd;
-    for (int64_t h = 0; h < nh; ++h) rotate(src + h * hd, c, s, q.data() + (t * nh + h) * hd);
-    float* kd = kc + slp[t] * row;
-    float* vd = vc + slp[t] * row;
-    for (int64_t h = 0; h < nkv; ++h) {
-      rotate(src + (nh + h) * hd, c, s, kd + h * hd);
-      std::memcpy(vd + h * hd, src + (nh + nkv + h) * hd, hd * sizeof(float));
-    }
-  }
-  auto out = torch::empty({N, nh * hd}, q3.options());
+  auto out = torch::empty({N, nh * hd}, q.options());
   float* op = out.data_ptr<float>();
   const float sc = float(scale);
   // Work items: (run of consecutive tokens of one sequence, KV head, up to QC of the run's queries
@@ -593,7 +568,7 @@ torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tensor& cos
         tok[a] = item.t0 + qi / G;
         head[a] = item.g * G + qi % G;
         nctx[a] = posp[tok[a]] + 1;
-        qv[a] = q.data() + (tok[a] * nh + head[a]) * hd;
+        qv[a] = qd + (tok[a] * nh + head[a]) * hd;
       }
       // scores, 16 keys at a time: each K row once for all queries; a query's score sequence is
       // the same whatever else shares the item
