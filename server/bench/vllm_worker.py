@@ -35,17 +35,27 @@ def _counters(llm) -> dict:
     return out
 
 
+def llm_kwargs(job: dict) -> dict:
+    """`vllm.LLM`'s arguments for a row: fp32 and eager like our engine, and no prefix cache,
+    which our engine does not have (the warm-up runs the first prompt, and every chat prompt
+    starts with the same template)."""
+    row = job["row"]
+    kw = dict(model=job["model"], dtype="float32", enforce_eager=True, disable_log_stats=False, seed=job["seed"],
+              max_model_len=job["max_model_len"], kv_cache_memory_bytes=int(job.get("kv_cache_gb", 1.0) * 2**30),
+              enable_prefix_caching=False)
+    if row.get("speculative_config"):
+        kw["speculative_config"] = row["speculative_config"]
+    kw.update(row.get("vllm_kwargs") or {})
+    return kw
+
+
 def run(job: dict) -> dict:
     import torch
     from vllm import LLM, SamplingParams
 
     row = job["row"]
     torch.set_num_threads(job["threads"])
-    kw = dict(model=job["model"], dtype="float32", enforce_eager=True, disable_log_stats=False, seed=job["seed"],
-              max_model_len=job["max_model_len"], kv_cache_memory_bytes=int(job.get("kv_cache_gb", 1.0) * 2**30))
-    if row.get("speculative_config"):
-        kw["speculative_config"] = row["speculative_config"]
-    kw.update(row.get("vllm_kwargs") or {})
+    kw = llm_kwargs(job)
     t0 = time.perf_counter()
     llm = LLM(**kw)
     load_s = time.perf_counter() - t0

@@ -69,6 +69,18 @@ def test_vllm_three_tier_row_runs_the_plugin_worker_on_the_same_drafts_as_vllm_n
     assert kw["enable_prefix_caching"] is False
 
 
+def test_every_vllm_row_runs_without_a_prefix_cache():
+    """Our engine has none: with it vLLM would reuse the warm-up's prompt and every prompt's chat
+    template."""
+    from server.bench.vllm_worker import llm_kwargs
+
+    for row in build_rows([], [], ["vllm", "vllm_ngram", "vllm_three_tier"]):
+        job = {"row": row.to_dict(), "model": "/m", "seed": 0, "max_model_len": 2048}
+        kw = llm_kwargs(job)
+        assert kw["enable_prefix_caching"] is False and kw["dtype"] == "float32" and kw["enforce_eager"]
+        assert ("speculative_config" in kw) == (row.name != "vllm")
+
+
 def test_bad_lists_are_rejected():
     with pytest.raises(RowError, match="choose from"):
         parse_list("off,fast", ("off", "binary"), "--modes")
