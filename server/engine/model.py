@@ -478,8 +478,7 @@ class LlamaModel:
         # many decode-sized sequences on the CPU (more tokens than the small path takes): the CPU
         # attention kernel reads each sequence's own context in place, where the padded batch would
         # gather every sequence's K/V up to the longest context (64 sequences: GBs per step)
-        kernel_ok = (x.device.type == "cpu" and x.dtype == torch.float32 and batch.token_seq is not None
-                     and B > 1 and cpu_kernels.available())
+        kernel_ok = batch.token_seq is not None and B > 1 and cpu_kernels.takes(x)
         paged = kernel_ok and Q <= PAGED_MAX_QUERIES
         segments = None
         mixed = None  # (narrow tokens, their metadata, wide tokens, wide segments) of a mixed step
@@ -533,7 +532,7 @@ class LlamaModel:
         cfg = self.cfg
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         n = qkv.shape[0]
-        if qkv.device.type == "cpu" and qkv.dtype == torch.float32 and cpu_kernels.available():
+        if cpu_kernels.takes(qkv):
             rc, rs = self.rope_tables()  # one pass over the rows (torch: five, with temporaries)
             return cpu_kernels.rotate_store(qkv, rc, rs, positions, slot_mapping, kc, vc, nh, nkv).view(n, nh, hd)
         half = hd // 2
@@ -593,7 +592,7 @@ class LlamaModel:
     def _mlp(x: torch.Tensor, lw: LayerWeights, eps: float) -> torch.Tensor:
         h = F.rms_norm(x, (x.shape[-1],), lw.mlp_norm, eps)
         gu = F.linear(h, lw.w_gate_up)
-        if gu.device.type == "cpu" and gu.dtype == torch.float32 and cpu_kernels.available():
+        if cpu_kernels.takes(gu):
             act = cpu_kernels.silu_mul(gu)  # one pass over the rows (torch: two, with a temporary)
         else:
             g, u = gu.chunk(2, dim=-1)

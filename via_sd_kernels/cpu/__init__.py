@@ -77,9 +77,14 @@ def available() -> bool:
     return bool(_state["ok"])
 
 
+def takes(x: torch.Tensor) -> bool:
+    """Whether these kernels can take `x`: fp32 on the CPU, and the kernels built."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and available()
+
+
 def use_for(x: torch.Tensor) -> bool:
     """Whether a pass with hidden states `x` [N, H] runs on these kernels."""
-    return x.shape[0] <= SKINNY_MAX_TOKENS and x.dtype == torch.float32 and x.device.type == "cpu" and available()
+    return x.shape[0] <= SKINNY_MAX_TOKENS and takes(x)
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

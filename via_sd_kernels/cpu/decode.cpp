@@ -460,8 +460,8 @@ static inline void rotate_head(const float* x, const float* c, const float* s, f
 }
 
 // Rotary on the queries and keys of qkv [N, (nh + 2 nkv) hd], the rotated keys and the values
-// into the cache at slot_mapping; returns the rotated queries [N, nh hd]. The first half of
-// paged_attention, for passes whose attention runs elsewhere (prefill chunks).
+// into the cache at slot_mapping; returns the rotated queries [N, nh hd]. paged_attention's first
+// half, and on its own for passes whose attention runs elsewhere (prefill chunks).
 torch::Tensor rotate_store(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                            const torch::Tensor& positions, const torch::Tensor& slot_mapping, torch::Tensor k_cache,
                            torch::Tensor v_cache, int64_t nh, int64_t nkv) {
