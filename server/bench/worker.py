@@ -44,8 +44,11 @@ def run_engine(job: dict) -> dict:
         spec_kw["drafter"] = row["drafter"]
     spec_kw.update(row.get("params") or {})
     t0 = time.perf_counter()
+    # no prefix cache, as for the vLLM rows: the warm-up ran the first prompt, every chat prompt
+    # shares its template, and a repeated prompt would be read from the cache, not computed
     engine = LLMEngine(EngineConfig(model=job["model"], dtype=job.get("dtype", "float32"),
-                                    num_threads=job["threads"], spec=SpecConfig(**spec_kw)))
+                                    num_threads=job["threads"], spec=SpecConfig(**spec_kw),
+                                    enable_prefix_caching=False))
     load_s = time.perf_counter() - t0
 
     def request(i: int, ids: list[int], max_tokens: int) -> GenerationRequest:

@@ -97,6 +97,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     via_sd: SpecUsage = field(default_factory=SpecUsage)
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
@@ -124,6 +125,8 @@ class EngineStats:
     controller_slim_off: int = 0  # speculative steps where the controller bypassed it
     preemptions: int = 0
     num_steps: int = 0
+    prefix_cache_queries: int = 0  # tokens of admitted sequences looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which found there
 
 
 class AsyncEngineClient(abc.ABC):
@@ -173,3 +176,4 @@ class CompletionResult:
     logprobs: list[TokenLogprob] | None = None
     first_token_time: float | None = None  # seconds after the request was added
     finish_time: float | None = None
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache

@@ -176,6 +176,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_waiting: int = 256  # queue bound; the gateway answers 429 beyond it
     prefill_chunk: int = 512
+    # reuse the K/V of full blocks of earlier requests' tokens (a shared system prompt, the turns
+    # before in a chat); vLLM's automatic prefix caching, on by default there too
+    enable_prefix_caching: bool = True
     num_threads: int | None = None
     tensor_parallel_size: int = 1  # vLLM backend only
     pipeline_parallel_size: int = 1  # vLLM backend only

@@ -60,6 +60,7 @@ class LLMEngine:
             prefill_chunk=config.prefill_chunk,
             max_lookahead=self.max_lookahead,
             spec_max_batch=config.spec.spec_max_batch,
+            prefix_caching=config.enable_prefix_caching,
         )
         self.seqs: dict[str, Sequence] = {}
         self.stats_ = EngineStats()
@@ -96,6 +97,19 @@ class LLMEngine:
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
                 f"{n_prompt} tokens and max_tokens is {sampling.max_tokens}; shorten the prompt or lower max_tokens",
                 "max_tokens" if n_prompt < self.max_model_len else "messages",
+                "context_length_exceeded",
+            )
+        # a sequence that cannot fit in the whole KV cache alone would be preempted for ever
+        lookahead = self.max_lookahead if self.config.spec.resolve(spec_req).mode != "off" else 0
+        bs = self.cache.block_size
+        capacity = self.cache.pool.num_usable * bs
+        need = -(-(n_prompt + sampling.max_tokens + lookahead) // bs) * bs
+        if need > capacity:
+            raise RequestRejected(
+                f"this server's KV cache holds {capacity} tokens; the prompt has {n_prompt} tokens and max_tokens "
+                f"is {sampling.max_tokens}" + (f" (plus {lookahead} draft slots)" if lookahead else "")
+                + "; shorten the prompt or lower max_tokens",
+                "max_tokens" if n_prompt + lookahead < capacity else "messages",
                 "context_length_exceeded",
             )
         return replace(request, sampling=sampling, spec=spec_req)
@@ -151,7 +165,14 @@ class LLMEngine:
         s.requests_waiting = len(self.scheduler.waiting)
         s.kv_cache_usage = self.cache.pool.usage
         s.preemptions = self.scheduler.num_preemptions
+        s.prefix_cache_queries = self.scheduler.prefix_queries
+        s.prefix_cache_hits = self.scheduler.prefix_hits
         return s
+
+    def reset_prefix_cache(self) -> int:
+        """Forget the prefix cache (blocks in use stay with their sequences); returns how many
+        blocks were cached."""
+        return self.cache.pool.reset_prefix_cache()
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
@@ -212,6 +233,8 @@ class LLMEngine:
             logits = out.logits[len(plain):] if out is not None else None
             hidden = out.hidden[len(plain):] if out is not None and out.hidden.numel() else None
             committed.update(spec_job.finish(logits, hidden))
+        for s in scheduled:  # blocks whose K/V the full model has finished join the prefix cache
+            self.scheduler.cache_computed(s.seq)
         outputs = []
         for seq, (toks, lps) in committed.items():
             self._commit(seq, toks, lps)
@@ -308,6 +331,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             prompt_tokens=seq.num_prompt,
             completion_tokens=seq.num_output,
+            cached_tokens=seq.num_cached_tokens,
             via_sd=SpecUsage(**seq.usage.to_dict()),
             logprobs=list(lps) if lps is not None else None,
             error=seq.error,
@@ -338,5 +362,6 @@ class LLMEngine:
                 if o.finished:
                     c.finish_reason = o.finish_reason or ""
                     c.via_sd = o.via_sd
+                    c.cached_tokens = o.cached_tokens
                     c.finish_time = time.monotonic() - t0
         return [acc[r.request_id] for r in requests]

@@ -5,6 +5,11 @@ allow (`max_num_seqs`, `max_num_batched_tokens`, free blocks), long prompts are 
 chunks, and when the block pool runs dry the newest running sequence is preempted (its blocks
 freed, its tokens kept for recompute) and put at the front of the queue. A request can be aborted
 at any time; every block it held goes back to the pool.
+
+With the prefix cache on, a sequence joining the batch first takes the cached blocks its tokens
+start with (never the block of its last token, whose logits it needs), and after every step the
+blocks its full passes have finished are registered (`cache_computed`); a preempted sequence finds
+its own blocks again if they were not evicted meanwhile.
 """
 
 from __future__ import annotations
@@ -26,8 +31,12 @@ class ScheduledSeq:
 
 class Scheduler:
     def __init__(self, pool: BlockPool, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefill_chunk: int, max_lookahead: int, spec_max_batch: int = 10**9):
+                 prefill_chunk: int, max_lookahead: int, spec_max_batch: int = 10**9,
+                 prefix_caching: bool = False):
         self.pool = pool
+        self.prefix_caching = prefix_caching
+        self.prefix_queries = 0  # tokens of admitted sequences looked up in the prefix cache
+        self.prefix_hits = 0  # of which found there
         self.spec_max_batch = spec_max_batch
         self._spec_slots = 0  # draft slots left to hand out in the step being scheduled
         self.max_num_seqs = max_num_seqs
@@ -73,6 +82,40 @@ class Scheduler:
         except OutOfBlocks:
             return False
 
+    def _match(self, seq: Sequence) -> int:
+        """Take the cached blocks `seq`'s tokens start with; its frontiers move past them. Returns
+        the number of tokens found."""
+        if not self.prefix_caching or seq.table.blocks or seq.full_frontier:
+            return 0
+        bs, toks, parent = seq.table.block_size, seq.token_ids, self.pool.ROOT
+        for i in range((len(toks) - 1) // bs):
+            hit = self.pool.lookup(parent, tuple(toks[i * bs:(i + 1) * bs]))
+            if hit is None:
+                break
+            block, parent = hit
+            self.pool.take(block)
+            seq.table.blocks.append(block)
+            seq.block_serials.append(parent)
+        seq.full_frontier = seq.slim_frontier = len(seq.table.blocks) * bs
+        return seq.full_frontier
+
+    def _unadmit(self, seq: Sequence) -> None:
+        """A waiting sequence that did not fit: its blocks (cached prefix, partial reservation) go back."""
+        seq.table.release(self.pool)
+        seq.full_frontier = seq.slim_frontier = 0
+        seq.block_serials = []
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Register `seq`'s blocks that are now full and below its full frontier (K/V final)."""
+        if not self.prefix_caching or seq.finished:
+            return
+        bs, serials = seq.table.block_size, seq.block_serials
+        end = min(seq.full_frontier, seq.num_tokens)
+        while (len(serials) + 1) * bs <= end:
+            i = len(serials)
+            serials.append(self.pool.register(seq.table.blocks[i], serials[-1] if serials else self.pool.ROOT,
+                                              tuple(seq.token_ids[i * bs:(i + 1) * bs])))
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         seq.table.release(self.pool)
@@ -111,11 +154,16 @@ class Scheduler:
             self._preempt(seq)
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
+            hit = self._match(seq)
             plan = self._plan(seq, budget)
             if plan is None or not self._reserve(plan):
-                if plan is not None:
-                    seq.table.release(self.pool)  # partial reservation, if any
+                self._unadmit(seq)
                 break
+            if self.prefix_caching:
+                self.prefix_queries += seq.num_tokens
+                self.prefix_hits += hit
+                if not seq.num_preemptions:
+                    seq.num_cached_tokens = hit
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)

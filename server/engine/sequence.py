@@ -11,6 +11,10 @@ the next token. Two frontiers say what the cache holds:
 
 `len(token_ids) - 1 - full_frontier` is the *slim backlog*: committed tokens the full model has
 not seen, bounded by `max_slim_backlog`.
+
+Prefix cache. `block_serials[i]` is the prefix-cache serial of the sequence's block i once that
+block is full and below `full_frontier` (its K/V final, see `block_pool`); a sequence admitted
+with a cached prefix starts with those blocks, its frontiers after them.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class Sequence:
     controller: object | None = None  # per-request slim-tier controller state
     drafter_state: object | None = None
     draft_accept: object | None = None  # draft_length.AcceptanceEstimate of its lookup drafts
+    block_serials: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
 
     @property
     def request_id(self) -> str:
@@ -89,4 +95,5 @@ class Sequence:
         prefilled again."""
         self.full_frontier = 0
         self.slim_frontier = 0
+        self.block_serials = []
         self.num_preemptions += 1

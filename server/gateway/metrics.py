@@ -11,6 +11,8 @@ Counters (the exposition appends `_total`):
     via_sd_generation_tokens_total, via_sd_prompt_tokens_total
     via_sd_controller_slim_steps_total{state="on|off"}  speculative steps with / without the slim tier
     via_sd_preemptions_total
+    via_sd_prefix_cache_queries_total, via_sd_prefix_cache_hits_total  prompt tokens looked up / found
+    vllm:prefix_cache_queries_total, vllm:prefix_cache_hits_total       (vLLM's names, same values)
     vllm:spec_decode_num_drafts_total, vllm:spec_decode_num_draft_tokens_total,
     vllm:spec_decode_num_accepted_tokens_total          vLLM's names, same values as ours
 Gauges: via_sd_requests_running, via_sd_requests_waiting, via_sd_kv_cache_usage_ratio (0..1).
@@ -78,6 +80,12 @@ class EngineStatsCollector(Collector):
             label="state", values=[("on", s.controller_slim_on), ("off", s.controller_slim_off)],
         )
         yield counter("via_sd_preemptions", "Sequences preempted for lack of KV blocks.", s.preemptions)
+        yield counter("via_sd_prefix_cache_queries", "Tokens of admitted requests looked up in the prefix cache.",
+                      s.prefix_cache_queries)
+        yield counter("via_sd_prefix_cache_hits", "Tokens found in the prefix cache (K/V not computed again).",
+                      s.prefix_cache_hits)
+        yield counter("vllm:prefix_cache_queries", "Prefix cache queries, in tokens.", s.prefix_cache_queries)
+        yield counter("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", s.prefix_cache_hits)
         yield counter("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.", s.num_drafts)
         yield counter("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.", s.draft_tokens)
         yield counter("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.", s.accepted_tokens)

@@ -121,10 +121,15 @@ class ViaSDUsage(OpenAIModel):
     steps: int = 0
 
 
+class PromptTokensDetails(OpenAIModel):
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+
+
 class Usage(OpenAIModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
     via_sd: ViaSDUsage = Field(default_factory=ViaSDUsage)
 
 

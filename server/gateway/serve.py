@@ -1,7 +1,7 @@
 """`via-sd serve`: resolve the model, build the engine, run the gateway under uvicorn.
 
 Flags win over environment variables (`VIA_SD_API_KEY`, `VIA_SD_HOST`, `VIA_SD_PORT`,
-`VIA_SD_MODEL`, `VIA_SD_SPEC_MODE`, `VIA_SD_DRAFTER`, `VIA_SD_METRICS_PUBLIC`), which win over the
+`VIA_SD_MODEL`, `VIA_SD_SPEC_MODE`, `VIA_SD_DRAFTER`, `VIA_SD_METRICS_PUBLIC`, `VIA_SD_PREFIX_CACHING`), which win over the
 defaults. With an API key, /metrics needs it too unless `--metrics-public`. The engine
 starts in the app's lifespan, so /health answers 503 until it is ready. On SIGTERM or SIGINT the
 server stops accepting work (503 for new /v1 requests and /health), lets in-flight requests
@@ -46,6 +46,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-waiting", type=int, default=None, help="waiting queue bound; 429 beyond it")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=None)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                        help="reuse the KV cache of prompt prefixes across requests (default on, as in vLLM; "
+                        "env VIA_SD_PREFIX_CACHING=0 turns it off)")
     parser.add_argument("--tensor-parallel-size", type=int, default=None,
                         help="vLLM backend: GPUs per model replica (env VIA_SD_TENSOR_PARALLEL_SIZE; default 1)")
     parser.add_argument("--pipeline-parallel-size", type=int, default=None,
@@ -78,6 +81,8 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     out.drafter = _env(args.drafter, "VIA_SD_DRAFTER", "ngram" if getattr(args, "backend", "embedded") == "vllm" else "hybrid")
     out.api_key = _env(args.api_key, "VIA_SD_API_KEY", None)
     out.device = _env(getattr(args, "device", None), "VIA_SD_DEVICE", "cpu")
+    out.enable_prefix_caching = _env(getattr(args, "enable_prefix_caching", None), "VIA_SD_PREFIX_CACHING", True,
+                                     lambda v: v.lower() not in ("0", "false", "no", "off"))
     out.metrics_public = bool(getattr(args, "metrics_public", False)) or os.environ.get(
         "VIA_SD_METRICS_PUBLIC", "").lower() in ("1", "true", "yes")
     out.tensor_parallel_size = _env(getattr(args, "tensor_parallel_size", None), "VIA_SD_TENSOR_PARALLEL_SIZE", 1, int)
@@ -102,6 +107,7 @@ def engine_config(s: argparse.Namespace, model_folder: Path) -> EngineConfig:
         max_waiting=s.max_waiting if s.max_waiting is not None else base.max_waiting,
         kv_cache_memory_gb=s.kv_cache_memory_gb if s.kv_cache_memory_gb is not None else base.kv_cache_memory_gb,
         max_model_len=s.max_model_len if s.max_model_len is not None else base.max_model_len,
+        enable_prefix_caching=getattr(s, "enable_prefix_caching", base.enable_prefix_caching),
         tensor_parallel_size=s.tensor_parallel_size,
         pipeline_parallel_size=s.pipeline_parallel_size,
         spec=replace(SpecConfig(), mode=s.spec_mode, drafter=s.drafter),

@@ -28,6 +28,7 @@ from server.gateway.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    PromptTokensDetails,
     TopLogprob,
     Usage,
     ViaSDUsage,
@@ -59,6 +60,7 @@ class ChoiceState:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     via_sd: SpecUsage = field(default_factory=SpecUsage)
     finish_reason: str | None = None
     text_offset: int = 0  # completions' logprobs.text_offset runs across chunks
@@ -69,6 +71,7 @@ class ChoiceState:
             self.logprobs.extend(out.logprobs)
         self.completion_tokens = out.completion_tokens or self.completion_tokens
         self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
+        self.cached_tokens = out.cached_tokens or self.cached_tokens
         self.via_sd = out.via_sd
         if out.finished:
             self.finish_reason = out.finish_reason
@@ -89,6 +92,7 @@ def usage_of(states: list[ChoiceState], prompt_len: int) -> Usage:
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=max((s.cached_tokens for s in states), default=0)),
         via_sd=ViaSDUsage(**via.to_dict()),
     )
 

@@ -94,6 +94,7 @@ def engine_kwargs(config: EngineConfig, folder: Path, max_model_len: int, schedu
         disable_log_stats=False,
         tensor_parallel_size=config.tensor_parallel_size,
         pipeline_parallel_size=config.pipeline_parallel_size,
+        enable_prefix_caching=config.enable_prefix_caching,
     )
     if s.mode != "off":
         from vllm.platforms import current_platform
@@ -153,6 +154,10 @@ class _StatLogger:
                     st.requests_running = scheduler_stats.num_running_reqs
                     st.requests_waiting = scheduler_stats.num_waiting_reqs
                     st.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+                    pc = getattr(scheduler_stats, "prefix_cache_stats", None)
+                    if pc is not None:
+                        st.prefix_cache_queries += int(pc.queries)
+                        st.prefix_cache_hits += int(pc.hits)
                     sd = scheduler_stats.spec_decoding_stats
                     if sd is not None:
                         st.num_drafts += sd.num_drafts
@@ -281,6 +286,7 @@ class VLLMAsyncEngine(AsyncEngineClient):
                     finish_reason=_finish_reason(c.finish_reason) if finished else None,
                     prompt_tokens=len(prompt),
                     completion_tokens=completion,
+                    cached_tokens=int(getattr(out, "num_cached_tokens", None) or 0),
                     via_sd=usage,
                     logprobs=_logprobs(ids, c.logprobs) if sp.logprobs is not None else None,
                 )
@@ -355,6 +361,8 @@ class VLLMAsyncEngine(AsyncEngineClient):
             controller_slim_off=w.get("controller_slim_off", 0),
             preemptions=v.preemptions,
             num_steps=v.num_steps,
+            prefix_cache_queries=v.prefix_cache_queries,
+            prefix_cache_hits=v.prefix_cache_hits,
         )
 
 

@@ -24,15 +24,21 @@ def test_request_body_carries_the_mode_extension():
 
 
 def test_vllm_serve_runs_like_our_engine():
-    """fp32, eager, no prefix caching (the load test sends the same prompts at every
-    concurrency, and our engine recomputes them)."""
-    from server.bench.load import vllm_serve_cmd
+    """fp32, eager, and both servers' prefix cache off by default (the load test sends the same
+    prompts at every concurrency) or both on with `--prefix-caching on`."""
+    from server.bench.load import build_parser, via_sd_serve_cmd, vllm_serve_cmd
 
     cmd = vllm_serve_cmd("/py", "/models/m", 8123, 64)
     assert cmd[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
     assert "--no-enable-prefix-caching" in cmd and "--enable-prefix-caching" not in cmd
     assert cmd[cmd.index("--dtype") + 1] == "float32" and "--enforce-eager" in cmd
     assert cmd[cmd.index("--max-num-seqs") + 1] == "64" and cmd[cmd.index("--port") + 1] == "8123"
+    ours = via_sd_serve_cmd("/models/m", 8124, 64, "hybrid")
+    assert "--no-enable-prefix-caching" in ours and ours[ours.index("--drafter") + 1] == "hybrid"
+    assert build_parser().parse_args([]).prefix_caching == "off"
+    on = vllm_serve_cmd("/py", "/models/m", 8123, 64, prefix_caching=True)
+    assert "--enable-prefix-caching" in on and "--no-enable-prefix-caching" not in on
+    assert "--enable-prefix-caching" in via_sd_serve_cmd("/models/m", 8124, 64, None, prefix_caching=True)
 
 
 def test_summarize_and_table():

@@ -13,6 +13,9 @@ def make_engine(model_dir, **kw) -> LLMEngine:
     # speculate at every batch size: these tests check batched speculative steps, which the
     # engine's default (`spec_max_batch`) reserves for a single decoding sequence
     spec_kw = {"spec_max_batch": 10**6, **kw.pop("spec", {})}
+    # without the prefix cache unless a test asks for it: a test that runs the same prompts twice
+    # (alone, then batched) checks that both paths compute them, not that the second finds them
+    kw.setdefault("enable_prefix_caching", False)
     return LLMEngine(EngineConfig(model=str(model_dir), spec=SpecConfig(**spec_kw), **kw))
 
 

@@ -135,6 +135,30 @@ def test_metrics_add_up_on_real_engine(real_server):
     assert after[("via_sd_kv_cache_usage_ratio", ())] == 0
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens(real_server):
+    """The prefix cache through the API: OpenAI's `usage.prompt_tokens_details.cached_tokens`
+    and the hit counters (ours and vLLM's names) agree, and the text is the same."""
+    url, engine = real_server
+    wait_idle(engine)
+    before = scrape(url)
+    c = client(url)
+    msgs = [{"role": "user", "content": "a long question that is asked twice, word for word: " + "why? " * 12}]
+    first = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0,
+                                      extra_body={"via_sd": {"mode": "off"}})
+    second = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0,
+                                       extra_body={"via_sd": {"mode": "off"}})
+    wait_idle(engine)
+    after = scrape(url)
+    n = first.usage.prompt_tokens
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert cached == (n - 1) // 16 * 16 > 0 and second.choices[0].message.content == first.choices[0].message.content
+    hits = after[("via_sd_prefix_cache_hits_total", ())] - before.get(("via_sd_prefix_cache_hits_total", ()), 0.0)
+    assert hits == cached == after[("vllm:prefix_cache_hits_total", ())] - before.get(("vllm:prefix_cache_hits_total", ()), 0.0)
+    queries = after[("via_sd_prefix_cache_queries_total", ())] - before.get(("via_sd_prefix_cache_queries_total", ()), 0.0)
+    assert queries == 2 * n
+
+
 def test_cancelled_stream_returns_every_block_on_real_engine(real_server):
     url, engine = real_server
     before = wait_idle(engine).generation_tokens

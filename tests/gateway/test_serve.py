@@ -54,7 +54,15 @@ def test_engine_config_from_flags(tmp_path):
     assert cfg.model == str(tmp_path) and cfg.dtype == "bfloat16"
     assert (cfg.max_num_seqs, cfg.max_waiting, cfg.kv_cache_memory_gb) == (3, 5, 0.25)
     assert (cfg.spec.mode, cfg.spec.drafter, cfg.spec.num_draft_tokens) == ("binary", "self", 5)
-    assert cfg.device == "cpu"
+    assert cfg.device == "cpu" and cfg.enable_prefix_caching
+
+
+def test_prefix_caching_flag_and_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("VIA_SD_PREFIX_CACHING", raising=False)
+    cfg = lambda argv: serve.engine_config(serve.resolve_settings(parse(argv)), tmp_path)  # noqa: E731
+    assert cfg([]).enable_prefix_caching and not cfg(["--no-enable-prefix-caching"]).enable_prefix_caching
+    monkeypatch.setenv("VIA_SD_PREFIX_CACHING", "0")
+    assert not cfg([]).enable_prefix_caching and cfg(["--enable-prefix-caching"]).enable_prefix_caching
 
 
 def test_device_from_flag_and_environment(tmp_path, monkeypatch):
