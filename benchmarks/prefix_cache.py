@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
+from server.bench.cli import machine_info
 from server.engine.api import GenerationRequest
 from server.engine.config import EngineConfig, SamplingParams, SpecConfig, SpecParams
 from server.engine.engine import LLMEngine
@@ -81,7 +81,7 @@ def main() -> int:
             if i:  # the first conversation warms each engine up
                 runs[name].append(rec)
         print(f"[{i}/{len(convs) - 1}] turn 2: {runs['cache'][-1]['prompt'][1] if i else '-'} prompt tokens", flush=True)
-    report = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
+    report = {"machine": machine_info(args.threads),
               "model": folder.name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "command": "python benchmarks/prefix_cache.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "prompts"),

@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds for /health to turn 200")
     p.add_argument("--vllm-python", default=None)
     p.add_argument("--prefix-caching", choices=("on", "off"), default="off",
-                   help="both servers' prefix cache (default off: the same prompts are sent at every concurrency)")
+                   help="both servers' prefix cache (default off: the same prompts are sent at every concurrency); "
+                        "`on` sends every prompt once before measuring, so that every point reads them cached")
     p.add_argument("--out", default="benchmarks/results/load.json")
     return p
 
@@ -338,6 +339,12 @@ def main(argv: list[str]) -> int:
         # the modes take turns at each concurrency, so that the two figures compared there are
         # measured minutes apart, not half a run (this machine's speed drifts by 10-20% in that)
         model = served_model(server, str(folder))
+        if args.prefix_caching == "on":
+            # every prompt once first (one token each), so that every mode and concurrency finds
+            # them all cached, not only the ones measured after the first
+            print(f"[load] {server.name}: sending the prompts once to fill the prefix cache ...", file=sys.stderr, flush=True)
+            asyncio.run(run_batch(server.base_url, args.endpoint, model, prompts, min(args.requests, len(prompts)), 4,
+                                  1, names_modes[0][1], args.request_timeout))
         for c in concs:
             for name, mode in names_modes:
                 print(f"[load] {name} concurrency {c}: {args.requests} requests ...", file=sys.stderr, flush=True)
