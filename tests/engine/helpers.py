@@ -45,3 +45,10 @@ def assert_pool_full(engine: LLMEngine) -> None:
     pool = engine.cache.pool
     assert pool.num_free == pool.num_usable, f"{pool.num_usable - pool.num_free} blocks leaked"
     assert not engine.has_unfinished()
+
+
+def generate_checked(engine: LLMEngine, reqs):
+    """`engine.generate(reqs)`, then every KV block must be back in the pool."""
+    res = engine.generate(reqs)
+    assert_pool_full(engine)
+    return res

@@ -9,7 +9,7 @@ import torch
 
 from server.engine.api import GenerationRequest, RequestRejected
 from server.engine.config import SamplingParams, SpecParams
-from tests.engine.helpers import assert_pool_full, greedy_requests, hf_greedy, make_engine
+from tests.engine.helpers import assert_pool_full, generate_checked, greedy_requests, hf_greedy, make_engine
 
 PROMPTS = [[random.Random(i).randrange(256) for _ in range(5 + 7 * i)] for i in range(8)]
 
@@ -20,9 +20,7 @@ def reference(tiny_model_dir):
 
 
 def run(engine, reqs):
-    res = engine.generate(reqs)
-    assert_pool_full(engine)
-    return [r.token_ids for r in res]
+    return [r.token_ids for r in generate_checked(engine, reqs)]
 
 
 def test_greedy_equals_transformers_alone_and_batched(tiny_model_dir, reference):

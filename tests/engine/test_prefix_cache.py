@@ -10,7 +10,7 @@ import torch
 from server.engine.api import GenerationRequest
 from server.engine.block_pool import BlockPool
 from server.engine.config import SamplingParams, SpecParams
-from tests.engine.helpers import assert_pool_full, greedy_requests, hf_greedy, make_engine
+from tests.engine.helpers import assert_pool_full, generate_checked as run, greedy_requests, hf_greedy, make_engine
 
 BS = 4
 _rng = random.Random(99)
@@ -80,12 +80,6 @@ def test_an_evicted_block_written_again_is_not_the_parent_of_its_old_children():
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     return hf_greedy(tiny_model_dir, PROMPTS, 24)
-
-
-def run(engine, reqs):
-    res = engine.generate(reqs)
-    assert_pool_full(engine)
-    return res
 
 
 def test_a_repeated_prompt_is_read_from_the_cache_and_decodes_the_same(tiny_model_dir, reference):

@@ -10,16 +10,12 @@ import torch
 from server.engine.api import GenerationRequest
 from server.engine.config import SamplingParams, SpecParams
 from server.engine.kv_cache import Chunk
-from tests.engine.helpers import assert_pool_full, greedy_requests, make_engine
+from tests.engine.helpers import assert_pool_full, generate_checked as outputs, greedy_requests, make_engine
 
 # repetitive prompts so that prompt lookup finds matches
 PROMPTS = [([random.Random(i).randrange(40, 120) for _ in range(6)] * (2 + i % 3))[: 10 + 4 * i] for i in range(6)]
 
 
-def outputs(engine, reqs):
-    res = engine.generate(reqs)
-    assert_pool_full(engine)
-    return res
 
 
 @pytest.mark.parametrize("drafter", ["ngram", "self", "model"])
