@@ -11,6 +11,13 @@ each with `via_sd: {"mode": MODE}`; measures total tokens/s (completion tokens o
 of the whole batch) and TTFT p50/p99 (send to first content delta). With `--peers vllm` and the
 vLLM environment present it does the same against `vllm serve` (no `via_sd` field). Every server
 is stopped at the end (SIGTERM, then SIGKILL after a grace period). Every wait is bounded.
+
+`--turns 2` (chat): each of the `--requests` is a conversation, as a chat client holds one: its
+first turn, then its second sent with the first and the answer to it (Spec-Bench's MT-Bench
+questions have two turns; a question with one is followed by `FOLLOW_UP`). Both turns count in
+tokens/s and TTFT; the second turn's TTFT is also reported alone (`extra.turn2_ttft_*`), which is
+what a prefix cache changes (`--prefix-caching on`: no prompt is sent ahead, the first turn
+fills the cache as it would).
 """
 
 from __future__ import annotations
@@ -131,13 +138,20 @@ class RequestResult:
     latency: float = 0.0
     error: str | None = None
     via_sd: dict | None = None  # usage.via_sd of the final chunk, when the server sends it
+    text: str = ""
+    turn: int = 1
+    cached: int = 0  # usage.prompt_tokens_details.cached_tokens, when the server reports it
 
 
-def request_body(endpoint: str, model: str, prompt: str, max_tokens: int, mode: str | None) -> dict:
+FOLLOW_UP = "Thank you. Now give the short version of your answer, in two sentences."
+
+
+def request_body(endpoint: str, model: str, prompt: str | list[dict], max_tokens: int, mode: str | None) -> dict:
+    """`prompt`: the text of one user turn, or (chat) the conversation's messages."""
     body: dict = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
                   "stream_options": {"include_usage": True}}
     if endpoint == "chat":
-        body["messages"] = [{"role": "user", "content": prompt}]
+        body["messages"] = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
     if mode is not None:
@@ -151,9 +165,11 @@ async def one_request(client, url: str, body: dict, timeout_s: float) -> Request
     tokens = 0
     deltas = 0
     via_sd = None
+    cached = 0
+    pieces: list[str] = []
 
     async def run() -> None:
-        nonlocal ttft, tokens, deltas, via_sd
+        nonlocal ttft, tokens, deltas, via_sd, cached
         async with client.stream("POST", url, json=body) as resp:
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")[:200]
@@ -168,9 +184,11 @@ async def one_request(client, url: str, body: dict, timeout_s: float) -> Request
                 if chunk.get("usage"):
                     tokens = int(chunk["usage"].get("completion_tokens") or 0)
                     via_sd = chunk["usage"].get("via_sd") or via_sd
+                    cached = int((chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
                 for ch in chunk.get("choices") or []:
                     piece = (ch.get("delta") or {}).get("content") if "delta" in ch else ch.get("text")
                     if piece:
+                        pieces.append(piece)
                         deltas += 1
                         if ttft is None:
                             ttft = time.perf_counter() - t0
@@ -179,11 +197,14 @@ async def one_request(client, url: str, body: dict, timeout_s: float) -> Request
         await asyncio.wait_for(run(), timeout_s)
     except Exception as e:  # a failed request is counted, not fatal
         return RequestResult(False, ttft=ttft, latency=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}"[:200])
-    return RequestResult(True, tokens or deltas, ttft, time.perf_counter() - t0, via_sd=via_sd)
+    return RequestResult(True, tokens or deltas, ttft, time.perf_counter() - t0, via_sd=via_sd, text="".join(pieces),
+                         cached=cached)
 
 
-async def run_batch(base_url: str, endpoint: str, model: str, prompts: list[str], n: int, concurrency: int,
+async def run_batch(base_url: str, endpoint: str, model: str, prompts: list, n: int, concurrency: int,
                     max_tokens: int, mode: str | None, timeout_s: float) -> tuple[list[RequestResult], float]:
+    """`n` requests, at most `concurrency` in flight. A prompt that is a list of turns is a
+    conversation: its turns go one after another, each with the conversation so far."""
     import httpx
 
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
@@ -191,14 +212,27 @@ async def run_batch(base_url: str, endpoint: str, model: str, prompts: list[str]
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
-        async def bounded(i: int) -> RequestResult:
+        async def bounded(i: int) -> list[RequestResult]:
             async with sem:
-                body = request_body(endpoint, model, prompts[i % len(prompts)], max_tokens, mode)
-                return await one_request(client, base_url + path, body, timeout_s)
+                prompt = prompts[i % len(prompts)]
+                if isinstance(prompt, str):
+                    body = request_body(endpoint, model, prompt, max_tokens, mode)
+                    return [await one_request(client, base_url + path, body, timeout_s)]
+                msgs, out = [], []
+                for k, turn in enumerate(prompt, 1):
+                    msgs.append({"role": "user", "content": turn})
+                    r = await one_request(client, base_url + path, request_body(endpoint, model, list(msgs), max_tokens, mode),
+                                          timeout_s)
+                    r.turn = k
+                    out.append(r)
+                    if not r.ok:
+                        break
+                    msgs.append({"role": "assistant", "content": r.text})
+                return out
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(bounded(i) for i in range(n)))
-        return list(results), time.perf_counter() - t0
+        return [r for rs in results for r in rs], time.perf_counter() - t0
 
 
 @dataclass
@@ -228,21 +262,33 @@ def summarize(name: str, concurrency: int, results: list[RequestResult], wall: f
         for k, v in (r.via_sd or {}).items():
             if isinstance(v, (int, float)):
                 via_sd[k] = via_sd.get(k, 0) + v
+    extra: dict = {"via_sd": via_sd} if via_sd else {}
+    if any(r.cached for r in ok):
+        extra["cached_prompt_tokens"] = sum(r.cached for r in ok)
+    later = [r.ttft for r in ok if r.turn > 1 and r.ttft is not None]
+    if later:
+        extra["turn2_ttft_p50_s"], extra["turn2_ttft_p99_s"] = percentile(later, 50), percentile(later, 99)
     return LoadPoint(name, concurrency, len(results), len(ok), len(errs), tokens, wall,
                      tokens / wall if wall > 0 else None, percentile(ttfts, 50), percentile(ttfts, 99),
-                     percentile([r.latency for r in ok], 50), errs[0] if errs else None,
-                     {"via_sd": via_sd} if via_sd else {})
+                     percentile([r.latency for r in ok], 50), errs[0] if errs else None, extra)
 
 
 # ------------------------------------------------------------------ rendering
 def render_load_table(points: list[dict]) -> str:
+    turns = any("turn2_ttft_p50_s" in (p.get("extra") or {}) for p in points)
     header = ["server/mode", "conc", "ok/req", "tok/s", "TTFT p50", "TTFT p99", "lat p50"]
+    header += ["turn-2 TTFT p50", "turn-2 TTFT p99"] if turns else []
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    rows = [header] + [[p["name"], str(p["concurrency"]), f"{p['completed']}/{p['requests']}", f(p["tokens_per_s"], ".1f"),
-                        f(p["ttft_p50_s"], ".3f"), f(p["ttft_p99_s"], ".3f"), f(p["latency_p50_s"], ".2f")] for p in points]
+    def row(p):
+        r = [p["name"], str(p["concurrency"]), f"{p['completed']}/{p['requests']}", f(p["tokens_per_s"], ".1f"),
+             f(p["ttft_p50_s"], ".3f"), f(p["ttft_p99_s"], ".3f"), f(p["latency_p50_s"], ".2f")]
+        x = p.get("extra") or {}
+        return r + ([f(x.get("turn2_ttft_p50_s"), ".3f"), f(x.get("turn2_ttft_p99_s"), ".3f")] if turns else [])
+
+    rows = [header] + [row(p) for p in points]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -250,6 +296,17 @@ def render_load_table(points: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------ main
+def conversations(path: str, categories: list[str] | None) -> list[list[str]]:
+    """Two user turns per selected question (`FOLLOW_UP` where it has one), round robin over the
+    categories as `select_prompts` orders them."""
+    from server.bench.prompts import interleave_categories, read_questions, select_prompts
+
+    questions = read_questions(path)
+    firsts = interleave_categories(select_prompts(questions, categories))
+    second = {q.get("question_id", i): q["turns"][1] for i, q in enumerate(questions) if len(q["turns"]) > 1}
+    return [[p.text, str(second.get(p.question_id, FOLLOW_UP))] for p in firsts]
+
+
 def prefix_flag(prefix_caching: bool) -> str:
     return "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"
 
@@ -283,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: built-in prompts")
     p.add_argument("--categories", default=None)
     p.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
+    p.add_argument("--turns", type=int, choices=(1, 2), default=1,
+                   help="2: every request is a two-turn conversation (chat), the second turn sent with the first and its answer")
     p.add_argument("--model", default=None)
     p.add_argument("--drafter", default=None)
     p.add_argument("--port", type=int, default=None, help="default: a free loopback port")
@@ -322,6 +381,11 @@ def main(argv: list[str]) -> int:
             prompts = [p.text for p in interleave_categories(select_prompts(read_questions(args.prompts), cats))]
         except PromptFileError as e:
             return _die(str(e))
+    if args.turns == 2:
+        if args.endpoint != "chat":
+            return _die("--turns 2 needs --endpoint chat")
+        prompts = conversations(args.prompts, args.categories.split(",") if args.categories else None) \
+            if args.prompts else [[p, FOLLOW_UP] for p in prompts]
     from server.bench.cli import machine_info
     from server.bench.runner import find_vllm_python
     from server.engine.model_files import prepare_model
@@ -339,7 +403,7 @@ def main(argv: list[str]) -> int:
         # the modes take turns at each concurrency, so that the two figures compared there are
         # measured minutes apart, not half a run (this machine's speed drifts by 10-20% in that)
         model = served_model(server, str(folder))
-        if args.prefix_caching == "on":
+        if args.prefix_caching == "on" and args.turns == 1:
             # every prompt once first (one token each), so that every mode and concurrency finds
             # them all cached, not only the ones measured after the first
             print(f"[load] {server.name}: sending the prompts once to fill the prefix cache ...", file=sys.stderr, flush=True)
@@ -397,7 +461,8 @@ def main(argv: list[str]) -> int:
               "command": "via-sd bench --load " + shlex.join(argv),
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "settings": {"concurrency": concs, "requests": args.requests, "max_tokens": args.max_tokens,
-                           "endpoint": args.endpoint, "prompts": len(prompts)},
+                           "endpoint": args.endpoint, "prompts": len(prompts), "turns": args.turns,
+                           "prefix_caching": args.prefix_caching},
               "load": [asdict(p) for p in points], "skipped": skipped}
     out.write_text(json.dumps(report, indent=1) + "\n")
     table = render_load_table(report["load"])

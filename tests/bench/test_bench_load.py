@@ -74,3 +74,36 @@ def test_load_against_a_live_tiny_server(tiny_model_dir, tmp_path):
     assert [(p["name"], p["concurrency"]) for p in rep["load"]] == [("off", 1), ("three_tier", 1), ("off", 2), ("three_tier", 2)]
     assert all(p["completed"] == 2 and p["tokens"] > 0 and p["ttft_p50_s"] is not None for p in rep["load"])
     assert rep["load"][1]["extra"]["via_sd"]["steps"] > 0  # three_tier at concurrency 1 speculated
+
+
+def test_conversations_take_the_second_turn_or_a_follow_up(tmp_path):
+    f = tmp_path / "q.jsonl"
+    f.write_text("\n".join(json.dumps(q) for q in [
+        {"question_id": 1, "category": "writing", "turns": ["write a poem", "now shorter"]},
+        {"question_id": 2, "category": "qa", "turns": ["who?"]},
+    ]) + "\n")
+    assert load.conversations(str(f), None) == [["write a poem", "now shorter"], ["who?", load.FOLLOW_UP]]
+    assert load.conversations(str(f), ["qa"]) == [["who?", load.FOLLOW_UP]]
+    body = request_body("chat", "m", [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], 4, None)
+    assert [m["role"] for m in body["messages"]] == ["user", "assistant"]
+
+
+def test_second_turns_are_summarized_on_their_own():
+    res = [RequestResult(True, 4, 0.5, 1.0, turn=1), RequestResult(True, 4, 0.1, 1.0, turn=2, cached=32),
+           RequestResult(True, 4, 0.7, 1.0, turn=1), RequestResult(True, 4, 0.2, 1.0, turn=2, cached=48)]
+    pt = summarize("off", 2, res, 4.0)
+    assert pt.extra["turn2_ttft_p50_s"] == 0.1 and pt.extra["turn2_ttft_p99_s"] == 0.2
+    assert pt.extra["cached_prompt_tokens"] == 80 and pt.ttft_p99_s == 0.7
+    assert "turn-2 TTFT p50" in render_load_table([vars(pt)])
+
+
+@pytest.mark.slow
+def test_two_turn_conversations_find_their_first_turn_cached(tiny_model_dir, tmp_path):
+    out = tmp_path / "load.json"
+    rc = load.main(["--model", str(tiny_model_dir), "--concurrency", "2", "--requests", "2", "--max-tokens", "24",
+                    "--modes", "off", "--turns", "2", "--prefix-caching", "on", "--start-timeout", "120",
+                    "--request-timeout", "60", "--out", str(out)])
+    assert rc == 0
+    (pt,) = json.loads(out.read_text())["load"]
+    assert pt["requests"] == pt["completed"] == 4  # two conversations, two turns each
+    assert pt["extra"]["turn2_ttft_p50_s"] is not None and pt["extra"]["cached_prompt_tokens"] > 0
