@@ -17,7 +17,8 @@ first turn, then its second sent with the first and the answer to it (Spec-Bench
 questions have two turns; a question with one is followed by `FOLLOW_UP`). Both turns count in
 tokens/s and TTFT; the second turn's TTFT is also reported alone (`extra.turn2_ttft_*`), which is
 what a prefix cache changes (`--prefix-caching on`: no prompt is sent ahead, the first turn
-fills the cache as it would).
+fills the cache as it would). Each point's conversations open with a system message naming the
+point, so that no point finds another's turns cached.
 """
 
 from __future__ import annotations
@@ -202,9 +203,11 @@ async def one_request(client, url: str, body: dict, timeout_s: float) -> Request
 
 
 async def run_batch(base_url: str, endpoint: str, model: str, prompts: list, n: int, concurrency: int,
-                    max_tokens: int, mode: str | None, timeout_s: float) -> tuple[list[RequestResult], float]:
+                    max_tokens: int, mode: str | None, timeout_s: float,
+                    system: str | None = None) -> tuple[list[RequestResult], float]:
     """`n` requests, at most `concurrency` in flight. A prompt that is a list of turns is a
-    conversation: its turns go one after another, each with the conversation so far."""
+    conversation: its turns go one after another, each with the conversation so far, after the
+    system message `system` if given."""
     import httpx
 
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
@@ -218,7 +221,7 @@ async def run_batch(base_url: str, endpoint: str, model: str, prompts: list, n: 
                 if isinstance(prompt, str):
                     body = request_body(endpoint, model, prompt, max_tokens, mode)
                     return [await one_request(client, base_url + path, body, timeout_s)]
-                msgs, out = [], []
+                msgs, out = ([{"role": "system", "content": system}] if system else []), []
                 for k, turn in enumerate(prompt, 1):
                     msgs.append({"role": "user", "content": turn})
                     r = await one_request(client, base_url + path, request_body(endpoint, model, list(msgs), max_tokens, mode),
@@ -412,8 +415,11 @@ def main(argv: list[str]) -> int:
         for c in concs:
             for name, mode in names_modes:
                 print(f"[load] {name} concurrency {c}: {args.requests} requests ...", file=sys.stderr, flush=True)
+                # conversations open with a system message naming the point, so that no point finds
+                # another point's conversations in a prefix cache: each measures its own turns
+                system = f"You are a helpful assistant. Load test: {name}, concurrency {c}." if args.turns == 2 else None
                 res, wall = asyncio.run(run_batch(server.base_url, args.endpoint, model, prompts, args.requests, c,
-                                                  args.max_tokens, mode, args.request_timeout))
+                                                  args.max_tokens, mode, args.request_timeout, system))
                 pt = summarize(name, c, res, wall)
                 points.append(pt)
                 print(f"[load] {name} c={c}: {pt.completed}/{pt.requests} ok, "

@@ -107,3 +107,21 @@ def test_two_turn_conversations_find_their_first_turn_cached(tiny_model_dir, tmp
     (pt,) = json.loads(out.read_text())["load"]
     assert pt["requests"] == pt["completed"] == 4  # two conversations, two turns each
     assert pt["extra"]["turn2_ttft_p50_s"] is not None and pt["extra"]["cached_prompt_tokens"] > 0
+
+
+def test_each_point_of_a_two_turn_run_opens_with_its_own_system_message(monkeypatch):
+    """So that with a prefix cache no point reads another point's conversations."""
+    import asyncio
+
+    seen = []
+
+    async def fake_one_request(client, url, body, timeout_s):
+        seen.append(body["messages"])
+        return RequestResult(True, 2, 0.1, 0.2, text="answer")
+
+    monkeypatch.setattr(load, "one_request", fake_one_request)
+    for tag in ("A", "B"):
+        res, _ = asyncio.run(load.run_batch("http://x", "chat", "m", [["q1", "q2"]], 1, 1, 4, None, 5, system=tag))
+        assert [r.turn for r in res] == [1, 2]
+    assert [[m["role"] for m in msgs] for msgs in seen] == [["system", "user"], ["system", "user", "assistant", "user"]] * 2
+    assert seen[0][0]["content"] == "A" and seen[2][0]["content"] == "B" and seen[1][2]["content"] == "answer"
