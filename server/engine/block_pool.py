@@ -112,8 +112,6 @@ class BlockPool:
         have = self._cached.get(key)
         if have is not None:
             return self._serial[have]
-        if block in self._key:  # already cached under another key (cannot be: K/V is final)
-            return self._serial[block]
         serial = self._next_serial
         self._next_serial += 1
         self._cached[key] = block

@@ -169,11 +169,6 @@ class LLMEngine:
         s.prefix_cache_hits = self.scheduler.prefix_hits
         return s
 
-    def reset_prefix_cache(self) -> int:
-        """Forget the prefix cache (blocks in use stay with their sequences); returns how many
-        blocks were cached."""
-        return self.cache.pool.reset_prefix_cache()
-
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
