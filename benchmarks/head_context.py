@@ -1,0 +1,287 @@
+"""Does the draft head need the whole context? A windowed head against a full-context one.
+
+The shipped head (`via-sd train-head`) attends over the last 32 (hidden state, next token) pairs of
+the answer. On Spec-Bench its drafts are weakest where the answer copies the prompt (translation,
+summarization, RAG), which that window cannot see. This experiment trains two heads on the same
+answers, with the same recipe and budget, and compares them:
+
+- `window`: the shipped recipe, answer pairs only, attention over the last `--window` pairs;
+- `context`: the same layer attending over every pair of the sequence, the prompt's included
+  (the target's hidden states at the prompt positions are recorded at prefill); the loss is
+  taken at answer positions only, as for `window`.
+
+Both are evaluated teacher-forced (the target's greedy answers, chained `--gamma` deep exactly as
+drafting chains them) on held-out training instructions and on the Spec-Bench prompts' greedy
+answers (a diagnostic: Spec-Bench is never trained on). Tokens per step walk each answer as the
+engine steps, every draft verified.
+
+    python benchmarks/head_context.py --prompts 1000 --epochs 5 --out benchmarks/results/head_context.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from server.engine.drafters import train_head as th  # noqa: E402
+from server.engine.model import ForwardOutput  # noqa: E402
+
+CATEGORIES = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
+
+
+class PrefillRecorder:
+    """The engine's runner, recording the final-norm hidden state and greedy token at every
+    position of every chunk, prompt positions included (their logits are computed for that and
+    dropped before the engine sees the output)."""
+
+    def __init__(self, runner):
+        self.inner = runner
+        self.records: dict[int, dict[int, tuple[torch.Tensor, int]]] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def forward(self, chunks, route=None, **kw):
+        kw["want_hidden"] = True
+        wide = [dataclasses.replace(c, num_logits=len(c.token_ids)) for c in chunks]
+        out = self.inner.forward(wide, route, **kw)
+        greedy = out.logits.argmax(-1).tolist()
+        keep, row = [], 0
+        for c in chunks:
+            rec = self.records.setdefault(id(c.table), {})
+            for j in range(len(c.token_ids)):
+                rec[c.start + j] = (out.hidden[row].to(torch.float16).clone(), greedy[row])
+                if j >= len(c.token_ids) - c.num_logits:
+                    keep.append(row)
+                row += 1
+        idx = torch.tensor(keep)
+        return ForwardOutput(out.logits[idx], out.hidden[idx], out.prefix_hidden)
+
+
+def collect(model_dir: str, prompts: list[dict], max_tokens: int, batch: int) -> list[dict]:
+    """Greedy answers with every position's features: `hidden [T, H]` at positions 0..T-1,
+    `tokens [T + 1]`, `greedy [T]`, `answer_start` = the last prompt position."""
+    from tqdm import tqdm
+
+    from server.engine.api import GenerationRequest
+    from server.engine.config import EngineConfig, SamplingParams, SpecConfig
+    from server.engine.engine import LLMEngine
+
+    eng = LLMEngine(EngineConfig(model=model_dir, spec=SpecConfig(mode="off"), max_num_seqs=batch,
+                                 max_num_batched_tokens=4096, enable_prefix_caching=False))
+    rec = PrefillRecorder(eng.runner)
+    eng.runner = rec
+    out = []
+    bar = tqdm(total=len(prompts), desc="collect", unit="answer")
+    for b0 in range(0, len(prompts), batch):
+        part = prompts[b0:b0 + batch]
+        rec.records.clear()
+        seqs = {}
+        for r in part:
+            ids = tuple(eng.tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}]))
+            seqs[r["id"]] = (eng.add_request(GenerationRequest(str(r["id"]), ids,
+                                                               SamplingParams(max_tokens=max_tokens, temperature=0.0))), len(ids))
+        tables = {rid: id(s.table) for rid, (s, _) in seqs.items()}
+        while eng.has_unfinished():
+            eng.step()
+        for r in part:
+            s, n_prompt = seqs[r["id"]]
+            recs = rec.records.get(tables[r["id"]], {})
+            T = s.num_tokens - 1
+            if T - (n_prompt - 1) < 3 or any(p not in recs for p in range(T)):
+                continue
+            out.append({"prompt_id": r["id"], "category": r["category"], "kind": "greedy",
+                        "tokens": torch.tensor(s.token_ids[:T + 1]),
+                        "hidden": torch.stack([recs[p][0] for p in range(T)]),
+                        "greedy": torch.tensor([recs[p][1] for p in range(T)]),
+                        "answer_start": n_prompt - 1})
+        bar.update(len(part))
+    bar.close()
+    return out
+
+
+def answer_only(s: dict) -> dict:
+    """The shipped recipe's view of an answer: its pairs from the last prompt position on."""
+    a = s["answer_start"]
+    return {**s, "tokens": s["tokens"][a:], "hidden": s["hidden"][a:], "greedy": s["greedy"][a:], "answer_start": 0}
+
+
+def pad(seqs: list[dict]) -> dict[str, torch.Tensor]:
+    """`th.pad_answers` plus `loss [N, T]`: the positions whose prediction is an answer token."""
+    d = th.pad_answers(seqs)
+    d["loss"] = d["valid"].clone()
+    for n, s in enumerate(seqs):
+        d["loss"][n, : s["answer_start"]] = False
+    return d
+
+
+def loss_fn(head, d, idx, unroll: int, feature_weight: float = 1.0):
+    """`th.unrolled_loss` with the loss restricted to answer positions (`d["loss"]`); prompt pairs
+    are context only."""
+    import torch.nn.functional as F
+
+    h, x, valid, lm = d["h"][idx].float(), d["x"][idx], d["valid"][idx], d["loss"][idx]
+    B, T, _ = h.shape
+    outs = th.unrolled_outputs(head, h, x, valid, unroll)
+    tgt = h[:, 1:]
+    with torch.no_grad():
+        p_tgt = torch.softmax(head.logits(tgt), -1)
+    total = 0.0
+    for u, out in enumerate(outs):
+        m = (valid[:, 1:] & lm[:, 1:] & (torch.arange(T - 1) >= u)[None]).float()
+        if m.sum() == 0:
+            break
+        o = out[:, :-1]
+        feat = F.smooth_l1_loss(o / d["scale"], tgt / d["scale"], reduction="none").mean(-1)
+        ce = -(p_tgt * torch.log_softmax(head.logits(o), -1)).sum(-1)
+        total = total + 0.8 ** u * ((ce + feature_weight * feat) * m).sum() / m.sum()
+    return total
+
+
+def train(model, seqs: list[dict], reduced: torch.Tensor, window: int, epochs: int, seed: int,
+          unroll: int = 3, lr: float = 1.5e-3, batch_size: int = 8, ffn: int = 1536, heads: int = 9):
+    from tqdm import tqdm
+
+    from server.engine.drafters.head import DraftHead
+
+    torch.manual_seed(seed)
+    d = pad(seqs)
+    d["scale"] = model.norm.float().abs().mean()
+    head = DraftHead(model.cfg.hidden_size, ffn, reduced, heads=heads, window=window)
+    head.attach(model.embed, model.lm_head)
+    head.dropout = 0.1
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, std=0.02)
+        head.w_out.copy_(model.norm.float())
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.05)
+    N = len(d["h"])
+    spe = math.ceil(N / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=spe * epochs, pct_start=0.05)
+    g = torch.Generator().manual_seed(seed)
+    head.train()
+    bar = tqdm(total=spe * epochs, desc=f"train window={window if window < 1 << 20 else 'all'}", unit="batch")
+    t0 = time.monotonic()
+    for _ in range(epochs):
+        perm = torch.randperm(N, generator=g)
+        for b in range(spe):
+            loss = loss_fn(head, d, perm[b * batch_size:(b + 1) * batch_size], unroll)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    bar.close()
+    head.eval()
+    return head, time.monotonic() - t0
+
+
+@torch.no_grad()
+def evaluate(head, seqs: list[dict], reduced: torch.Tensor, gamma: int) -> dict:
+    """Teacher-forced on greedy answers, one answer at a time: top-1 (level 0), and per start
+    position the leading drafts that match (level k-1 at position s+k-1 predicts the token after
+    it; along a matching prefix the drafted tokens are the true ones, so this is what drafting
+    proposes), walked as the engine steps (`th.walk`)."""
+    hit = tot = 0
+    kept_all, first = [], []
+    for s in seqs:
+        d = th.pad_answers([s])
+        outs = th.unrolled_outputs(head, d["h"].float(), d["x"], d["valid"], gamma)
+        preds = [reduced[head.logits(o[0]).argmax(-1)] for o in outs]  # [T] each: token at p+1
+        y = d["y"][0]
+        T = len(y)
+        a = s["answer_start"]
+        ok = [torch.zeros(T, dtype=torch.bool) for _ in range(gamma)]
+        for k in range(gamma):
+            ok[k][: T - 1] = preds[k][: T - 1] == y[1:]  # level k at p: right about y_{p+1}
+        hit += int(ok[0][a:T - 1].sum())
+        tot += T - 1 - a
+        starts = range(a, T - 1)
+        first.append((len(kept_all), len(starts)))
+        for st in starts:
+            n = 0
+            while n < gamma and st + n < T - 1 and ok[n][st + n]:
+                n += 1
+            kept_all.append(n)
+    per_step, _ = th.walk(torch.tensor(kept_all), torch.full((len(kept_all),), gamma), first)
+    return {"answers": len(seqs), "positions": tot, "top1": round(hit / max(tot, 1), 4),
+            "tokens_per_step": round(per_step, 4)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", type=int, default=1000, help="training instructions (builtin set, in order)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--gamma", type=int, default=5)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=str(Path.home() / ".cache" / "via-sd" / "head-context-data.pt"))
+    p.add_argument("--spec-bench", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+                                             / "spec_bench" / "question.jsonl"))
+    p.add_argument("--limit-per-category", type=int, default=10)
+    p.add_argument("--train-answers", type=int, default=None, help="train on the first N training answers only")
+    p.add_argument("--only", choices=("window", "context"), default=None, help="train one of the two heads")
+    p.add_argument("--out", default="benchmarks/results/head_context.json")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+
+    from server.bench.prompts import read_questions, select_prompts
+    from server.engine.model import LlamaModel
+    from server.engine.model_files import prepare_model
+
+    model_dir = prepare_model()
+    path = Path(args.data)
+    data = torch.load(path) if path.exists() else {}
+    t0 = time.monotonic()
+    if "train" not in data:
+        data["train"] = collect(str(model_dir), th.builtin_prompts(args.seed)[: args.prompts], args.max_tokens, args.batch)
+        bench = select_prompts(read_questions(args.spec_bench), CATEGORIES, args.limit_per_category)
+        data["bench"] = collect(str(model_dir), [{"id": b.question_id, "category": b.category, "prompt": b.text}
+                                                 for b in bench], args.max_tokens, args.batch)
+        data["collect_seconds"] = time.monotonic() - t0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(data, path)
+    train_all, held = th.split_by_prompt(data["train"], 0.1, args.seed)
+    train_all = train_all[: args.train_answers]
+    model = LlamaModel.from_folder(model_dir)
+    reduced = th.reduced_vocabulary([answer_only(s) for s in train_all], 4096, tuple(model.cfg.eos_token_ids),
+                                    model.cfg.vocab_size)
+    result = {"command": "python benchmarks/head_context.py " + " ".join(sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d"), "collect_seconds": round(data["collect_seconds"], 1),
+              "train_answers": len(train_all), "heldout_answers": len(held), "bench_answers": len(data["bench"]),
+              "train_answer_positions": sum(len(s["greedy"]) - s["answer_start"] for s in train_all),
+              "train_prompt_positions": sum(s["answer_start"] for s in train_all), "heads": {}}
+    for name, window, view in (("window", args.window, answer_only), ("context", 1 << 30, lambda s: s)):
+        if args.only and name != args.only:
+            continue
+        head, secs = train(model, [view(s) for s in train_all], reduced, window, args.epochs, args.seed)
+        r = {"window": args.window if name == "window" else "all", "train_seconds": round(secs, 1),
+             "heldout": evaluate(head, [view(s) for s in held], reduced, args.gamma), "spec_bench": {}}
+        for cat in CATEGORIES:
+            part = [view(s) for s in data["bench"] if s["category"] == cat]
+            r["spec_bench"][cat] = evaluate(head, part, reduced, args.gamma)
+        r["spec_bench"]["all"] = evaluate(head, [view(s) for s in data["bench"]], reduced, args.gamma)
+        result["heads"][name] = r
+        print(name, json.dumps(r))
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

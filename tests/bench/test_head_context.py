@@ -1,0 +1,111 @@
+"""benchmarks/head_context.py: the prompt positions' features it records, and its teacher-forced
+chained evaluation against the drafting loop's."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.engine.drafters import train_head as th
+from server.engine.drafters.head import DraftHead
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "head_context.py"
+
+
+@pytest.fixture(scope="module")
+def hc():
+    spec = importlib.util.spec_from_file_location("head_context", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def answers(hc, tiny_model_dir):
+    prompts = [{"id": i, "category": "t", "prompt": p} for i, p in
+               enumerate(["say a", "count to nine, then back", "x" * 40, "hello there, tiny model"])]
+    return hc.collect(str(tiny_model_dir), prompts, max_tokens=10, batch=2)
+
+
+def test_every_position_is_recorded_as_a_full_forward_computes_it(answers, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    assert len(answers) == 4
+    for a in answers:
+        T = len(a["hidden"])
+        assert a["tokens"].shape == (T + 1,) and a["greedy"].shape == (T,)
+        assert 0 < a["answer_start"] < T - 2
+        with torch.inference_mode():
+            out = m(a["tokens"][None, :T], output_hidden_states=True)
+        ref = out.hidden_states[-1][0]  # after the final norm
+        # fp16 storage of the engine's states, prompt positions and answer positions alike
+        torch.testing.assert_close(a["hidden"].float(), ref, atol=2e-2, rtol=2e-2)
+        assert torch.equal(a["greedy"], out.logits[0].argmax(-1))
+        # greedy answers: the target's argmax at each answer position is the next token
+        s = a["answer_start"]
+        assert torch.equal(a["greedy"][s:], a["tokens"][s + 1:])
+
+
+def test_recording_does_not_change_what_the_engine_generates(answers, tiny_model_dir):
+    from server.engine.api import GenerationRequest
+    from server.engine.config import EngineConfig, SamplingParams, SpecConfig
+    from server.engine.engine import LLMEngine
+
+    eng = LLMEngine(EngineConfig(model=str(tiny_model_dir), spec=SpecConfig(mode="off"), enable_prefix_caching=False))
+    for a in answers:
+        prompt = tuple(a["tokens"][: a["answer_start"] + 1].tolist())
+        res = eng.generate([GenerationRequest("q", prompt, SamplingParams(max_tokens=10, temperature=0.0))])[0]
+        assert list(prompt) + res.token_ids == a["tokens"].tolist()
+
+
+def _head(tiny_model_dir, window: int) -> DraftHead:
+    from server.engine.model import LlamaModel
+
+    m = LlamaModel.from_folder(tiny_model_dir)
+    torch.manual_seed(1)
+    head = DraftHead(m.cfg.hidden_size, 32, torch.arange(m.cfg.vocab_size), heads=4, window=window)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(std=0.3)
+    return head.attach(m.embed, m.lm_head).eval()
+
+
+def test_teacher_forced_chain_equals_the_drafting_loop(hc, answers, tiny_model_dir):
+    # on answer-only pairs with a windowed head, the leading matches from every start position
+    # must be what the drafter's own loop (`draft`, in train_head.evaluate) finds
+    from server.engine.model import LlamaModel
+
+    view = [hc.answer_only(a) for a in answers]
+    model = LlamaModel.from_folder(tiny_model_dir)
+    # fitted to these answers, so that drafts are often right several tokens deep
+    head, _ = hc.train(model, view, torch.arange(model.cfg.vocab_size), 4, epochs=60, seed=0, lr=1e-2,
+                       ffn=64, heads=4)
+    mine = hc.evaluate(head, view, head.reduced_ids, gamma=3)
+    ref = th.evaluate(head, view, head.reduced_ids, gamma=3, thresholds=())
+    assert mine["top1"] == pytest.approx(ref["top1"], abs=1e-4)
+    assert mine["tokens_per_step"] == pytest.approx(ref["tokens_per_step"], abs=1e-4)
+    assert mine["positions"] == ref["positions"]
+    assert mine["tokens_per_step"] > 1.5, mine  # the chain's deeper levels are exercised
+
+
+def test_full_context_sees_the_prompt_and_scores_only_the_answer(hc, answers, tiny_model_dir):
+    head = _head(tiny_model_dir, window=1 << 30)
+    full = hc.evaluate(head, answers, head.reduced_ids, gamma=3)
+    only = hc.evaluate(head, [hc.answer_only(a) for a in answers], head.reduced_ids, gamma=3)
+    assert full["positions"] == only["positions"] == sum(len(a["greedy"]) - 1 - a["answer_start"] for a in answers)
+    d = hc.pad(answers)
+    assert not d["loss"][0, : answers[0]["answer_start"]].any() and d["loss"][0, answers[0]["answer_start"]]
+    # the prompt's pairs change the head's predictions at answer positions
+    a = answers[2]
+    outs_full = th.unrolled_outputs(head, th.pad_answers([a])["h"].float(), th.pad_answers([a])["x"],
+                                    th.pad_answers([a])["valid"], 1)[0][0, a["answer_start"]:]
+    b = hc.answer_only(a)
+    outs_only = th.unrolled_outputs(head, th.pad_answers([b])["h"].float(), th.pad_answers([b])["x"],
+                                    th.pad_answers([b])["valid"], 1)[0][0]
+    assert not torch.allclose(outs_full, outs_only)
+    json.dumps(full)
