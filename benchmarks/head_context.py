@@ -117,35 +117,13 @@ def answer_only(s: dict) -> dict:
 
 
 def pad(seqs: list[dict]) -> dict[str, torch.Tensor]:
-    """`th.pad_answers` plus `loss [N, T]`: the positions whose prediction is an answer token."""
+    """`th.pad_answers` plus `loss [N, T]`: the positions whose prediction is an answer token
+    (`th.unrolled_loss` scores only those; prompt pairs are context)."""
     d = th.pad_answers(seqs)
     d["loss"] = d["valid"].clone()
     for n, s in enumerate(seqs):
         d["loss"][n, : s["answer_start"]] = False
     return d
-
-
-def loss_fn(head, d, idx, unroll: int, feature_weight: float = 1.0):
-    """`th.unrolled_loss` with the loss restricted to answer positions (`d["loss"]`); prompt pairs
-    are context only."""
-    import torch.nn.functional as F
-
-    h, x, valid, lm = d["h"][idx].float(), d["x"][idx], d["valid"][idx], d["loss"][idx]
-    B, T, _ = h.shape
-    outs = th.unrolled_outputs(head, h, x, valid, unroll)
-    tgt = h[:, 1:]
-    with torch.no_grad():
-        p_tgt = torch.softmax(head.logits(tgt), -1)
-    total = 0.0
-    for u, out in enumerate(outs):
-        m = (valid[:, 1:] & lm[:, 1:] & (torch.arange(T - 1) >= u)[None]).float()
-        if m.sum() == 0:
-            break
-        o = out[:, :-1]
-        feat = F.smooth_l1_loss(o / d["scale"], tgt / d["scale"], reduction="none").mean(-1)
-        ce = -(p_tgt * torch.log_softmax(head.logits(o), -1)).sum(-1)
-        total = total + 0.8 ** u * ((ce + feature_weight * feat) * m).sum() / m.sum()
-    return total
 
 
 def train(model, seqs: list[dict], reduced: torch.Tensor, window: int, epochs: int, seed: int,
@@ -176,12 +154,8 @@ def train(model, seqs: list[dict], reduced: torch.Tensor, window: int, epochs: i
     for _ in range(epochs):
         perm = torch.randperm(N, generator=g)
         for b in range(spe):
-            loss = loss_fn(head, d, perm[b * batch_size:(b + 1) * batch_size], unroll)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            loss, _ = th.unrolled_loss(head, d, perm[b * batch_size:(b + 1) * batch_size], unroll, 1.0)
+            th.optimizer_step(head, opt, sched, loss)
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     bar.close()

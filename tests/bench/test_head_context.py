@@ -109,3 +109,15 @@ def test_full_context_sees_the_prompt_and_scores_only_the_answer(hc, answers, ti
                                     th.pad_answers([b])["valid"], 1)[0][0]
     assert not torch.allclose(outs_full, outs_only)
     json.dumps(full)
+
+
+def test_the_loss_scores_only_marked_positions(hc, answers, tiny_model_dir):
+    head = _head(tiny_model_dir, window=1 << 30)
+    d = hc.pad(answers)
+    d["scale"] = torch.tensor(1.0)
+    idx = torch.arange(len(answers))
+    scored, _ = th.unrolled_loss(head, d, idx, 2, 1.0)
+    everything, _ = th.unrolled_loss(head, {k: v for k, v in d.items() if k != "loss"}, idx, 2, 1.0)
+    assert not torch.isclose(scored, everything)  # the prompt positions are left out
+    d["loss"] = d["valid"].clone()
+    assert torch.isclose(th.unrolled_loss(head, d, idx, 2, 1.0)[0], everything)

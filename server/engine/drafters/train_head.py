@@ -233,8 +233,10 @@ def unrolled_outputs(head, h: torch.Tensor, x: torch.Tensor, valid: torch.Tensor
 def unrolled_loss(head, d: dict[str, torch.Tensor], idx: torch.Tensor, unroll: int, feature_weight: float):
     """Feature regression (smooth L1, in units of the final norm's mean weight) plus cross-entropy
     against the target's own distribution over the reduced vocabulary, at every chained level;
-    deeper levels count a little less. Returns (loss, level-0 cross-entropy)."""
+    deeper levels count a little less. With `d["loss"]` [N, T], only the positions it marks are
+    scored (the others are context only). Returns (loss, level-0 cross-entropy)."""
     h, x, valid = d["h"][idx].float(), d["x"][idx], d["valid"][idx]
+    scored = valid if "loss" not in d else valid & d["loss"][idx]
     B, T, _ = h.shape
     outs = unrolled_outputs(head, h, x, valid, unroll)
     tgt = h[:, 1:]  # h_{p+1} for p < T-1
@@ -242,7 +244,7 @@ def unrolled_loss(head, d: dict[str, torch.Tensor], idx: torch.Tensor, unroll: i
         p_tgt = torch.softmax(head.logits(tgt), -1)  # [B, T-1, R]
     total, ce0 = 0.0, 0.0
     for u, out in enumerate(outs):
-        m = (valid[:, 1:] & (torch.arange(T - 1) >= u)[None]).float()  # target exists, chain starts at p-u >= 0
+        m = (scored[:, 1:] & (torch.arange(T - 1) >= u)[None]).float()  # target exists, chain starts at p-u >= 0
         if m.sum() == 0:
             break
         o = out[:, :-1]
@@ -253,6 +255,15 @@ def unrolled_loss(head, d: dict[str, torch.Tensor], idx: torch.Tensor, unroll: i
         if u == 0:
             ce0 = float((ce.detach() * m).sum() / m.sum())
     return total, ce0
+
+
+def optimizer_step(head, opt, sched, loss: torch.Tensor) -> None:
+    """One training step: backward, clip the gradient norm to 1, step the optimizer and the schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+    opt.step()
+    sched.step()
 
 
 @torch.no_grad()
@@ -385,11 +396,7 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
         for b in range(steps_per_epoch):
             idx = perm[b * args.batch_size:(b + 1) * args.batch_size]
             loss, ce = unrolled_loss(head, d, idx, args.unroll, args.feature_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            optimizer_step(head, opt, sched, loss)
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}", ce=f"{ce:.3f}")
         if epoch + 1 < args.epochs:
