@@ -130,23 +130,13 @@ def train(model, seqs: list[dict], reduced: torch.Tensor, window: int, epochs: i
           unroll: int = 3, lr: float = 1.5e-3, batch_size: int = 8, ffn: int = 1536, heads: int = 9):
     from tqdm import tqdm
 
-    from server.engine.drafters.head import DraftHead
-
     torch.manual_seed(seed)
     d = pad(seqs)
     d["scale"] = model.norm.float().abs().mean()
-    head = DraftHead(model.cfg.hidden_size, ffn, reduced, heads=heads, window=window)
-    head.attach(model.embed, model.lm_head)
-    head.dropout = 0.1
-    with torch.no_grad():
-        for p in head.parameters():
-            if p.dim() == 2:
-                torch.nn.init.normal_(p, std=0.02)
-        head.w_out.copy_(model.norm.float())
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.05)
+    head = th.new_head(model, reduced, ffn=ffn, heads=heads, window=window, dropout=0.1)
     N = len(d["h"])
     spe = math.ceil(N / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=spe * epochs, pct_start=0.05)
+    opt, sched = th.training_schedule(head, lr, 0.05, spe * epochs)
     g = torch.Generator().manual_seed(seed)
     head.train()
     bar = tqdm(total=spe * epochs, desc=f"train window={window if window < 1 << 20 else 'all'}", unit="batch")

@@ -257,6 +257,28 @@ def unrolled_loss(head, d: dict[str, torch.Tensor], idx: torch.Tensor, unroll: i
     return total, ce0
 
 
+def new_head(model, reduced: torch.Tensor, *, ffn: int, heads: int, window: int, dropout: float):
+    """A fresh `DraftHead` on `model`'s embeddings: matrices N(0, 0.02), the output norm's weight
+    from the target's final norm."""
+    from server.engine.drafters.head import DraftHead
+
+    head = DraftHead(model.cfg.hidden_size, ffn, reduced, heads=heads, window=window)
+    head.attach(model.embed, model.lm_head)
+    head.dropout = dropout
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, std=0.02)
+        head.w_out.copy_(model.norm.float())
+    return head
+
+
+def training_schedule(head, lr: float, weight_decay: float, total_steps: int):
+    """AdamW with a one-cycle learning rate over `total_steps`: (optimizer, scheduler)."""
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.05)
+
+
 def optimizer_step(head, opt, sched, loss: torch.Tensor) -> None:
     """One training step: backward, clip the gradient norm to 1, step the optimizer and the schedule."""
     opt.zero_grad(set_to_none=True)
@@ -359,7 +381,6 @@ def walk(kept: torch.Tensor, drafted: torch.Tensor, answers: list[tuple[int, int
 def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
     from tqdm import tqdm
 
-    from server.engine.drafters.head import DraftHead
     from server.engine.model import LlamaModel
 
     torch.manual_seed(args.seed)
@@ -375,19 +396,11 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
     print(f"train: {N} answers, {npos} positions; held out: {len(held)} answers; "
           f"reduced vocabulary {len(reduced)} covers {coverage:.3f} of the target's greedy tokens")
     d["scale"] = model.norm.float().abs().mean()
-    head = DraftHead(model.cfg.hidden_size, args.ffn, reduced, heads=args.heads, window=args.window)
-    head.attach(model.embed, model.lm_head)
-    head.dropout = args.dropout
-    with torch.no_grad():
-        for name, p in head.named_parameters():
-            if p.dim() == 2:
-                torch.nn.init.normal_(p, std=0.02)
-        head.w_out.copy_(model.norm.float())
+    head = new_head(model, reduced, ffn=args.ffn, heads=args.heads, window=args.window, dropout=args.dropout)
     del model
-    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(N / args.batch_size)
     total = steps_per_epoch * args.epochs
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total, pct_start=0.05)
+    opt, sched = training_schedule(head, args.lr, args.weight_decay, total)
     g = torch.Generator().manual_seed(args.seed)
     bar = tqdm(total=total, desc="train", unit="batch")
     head.train()
