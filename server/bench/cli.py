@@ -1,5 +1,6 @@
-"""`via-sd bench`: Spec-Bench prompts through every row, one process per row; a table, JSON,
-per-output texts, Markdown and plots. `via-sd bench --load ...` is the load test (`server.bench.load`).
+"""`via-sd bench`: Spec-Bench prompts through every row; a table, JSON, per-output texts, Markdown
+and plots. The engine's rows run in one process taking turns prompt by prompt (so that the
+machine's drift falls on all of them alike), each peer in a process of its own. `via-sd bench --load ...` is the load test (`server.bench.load`).
 
     via-sd bench --prompts question.jsonl [--categories a,b] [--limit-per-category N]
         [--max-tokens N] [--modes off,binary,three_tier] [--drafters ngram,...]
@@ -25,7 +26,7 @@ from server.bench import report as R
 from server.bench.prompts import PromptFileError, read_questions, select_prompts
 from server.bench.rows import PEERS, Row, RowError, build_rows, parse_list
 from server.bench.sweep import best_setting, pareto, parse_sweep, sweep_points, sweep_row
-from server.bench.runner import Skipped, find_vllm_python, run_row
+from server.bench.runner import Skipped, find_vllm_python, run_interleaved, run_row
 from server.engine.config import DRAFTERS, SPEC_MODES
 
 
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/results/latest.json")
     p.add_argument("--vllm-python", default=None, help="interpreter of the vLLM environment (default .venv-vllm/bin/python)")
     p.add_argument("--row-timeout", type=float, default=3600.0, help="seconds one row may take")
+    p.add_argument("--no-interleave", dest="interleave", action="store_false",
+                   help="run the engine's rows one after another, each in its own process, instead of taking turns "
+                        "prompt by prompt in one process")
     p.add_argument("--repeats", type=int, default=1, help="run every row this many times; each prompt keeps its fastest")
     p.add_argument("--peer-repeats", type=int, default=None,
                    help="runs of the peer rows (hf, vllm); default: --repeats (a peer row takes minutes)")
@@ -224,26 +228,43 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_all(todo: list[Row], label: str) -> None:
         """Every row `--repeats` times, the order reversed on odd rounds so that a drift in the
-        machine's load does not always hit the same row; a prompt keeps its fastest repeat."""
+        machine's load does not always hit the same row; a prompt keeps its fastest repeat. With
+        interleaving (the default) the engine's rows run as one group, taking turns prompt by
+        prompt, and each peer after it in its own process."""
         got: dict[str, dict] = {}
         failed: set[str] = set()
+
+        def record(tag: str, row: Row, res: dict | Skipped) -> None:
+            if isinstance(res, Skipped):
+                print(f"{tag} {row.name}: skipped: {res.reason}", file=sys.stderr, flush=True)
+                skipped.append(res)
+                failed.add(row.name)
+                got.pop(row.name, None)
+            elif row.name in got:
+                got[row.name] = merge_fastest(got[row.name], res)
+            else:
+                got[row.name] = res
+
         for rep in range(args.repeats):
             order = todo if rep % 2 == 0 else todo[::-1]
+            rnd = f" round {rep + 1}/{args.repeats}]" if args.repeats > 1 else "]"
+            groups: list[list[Row]] = []
+            if args.interleave:
+                engine_rows = [r for r in order if r.kind == "engine" and r.name not in failed]
+                groups = [engine_rows] if engine_rows else []
+                order = [r for r in order if r.kind != "engine"]
+            for group in groups:
+                tag = f"[{label} {len(group)} engine rows interleaved" + rnd
+                print(f"{tag} {', '.join(r.name for r in group)} ...", file=sys.stderr, flush=True)
+                res = run_interleaved(group, job, row_timeout_s=args.row_timeout)
+                for row in group:
+                    record(tag, row, res[row.name])
             for i, row in enumerate(order, 1):
                 if row.name in failed or (row.kind != "engine" and rep >= args.peer_repeats):
                     continue
-                tag = f"[{label} {i}/{len(todo)}" + (f" round {rep + 1}/{args.repeats}]" if args.repeats > 1 else "]")
+                tag = f"[{label} {i}/{len(order)}" + rnd
                 print(f"{tag} {row.name} ...", file=sys.stderr, flush=True)
-                res = run_row(row, job, vllm_python=vllm_python, row_timeout_s=args.row_timeout)
-                if isinstance(res, Skipped):
-                    print(f"{tag} {row.name}: skipped: {res.reason}", file=sys.stderr, flush=True)
-                    skipped.append(res)
-                    failed.add(row.name)
-                    got.pop(row.name, None)
-                elif row.name in got:
-                    got[row.name] = merge_fastest(got[row.name], res)
-                else:
-                    got[row.name] = res
+                record(tag, row, run_row(row, job, vllm_python=vllm_python, row_timeout_s=args.row_timeout))
         results.extend((row, got[row.name]) for row in todo if row.name in got)
 
     run_all(rows, "row")
@@ -275,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"prompts": len(prompts), "categories": list(dict.fromkeys(p.category for p in prompts)),
                      "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
                      "batch_size": 1, "threads": threads, "repeats": args.repeats,
-                     "peer_repeats": args.peer_repeats, "prompt_file": str(args.prompts)},
+                     "peer_repeats": args.peer_repeats, "prompt_file": str(args.prompts),
+                     "interleaved": args.interleave},
         "git": git,
         "runs": runs,
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],

@@ -165,7 +165,9 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
         f"{_f(m.get('memory_gb'), '.0f')} GiB, {m.get('platform', '')}",
         f"- model: {report['model']}",
         f"- settings: {report['settings']['prompts']} prompts, max {report['settings']['max_tokens']} tokens, "
-        f"temperature {report['settings']['temperature']}, batch 1",
+        f"temperature {report['settings']['temperature']}, batch 1"
+        + ("; the engine's rows interleaved prompt by prompt in one process, peers each in its own"
+           if report["settings"].get("interleaved") else "; every row in its own process, one after another"),
         f"- command: `{report['command']}`",
         "",
         "## Overall",

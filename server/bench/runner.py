@@ -1,6 +1,7 @@
-"""Run each row in its own process on the same prompts and collect its per-prompt results.
+"""Run rows in worker processes on the same prompts and collect their per-prompt results.
 
-The engine and Hugging Face rows run `python -m server.bench.worker` with this interpreter; vLLM
+`run_row` runs one row in its own process; `run_interleaved` runs several engine rows in one
+process, taking turns prompt by prompt (`server.bench.worker.run_engines`). The engine and Hugging Face rows run `python -m server.bench.worker` with this interpreter; vLLM
 rows run `server/bench/vllm_worker.py` with the vLLM environment's interpreter. Every row is
 bounded by `row_timeout_s`; a row that fails or times out comes back as `Skipped` with the reason.
 """
@@ -55,9 +56,34 @@ def worker_command(row: Row, job_path: Path, result_path: Path, vllm_python: Pat
 def run_row(row: Row, job: dict, *, vllm_python: Path | None = None, row_timeout_s: float = 3600.0,
             workdir: Path | None = None) -> dict | Skipped:
     """Run one row; return the worker's result dict (`ok` true) or Skipped."""
+    return _run_worker(row, {**job, "row": {**row.to_dict(), "name": row.name}}, vllm_python=vllm_python,
+                       timeout_s=row_timeout_s, workdir=workdir)
+
+
+def run_interleaved(rows: list[Row], job: dict, *, row_timeout_s: float = 3600.0,
+                    workdir: Path | None = None) -> dict[str, dict | Skipped]:
+    """Engine rows in one process, taking turns prompt by prompt; per row its result dict or
+    Skipped. The time limit is `row_timeout_s` per row."""
+    if not rows:
+        return {}
+    if any(r.kind != "engine" for r in rows):
+        raise ValueError("only engine rows run interleaved")
+    if len(rows) == 1:
+        return {rows[0].name: run_row(rows[0], job, row_timeout_s=row_timeout_s, workdir=workdir)}
+    res = _run_worker(rows[0], {**job, "rows": [{**r.to_dict(), "name": r.name} for r in rows]},
+                       vllm_python=None, timeout_s=row_timeout_s * len(rows), workdir=workdir)
+    if isinstance(res, Skipped):  # the process itself failed: every row with its reason
+        return {r.name: Skipped(r.name, res.reason) for r in rows}
+    got = {r.name: res["rows"].get(r.name) or {"ok": False, "error": "no result"} for r in rows}
+    return {name: g if g.get("ok") else Skipped(name, short_reason(g.get("error", "failed"))) for name, g in got.items()}
+
+
+def _run_worker(row: Row, job: dict, *, vllm_python: Path | None, timeout_s: float,
+                workdir: Path | None) -> dict | Skipped:
+    """The worker process of `row`'s kind on `job`; its result dict or Skipped."""
     with tempfile.TemporaryDirectory(prefix="via-sd-bench-", dir=workdir) as tmp:
         job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_path.write_text(json.dumps({**job, "row": {**row.to_dict(), "name": row.name}}))
+        job_path.write_text(json.dumps(job))
         cmd = worker_command(row, job_path, result_path, vllm_python)
         if isinstance(cmd, str):
             return Skipped(row.name, cmd)
@@ -73,9 +99,9 @@ def run_row(row: Row, job: dict, *, vllm_python: Path | None = None, row_timeout
         try:
             # the worker's stdout goes to our stderr: our stdout carries only the table
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr, stderr=sys.stderr, env=env,
-                                  timeout=row_timeout_s, cwd=os.getcwd())
+                                  timeout=timeout_s, cwd=os.getcwd())
         except subprocess.TimeoutExpired:
-            return Skipped(row.name, f"timed out after {row_timeout_s:.0f} s")
+            return Skipped(row.name, f"timed out after {timeout_s:.0f} s")
         except OSError as e:
             return Skipped(row.name, f"could not start its worker: {e}")
         if not result_path.is_file():

@@ -1,9 +1,10 @@
-"""One benchmark row in its own process: `python -m server.bench.worker JOB.json RESULT.json`.
+"""Benchmark rows in a process of their own: `python -m server.bench.worker JOB.json RESULT.json`.
 
-The job (written by `server.bench.runner`) names the row (`kind` engine or hf), the model folder,
-the prompts as token ids and the sampling settings. The worker loads the model, runs one warm-up
-generation that is not timed, then generates the prompts one at a time at batch 1 and writes,
-per prompt, the output token ids, the wall time and the counts the report needs:
+The job (written by `server.bench.runner`) names one row (`row`: kind engine or hf) or several
+engine rows to interleave (`rows`), the model folder, the prompts as token ids and the sampling
+settings. The worker loads the model, runs one warm-up generation per row that is not timed, then
+generates the prompts one at a time at batch 1 (interleaved rows take turns prompt by prompt) and
+writes, per row and prompt, the output token ids, the wall time and the counts the report needs:
 
 - `steps`: forward passes that committed tokens (a plain decode, a speculative step; the
   prompt's own pass counts when it emits the first token);
@@ -31,57 +32,126 @@ def _progress(job: dict, n: int):
 
 
 # ------------------------------------------------------------------ the embedded engine
-def run_engine(job: dict) -> dict:
-    import torch
-
-    from server.engine.api import GenerationRequest
-    from server.engine.config import EngineConfig, SamplingParams, SpecConfig, SpecParams
+def _engine(job: dict, row: dict, model=None, tokenizer=None):
+    from server.engine.config import EngineConfig, SpecConfig
     from server.engine.engine import LLMEngine
 
-    row = job["row"]
     spec_kw = {"mode": row["mode"]}
     if row.get("drafter"):
         spec_kw["drafter"] = row["drafter"]
     spec_kw.update(row.get("params") or {})
-    t0 = time.perf_counter()
     # no prefix cache, as for the vLLM rows: the warm-up ran the first prompt, every chat prompt
-    # shares its template, and a repeated prompt would be read from the cache, not computed
-    engine = LLMEngine(EngineConfig(model=job["model"], dtype=job.get("dtype", "float32"),
-                                    num_threads=job["threads"], spec=SpecConfig(**spec_kw),
-                                    enable_prefix_caching=False))
+    # shares its template, and a repeated prompt would be read from the cache, not computed.
+    # The KV cache holds one request (batch 1: the longest prompt, max_tokens and up to 64 draft
+    # slots, and the null block), so that many engines fit in one process.
+    bs = EngineConfig().block_size
+    blocks = -(-(int(job["max_model_len"]) + 64) // bs) + 1 if job.get("max_model_len") else None
+    return LLMEngine(EngineConfig(model=job["model"], dtype=job.get("dtype", "float32"), num_threads=job["threads"],
+                                  spec=SpecConfig(**spec_kw), enable_prefix_caching=False, num_blocks=blocks),
+                     model=model, tokenizer=tokenizer)
+
+
+def _request(job: dict, i: int, ids: list[int], max_tokens: int):
+    from server.engine.api import GenerationRequest
+    from server.engine.config import SamplingParams, SpecParams
+
+    temp = job["temperature"]
+    seed = None if temp == 0 else job["seed"] + i
+    return GenerationRequest(f"bench-{i}", tuple(ids), SamplingParams(max_tokens=max_tokens, temperature=temp, seed=seed),
+                             SpecParams())
+
+
+def _generate_one(engine, job: dict, row: dict, i: int, p: dict) -> dict:
+    """Prompt `i` through `engine`, timed, with the counts the report needs."""
+    before = engine.stats()
+    t = time.perf_counter()
+    res = engine.generate([_request(job, i, p["prompt_token_ids"], job["max_tokens"])])[0]
+    seconds = time.perf_counter() - t
+    after = engine.stats()
+    u = res.via_sd
+    n = len(res.token_ids)
+    spec = row["mode"] != "off" and u.steps > 0
+    d = {k: getattr(after, k) - getattr(before, k)
+         for k in ("tier_accept", "tier_slim", "tier_full", "controller_slim_on", "controller_slim_off")}
+    return {
+        "question_id": p["question_id"], "token_ids": res.token_ids, "seconds": seconds,
+        "ttft": res.first_token_time, "finish_reason": res.finish_reason,
+        "steps": u.steps if spec else n, "full_passes": u.full_passes if spec else n,
+        "slim_passes": u.slim_passes, "draft_tokens": u.draft_tokens, "accepted": u.accepted,
+        "tier_accept": d["tier_accept"], "tier_slim": d["tier_slim"], "tier_full": d["tier_full"],
+        "slim_on": d["controller_slim_on"], "slim_off": d["controller_slim_off"],
+    }
+
+
+def run_engine(job: dict) -> dict:
+    import torch
+
+    row = job["row"]
+    t0 = time.perf_counter()
+    engine = _engine(job, row)
     load_s = time.perf_counter() - t0
-
-    def request(i: int, ids: list[int], max_tokens: int) -> GenerationRequest:
-        temp = job["temperature"]
-        seed = None if temp == 0 else job["seed"] + i
-        return GenerationRequest(f"bench-{i}", tuple(ids), SamplingParams(max_tokens=max_tokens, temperature=temp, seed=seed),
-                                 SpecParams())
-
     prompts = job["prompts"]
-    engine.generate([request(-1, prompts[0]["prompt_token_ids"], job["warmup_tokens"])])
+    engine.generate([_request(job, -1, prompts[0]["prompt_token_ids"], job["warmup_tokens"])])
     outputs = []
     with _progress(job, len(prompts)) as bar:
         for i, p in enumerate(prompts):
-            before = engine.stats()
-            t = time.perf_counter()
-            res = engine.generate([request(i, p["prompt_token_ids"], job["max_tokens"])])[0]
-            seconds = time.perf_counter() - t
-            after = engine.stats()
-            u = res.via_sd
-            n = len(res.token_ids)
-            spec = row["mode"] != "off" and u.steps > 0
-            d = {k: getattr(after, k) - getattr(before, k)
-                 for k in ("tier_accept", "tier_slim", "tier_full", "controller_slim_on", "controller_slim_off")}
-            outputs.append({
-                "question_id": p["question_id"], "token_ids": res.token_ids, "seconds": seconds,
-                "ttft": res.first_token_time, "finish_reason": res.finish_reason,
-                "steps": u.steps if spec else n, "full_passes": u.full_passes if spec else n,
-                "slim_passes": u.slim_passes, "draft_tokens": u.draft_tokens, "accepted": u.accepted,
-                "tier_accept": d["tier_accept"], "tier_slim": d["tier_slim"], "tier_full": d["tier_full"],
-                "slim_on": d["controller_slim_on"], "slim_off": d["controller_slim_off"],
-            })
+            outputs.append(_generate_one(engine, job, row, i, p))
             bar.update(1)
     return {"load_seconds": load_s, "outputs": outputs, "torch_threads": torch.get_num_threads()}
+
+
+def run_engines(job: dict) -> dict:
+    """Several engine rows in one process, taking turns prompt by prompt: prompt i runs through
+    every row before prompt i+1 runs through any, the rows' order rotated by one each prompt. A
+    drift in the machine's speed (another tenant, the clock) then falls on every row alike, where
+    rows run one after another meet different parts of it. The rows share one copy of the weights
+    (the model holds no per-request state); each has its own engine and KV cache.
+
+    Returns `{"rows": {name: result}}`, each result what `run_engine` returns or
+    `{"ok": false, "error": ...}` for a row that could not be built or failed on a prompt."""
+    import torch
+
+    from server.engine.model import LlamaModel
+    from server.engine.tokenizer import Tokenizer
+
+    rows = job["rows"]
+    engines, results = {}, {}
+    model = tokenizer = None
+    for row in rows:
+        name = row["name"]
+        try:
+            t0 = time.perf_counter()
+            if model is None:
+                engine = _engine(job, row)
+                model, tokenizer = engine.model, engine.tokenizer
+            else:
+                engine = _engine(job, row, model=model, tokenizer=tokenizer)
+            results[name] = {"ok": True, "name": name, "load_seconds": time.perf_counter() - t0, "outputs": [],
+                             "torch_threads": torch.get_num_threads(), "interleaved": len(rows)}
+            engines[name] = engine
+            first = job["prompts"][0]["prompt_token_ids"]
+            engine.generate([_request(job, -1, first, job["warmup_tokens"])])
+        except Exception as e:  # this row is reported as failed; the others run
+            results[name] = {"ok": False, "name": name, "error": f"{type(e).__name__}: {e}",
+                             "traceback": traceback.format_exc()}
+            engines.pop(name, None)
+    live = [r for r in rows if r["name"] in engines]
+    prompts = job["prompts"]
+    with _progress({**job, "row": {"name": f"{len(live)} rows"}}, len(prompts)) as bar:
+        for i, p in enumerate(prompts):
+            k = i % max(1, len(live))
+            for row in live[k:] + live[:k]:
+                name = row["name"]
+                if not results[name]["ok"]:
+                    continue
+                try:
+                    results[name]["outputs"].append(_generate_one(engines[name], job, row, i, p))
+                except Exception as e:
+                    results[name] = {"ok": False, "name": name, "error": f"{type(e).__name__}: {e}",
+                                     "traceback": traceback.format_exc()}
+                    engines.pop(name, None)
+            bar.update(1)
+    return {"rows": results}
 
 
 # ------------------------------------------------------------------ Hugging Face transformers
@@ -166,15 +236,22 @@ def run_hf(job: dict) -> dict:
 RUNNERS = {"engine": run_engine, "hf": run_hf}
 
 
+def run_job(job: dict) -> dict:
+    """`job["rows"]`: engine rows interleaved (`run_engines`); `job["row"]`: one row."""
+    if "rows" in job:
+        return {**run_engines(job), "ok": True}
+    return RUNNERS[job["row"]["kind"]](job)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
         print("usage: python -m server.bench.worker JOB.json RESULT.json", file=sys.stderr)
         return 2
     job = json.loads(Path(argv[0]).read_text())
-    name = job["row"]["name"]
+    name = job["row"]["name"] if "row" in job else ",".join(r["name"] for r in job["rows"])
     try:
-        res = RUNNERS[job["row"]["kind"]](job)
+        res = run_job(job)
         res.update(ok=True, name=name)
     except Exception as e:  # a row that cannot run is reported, not fatal
         res = {"ok": False, "name": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}

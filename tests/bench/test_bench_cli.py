@@ -1,6 +1,6 @@
 """`via-sd bench` end to end on the tiny random model: the JSON contract of DESIGN.md section 4.
 
-One module-scoped run (four rows, each in its own worker process, 3 prompts x 6 tokens); the tests
+One module-scoped run (four rows: three engine rows interleaved in one worker process, a peer in its own; 3 prompts x 6 tokens); the tests
 read its files. No timing is asserted, only shapes and the invariants that hold on any machine.
 """
 
@@ -79,6 +79,7 @@ def test_markdown_names_command_and_runs(bench_run):
     _, out = bench_run
     md = out.with_suffix(".md").read_text()
     assert "via-sd bench --prompts" in md and "| three_tier_hybrid |" in md
+    assert "the engine's rows interleaved prompt by prompt" in md
 
 
 def test_vllm_rows_skip_without_the_environment(tmp_path):
@@ -118,3 +119,86 @@ def test_peer_rows_run_peer_repeats_times(tiny_model_dir, tmp_path, capfd):
     report = json.loads(out.read_text())
     assert report["settings"]["repeats"] == 2 and report["settings"]["peer_repeats"] == 1
     assert {r["name"] for r in report["runs"]} == {"off", "hf"}
+
+
+def _run(tiny_model_dir, tmp_path, extra, name="r"):
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(json.dumps(x) + "\n" for x in QUESTIONS))
+    out = tmp_path / f"{name}.json"
+    argv = ["--prompts", str(q), "--model", str(tiny_model_dir), "--max-tokens", "6", "--peers", "",
+            "--threads", "1", "--no-progress", "--no-plots", "--out", str(out)] + extra
+    rc = cli.main(argv)
+    return rc, json.loads(out.read_text())
+
+
+def test_interleaved_rows_generate_what_rows_in_their_own_processes_do(tiny_model_dir, tmp_path, capfd):
+    rc, inter = _run(tiny_model_dir, tmp_path, ["--modes", "off,binary,three_tier", "--drafters", "ngram,self"], "inter")
+    assert rc == 0
+    err = capfd.readouterr().err
+    assert "5 engine rows interleaved" in err
+    rc, apart = _run(tiny_model_dir, tmp_path, ["--modes", "off,binary,three_tier", "--drafters", "ngram,self",
+                                                "--no-interleave"], "apart")
+    assert rc == 0 and "interleaved" not in capfd.readouterr().err
+    assert inter["settings"]["interleaved"] is True and apart["settings"]["interleaved"] is False
+    names = ["off", "binary", "binary_self", "three_tier", "three_tier_self"]
+    assert [r["name"] for r in inter["runs"]] == [r["name"] for r in apart["runs"]] == names
+
+    def ids(rep):
+        lines = [json.loads(x) for x in (tmp_path / rep).with_suffix(".outputs.jsonl").read_text().splitlines()]
+        return {(x["run"], x["question_id"]): x["token_ids"] for x in lines}
+
+    # the draft length follows measured pass times, so steps (and three_tier's tiers) may differ
+    # from run to run; the lossless rows' tokens may not
+    a, b = ids("inter.json"), ids("apart.json")
+    assert len(a) == len(b) == 5 * 3
+    lossless = {k: v for k, v in a.items() if not k[0].startswith("three_tier")}
+    assert len(lossless) == 9 and lossless == {k: b[k] for k in lossless}
+    assert all(lossless[(run, q)] == lossless[("off", q)] for run, q in lossless)
+
+
+def test_interleaved_rows_take_turns_prompt_by_prompt(monkeypatch):
+    from server.bench import worker
+
+    calls = []
+    monkeypatch.setattr(worker, "_engine", lambda job, row, model=None, tokenizer=None: _FakeEngine(row["name"]))
+    monkeypatch.setattr(worker, "_generate_one",
+                        lambda engine, job, row, i, p: calls.append((i, row["name"])) or {"question_id": p["question_id"]})
+    job = {"prompts": [{"question_id": q, "prompt_token_ids": [1, 2]} for q in range(5)], "temperature": 0.0,
+           "seed": 0, "warmup_tokens": 2, "max_tokens": 4, "progress": False,
+           "rows": [{"name": n, "mode": "off", "kind": "engine"} for n in ("a", "b", "c")]}
+    res = worker.run_engines(job)
+    # every row gets prompt i before any row gets prompt i + 1, the first row rotating
+    assert calls == [(0, "a"), (0, "b"), (0, "c"), (1, "b"), (1, "c"), (1, "a"), (2, "c"), (2, "a"), (2, "b"),
+                     (3, "a"), (3, "b"), (3, "c"), (4, "b"), (4, "c"), (4, "a")]
+    assert all(res["rows"][n]["ok"] and len(res["rows"][n]["outputs"]) == 5 for n in "abc")
+
+
+class _FakeEngine:
+    def __init__(self, name):
+        if name == "broken":
+            raise FileNotFoundError("no weights for this drafter")
+        self.model = self.tokenizer = object()
+
+    def generate(self, requests):
+        return []
+
+
+def test_an_interleaved_row_that_cannot_be_built_is_skipped_and_the_others_run(monkeypatch):
+    from server.bench import worker
+
+    monkeypatch.setattr(worker, "_engine", lambda job, row, model=None, tokenizer=None: _FakeEngine(row["name"]))
+    monkeypatch.setattr(worker, "_generate_one", lambda engine, job, row, i, p: {"question_id": p["question_id"]})
+    job = {"prompts": [{"question_id": 7, "prompt_token_ids": [1]}], "temperature": 0.0, "seed": 0,
+           "warmup_tokens": 2, "max_tokens": 4, "progress": False,
+           "rows": [{"name": n, "mode": "off", "kind": "engine"} for n in ("a", "broken", "c")]}
+    res = worker.run_engines(job)["rows"]
+    assert not res["broken"]["ok"] and "no weights for this drafter" in res["broken"]["error"]
+    assert res["a"]["ok"] and res["c"]["ok"] and len(res["a"]["outputs"]) == len(res["c"]["outputs"]) == 1
+
+
+def test_interleaved_run_reports_a_failed_row_as_skipped(tiny_model_dir, tmp_path, capfd):
+    # the tiny model has no trained draft head: the head rows cannot be built, off still runs
+    rc, rep = _run(tiny_model_dir, tmp_path, ["--modes", "off,binary", "--drafters", "head"])
+    assert rc == 0
+    assert [r["name"] for r in rep["runs"]] == ["off"]
+    assert [s["name"] for s in rep["skipped"]] == ["binary_head"]
