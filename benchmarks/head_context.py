@@ -16,6 +16,9 @@ answers (a diagnostic: Spec-Bench is never trained on). Tokens per step walk eac
 engine steps, every draft verified.
 
     python benchmarks/head_context.py --prompts 1000 --epochs 5 --out benchmarks/results/head_context.json
+
+`--head FILE.safetensors` trains nothing: it evaluates a saved head (`via-sd train-head`'s output)
+on the Spec-Bench answers the same way, so that heads trained on other data compare with these.
 """
 
 from __future__ import annotations
@@ -185,6 +188,33 @@ def evaluate(head, seqs: list[dict], reduced: torch.Tensor, gamma: int) -> dict:
             "tokens_per_step": round(per_step, 4)}
 
 
+def spec_bench(head, bench: list[dict], reduced: torch.Tensor, gamma: int, view=answer_only) -> dict:
+    """`evaluate` per Spec-Bench task and over all of them, each answer seen through `view`."""
+    r = {cat: evaluate(head, [view(s) for s in bench if s["category"] == cat], reduced, gamma) for cat in CATEGORIES}
+    r["all"] = evaluate(head, [view(s) for s in bench], reduced, gamma)
+    return r
+
+
+def evaluate_saved(args, model_dir: Path, bench: list[dict]) -> int:
+    from server.engine.drafters.head import DraftHead
+    from server.engine.model import LlamaModel
+
+    model = LlamaModel.from_folder(model_dir)
+    result = {"command": "python benchmarks/head_context.py " + " ".join(sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d"), "bench_answers": len(bench), "heads": {}}
+    for path in args.head:
+        head, info = DraftHead.load(Path(path))
+        head.attach(model.embed, model.lm_head)
+        head.eval()
+        with torch.no_grad():
+            r = {"record": info, "spec_bench": spec_bench(head, bench, head.reduced_ids, args.gamma)}
+        result["heads"][Path(path).name] = r
+        print(Path(path).name, json.dumps(r["spec_bench"]["all"]))
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=1000, help="training instructions (builtin set, in order)")
@@ -200,6 +230,8 @@ def main() -> int:
     p.add_argument("--limit-per-category", type=int, default=10)
     p.add_argument("--train-answers", type=int, default=None, help="train on the first N training answers only")
     p.add_argument("--only", choices=("window", "context"), default=None, help="train one of the two heads")
+    p.add_argument("--head", action="append", default=[],
+                   help="evaluate this saved head on the Spec-Bench answers instead of training (repeatable)")
     p.add_argument("--out", default="benchmarks/results/head_context.json")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -220,6 +252,8 @@ def main() -> int:
         data["collect_seconds"] = time.monotonic() - t0
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(data, path)
+    if args.head:
+        return evaluate_saved(args, model_dir, data["bench"])
     train_all, held = th.split_by_prompt(data["train"], 0.1, args.seed)
     train_all = train_all[: args.train_answers]
     model = LlamaModel.from_folder(model_dir)
@@ -235,11 +269,8 @@ def main() -> int:
             continue
         head, secs = train(model, [view(s) for s in train_all], reduced, window, args.epochs, args.seed)
         r = {"window": args.window if name == "window" else "all", "train_seconds": round(secs, 1),
-             "heldout": evaluate(head, [view(s) for s in held], reduced, args.gamma), "spec_bench": {}}
-        for cat in CATEGORIES:
-            part = [view(s) for s in data["bench"] if s["category"] == cat]
-            r["spec_bench"][cat] = evaluate(head, part, reduced, args.gamma)
-        r["spec_bench"]["all"] = evaluate(head, [view(s) for s in data["bench"]], reduced, args.gamma)
+             "heldout": evaluate(head, [view(s) for s in held], reduced, args.gamma),
+             "spec_bench": spec_bench(head, data["bench"], reduced, args.gamma, view)}
         result["heads"][name] = r
         print(name, json.dumps(r))
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -121,3 +121,26 @@ def test_the_loss_scores_only_marked_positions(hc, answers, tiny_model_dir):
     assert not torch.isclose(scored, everything)  # the prompt positions are left out
     d["loss"] = d["valid"].clone()
     assert torch.isclose(th.unrolled_loss(head, d, idx, 2, 1.0)[0], everything)
+
+
+def test_a_saved_head_is_evaluated_per_task_as_a_trained_one(hc, answers, tiny_model_dir, tmp_path):
+    from types import SimpleNamespace
+
+    bench = [{**a, "category": hc.CATEGORIES[i % 2]} for i, a in enumerate(answers)]
+    _head(tiny_model_dir, window=8).save(tmp_path / "h.safetensors", {"threshold": 0.3})
+    out = tmp_path / "eval.json"
+    args = SimpleNamespace(head=[str(tmp_path / "h.safetensors")], gamma=3, out=str(out))
+    assert hc.evaluate_saved(args, Path(tiny_model_dir), bench) == 0
+    got = json.loads(out.read_text())["heads"]["h.safetensors"]
+    assert got["record"]["threshold"] == 0.3 and got["record"]["window"] == 8
+    from server.engine.model import LlamaModel
+
+    m = LlamaModel.from_folder(tiny_model_dir)
+    loaded, _ = DraftHead.load(tmp_path / "h.safetensors")
+    loaded.attach(m.embed, m.lm_head)
+    # the same numbers as evaluating the loaded head directly, per task and overall
+    assert got["spec_bench"]["all"] == hc.evaluate(loaded, [hc.answer_only(a) for a in bench], loaded.reduced_ids, 3)
+    first = hc.CATEGORIES[0]
+    assert got["spec_bench"][first] == hc.evaluate(
+        loaded, [hc.answer_only(a) for a in bench if a["category"] == first], loaded.reduced_ids, 3)
+    assert got["spec_bench"][first]["answers"] == 2 and got["spec_bench"]["all"]["answers"] == 4
