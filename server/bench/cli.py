@@ -1,6 +1,7 @@
 """`via-sd bench`: Spec-Bench prompts through every row; a table, JSON, per-output texts, Markdown
 and plots. The engine's rows run in one process taking turns prompt by prompt (so that the
-machine's drift falls on all of them alike), each peer in a process of its own. `via-sd bench --load ...` is the load test (`server.bench.load`).
+machine's drift falls on all of them alike), each peer in a process of its own.
+`via-sd bench --load ...` is the load test (`server.bench.load`).
 
     via-sd bench --prompts question.jsonl [--categories a,b] [--limit-per-category N]
         [--max-tokens N] [--modes off,binary,three_tier] [--drafters ngram,...]
@@ -248,12 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):
             order = todo if rep % 2 == 0 else todo[::-1]
             rnd = f" round {rep + 1}/{args.repeats}]" if args.repeats > 1 else "]"
-            groups: list[list[Row]] = []
-            if args.interleave:
-                engine_rows = [r for r in order if r.kind == "engine" and r.name not in failed]
-                groups = [engine_rows] if engine_rows else []
+            group = [r for r in order if r.kind == "engine" and r.name not in failed] if args.interleave else []
+            if group:
                 order = [r for r in order if r.kind != "engine"]
-            for group in groups:
                 tag = f"[{label} {len(group)} engine rows interleaved" + rnd
                 print(f"{tag} {', '.join(r.name for r in group)} ...", file=sys.stderr, flush=True)
                 res = run_interleaved(group, job, row_timeout_s=args.row_timeout)
