@@ -1,9 +1,10 @@
 """Run rows in worker processes on the same prompts and collect their per-prompt results.
 
 `run_row` runs one row in its own process; `run_interleaved` runs several engine rows in one
-process, taking turns prompt by prompt (`server.bench.worker.run_engines`). The engine and Hugging Face rows run `python -m server.bench.worker` with this interpreter; vLLM
-rows run `server/bench/vllm_worker.py` with the vLLM environment's interpreter. Every row is
-bounded by `row_timeout_s`; a row that fails or times out comes back as `Skipped` with the reason.
+process, taking turns prompt by prompt (`server.bench.worker.run_engines`). The engine and
+Hugging Face rows run `python -m server.bench.worker` with this interpreter; vLLM rows run
+`server/bench/vllm_worker.py` with the vLLM environment's interpreter. Every row is bounded by
+`row_timeout_s`; a row that fails or times out comes back as `Skipped` with the reason.
 """
 
 from __future__ import annotations
@@ -68,8 +69,6 @@ def run_interleaved(rows: list[Row], job: dict, *, row_timeout_s: float = 3600.0
         return {}
     if any(r.kind != "engine" for r in rows):
         raise ValueError("only engine rows run interleaved")
-    if len(rows) == 1:
-        return {rows[0].name: run_row(rows[0], job, row_timeout_s=row_timeout_s, workdir=workdir)}
     res = _run_worker(rows[0], {**job, "rows": [{**r.to_dict(), "name": r.name} for r in rows]},
                        vllm_python=None, timeout_s=row_timeout_s * len(rows), workdir=workdir)
     if isinstance(res, Skipped):  # the process itself failed: every row with its reason

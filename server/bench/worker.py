@@ -84,20 +84,8 @@ def _generate_one(engine, job: dict, row: dict, i: int, p: dict) -> dict:
 
 
 def run_engine(job: dict) -> dict:
-    import torch
-
-    row = job["row"]
-    t0 = time.perf_counter()
-    engine = _engine(job, row)
-    load_s = time.perf_counter() - t0
-    prompts = job["prompts"]
-    engine.generate([_request(job, -1, prompts[0]["prompt_token_ids"], job["warmup_tokens"])])
-    outputs = []
-    with _progress(job, len(prompts)) as bar:
-        for i, p in enumerate(prompts):
-            outputs.append(_generate_one(engine, job, row, i, p))
-            bar.update(1)
-    return {"load_seconds": load_s, "outputs": outputs, "torch_threads": torch.get_num_threads()}
+    """One engine row: `run_engines` with the row alone."""
+    return run_engines({**job, "rows": [job["row"]]})["rows"][job["row"]["name"]]
 
 
 def run_engines(job: dict) -> dict:
@@ -107,12 +95,9 @@ def run_engines(job: dict) -> dict:
     rows run one after another meet different parts of it. The rows share one copy of the weights
     (the model holds no per-request state); each has its own engine and KV cache.
 
-    Returns `{"rows": {name: result}}`, each result what `run_engine` returns or
+    Returns `{"rows": {name: result}}`, each result `{"ok": true, "outputs": [...], ...}` or
     `{"ok": false, "error": ...}` for a row that could not be built or failed on a prompt."""
     import torch
-
-    from server.engine.model import LlamaModel
-    from server.engine.tokenizer import Tokenizer
 
     rows = job["rows"]
     engines, results = {}, {}
@@ -137,7 +122,8 @@ def run_engines(job: dict) -> dict:
             engines.pop(name, None)
     live = [r for r in rows if r["name"] in engines]
     prompts = job["prompts"]
-    with _progress({**job, "row": {"name": f"{len(live)} rows"}}, len(prompts)) as bar:
+    label = rows[0]["name"] if len(rows) == 1 else f"{len(live)} rows"
+    with _progress({**job, "row": {"name": label}}, len(prompts)) as bar:
         for i, p in enumerate(prompts):
             k = i % max(1, len(live))
             for row in live[k:] + live[:k]:
@@ -251,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     job = json.loads(Path(argv[0]).read_text())
     name = job["row"]["name"] if "row" in job else ",".join(r["name"] for r in job["rows"])
     try:
-        res = run_job(job)
-        res.update(ok=True, name=name)
+        res = run_job(job)  # an engine row that could not run comes back with ok false
+        res.setdefault("ok", True)
+        res["name"] = name
     except Exception as e:  # a row that cannot run is reported, not fatal
         res = {"ok": False, "name": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     Path(argv[1]).write_text(json.dumps(res))
