@@ -414,6 +414,40 @@ def test_walk_steps_through_an_answer_as_the_engine_does():
     assert walk(torch.tensor([1, 0, 9, 0]), torch.tensor([2, 2, 2, 2]), [(0, 2), (2, 2)]) == (4 / 2, 2.0)
 
 
+# ------------------------------------------------------------------ training prompts
+SPEC_BENCH = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+
+
+def test_builtin_prompts_are_deterministic_unique_and_not_spec_bench():
+    from server.engine.drafters.train_head import builtin_prompts
+
+    a, b = builtin_prompts(0), builtin_prompts(0)
+    assert a == b and a != builtin_prompts(1)
+    assert len({r["id"] for r in a}) == len(a)
+    first = [r for r in a if r["id"] < 20_000]
+    assert len(first) == 1544 and a[:1544] == first  # `--limit-prompts 1544` is the first set alone
+    second = {r["prompt"] for r in a[1544:]}
+    assert len(second) == len(a) - 1544 > 1000 and not second & {r["prompt"] for r in first}
+    if SPEC_BENCH.exists():
+        questions = {t for line in SPEC_BENCH.read_text().splitlines() if line.strip()
+                     for t in json.loads(line)["turns"]}
+        assert not questions & {r["prompt"] for r in a}
+
+
+def test_adding_a_set_of_prompts_keeps_the_earlier_held_out_split():
+    from server.engine.drafters.train_head import split_by_prompt
+
+    first = [{"prompt_id": i} for i in list(range(200)) + list(range(10_000, 10_900))]
+    second = [{"prompt_id": i} for i in range(20_000, 21_000)]
+    _, held_first = split_by_prompt(first, 0.1, 0)
+    train, held = split_by_prompt(first + second, 0.1, 0)
+    ids = {s["prompt_id"] for s in held}
+    assert {s["prompt_id"] for s in held_first} == {i for i in ids if i < 20_000}
+    assert len(ids) == 110 + 100 and not ids & {s["prompt_id"] for s in train}
+    # another seed holds out other prompts
+    assert {s["prompt_id"] for s in split_by_prompt(first + second, 0.1, 1)[1]} != ids
+
+
 # ------------------------------------------------------------------ training, end to end
 def test_train_head_command_on_tiny_model(tiny_dir, tmp_path):
     from server.engine.drafters.train_head import main

@@ -4,8 +4,8 @@ Three stages, one command (a fixed seed makes it reproducible):
 
 1. **Collect.** The engine generates answers (mode `off`, batched) to instructions that are not
    Spec-Bench questions: by default (`--prompts builtin`) the 226 hand-written ones of
-   `assets/train_prompts.jsonl` and the 1,318 templated ones of `train_prompts.py`; once greedy and
-   `--sampled` more times at `--temperature`. While it decodes, a recording runner keeps the
+   `assets/train_prompts.jsonl` and the 1,318 + 1,113 templated ones of `train_prompts.py` (two
+   sets); once greedy and `--sampled` more times at `--temperature`. While it decodes, a recording runner keeps the
    target's final-norm hidden state and greedy next token at every generated position, so the
    features cost no second forward: `h_p` [H] is what `lm_head` sees at position p, `y_p` =
    argmax of the target's logits there. Saved to `--data` (reused, and resumed, when it exists).
@@ -127,9 +127,10 @@ def load_prompts(path: Path, limit: int | None) -> list[dict]:
 
 
 def builtin_prompts(seed: int) -> list[dict]:
-    """The hand-written instructions, then the templated ones (train_prompts.py), interleaved so
-    that a `--limit-prompts` prefix still mixes both."""
-    from server.engine.drafters.train_prompts import generated_prompts
+    """The hand-written instructions and the first templated set (train_prompts.py), interleaved so
+    that a `--limit-prompts` prefix still mixes both, then the second set (ids from 20,000): so
+    `--limit-prompts 1544` is the first set alone, as earlier heads were trained."""
+    from server.engine.drafters.train_prompts import generated_prompts, more_prompts
 
     hand, gen = load_prompts(DEFAULT_PROMPTS, None), generated_prompts(seed)
     out, step = [], max(1, len(gen) // max(1, len(hand)))
@@ -137,15 +138,25 @@ def builtin_prompts(seed: int) -> list[dict]:
         out.append(r)
         out.extend(gen[i * step:(i + 1) * step])
     out.extend(gen[len(hand) * step:])
-    return out
+    return out + more_prompts(seed)
 
 
 # ---------------------------------------------------------------------------- data
+SET_STARTS = (20_000,)  # prompt ids where a later set of instructions begins
+
+
 def split_by_prompt(seqs: list[dict], heldout: float, seed: int) -> tuple[list[dict], list[dict]]:
-    ids = sorted({s["prompt_id"] for s in seqs})
-    rng = random.Random(seed)
-    rng.shuffle(ids)
-    held = set(ids[: max(1, round(len(ids) * heldout))])
+    """Hold out a `heldout` share of the prompts of each set (ids below 20,000, and from there on)
+    on its own, so that adding a set leaves the earlier sets' held-out prompts where they were."""
+    held: set[int] = set()
+    all_ids = {s["prompt_id"] for s in seqs}
+    for k in range(len(SET_STARTS) + 1):
+        ids = sorted(i for i in all_ids if sum(i >= b for b in SET_STARTS) == k)
+        if not ids:
+            continue
+        rng = random.Random(seed)
+        rng.shuffle(ids)
+        held |= set(ids[: max(1, round(len(ids) * heldout))])
     return [s for s in seqs if s["prompt_id"] not in held], [s for s in seqs if s["prompt_id"] in held]
 
 

@@ -168,3 +168,233 @@ def generated_prompts(seed: int = 0, start_id: int = 10_000) -> list[dict]:
         rows.append((cat, tpl.format(p=p)))
     rng.shuffle(rows)
     return [{"id": start_id + i, "category": cat, "prompt": text} for i, (cat, text) in enumerate(rows)]
+
+
+# ---------------------------------------------------------------------------- the second set
+# Instructions, not samples, are what the head lacks (more sampled answers of the same instructions
+# bought ~1.6 points of Spec-Bench top-1 per doubling, more instructions ~5), so a second set with
+# other topics, MT-Bench-like phrasings, German news sentences (Spec-Bench's translation task is
+# German to English), short factual questions and other word problems. Its ids start at 20,000 so
+# that the first set's cached answers stay valid.
+
+TOPICS_2 = [
+    "the French Revolution", "the American Civil War", "the Byzantine Empire", "the Aztecs", "the Vikings",
+    "the Ottoman Empire", "the Apollo program", "the fall of the Berlin Wall", "the European Union",
+    "the United Nations", "human rights", "free trade", "taxes", "the minimum wage", "unemployment",
+    "housing prices", "cryptocurrency", "credit cards", "insurance", "retirement savings", "mortgages",
+    "electric grids", "nuclear power", "hydrogen fuel", "batteries", "semiconductors", "satellites", "GPS",
+    "space telescopes", "exoplanets", "the Big Bang", "dark matter", "tides", "hurricanes", "tornadoes",
+    "glaciers", "soil erosion", "wetlands", "bird migration", "octopuses", "sharks", "ants", "mushrooms",
+    "trees", "the nitrogen cycle", "vitamins", "allergies", "diabetes", "blood pressure", "the common cold",
+    "mental health", "stress", "exercise", "posture", "first aid", "hand washing", "nutrition labels",
+    "vegetarian diets", "fermentation", "cheese making", "spices", "rice", "pizza", "street food", "opera",
+    "hip hop", "film editing", "animation", "comic books", "board games", "knitting", "woodworking",
+    "architecture", "skyscrapers", "bridges", "shipping ports", "supply chains", "online shopping",
+    "advertising", "product design", "customer reviews", "data privacy", "phishing", "the ethics of AI",
+    "self-driving cars", "virtual reality", "smart homes", "fitness trackers", "search engines",
+    "programming languages", "APIs", "linked lists", "hash tables", "binary search", "regular expressions",
+    "the command line", "debugging", "code reviews", "software documentation", "agile development",
+    "volunteering", "elections", "local newspapers", "journalism", "online learning", "exams",
+    "scholarships", "student loans", "internships", "burnout", "the four-day work week", "commuting",
+    "tourism", "national parks", "music festivals", "the Tour de France", "tennis", "basketball", "swimming",
+]
+
+TEMPLATES_2 = [
+    ("writing", "Draft a professional email to a colleague about {t}."),
+    ("writing", "Write a short news report about a recent development in {t}."),
+    ("writing", "Write a short dialogue between two friends who disagree about {t}."),
+    ("writing", "Describe {t} to someone who has never heard of it, using vivid language."),
+    ("stem", "How does {t} work? Explain the main ideas step by step."),
+    ("stem", "What are common misconceptions about {t}, and what is the truth?"),
+    ("humanities", "How has {t} changed over the last hundred years?"),
+    ("humanities", "What role does {t} play in society today?"),
+    ("reasoning", "What would happen if {t} suddenly disappeared? Think it through."),
+    ("reasoning", "Give one argument for and one argument against spending more public money on {t}."),
+    ("qa", "In one or two sentences, what should everyone know about {t}?"),
+    ("extraction", "Make a table with three columns (term, meaning, example) for ideas related to {t}."),
+    ("coding", "Write a short Python script that could help someone who works with {t}. Add comments."),
+    ("summarization", "Give a brief overview of {t} for the science page of a newspaper."),
+    ("roleplay", "Act as an expert on {t} and answer a curious student who asks why it matters."),
+    ("advice", "What mistakes do people often make with {t}, and how can they avoid them?"),
+    ("chat", "Recommend three ways to learn more about {t} and explain each choice."),
+    ("math", "Make up a simple math word problem about {t} and solve it."),
+]
+
+PLACES = [
+    "Kyoto", "Lisbon", "Iceland", "Peru", "Morocco", "Vietnam", "New Zealand", "Prague", "Istanbul",
+    "Cape Town", "Vancouver", "Mexico City", "Edinburgh", "Bali", "Norway", "Crete", "Buenos Aires", "Seoul",
+    "Tanzania", "the Scottish Highlands",
+]
+PLACE_TEMPLATES = [
+    ("writing", "Compose a travel blog post about a week in {p}, with tips for first-time visitors."),
+    ("advice", "Plan a three-day itinerary for a trip to {p}."),
+    ("humanities", "What should a tourist know about the food and customs of {p}?"),
+]
+
+PERSONAS = [
+    "a pirate captain", "Sherlock Holmes", "a medieval knight", "a friendly robot", "a famous chef",
+    "a football coach", "a wise old wizard", "a startup founder", "an astronaut on a space station",
+    "a customer support agent", "a museum curator", "a marine biologist", "a stand-up comedian",
+    "a strict librarian", "a time traveller from the year 2300",
+]
+PERSONA_QUESTIONS = [
+    "How do you spend a typical day?", "What advice would you give a young person?",
+    "Describe the biggest challenge you have faced.", "What do you think about smartphones?",
+    "Tell me about your favourite memory.",
+]
+
+GERMAN = [
+    "Die Zentralbank hat den Leitzins überraschend um einen halben Prozentpunkt angehoben.",
+    "Nach tagelangen Regenfällen sind in mehreren Dörfern die Keller überflutet.",
+    "Der Autobauer will bis 2030 nur noch Elektrofahrzeuge in Europa verkaufen.",
+    "Die Polizei sucht nach Zeugen, die den Unfall am Montagabend beobachtet haben.",
+    "Bei der Wahl am Sonntag lag die Wahlbeteiligung bei knapp siebzig Prozent.",
+    "Die Preise für Lebensmittel sind im vergangenen Monat erneut gestiegen.",
+    "Der Trainer zeigte sich nach der Niederlage enttäuscht, aber kämpferisch.",
+    "Forscher haben in der Antarktis einen bisher unbekannten See unter dem Eis entdeckt.",
+    "Die Stadt will den Radverkehr mit neuen Wegen und mehr Abstellplätzen fördern.",
+    "Das Unternehmen meldete für das dritte Quartal einen Umsatzrückgang von fünf Prozent.",
+    "Der Flughafen musste wegen eines Sturms am Nachmittag vorübergehend geschlossen werden.",
+    "Viele Eltern klagen über fehlende Plätze in den Kindergärten.",
+    "Die Ministerin kündigte an, das Gesetz noch vor der Sommerpause zu verabschieden.",
+    "Im Finale setzte sich die Spielerin in drei Sätzen gegen die Titelverteidigerin durch.",
+    "Die Mieten in den großen Städten steigen schneller als die Einkommen.",
+    "Der Streik der Lokführer legt heute große Teile des Bahnverkehrs lahm.",
+    "Ein Großbrand in einer Lagerhalle hat einen Schaden in Millionenhöhe verursacht.",
+    "Die Zahl der Touristen hat in diesem Sommer einen neuen Rekord erreicht.",
+    "Ärzte warnen vor einer starken Grippewelle in den kommenden Wochen.",
+    "Der Konzern plant, in den nächsten drei Jahren rund tausend Stellen abzubauen.",
+    "Die Verhandlungen über ein neues Handelsabkommen sind vorerst gescheitert.",
+    "Am Wochenende werden in den Bergen bis zu dreißig Zentimeter Neuschnee erwartet.",
+    "Die Schule erhält neue Computer und einen schnelleren Internetanschluss.",
+    "Der Angeklagte bestreitet alle Vorwürfe und will in Berufung gehen.",
+    "Nach der Renovierung ist das Theater endlich wieder für Besucher geöffnet.",
+    "Immer mehr Menschen kaufen ihre Kleidung im Internet statt im Geschäft.",
+    "Die Regierung will den Ausbau der Windkraft an Land deutlich beschleunigen.",
+    "Der Verein hat einen neuen Stürmer aus der spanischen Liga verpflichtet.",
+    "Die Ausstellung zeigt Gemälde, die seit über hundert Jahren nicht zu sehen waren.",
+    "Wegen Bauarbeiten bleibt die Autobahn bis Freitag in beide Richtungen gesperrt.",
+    "Das Parlament debattierte stundenlang über den Haushalt für das kommende Jahr.",
+    "Die Exporte nach China sind im ersten Halbjahr deutlich zurückgegangen.",
+    "Ein Sprecher des Ministeriums wollte sich zu den Berichten nicht äußern.",
+    "Die Feuerwehr konnte die Bewohner rechtzeitig aus dem brennenden Haus retten.",
+    "Der Bürgermeister versprach, die Probleme mit dem Nahverkehr schnell zu lösen.",
+    "Die Studie zeigt, dass Kinder heute weniger Zeit im Freien verbringen als früher.",
+    "Die Opposition fordert eine unabhängige Untersuchung des Skandals.",
+    "Der Sänger sagte seine Tournee aus gesundheitlichen Gründen ab.",
+    "In der Innenstadt sollen bald keine Autos mit Verbrennungsmotor mehr fahren dürfen.",
+    "Die Bank rechnet im nächsten Jahr mit einem schwachen Wirtschaftswachstum.",
+    "Der Zoo freut sich über die Geburt von zwei kleinen Eisbären.",
+    "Die Arbeitslosigkeit ist im Oktober leicht gesunken.",
+    "Viele Landwirte leiden unter der anhaltenden Trockenheit.",
+    "Das neue Krankenhaus soll im Frühjahr seinen Betrieb aufnehmen.",
+    "Die Gewerkschaft verlangt acht Prozent mehr Lohn für die Beschäftigten.",
+    "Der Präsident traf sich mit seinem französischen Amtskollegen in Paris.",
+    "Die Sonde hat erste Bilder von der Oberfläche des Kometen zur Erde geschickt.",
+    "Die Universität bietet ab dem Winter einen neuen Studiengang für Datenwissenschaft an.",
+    "Bei dem Erdbeben wurden zahlreiche Gebäude beschädigt, verletzt wurde jedoch niemand.",
+    "Die Bahn will die Pünktlichkeit ihrer Fernzüge in den nächsten Jahren verbessern.",
+    "Der Fußballverband hat eine Geldstrafe gegen den Verein verhängt.",
+    "Die Menschen in der Region fürchten um ihre Arbeitsplätze.",
+    "Der Film gewann beim Festival den Preis für das beste Drehbuch.",
+    "Die Behörden raten, bei der Hitze viel zu trinken und die Mittagssonne zu meiden.",
+    "Ein Drittel der Befragten gab an, mit ihrer Arbeit unzufrieden zu sein.",
+    "Die Brücke ist marode und muss in den nächsten Jahren ersetzt werden.",
+    "Die Partei hat sich auf einen neuen Vorsitzenden geeinigt.",
+    "Der Ölpreis ist wegen der Spannungen im Nahen Osten stark gestiegen.",
+    "Die Schauspielerin erzählt in ihrem Buch von ihrer schwierigen Kindheit.",
+    "Die Stadtwerke erhöhen zum Jahresbeginn die Preise für Gas und Wasser.",
+    "Mehrere Tausend Menschen demonstrierten am Samstag für mehr Klimaschutz.",
+    "Die Software enthält eine Sicherheitslücke, die schnell geschlossen werden muss.",
+    "Das Gericht gab der Klage der Anwohner gegen den Bau der Fabrik statt.",
+    "Die Mannschaft verlor zum dritten Mal in Folge und steht nun auf dem letzten Platz.",
+    "Die Zahl der Geburten ist im vergangenen Jahr gesunken.",
+    "Der Hersteller ruft wegen defekter Bremsen mehrere Tausend Fahrräder zurück.",
+    "Auf dem Weihnachtsmarkt werden in diesem Jahr mehr Besucher erwartet.",
+    "Die Kommission legte einen Plan zur Reform des Rentensystems vor.",
+    "Wissenschaftler haben ein Medikament entwickelt, das den Verlauf der Krankheit verlangsamt.",
+    "Die Reederei setzt künftig Schiffe ein, die mit Flüssiggas fahren.",
+    "Das Hochwasser hat die Altstadt in der Nacht erreicht.",
+    "Die Firma wurde für ihre nachhaltige Produktion ausgezeichnet.",
+    "Die Lehrer beklagen zu große Klassen und zu wenig Personal.",
+    "Der Minister trat nach wochenlanger Kritik von seinem Amt zurück.",
+    "Die Inflation lag im November bei 2,3 Prozent.",
+    "Der Marathon führte die Läufer durch die schönsten Viertel der Stadt.",
+    "Die Polizei hat am Dienstag zwei Verdächtige festgenommen.",
+    "Das Museum erhielt eine großzügige Spende eines privaten Sammlers.",
+    "Die Bürger können ab sofort ihren Ausweis online beantragen.",
+]
+GERMAN_TEMPLATES = [
+    "Translate German to English: {s}",
+    "Translate the following German text into English: {s}",
+]
+
+QUESTION_FORMS = [
+    ("Who wrote {x}?", ["Pride and Prejudice", "Moby-Dick", "War and Peace", "The Odyssey", "Don Quixote", "Hamlet",
+                        "Nineteen Eighty-Four", "The Great Gatsby", "Frankenstein", "Jane Eyre", "The Little Prince",
+                        "Crime and Punishment", "The Hobbit", "Les Misérables", "Faust"]),
+    ("What is the capital of {x}?", ["Canada", "Australia", "Brazil", "Kenya", "Japan", "Egypt", "Argentina", "Poland",
+                                     "Turkey", "Vietnam", "Sweden", "Chile", "Nigeria", "Thailand", "Switzerland"]),
+    ("When did {x} take place?", ["the French Revolution", "the first moon landing", "the fall of the Berlin Wall",
+                                  "the Battle of Hastings", "the signing of the Magna Carta", "the first modern Olympic Games",
+                                  "the sinking of the Titanic", "the Russian Revolution", "the Boston Tea Party",
+                                  "the end of World War II"]),
+    ("Who invented {x}?", ["the telephone", "the light bulb", "the World Wide Web", "the printing press", "dynamite",
+                           "the steam engine", "the airplane", "the radio", "the telescope", "the diesel engine"]),
+    ("Where is {x} located?", ["the Eiffel Tower", "Machu Picchu", "the Taj Mahal", "Mount Kilimanjaro", "the Great Barrier Reef",
+                               "the Colosseum", "Angkor Wat", "Stonehenge", "the Acropolis", "the Grand Canyon",
+                               "Petra", "the Sahara Desert"]),
+    ("What does {x} stand for?", ["NASA", "UNESCO", "GDP", "HTML", "DNA", "CPU", "NATO", "WHO", "USB", "PDF", "SQL", "LED"]),
+    ("How many {x}?", ["bones are there in the adult human body", "players are on a basketball team on court",
+                       "planets are in the solar system", "strings does a standard guitar have", "days are in a leap year",
+                       "keys does a standard piano have", "teeth does an adult human have", "legs does a spider have",
+                       "sides does a hexagon have", "minutes are in a day"]),
+    ("Who was {x}?", ["Marie Curie", "Leonardo da Vinci", "Nelson Mandela", "Ada Lovelace", "Genghis Khan", "Frida Kahlo",
+                      "Isaac Newton", "Cleopatra", "Mahatma Gandhi", "Ludwig van Beethoven", "Alan Turing", "Joan of Arc"]),
+]
+
+
+def _word_problem_2(rng: random.Random) -> str:
+    n, m = rng.sample(NAMES, 2)
+    a, b, c = rng.randint(10, 90), rng.randint(2, 12), rng.randint(2, 9)
+    pct = rng.choice([10, 15, 20, 25, 30, 40, 50])
+    price = rng.randint(5, 120)
+    forms = [
+        f"A jacket costs ${price * 4}. It is on sale for {pct}% off. What is the sale price?",
+        f"{n} scored {a}, {a + b}, and {a - c} points in three games. What was the average score?",
+        f"{n} is {b} years older than {m}. In {c} years their ages will add up to {2 * a + b + 2 * c}. How old is {m} now?",
+        f"A recipe needs {b} cups of flour for {c} servings. How much flour is needed for {c * 3} servings?",
+        f"A tank holds {a * 10} liters. It is {pct}% full. How many more liters are needed to fill it?",
+        f"{n} saves ${b * 5} every week. How many weeks will it take to save ${b * 5 * c * 4}?",
+        f"The ratio of cats to dogs at a shelter is {c}:{b}. There are {c * a} cats. How many dogs are there?",
+        f"{n} walks {b} kilometers in {c * 15} minutes. At the same pace, how long does it take to walk {b * 3} kilometers?",
+        f"A farmer has {a} chickens and {b * 3} cows. How many legs do the animals have in total?",
+        f"{n} bought {b} notebooks at ${c} each and {c} pens at ${b // 2 + 1} each. {n} paid with ${b * c + c * (b // 2 + 1) + 10}. How much change was left?",
+    ]
+    return rng.choice(forms) + rng.choice(["", " Explain your reasoning.", " Show the steps.", " Let's think step by step."])
+
+
+def more_prompts(seed: int = 0, start_id: int = 20_000) -> list[dict]:
+    """The second set, ~1,100 instructions, deterministic in `seed`; ids from `start_id` on."""
+    rng = random.Random(seed + 1)
+    rows: list[tuple[str, str]] = []
+    for t in TOPICS_2:
+        for cat, tpl in rng.sample(TEMPLATES_2, 5):
+            rows.append((cat, tpl.format(t=t)))
+    for p in PLACES:
+        for cat, tpl in PLACE_TEMPLATES:
+            rows.append((cat, tpl.format(p=p)))
+    for who in PERSONAS:
+        for q in rng.sample(PERSONA_QUESTIONS, 3):
+            rows.append(("roleplay", f"Pretend to be {who} in this conversation. {q}"))
+    for s in GERMAN:
+        for tpl in GERMAN_TEMPLATES:
+            rows.append(("translation", tpl.format(s=s)))
+    for form, xs in QUESTION_FORMS:
+        for x in xs:
+            rows.append(("qa", form.format(x=x)))
+    for _ in range(160):
+        rows.append(("math", _word_problem_2(rng)))
+    rows = list({text: (cat, text) for cat, text in rows}.values())  # a word problem may come twice
+    rng.shuffle(rows)
+    return [{"id": start_id + i, "category": cat, "prompt": text} for i, (cat, text) in enumerate(rows)]
