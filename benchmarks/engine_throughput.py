@@ -1,10 +1,11 @@
 """Engine throughput: batch-1 decode speed and total throughput with N concurrent requests.
 
-    python benchmarks/engine_throughput.py --concurrency 1,16 --max-tokens 128 --mode off
+    python benchmarks/engine_throughput.py --concurrency 1,16 --max-tokens 128 --mode off [--kv-cache-dtype fp16]
 
 Greedy, fp32, the bundled model, Spec-Bench first turns (chat template), `ignore_eos` so every
 request decodes exactly --max-tokens tokens; a warm-up request is excluded. With --profile, a
-torch profiler table of one batch-1 request shows where the time goes.
+torch profiler table of one batch-1 request shows where the time goes. --out's JSON keeps every
+request's token ids (`outputs`), so two runs (say, the two K/V cache types) can be compared.
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ def main() -> None:
     ap.add_argument("--mode", default="off")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--kv-cache-dtype", choices=("auto", "fp16"), default="auto")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     folder = prepare_model(None, progress=False)
-    eng = LLMEngine(EngineConfig(model=str(folder), spec=SpecConfig(mode=args.mode), max_num_seqs=256))
+    eng = LLMEngine(EngineConfig(model=str(folder), spec=SpecConfig(mode=args.mode), max_num_seqs=256,
+                                 kv_cache_dtype=args.kv_cache_dtype))
     levels = [int(c) for c in args.concurrency.split(",")]
     ps = prompts(eng.tokenizer, max(levels))
 
@@ -61,8 +64,10 @@ def main() -> None:
         t = time.perf_counter()
         res = eng.generate(reqs)
         dt = time.perf_counter() - t
+        outputs[tag] = [list(r.token_ids) for r in res]
         return sum(len(r.token_ids) for r in res), dt
 
+    outputs: dict[str, list[list[int]]] = {}  # per run tag: each request's token ids
     run(ps[:1], "warm")
     rows = []
     for c in levels:
@@ -80,8 +85,9 @@ def main() -> None:
         r["vs_batch1"] = round(r["tokens_per_s"] / base, 2)
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
               "model": folder.name, "mode": args.mode, "max_tokens": args.max_tokens, "date": time.strftime("%Y-%m-%d"),
-              "load_average_at_start": os.getloadavg()[0], "rows": rows}
+              "kv_cache_dtype": args.kv_cache_dtype, "load_average_at_start": os.getloadavg()[0], "rows": rows}
     print(json.dumps(report, indent=1))
+    report["outputs"] = outputs  # after the print: token ids, to compare runs (e.g. the cache types)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     if args.profile:

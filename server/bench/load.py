@@ -326,9 +326,11 @@ def vllm_serve_cmd(python: str, model: str, port: int, max_seqs: int, prefix_cac
             "--kv-cache-memory-bytes", str(1 << 30), "--max-num-seqs", str(max_seqs), "--max-model-len", "4096"]
 
 
-def via_sd_serve_cmd(model: str, port: int, max_seqs: int, drafter: str | None, prefix_caching: bool = False) -> list[str]:
+def via_sd_serve_cmd(model: str, port: int, max_seqs: int, drafter: str | None, prefix_caching: bool = False,
+                     kv_cache_dtype: str = "auto") -> list[str]:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--host", HOST, "--port", str(port),
-           "--spec-mode", "three_tier", "--max-num-seqs", str(max_seqs), prefix_flag(prefix_caching)]
+           "--spec-mode", "three_tier", "--max-num-seqs", str(max_seqs), prefix_flag(prefix_caching),
+           "--kv-cache-dtype", kv_cache_dtype]
     return cmd + (["--drafter", drafter] if drafter else [])
 
 
@@ -354,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-caching", choices=("on", "off"), default="off",
                    help="both servers' prefix cache (default off: the same prompts are sent at every concurrency); "
                         "`on` sends every prompt once before measuring, so that every point reads them cached")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp16"), default="auto", help="our server's K/V cache type")
     p.add_argument("--out", default="benchmarks/results/load.json")
     return p
 
@@ -429,7 +432,8 @@ def main(argv: list[str]) -> int:
     try:
         if modes:
             port = args.port or free_port()
-            cmd = via_sd_serve_cmd(str(folder), port, max(concs), args.drafter, args.prefix_caching == "on")
+            cmd = via_sd_serve_cmd(str(folder), port, max(concs), args.drafter, args.prefix_caching == "on",
+                                   args.kv_cache_dtype)
             srv = start_server("via-sd", cmd, port, out.parent)
             servers.append(srv)
             why = wait_healthy(srv, args.start_timeout)
@@ -468,7 +472,7 @@ def main(argv: list[str]) -> int:
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "settings": {"concurrency": concs, "requests": args.requests, "max_tokens": args.max_tokens,
                            "endpoint": args.endpoint, "prompts": len(prompts), "turns": args.turns,
-                           "prefix_caching": args.prefix_caching},
+                           "prefix_caching": args.prefix_caching, "kv_cache_dtype": args.kv_cache_dtype},
               "load": [asdict(p) for p in points], "skipped": skipped}
     out.write_text(json.dumps(report, indent=1) + "\n")
     table = render_load_table(report["load"])

@@ -171,6 +171,10 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: int | None = None  # None: sized from kv_cache_memory_gb
     kv_cache_memory_gb: float = 1.0
+    # the K/V cache's element type, as vLLM's --kv-cache-dtype: "auto" = the model's dtype
+    # (lossless), "fp16" = half the bytes per token (twice the blocks in the same memory, half the
+    # bytes attention reads; each key and value rounded once to fp16: lossy, measured in the README)
+    kv_cache_dtype: Literal["auto", "fp16"] = "auto"
     max_model_len: int | None = None  # None: the model's own
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048

@@ -48,7 +48,7 @@ class LLMEngine:
         self.tokenizer = tokenizer or Tokenizer.from_folder(path, extra_eos=mcfg.eos_token_ids)
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mcfg.eos_token_ids)
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
-        dtype = DTYPES[config.dtype]
+        dtype = DTYPES[config.dtype] if config.kv_cache_dtype == "auto" else torch.float16
         num_blocks = config.num_blocks or KVCache.num_blocks_for_memory(mcfg, config.block_size, config.kv_cache_memory_gb, dtype)
         self.cache = KVCache(mcfg, num_blocks, config.block_size, dtype, self.model.device)
         self.runner = ModelRunner(self.model, self.cache, cuda_graphs=config.cuda_graphs)

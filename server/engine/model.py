@@ -541,8 +541,8 @@ class LlamaModel:
         qk = qkv[:, : (nh + nkv) * hd].view(n, nh + nkv, hd)
         qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin  # rotary, q and k at once
         q, k = qk.split([nh, nkv], dim=1)
-        kc[slot_mapping] = k
-        vc[slot_mapping] = qkv[:, (nh + nkv) * hd :].view(n, nkv, hd)
+        kc[slot_mapping] = k.to(kc.dtype)
+        vc[slot_mapping] = qkv[:, (nh + nkv) * hd :].view(n, nkv, hd).to(vc.dtype)
         return q
 
     @staticmethod
@@ -573,8 +573,8 @@ class LlamaModel:
         G = nh // nkv
         B, Q = batch.q_index.shape
         flat = batch.ctx_slots.view(-1)
-        keys = kc.index_select(0, flat).view(B, -1, nkv, hd).transpose(1, 2)  # [B, nkv, L, hd]
-        vals = vc.index_select(0, flat).view(B, -1, nkv, hd).transpose(1, 2)
+        keys = kc.index_select(0, flat).to(q.dtype).view(B, -1, nkv, hd).transpose(1, 2)  # [B, nkv, L, hd]
+        vals = vc.index_select(0, flat).to(q.dtype).view(B, -1, nkv, hd).transpose(1, 2)
         if single:
             qp = q.unsqueeze(0)  # [1, Q, nh, hd]
         else:
@@ -617,8 +617,8 @@ class LlamaModel:
         for f, n, st, b in segments:
             end = st + n
             slots = batch.ctx_slots[b, :end]
-            keys = kc.index_select(0, slots).transpose(0, 1).unsqueeze(0)  # [1, nkv, end, hd]
-            vals = vc.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+            keys = kc.index_select(0, slots).to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, nkv, end, hd]
+            vals = vc.index_select(0, slots).to(q.dtype).transpose(0, 1).unsqueeze(0)
             qs = q[f:f + n].transpose(0, 1).unsqueeze(0)  # [1, nh, n, hd]
             if n == 1 or st == 0:  # one query sees everything; a chunk from 0 is plain causal
                 att = F.scaled_dot_product_attention(qs, keys, vals, is_causal=n > 1, scale=scale, enable_gqa=True)

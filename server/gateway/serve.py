@@ -45,6 +45,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=None, help="requests in the running batch")
     parser.add_argument("--max-waiting", type=int, default=None, help="waiting queue bound; 429 beyond it")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=None)
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp16"), default="auto",
+                        help="embedded engine: the K/V cache's type; auto = the model's (lossless), fp16 = half "
+                        "the memory and attention bytes per token, lossy (each key and value rounded to fp16)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                         help="reuse the KV cache of prompt prefixes across requests (default on, as in vLLM; "
@@ -106,6 +109,7 @@ def engine_config(s: argparse.Namespace, model_folder: Path) -> EngineConfig:
         max_num_seqs=s.max_num_seqs if s.max_num_seqs is not None else base.max_num_seqs,
         max_waiting=s.max_waiting if s.max_waiting is not None else base.max_waiting,
         kv_cache_memory_gb=s.kv_cache_memory_gb if s.kv_cache_memory_gb is not None else base.kv_cache_memory_gb,
+        kv_cache_dtype=getattr(s, "kv_cache_dtype", base.kv_cache_dtype),
         max_model_len=s.max_model_len if s.max_model_len is not None else base.max_model_len,
         enable_prefix_caching=getattr(s, "enable_prefix_caching", base.enable_prefix_caching),
         tensor_parallel_size=s.tensor_parallel_size,
@@ -135,6 +139,9 @@ def build_engine(s: argparse.Namespace):
         except ImportError as e:
             raise SystemExit(f"via-sd serve: the embedded engine cannot be imported ({e})") from None
         return EmbeddedAsyncEngine(config)
+    if config.kv_cache_dtype != "auto":
+        raise SystemExit("via-sd serve: --kv-cache-dtype fp16 is the embedded engine's; on --backend vllm the "
+                         "cache type is vLLM's own (auto)")
     try:
         import importlib.util
 

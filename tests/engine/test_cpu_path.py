@@ -4,6 +4,7 @@ and the engine's outputs with and without the kernels."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -163,3 +164,38 @@ def test_greedy_pass_reads_the_lm_head_in_fp16_and_keeps_the_argmax(tiny_model_d
     assert torch.equal(fast.logits.argmax(-1), full.logits.argmax(-1))
     assert not torch.equal(fast.logits, full.logits)  # the fp16 values where no argmax can be
     assert bool((fast.logits <= fast.logits.amax(-1, keepdim=True)).all())
+
+
+def test_fp16_kv_cache_engine_is_close_to_fp32_and_lossless_between_modes(tiny_model_dir):
+    """`kv_cache_dtype="fp16"`: twice the blocks in the same memory; prefill (torch's attention
+    over the widened cache) and decode (the kernel) both read the rounded values, so the logits
+    stay within fp16's rounding of the fp32 cache's, `binary` still equals `off`, and every block
+    comes back. Without the kernels the same engine runs on torch's ops."""
+    from server.engine.config import EngineConfig, SpecConfig
+    from server.engine.engine import LLMEngine
+
+    base = EngineConfig(model=str(tiny_model_dir), kv_cache_memory_gb=0.01, spec=SpecConfig(drafter="ngram"))
+    e32 = LLMEngine(base)
+    e16 = LLMEngine(replace(base, kv_cache_dtype="fp16"))
+    assert e16.cache.k[0].dtype == torch.float16 and e32.cache.k[0].dtype == torch.float32
+    assert e16.cache.num_blocks == 2 * e32.cache.num_blocks
+    prompts = [[1, 5, 9, 4, 7, 1, 5, 9], [2, 8, 8, 3], [6] * 12, list(range(3, 60))]
+    off16 = [r.token_ids for r in e16.generate(greedy_requests(prompts, 24, "off", prefix="o"))]
+    bin16 = [r.token_ids for r in e16.generate(greedy_requests(prompts, 24, "binary", prefix="b"))]
+    assert off16 == bin16
+    with cpu.disabled():
+        ref16 = [r.token_ids for r in e16.generate(greedy_requests(prompts, 24, "off", prefix="t"))]
+    assert ref16 == off16
+    assert_pool_full(e16)
+    # the logits of one pass: fp16 K/V move them by about fp16's rounding, not more
+    model = e32.model
+    outs = {}
+    for dt in (torch.float32, torch.float16):
+        kv = KVCache(model.cfg, 16, 8, dt)
+        t = kv.new_table()
+        t.ensure(kv.pool, 64)
+        with torch.inference_mode():
+            model.forward(build_batch([Chunk(t, 0, list(range(3, 40)), 1)]), kv.k, kv.v)
+            outs[dt] = model.forward(build_batch([Chunk(t, 37, [7, 8, 9], 3)]), kv.k, kv.v).logits
+    diff = (outs[torch.float16] - outs[torch.float32]).abs().max().item()
+    assert 0 < diff < 1e-2 * outs[torch.float32].abs().max().item()

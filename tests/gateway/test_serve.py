@@ -54,7 +54,10 @@ def test_engine_config_from_flags(tmp_path):
     assert cfg.model == str(tmp_path) and cfg.dtype == "bfloat16"
     assert (cfg.max_num_seqs, cfg.max_waiting, cfg.kv_cache_memory_gb) == (3, 5, 0.25)
     assert (cfg.spec.mode, cfg.spec.drafter, cfg.spec.num_draft_tokens) == ("binary", "self", 5)
-    assert cfg.device == "cpu" and cfg.enable_prefix_caching
+    assert cfg.device == "cpu" and cfg.enable_prefix_caching and cfg.kv_cache_dtype == "auto"
+    assert serve.engine_config(serve.resolve_settings(parse(["--kv-cache-dtype", "fp16"])), tmp_path).kv_cache_dtype == "fp16"
+    with pytest.raises(SystemExit):
+        parse(["--kv-cache-dtype", "fp8"])
 
 
 def test_prefix_caching_flag_and_environment(tmp_path, monkeypatch):
@@ -80,6 +83,9 @@ def test_missing_vllm_backend_is_a_clear_exit(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "server.vllm_plugin.backend", None)  # as if not installed
     s = serve.resolve_settings(parse(["--model", str(folder), "--backend", "vllm"]))
     with pytest.raises(SystemExit, match="--backend vllm needs vLLM"):
+        serve.build_engine(s)
+    s = serve.resolve_settings(parse(["--model", str(folder), "--backend", "vllm", "--kv-cache-dtype", "fp16"]))
+    with pytest.raises(SystemExit, match="kv-cache-dtype fp16 is the embedded engine's"):
         serve.build_engine(s)
 
 

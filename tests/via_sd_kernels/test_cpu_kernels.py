@@ -334,3 +334,62 @@ def test_skinny_linear_q8_0_is_bitwise_the_fp32_matrix(M):
     p = blocks.pack_q8_0(w)
     assert torch.equal(cpu.skinny_linear(x, p), cpu.skinny_linear(x, w))
     assert torch.equal(cpu.skinny_linear(x, p, r), cpu.skinny_linear(x, w, r))
+
+
+# ------------------------------------------------------------------ the fp16 K/V cache
+def test_rotate_store_into_an_fp16_cache_rounds_the_fp32_values_once():
+    nh, nkv, hd, n, P = 6, 2, 16, 40, 100
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(n, (nh + 2 * nkv) * hd, generator=g) * 4
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    emb = torch.cat([torch.outer(torch.arange(P, dtype=torch.float64), inv)] * 2, dim=-1)
+    cos, sin = emb.cos().float(), emb.sin().float()
+    pos = torch.randint(0, P, (n,), generator=g)
+    slots = torch.randperm(80, generator=g)[:n]
+    k32, v32 = torch.zeros(80, nkv, hd), torch.zeros(80, nkv, hd)
+    k16, v16 = torch.zeros(80, nkv, hd, dtype=torch.float16), torch.zeros(80, nkv, hd, dtype=torch.float16)
+    q32 = cpu.rotate_store(qkv, cos, sin, pos, slots, k32, v32, nh, nkv)
+    q16 = cpu.rotate_store(qkv, cos, sin, pos, slots, k16, v16, nh, nkv)
+    assert torch.equal(q16, q32)  # the queries stay fp32
+    assert torch.equal(k16, k32.half()) and torch.equal(v16, v32.half())
+    with pytest.raises(RuntimeError, match="fp32 or fp16"):
+        cpu.rotate_store(qkv, cos, sin, pos, slots, k16, v32, nh, nkv)
+    with pytest.raises(RuntimeError, match="fp32 or fp16"):
+        cpu.rotate_store(qkv, cos, sin, pos, slots, k16.bfloat16(), v16.bfloat16(), nh, nkv)
+
+
+@pytest.mark.parametrize("nh,nkv,hd", [(9, 3, 64), (4, 2, 24), (2, 1, 40)])
+def test_paged_attention_on_an_fp16_cache_is_the_fp32_kernel_on_the_rounded_values(nh, nkv, hd):
+    """The fp16 cache changes nothing but the stored values: attention over it is bitwise the fp32
+    kernel's over an fp32 cache holding the same (rounded) keys and values. And it stays
+    independent of the pass, so `binary` is still lossless against `off` on the same cache type."""
+    g = torch.Generator().manual_seed(11 + hd)
+    P, n_ctx = 512, 300
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    emb = torch.cat([torch.outer(torch.arange(P, dtype=torch.float64), inv)] * 2, -1)
+    cos, sin = emb.cos().float(), emb.sin().float()
+    blocks = torch.randperm(P // 16 - 1, generator=g)
+    ctx = (blocks[:, None] * 16 + torch.arange(16)).reshape(1, -1)[:, : n_ctx + 5]
+    spare = torch.arange(P - 16, P - 11)  # a block outside every context
+    k16 = torch.randn(P, nkv, hd, generator=g).half()
+    v16 = torch.randn(P, nkv, hd, generator=g).half()
+    qkv = torch.randn(5, (nh + 2 * nkv) * hd, generator=g) * 3
+    positions = torch.arange(n_ctx, n_ctx + 5)
+    scale = 1 / math.sqrt(hd)
+
+    def run(rows, k, v, slots=None):
+        idx = torch.tensor(rows)
+        where = ctx[0, positions[idx]] if slots is None else slots[idx]
+        return cpu.paged_attention(qkv[idx], cos, sin, positions[idx], torch.zeros(len(rows), dtype=torch.long),
+                                   where, ctx, k, v, nh, nkv, scale)
+
+    ka, va = k16.clone(), v16.clone()
+    got = run([0, 1, 2, 3, 4], ka, va)
+    # the fp32 kernel over the fp16 call's cache, widened; its own stores go to the spare block
+    k32, v32 = ka.float(), va.float()
+    want = run([0, 1, 2, 3, 4], k32, v32, spare)
+    assert torch.equal(got, want)
+    assert torch.equal(k32[ctx[0]], ka[ctx[0]].float())  # the contexts were not written by the fp32 call
+    kb, vb = k16.clone(), v16.clone()
+    alone = torch.cat([run([t], kb, vb) for t in range(5)])
+    assert torch.equal(got, alone) and torch.equal(ka, kb) and torch.equal(va, vb)

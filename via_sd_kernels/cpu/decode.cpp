@@ -452,20 +452,37 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
 }
 
 // Rotary on one head's hd values: the layout of paged_attention and of the torch forward
-static inline void rotate_head(const float* x, const float* c, const float* s, float* out, int64_t half) {
+template <typename O>
+static inline void rotate_head(const float* x, const float* c, const float* s, O* out, int64_t half) {
   for (int64_t i = 0; i < half; ++i) {
-    out[i] = x[i] * c[i] - x[i + half] * s[i];
-    out[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+    out[i] = O(x[i] * c[i] - x[i + half] * s[i]);
+    out[i + half] = O(x[i + half] * c[i + half] + x[i] * s[i + half]);
   }
+}
+
+// The K/V cache holds fp32 (the model's own values) or fp16 (`--kv-cache-dtype fp16`: half the
+// bytes that attention reads, rounded once when stored; read back exactly by load16).
+template <typename C>
+static C* cache_ptr(torch::Tensor& t) {
+  if constexpr (std::is_same_v<C, float>) return t.data_ptr<float>();
+  else return reinterpret_cast<_Float16*>(t.data_ptr<at::Half>());
+}
+
+static bool half_cache(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const char* who) {
+  const auto dt = k_cache.scalar_type();
+  TORCH_CHECK(dt == v_cache.scalar_type() && (dt == at::kFloat || dt == at::kHalf), who,
+              ": K/V caches fp32 or fp16, both the same");
+  return dt == at::kHalf;
 }
 
 // Rotary on the queries and keys of qkv [N, (nh + 2 nkv) hd], the rotated keys and the values
 // into the cache at slot_mapping; returns the rotated queries [N, nh hd]. paged_attention's first
 // half, and on its own for passes whose attention runs elsewhere (prefill chunks).
-torch::Tensor rotate_store(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
-                           const torch::Tensor& positions, const torch::Tensor& slot_mapping, torch::Tensor k_cache,
-                           torch::Tensor v_cache, int64_t nh, int64_t nkv) {
-  TORCH_CHECK(qkv.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat, "rotate_store: fp32");
+template <typename C>
+torch::Tensor rotate_store_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                                const torch::Tensor& positions, const torch::Tensor& slot_mapping, torch::Tensor k_cache,
+                                torch::Tensor v_cache, int64_t nh, int64_t nkv) {
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat, "rotate_store: fp32 projections");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "rotate_store: contiguous caches");
   auto q3 = qkv.contiguous();
   auto cs = cos.contiguous();
@@ -482,8 +499,8 @@ torch::Tensor rotate_store(const torch::Tensor& qkv, const torch::Tensor& cos, c
   const float* sp = sn.data_ptr<float>();
   const int64_t* posp = pos.data_ptr<int64_t>();
   const int64_t* slp = slots.data_ptr<int64_t>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
+  C* kc = cache_ptr<C>(k_cache);
+  C* vc = cache_ptr<C>(v_cache);
   const int64_t row = nkv * hd;
   auto out = torch::empty({N, nh * hd}, q3.options());
   float* op = out.data_ptr<float>();
@@ -493,15 +510,28 @@ torch::Tensor rotate_store(const torch::Tensor& qkv, const torch::Tensor& cos, c
       const float* c = cp + posp[t] * hd;
       const float* s = sp + posp[t] * hd;
       for (int64_t h = 0; h < nh; ++h) rotate_head(src + h * hd, c, s, op + (t * nh + h) * hd, half);
-      float* kd = kc + slp[t] * row;
-      float* vd = vc + slp[t] * row;
+      C* kd = kc + slp[t] * row;
+      C* vd = vc + slp[t] * row;
       for (int64_t h = 0; h < nkv; ++h) {
         rotate_head(src + (nh + h) * hd, c, s, kd + h * hd, half);
-        std::memcpy(vd + h * hd, src + (nh + nkv + h) * hd, hd * sizeof(float));
+        const float* v = src + (nh + nkv + h) * hd;
+        if constexpr (std::is_same_v<C, float>) {
+          std::memcpy(vd + h * hd, v, hd * sizeof(float));
+        } else {
+          for (int64_t i = 0; i < hd; ++i) vd[h * hd + i] = C(v[i]);
+        }
       }
     }
   });
   return out;
+}
+
+torch::Tensor rotate_store(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                           const torch::Tensor& positions, const torch::Tensor& slot_mapping, torch::Tensor k_cache,
+                           torch::Tensor v_cache, int64_t nh, int64_t nkv) {
+  if (half_cache(k_cache, v_cache, "rotate_store"))
+    return rotate_store_impl<_Float16>(qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, nh, nkv);
+  return rotate_store_impl<float>(qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, nh, nkv);
 }
 
 // Rotary embedding, K/V store into the paged cache, and causal attention over each token's
@@ -512,12 +542,13 @@ torch::Tensor rotate_store(const torch::Tensor& qkv, const torch::Tensor& cos, c
 //   ctx_slots  [B, L] cache slot of each context position of each sequence
 // Token t attends to positions 0..positions[t] of its sequence. Grouped-query: head h reads K/V
 // head h / (nh / nkv). Returns [N, nh hd].
-torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
-                              const torch::Tensor& positions, const torch::Tensor& token_seq,
-                              const torch::Tensor& slot_mapping, const torch::Tensor& ctx_slots,
-                              torch::Tensor k_cache, torch::Tensor v_cache, int64_t nh, int64_t nkv, double scale) {
+template <typename C>
+torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                                   const torch::Tensor& positions, const torch::Tensor& token_seq,
+                                   const torch::Tensor& slot_mapping, const torch::Tensor& ctx_slots,
+                                   torch::Tensor k_cache, torch::Tensor v_cache, int64_t nh, int64_t nkv, double scale) {
   // rotated queries, and K/V of the new tokens into the cache (before any token reads them)
-  const auto q = rotate_store(qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, nh, nkv);
+  const torch::Tensor q = rotate_store_impl<C>(qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, nh, nkv);
   auto pos = positions.contiguous();
   auto seq = token_seq.contiguous();
   auto ctx = ctx_slots.contiguous();
@@ -529,9 +560,9 @@ torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tensor& cos
   const int64_t* posp = pos.data_ptr<int64_t>();
   const int64_t* seqp = seq.data_ptr<int64_t>();
   const int64_t* ctxp = ctx.data_ptr<int64_t>();
-  const float* kc = k_cache.data_ptr<float>();
-  const float* vc = v_cache.data_ptr<float>();
-  const int64_t row = nkv * hd;  // floats per cache slot
+  const C* kc = cache_ptr<C>(k_cache);
+  const C* vc = cache_ptr<C>(v_cache);
+  const int64_t row = nkv * hd;  // values per cache slot
 
   auto out = torch::empty({N, nh * hd}, q.options());
   float* op = out.data_ptr<float>();
@@ -574,14 +605,14 @@ torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tensor& cos
       // the same whatever else shares the item
       const int64_t hd16 = hd & ~int64_t(15);
       for (int64_t j0 = 0; j0 < item.nmax; j0 += 16) {
-        const float* kr[16];
+        const C* kr[16];
         for (int64_t k = 0; k < 16; ++k)
           kr[k] = kc + cs_row[j0 + k < item.nmax ? j0 + k : 0] * row + item.g * hd;
         // the next block's keys are on their way while this one computes (rows are scattered
         // over the cache's blocks, and a cold layer's context comes from memory)
         for (int64_t k = 0; k < 16 && j0 + 16 + k < item.nmax; ++k) {
           const char* nk = reinterpret_cast<const char*>(kc + cs_row[j0 + 16 + k] * row + item.g * hd);
-          for (int64_t b = 0; b < hd * 4; b += 64) __builtin_prefetch(nk + b, 0, 3);
+          for (int64_t b = 0; b < hd * int64_t(sizeof(C)); b += 64) __builtin_prefetch(nk + b, 0, 3);
         }
         for (int64_t a = 0; a < nq; ++a) {
           v16 acc[16];
@@ -595,7 +626,8 @@ torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tensor& cos
             float tail[16];
             for (int64_t k = 0; k < 16; ++k) {
               float t = 0.f;
-              for (int64_t d = hd16; d < hd; ++d) t += qv[a][d] * kr[k][d];
+              // fused explicitly: the same operations whichever type the cache holds
+              for (int64_t d = hd16; d < hd; ++d) t = std::fma(qv[a][d], float(kr[k][d]), t);
               tail[k] = t;
             }
             sc16 = sc16 + load16(tail);
@@ -639,10 +671,10 @@ torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tensor& cos
         for (int64_t a = 0; a < QC; ++a)
           for (int64_t c = 0; c < NC; ++c) acc[a][c] = v16{};
         for (int64_t j = 0; j < item.nmax; ++j) {
-          const float* vv = vc + cs_row[j] * row + item.g * hd + c0;
+          const C* vv = vc + cs_row[j] * row + item.g * hd + c0;
           if (j + 8 < item.nmax) {
             const char* nv = reinterpret_cast<const char*>(vc + cs_row[j + 8] * row + item.g * hd + c0);
-            for (int64_t b = 0; b < NC * 64; b += 64) __builtin_prefetch(nv + b, 0, 3);
+            for (int64_t b = 0; b < NC * 16 * int64_t(sizeof(C)); b += 64) __builtin_prefetch(nv + b, 0, 3);
           }
           v16 vr[NC];
           for (int64_t c = 0; c < NC; ++c) vr[c] = load16(vv + 16 * c);
@@ -666,7 +698,7 @@ torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tensor& cos
       for (int64_t i = (hd / 16) * 16; i < hd; ++i)
         for (int64_t a = 0; a < nq; ++a) {
           float s = 0.f;
-          for (int64_t j = 0; j < nctx[a]; ++j) s += pbuf[a * L16 + j] * vc[cs_row[j] * row + item.g * hd + i];
+          for (int64_t j = 0; j < nctx[a]; ++j) s = std::fma(pbuf[a * L16 + j], float(vc[cs_row[j] * row + item.g * hd + i]), s);
           op[tok[a] * nh * hd + head[a] * hd + i] = s * inv[a];
         }
     }
@@ -679,6 +711,17 @@ torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tensor& cos
     work(0, n_items);
   }
   return out;
+}
+
+torch::Tensor paged_attention(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                              const torch::Tensor& positions, const torch::Tensor& token_seq,
+                              const torch::Tensor& slot_mapping, const torch::Tensor& ctx_slots,
+                              torch::Tensor k_cache, torch::Tensor v_cache, int64_t nh, int64_t nkv, double scale) {
+  if (half_cache(k_cache, v_cache, "paged_attention"))
+    return paged_attention_impl<_Float16>(qkv, cos, sin, positions, token_seq, slot_mapping, ctx_slots, k_cache,
+                                          v_cache, nh, nkv, scale);
+  return paged_attention_impl<float>(qkv, cos, sin, positions, token_seq, slot_mapping, ctx_slots, k_cache, v_cache,
+                                     nh, nkv, scale);
 }
 
 // A decoder layer's two halves in one call each (the same kernels as the separate ops, so the
