@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one key at a time around the defaults, or the full product")
     p.add_argument("--sweep-quality", choices=("prefix_agreement", "match_off"), default="prefix_agreement")
     p.add_argument("--min-quality", type=float, default=0.9, help="quality floor of the best sweep setting")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp16"), default="auto",
+                   help="our engine rows' K/V cache type (fp16: lossy; the peers keep theirs)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--load", action="store_true", help="load test of `via-sd serve` instead (see --help with --load)")
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     job = {"model": str(folder), "prompts": token_prompts, "max_tokens": args.max_tokens,
            "temperature": args.temperature, "seed": args.seed, "threads": threads, "eos_token_ids": eos,
            "warmup_tokens": min(16, args.max_tokens), "progress": not args.no_progress,
-           "max_model_len": min(model_max, -(-(longest + args.max_tokens + 16) // 256) * 256)}
+           "kv_cache_dtype": args.kv_cache_dtype, "max_model_len": min(model_max, -(-(longest + args.max_tokens + 16) // 256) * 256)}
     vllm_python = find_vllm_python(args.vllm_python)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -295,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                      "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
                      "batch_size": 1, "threads": threads, "repeats": args.repeats,
                      "peer_repeats": args.peer_repeats, "prompt_file": str(args.prompts),
-                     "interleaved": args.interleave},
+                     "interleaved": args.interleave, "kv_cache_dtype": args.kv_cache_dtype},
         "git": git,
         "runs": runs,
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],

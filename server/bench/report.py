@@ -167,7 +167,8 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
         f"- settings: {report['settings']['prompts']} prompts, max {report['settings']['max_tokens']} tokens, "
         f"temperature {report['settings']['temperature']}, batch 1"
         + ("; the engine's rows interleaved prompt by prompt in one process, peers each in its own"
-           if report["settings"].get("interleaved") else "; every row in its own process, one after another"),
+           if report["settings"].get("interleaved") else "; every row in its own process, one after another")
+        + ("; our rows' K/V cache in fp16 (lossy)" if report["settings"].get("kv_cache_dtype") == "fp16" else ""),
         f"- command: `{report['command']}`",
         "",
         "## Overall",

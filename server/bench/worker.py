@@ -47,7 +47,8 @@ def _engine(job: dict, row: dict, model=None, tokenizer=None):
     bs = EngineConfig().block_size
     blocks = -(-(int(job["max_model_len"]) + 64) // bs) + 1 if job.get("max_model_len") else None
     return LLMEngine(EngineConfig(model=job["model"], dtype=job.get("dtype", "float32"), num_threads=job["threads"],
-                                  spec=SpecConfig(**spec_kw), enable_prefix_caching=False, num_blocks=blocks),
+                                  spec=SpecConfig(**spec_kw), enable_prefix_caching=False, num_blocks=blocks,
+                                  kv_cache_dtype=job.get("kv_cache_dtype", "auto")),
                      model=model, tokenizer=tokenizer)
 
 

@@ -156,6 +156,16 @@ def test_interleaved_rows_generate_what_rows_in_their_own_processes_do(tiny_mode
     assert all(lossless[(run, q)] == lossless[("off", q)] for run, q in lossless)
 
 
+def test_fp16_kv_cache_rows(tiny_model_dir, tmp_path):
+    rc, rep = _run(tiny_model_dir, tmp_path, ["--modes", "off,binary", "--drafters", "ngram", "--kv-cache-dtype", "fp16"],
+                   "kv16")
+    assert rc == 0 and rep["settings"]["kv_cache_dtype"] == "fp16"
+    assert "K/V cache in fp16" in (tmp_path / "kv16.md").read_text()
+    lines = [json.loads(x) for x in (tmp_path / "kv16.outputs.jsonl").read_text().splitlines()]
+    by = {(x["run"], x["question_id"]): x["token_ids"] for x in lines}
+    assert all(by[("binary", q)] == by[("off", q)] for run, q in by)  # lossless against off on the same cache
+
+
 def test_interleaved_rows_take_turns_prompt_by_prompt(monkeypatch):
     from server.bench import worker
 
