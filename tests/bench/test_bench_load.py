@@ -39,6 +39,9 @@ def test_vllm_serve_runs_like_our_engine():
     on = vllm_serve_cmd("/py", "/models/m", 8123, 64, prefix_caching=True)
     assert "--enable-prefix-caching" in on and "--no-enable-prefix-caching" not in on
     assert "--enable-prefix-caching" in via_sd_serve_cmd("/models/m", 8124, 64, None, prefix_caching=True)
+    assert ours[ours.index("--kv-cache-dtype") + 1] == "auto" and build_parser().parse_args([]).kv_cache_dtype == "auto"
+    half = via_sd_serve_cmd("/models/m", 8124, 64, None, kv_cache_dtype="fp16")
+    assert half[half.index("--kv-cache-dtype") + 1] == "fp16"
 
 
 def test_summarize_and_table():
