@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from server.engine.api import GenerationRequest
-from server.engine.config import EngineConfig, SamplingParams, SpecConfig, SpecParams
+from server.engine.config import KV_CACHE_DTYPES, EngineConfig, SamplingParams, SpecConfig, SpecParams
 from server.engine.engine import LLMEngine
 from server.engine.model_files import prepare_model
 
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--mode", default="off")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--kv-cache-dtype", choices=("auto", "fp16"), default="auto")
+    ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

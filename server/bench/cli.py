@@ -28,7 +28,7 @@ from server.bench.prompts import PromptFileError, read_questions, select_prompts
 from server.bench.rows import PEERS, Row, RowError, build_rows, parse_list
 from server.bench.sweep import best_setting, pareto, parse_sweep, sweep_points, sweep_row
 from server.bench.runner import Skipped, find_vllm_python, run_interleaved, run_row
-from server.engine.config import DRAFTERS, SPEC_MODES
+from server.engine.config import DRAFTERS, KV_CACHE_DTYPES, SPEC_MODES
 
 
 def _die(msg: str, code: int = 2) -> int:
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one key at a time around the defaults, or the full product")
     p.add_argument("--sweep-quality", choices=("prefix_agreement", "match_off"), default="prefix_agreement")
     p.add_argument("--min-quality", type=float, default=0.9, help="quality floor of the best sweep setting")
-    p.add_argument("--kv-cache-dtype", choices=("auto", "fp16"), default="auto",
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="our engine rows' K/V cache type (fp16: lossy; the peers keep theirs)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")

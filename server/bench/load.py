@@ -36,7 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from server.engine.config import SPEC_MODES
+from server.engine.config import KV_CACHE_DTYPES, SPEC_MODES
 
 HOST = "127.0.0.1"  # loopback only
 DEFAULT_PROMPTS = (
@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-caching", choices=("on", "off"), default="off",
                    help="both servers' prefix cache (default off: the same prompts are sent at every concurrency); "
                         "`on` sends every prompt once before measuring, so that every point reads them cached")
-    p.add_argument("--kv-cache-dtype", choices=("auto", "fp16"), default="auto", help="our server's K/V cache type")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help="our server's K/V cache type")
     p.add_argument("--out", default="benchmarks/results/load.json")
     return p
 

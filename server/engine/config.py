@@ -13,6 +13,7 @@ SpecMode = Literal["off", "binary", "three_tier"]
 SPEC_MODES: tuple[str, ...] = ("off", "binary", "three_tier")
 DrafterName = Literal["ngram", "self", "head", "hybrid", "model"]
 DRAFTERS: tuple[str, ...] = ("ngram", "self", "head", "hybrid", "model")
+KV_CACHE_DTYPES: tuple[str, ...] = ("auto", "fp16")  # EngineConfig.kv_cache_dtype
 
 
 class ConfigError(ValueError):

@@ -21,7 +21,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from server.engine.config import DRAFTERS, SPEC_MODES, EngineConfig, SpecConfig
+from server.engine.config import DRAFTERS, KV_CACHE_DTYPES, SPEC_MODES, EngineConfig, SpecConfig
 
 log = logging.getLogger("via_sd.gateway")
 
@@ -45,7 +45,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=None, help="requests in the running batch")
     parser.add_argument("--max-waiting", type=int, default=None, help="waiting queue bound; 429 beyond it")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=None)
-    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp16"), default="auto",
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                         help="embedded engine: the K/V cache's type; auto = the model's (lossless), fp16 = half "
                         "the memory and attention bytes per token, lossy (each key and value rounded to fp16)")
     parser.add_argument("--max-model-len", type=int, default=None)
