@@ -80,9 +80,7 @@ def test_rotate_store_matches_torch_rotary_and_writes_the_cache():
     nh, nkv, hd, n, P = 6, 2, 16, 70, 200
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(n, (nh + 2 * nkv) * hd, generator=g)
-    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    emb = torch.cat([torch.outer(torch.arange(P, dtype=torch.float64), inv)] * 2, dim=-1)
-    cos, sin = emb.cos().float(), emb.sin().float()
+    cos, sin = _rope_tables(hd, P)
     pos = torch.randint(0, P, (n,), generator=g)
     slots = torch.randperm(150, generator=g)[:n]
     kc, vc = torch.zeros(150, nkv, hd), torch.zeros(150, nkv, hd)
@@ -97,6 +95,13 @@ def test_rotate_store_matches_torch_rotary_and_writes_the_cache():
     assert not kc[untouched].any() and not vc[untouched].any()
 
 
+def _rope_tables(hd: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary cos and sin tables [P, hd] (base 10000), as the model builds them."""
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    emb = torch.cat([torch.outer(torch.arange(P, dtype=torch.float64), inv)] * 2, -1)
+    return emb.cos().float(), emb.sin().float()
+
+
 def _rope(x, pos, cos, sin):
     half = x.shape[-1] // 2
     c, s = cos[pos][:, None], sin[pos][:, None]
@@ -109,10 +114,7 @@ def test_paged_attention_matches_reference(nh, nkv, hd):
     and every token attends causally to its own sequence only."""
     g = torch.Generator().manual_seed(nh * 100 + hd)
     slots, P = 96, 64
-    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    freqs = torch.outer(torch.arange(P, dtype=torch.float64), inv)
-    emb = torch.cat([freqs, freqs], -1)
-    cos, sin = emb.cos().float(), emb.sin().float()
+    cos, sin = _rope_tables(hd, P)
     kc = torch.randn(slots, nkv, hd, generator=g)
     vc = torch.randn(slots, nkv, hd, generator=g)
     # sequence 0: context 0..12, new tokens at 10, 11, 12; sequence 1: context 0..5, new token at 5
@@ -155,9 +157,7 @@ def test_paged_attention_is_bitwise_independent_of_the_pass(nh, nkv, hd):
     with its own context of a few hundred positions in scattered 16-slot blocks."""
     g = torch.Generator().manual_seed(7 + hd)
     P, n_ctx = 512, 300
-    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    emb = torch.cat([torch.outer(torch.arange(P, dtype=torch.float64), inv)] * 2, -1)
-    cos, sin = emb.cos().float(), emb.sin().float()
+    cos, sin = _rope_tables(hd, P)
     blocks = torch.randperm(P // 16, generator=g)
     ctx = (blocks[:, None] * 16 + torch.arange(16)).reshape(1, -1)[:, : n_ctx + 5]
     kc, vc = torch.randn(P, nkv, hd, generator=g), torch.randn(P, nkv, hd, generator=g)
@@ -341,9 +341,7 @@ def test_rotate_store_into_an_fp16_cache_rounds_the_fp32_values_once():
     nh, nkv, hd, n, P = 6, 2, 16, 40, 100
     g = torch.Generator().manual_seed(5)
     qkv = torch.randn(n, (nh + 2 * nkv) * hd, generator=g) * 4
-    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    emb = torch.cat([torch.outer(torch.arange(P, dtype=torch.float64), inv)] * 2, dim=-1)
-    cos, sin = emb.cos().float(), emb.sin().float()
+    cos, sin = _rope_tables(hd, P)
     pos = torch.randint(0, P, (n,), generator=g)
     slots = torch.randperm(80, generator=g)[:n]
     k32, v32 = torch.zeros(80, nkv, hd), torch.zeros(80, nkv, hd)
@@ -365,9 +363,7 @@ def test_paged_attention_on_an_fp16_cache_is_the_fp32_kernel_on_the_rounded_valu
     independent of the pass, so `binary` is still lossless against `off` on the same cache type."""
     g = torch.Generator().manual_seed(11 + hd)
     P, n_ctx = 512, 300
-    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    emb = torch.cat([torch.outer(torch.arange(P, dtype=torch.float64), inv)] * 2, -1)
-    cos, sin = emb.cos().float(), emb.sin().float()
+    cos, sin = _rope_tables(hd, P)
     blocks = torch.randperm(P // 16 - 1, generator=g)
     ctx = (blocks[:, None] * 16 + torch.arange(16)).reshape(1, -1)[:, : n_ctx + 5]
     spare = torch.arange(P - 16, P - 11)  # a block outside every context
