@@ -81,6 +81,7 @@ class _SeqPlan:
     sched: ScheduledSeq
     drafts: list[int]
     slim: bool  # runs the slim pass this step
+    bypassed: bool = False  # a three-tier step whose slim tier the controller turned off
     full: bool = False  # runs the full pass this step
     lookup: bool = True  # drafts without a probability of their own (their acceptance is estimated)
     span: int | None = None  # a prompt-lookup draft: the span of the match it copies
@@ -159,15 +160,13 @@ class SpecDecoder:
             if seq.controller is None:
                 seq.controller = self.controller.new_state()
             backlog = seq.num_tokens - 1 - seq.full_frontier
-            slim = (
-                seq.spec.mode == "three_tier"
-                and len(d) > 0
-                and backlog < cfg.max_slim_backlog
-                and self.controller.want_slim(seq.controller)
-            )
+            # a full backlog (the prompt's own last chunk among it) forces the full pass; only
+            # then is the controller asked
+            eligible = seq.spec.mode == "three_tier" and len(d) > 0 and backlog < cfg.max_slim_backlog
+            slim = eligible and self.controller.want_slim(seq.controller)
             lookup = drafts.confidence is None or drafts.confidence[i] is None
             span = drafts.spans[i] if lookup and drafts.spans is not None else None
-            plans.append(_SeqPlan(s, list(d), slim, lookup=lookup, span=span))
+            plans.append(_SeqPlan(s, list(d), slim, bypassed=eligible and not slim, lookup=lookup, span=span))
         job = SpecJob(self, plans, [], wants_hidden=self.drafter.wants_hidden)
         if drafts.draft_probs is not None:
             off = 0
@@ -412,7 +411,7 @@ class SpecDecoder:
             if seq.spec.mode == "three_tier" and n:
                 if p.slim:
                     st.controller_slim_on += 1
-                else:
+                elif p.bypassed:
                     st.controller_slim_off += 1
                 self.controller.update(seq.controller, slim_ran=p.slim, full_ran=p.full,
                                        prefix_reused=job.prefix_used, tokens=m)

@@ -103,3 +103,28 @@ def test_a_stretch_of_rejected_drafts_does_not_turn_the_slim_tier_on():
         on.append(slim)
         ctl.update(st, slim_ran=slim, full_ran=slim, prefix_reused=True, tokens=1 if i >= 5 else 3)
     assert not any(on)  # the request's own binary value fell to ~1, below the inherited 2 / 1.7
+
+
+def _slim_counts(tiny_model_dir, **spec) -> tuple[int, int]:
+    """(slim tier on, bypassed by the controller) over two greedy three-tier requests with
+    lookup drafts on the tiny model."""
+    from server.engine.api import GenerationRequest
+    from server.engine.config import EngineConfig, SamplingParams, SpecConfig, SpecParams
+    from server.engine.engine import LLMEngine
+
+    eng = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_threads=1,
+                                 spec=SpecConfig(mode="three_tier", drafter="ngram", **spec)))
+    prompt = tuple(b"the cat sat on the mat. the cat sat on the mat. the cat")
+    for i in range(2):  # one at a time: a batch of two decodes plainly (spec_max_batch)
+        eng.generate([GenerationRequest(f"r{i}", prompt, SamplingParams(max_tokens=24, temperature=0), SpecParams())])
+    st = eng.stats()
+    assert st.num_drafts > 0
+    return st.controller_slim_on, st.controller_slim_off
+
+
+def test_only_the_controller_bypasses_count_as_slim_tier_off(tiny_model_dir):
+    on, off = _slim_counts(tiny_model_dir, controller=False)
+    assert on > 0 and off == 0  # every drafted step the backlog allowed ran the slim tier
+    # every step forced to the full pass by the backlog: neither on nor bypassed
+    assert _slim_counts(tiny_model_dir, controller=False, max_slim_backlog=0) == (0, 0)
+    assert _slim_counts(tiny_model_dir, max_slim_backlog=0) == (0, 0)
