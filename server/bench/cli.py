@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs of the peer rows (hf, vllm); default: --repeats (a peer row takes minutes)")
     p.add_argument("--sweep", nargs="?", const="default", default=None,
                    help="sweep three_tier settings: 'accept_threshold=0.6,0.8;escalate_threshold=...;slim_confidence=...;"
-                        "bonus_confidence=...;gamma=3,5' (no value: a default grid)")
+                        "bonus_confidence=...;gamma=3,5;controller=0' (no value: a default grid; controller=0 runs the "
+                        "slim tier at every step)")
     p.add_argument("--sweep-mode", choices=("one_at_a_time", "full"), default="one_at_a_time",
                    help="one key at a time around the defaults, or the full product")
     p.add_argument("--sweep-quality", choices=("prefix_agreement", "match_off"), default="prefix_agreement")
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[tuple[Row, dict]] = []
     skipped: list[Skipped] = []
 
-    def run_all(todo: list[Row], label: str) -> None:
+    def run_all(todo: list[Row]) -> None:
         """Every row `--repeats` times, the order reversed on odd rounds so that a drift in the
         machine's load does not always hit the same row; a prompt keeps its fastest repeat. With
         interleaving (the default) the engine's rows run as one group, taking turns prompt by
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             group = [r for r in order if r.kind == "engine" and r.name not in failed] if args.interleave else []
             if group:
                 order = [r for r in order if r.kind != "engine"]
-                tag = f"[{label} {len(group)} engine rows interleaved" + rnd
+                tag = f"[row {len(group)} engine rows interleaved" + rnd
                 print(f"{tag} {', '.join(r.name for r in group)} ...", file=sys.stderr, flush=True)
                 res = run_interleaved(group, job, row_timeout_s=args.row_timeout)
                 for row in group:
@@ -262,20 +263,20 @@ def main(argv: list[str] | None = None) -> int:
             for i, row in enumerate(order, 1):
                 if row.name in failed or (row.kind != "engine" and rep >= args.peer_repeats):
                     continue
-                tag = f"[{label} {i}/{len(order)}" + rnd
+                tag = f"[row {i}/{len(order)}" + rnd
                 print(f"{tag} {row.name} ...", file=sys.stderr, flush=True)
                 record(tag, row, run_row(row, job, vllm_python=vllm_python, row_timeout_s=args.row_timeout))
         results.extend((row, got[row.name]) for row in todo if row.name in got)
 
-    run_all(rows, "row")
     sweep_rows: list[Row] = []
     if grid is not None:
         drafter = drafters[0] if drafters else None
         # the main three_tier row is the sweep's default point; it is not run twice
-        main_tt = next((r for r, _ in results if r.name == sweep_row({}, drafter).name), None)
+        has_main = any(r.name == sweep_row({}, drafter).name for r in rows)
         sweep_rows = [sweep_row(p, drafter) for p in sweep_points(grid, args.sweep_mode)
-                      if not (p == {} and main_tt is not None)]
-        run_all(sweep_rows, "sweep")
+                      if not (p == {} and has_main)]
+    # the sweep's points run with the rows (interleaved: taking turns with `off` prompt by prompt)
+    run_all(rows + sweep_rows)
 
     # texts and runs
     texts: dict[str, dict] = {}

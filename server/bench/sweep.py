@@ -1,5 +1,10 @@
 """The three_tier settings sweep: a grid over accept_threshold, escalate_threshold,
-bonus_confidence and gamma (num_draft_tokens); one row per point; the speed-quality frontier.
+bonus_confidence, gamma (num_draft_tokens), slim_confidence and the controller; one row per point;
+the speed-quality frontier.
+
+With the controller on (the default) the slim tier runs only where it measures that it pays, so
+the thresholds act on a few steps; `controller=0` runs it at every step, which is where the
+thresholds show what the lossy tiers trade.
 
 A point is named by the settings it changes from the engine defaults, e.g. `three_tier[a=0.8,g=3]`.
 Quality is agreement with `off` (`prefix_agreement` by default, or `match_off`), since the lossy
@@ -14,9 +19,9 @@ from server.engine.config import SpecConfig
 
 # sweep keys: SpecConfig field -> short name
 SWEEP_KEYS = {"accept_threshold": "a", "escalate_threshold": "e", "bonus_confidence": "b", "num_draft_tokens": "g",
-              "slim_confidence": "c"}
+              "slim_confidence": "c", "controller": "ctl"}
 SWEEP_ALIASES = {"gamma": "num_draft_tokens", "g": "num_draft_tokens", "a": "accept_threshold",
-                 "e": "escalate_threshold", "b": "bonus_confidence", "c": "slim_confidence"}
+                 "e": "escalate_threshold", "b": "bonus_confidence", "c": "slim_confidence", "ctl": "controller"}
 
 DEFAULT_SWEEP = {
     "accept_threshold": [0.5, 0.6, 0.7, 0.8, 0.9],
@@ -29,7 +34,7 @@ DEFAULT_SWEEP = {
 
 def parse_sweep(spec: str | None) -> dict[str, list[float]]:
     """`"accept_threshold=0.6,0.8;gamma=3,5"` -> {"accept_threshold": [0.6, 0.8], "num_draft_tokens": [3, 5]}.
-    An empty or `default` spec gives DEFAULT_SWEEP."""
+    `controller` takes 0 and 1 (False, True). An empty or `default` spec gives DEFAULT_SWEEP."""
     if spec is None or spec.strip() in ("", "default"):
         return {k: list(v) for k, v in DEFAULT_SWEEP.items()}
     out: dict[str, list[float]] = {}
@@ -48,7 +53,12 @@ def parse_sweep(spec: str | None) -> dict[str, list[float]]:
             raise RowError(f"--sweep: {key} values must be numbers, got {vals!r}") from e
         if not nums:
             raise RowError(f"--sweep: {key} has no values")
-        out[key] = [int(v) for v in nums] if key == "num_draft_tokens" else nums
+        if key == "controller":
+            if any(v not in (0, 1) for v in nums):
+                raise RowError(f"--sweep: controller takes 0 or 1, got {vals!r}")
+            out[key] = [bool(v) for v in nums]
+        else:
+            out[key] = [int(v) for v in nums] if key == "num_draft_tokens" else nums
     return out
 
 

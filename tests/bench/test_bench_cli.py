@@ -212,3 +212,15 @@ def test_interleaved_run_reports_a_failed_row_as_skipped(tiny_model_dir, tmp_pat
     assert rc == 0
     assert [r["name"] for r in rep["runs"]] == ["off"]
     assert [s["name"] for s in rep["skipped"]] == ["binary_head"]
+
+
+def test_a_sweep_with_the_controller_off_runs_the_slim_tier_at_every_drafted_step(tiny_model_dir, tmp_path):
+    rc, rep = _run(tiny_model_dir, tmp_path, ["--modes", "off,three_tier", "--drafters", "ngram",
+                                              "--sweep", "ctl=0;a=0.5", "--sweep-mode", "full"], "sw")
+    assert rc == 0
+    pts = {p["name"]: p for p in rep["sweep"]["points"]}
+    assert set(pts) == {"three_tier", "three_tier[a=0.5,ctl=0]"}
+    forced = pts["three_tier[a=0.5,ctl=0]"]
+    assert forced["params"] == {"controller": False, "accept_threshold": 0.5}
+    assert forced["slim_tier_on"] == 1.0
+    assert rep["sweep"]["grid"] == {"controller": [False], "accept_threshold": [0.5]}

@@ -100,3 +100,15 @@ def test_sweep_parsing_and_points():
     assert sweep_row({}).name == "three_tier"
     with pytest.raises(RowError):
         parse_sweep("zeta=1")
+
+
+def test_sweep_turns_the_controller_off_for_every_point_of_a_full_grid():
+    grid = parse_sweep("ctl=0;a=0.5,0.9")
+    assert grid == {"controller": [False], "accept_threshold": [0.5, 0.9]}
+    pts = sweep_points(grid, "full")
+    assert pts == [{"controller": False, "accept_threshold": 0.5}, {"controller": False, "accept_threshold": 0.9}]
+    assert sweep_row(pts[0], "hybrid").name == "three_tier_hybrid[a=0.5,ctl=0]"
+    # the engine default (controller on) is not a point of its own
+    assert sweep_points(parse_sweep("controller=1"), "one_at_a_time") == [{}]
+    with pytest.raises(RowError):
+        parse_sweep("controller=2")
