@@ -26,11 +26,14 @@ bench-quick: install bench-install
 		--limit-per-category $(BENCH_LIMIT) --max-tokens $(BENCH_MAX_TOKENS) --peers $(BENCH_PEERS) \
 		--out $(BENCH_OUT)/quick.json
 
-# the three_tier speed-quality frontier over accept/escalate thresholds, bonus confidence and gamma
+# the three_tier speed-quality frontier (README): with the controller off, the slim tier runs at
+# every drafted step, so the gate's thresholds decide what the lossy tiers accept; the shipped
+# defaults (controller on) run beside it, with `off` and `binary`, taking turns prompt by prompt
+BENCH_SWEEP ?= controller=0;escalate_threshold=0.2;accept_threshold=0.3,0.5,0.7,0.9;slim_confidence=0.3,0.5,0.7,0.9
 bench-sweep: install bench-install
 	$(VENV)/bin/via-sd bench --prompts $(BENCH_PROMPTS) --categories $(BENCH_CATEGORIES) \
-		--limit-per-category $(BENCH_LIMIT) --max-tokens $(BENCH_MAX_TOKENS) --modes off,binary,three_tier \
-		--peers '' --sweep --out $(BENCH_OUT)/sweep.json
+		--limit-per-category 5 --max-tokens 128 --modes off,binary,three_tier --drafters hybrid \
+		--peers '' --sweep '$(BENCH_SWEEP)' --sweep-mode full --out $(BENCH_OUT)/sweep.json
 
 # throughput and TTFT of `via-sd serve` (and `vllm serve` when .venv-vllm exists) under concurrency
 bench-load: install bench-install
