@@ -264,9 +264,8 @@ class ViaSDRunnerMixin:
         settings = [self._request_settings(r) for r in req_ids]
         slim_on = [s.slim and n > 0 for s, n in zip(settings, num_draft)]
         if not any(slim_on):
-            for r, n in zip(req_ids, num_draft):
-                if n:
-                    self._count(r, controller_slim_off=1)
+            # no three-tier request has drafts this step; `binary` requests are not the slim
+            # tier bypassed (the plugin has no controller: `controller_slim_off` stays 0)
             return None
 
         n_tok = self._vs_sched.total_num_scheduled_tokens

@@ -59,6 +59,8 @@ def test_slim_off_equals_plain_vllm_greedy(model_folder):
         if g["mode"] == "binary":  # plugin worker, slim tier off
             assert g["token_ids"] == r["token_ids"], g["prompt"]
             assert g["via_sd"]["slim_passes"] == 0
+    # a `binary` request's drafted step is not a three-tier step whose slim tier was bypassed
+    assert got["worker_totals"].get("controller_slim_off", 0) == 0, got["worker_totals"]
 
 
 def test_prune_schedule_is_exact_and_counts_slim_passes(model_folder):
