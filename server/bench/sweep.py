@@ -56,9 +56,10 @@ def parse_sweep(spec: str | None) -> dict[str, list[float]]:
         if key == "controller":
             if any(v not in (0, 1) for v in nums):
                 raise RowError(f"--sweep: controller takes 0 or 1, got {vals!r}")
-            out[key] = [bool(v) for v in nums]
-        else:
-            out[key] = [int(v) for v in nums] if key == "num_draft_tokens" else nums
+            nums = [bool(v) for v in nums]
+        elif key == "num_draft_tokens":
+            nums = [int(v) for v in nums]
+        out[key] = nums
     return out
 
 

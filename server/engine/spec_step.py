@@ -160,8 +160,8 @@ class SpecDecoder:
             if seq.controller is None:
                 seq.controller = self.controller.new_state()
             backlog = seq.num_tokens - 1 - seq.full_frontier
-            # a full backlog (the prompt's own last chunk among it) forces the full pass; only
-            # then is the controller asked
+            # a full backlog (the prompt's own last chunk among it) forces the full pass;
+            # otherwise the controller decides, and only its "no" counts as the slim tier bypassed
             eligible = seq.spec.mode == "three_tier" and len(d) > 0 and backlog < cfg.max_slim_backlog
             slim = eligible and self.controller.want_slim(seq.controller)
             lookup = drafts.confidence is None or drafts.confidence[i] is None
