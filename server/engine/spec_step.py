@@ -31,7 +31,7 @@ import torch
 
 from server.engine.api import SpecUsage, TokenLogprob
 from server.engine.controller import SlimController
-from server.engine.draft_length import AcceptanceEstimate, LookupAcceptance, best_length
+from server.engine.draft_length import AcceptanceEstimate, LookupAcceptance, best_lengths
 from server.engine.drafters import DraftBatch, make_drafter
 from server.engine.kv_cache import Chunk
 from server.engine.scheduler import ScheduledSeq
@@ -209,24 +209,34 @@ class SpecDecoder:
         return job
 
     def _trim(self, scheduled: list[ScheduledSeq], drafts: DraftBatch) -> None:
-        """Keep each sequence's leading drafts that pay for their place in the full pass
-        (server/engine/draft_length.py). Drafts with distributions (`draft_probs`) stay whole."""
+        """Keep each sequence's leading drafts that pay for their place in the full pass, the
+        batch's sequences together (server/engine/draft_length.py, `best_lengths`). Drafts with
+        distributions (`draft_probs`) stay whole."""
         if not self.adaptive or drafts.draft_probs is not None:
             return
-        rel = self.engine.pass_costs.relative
+        chances: list[list[float]] = []
+        explore = []  # per sequence: what turns "none pays" into an occasional single token
         for i, (s, d) in enumerate(zip(scheduled, drafts.tokens)):
-            if not d:
-                continue
             conf = drafts.confidence[i] if drafts.confidence is not None else None
             span = drafts.spans[i] if drafts.spans is not None else None
-            if conf is None and span:
-                n = self.lookup_accept.length(span, len(d), rel)
+            if not d:
+                chances.append([])
+                explore.append(None)
+            elif conf is None and span:
+                chances.append(self.lookup_accept.chances(span, len(d)))
+                explore.append(lambda keep, n, span=span: self.lookup_accept.explore(span, keep, n))
             elif conf is None:
                 if s.seq.draft_accept is None:
                     s.seq.draft_accept = AcceptanceEstimate()
-                n = s.seq.draft_accept.length(len(d), rel)
+                chances.append(s.seq.draft_accept.chances(len(d)))
+                explore.append(s.seq.draft_accept.explore)
             else:
-                n = best_length(conf, rel)
+                chances.append(list(conf[: len(d)]))
+                explore.append(None)
+        keep = best_lengths(chances, self.engine.pass_costs.relative)
+        for i, (d, n) in enumerate(zip(drafts.tokens, keep)):
+            if explore[i] is not None:
+                n = explore[i](n, len(d))
             if n < len(d):
                 self.trimmed += len(d) - n
                 drafts.tokens[i] = d[:n]

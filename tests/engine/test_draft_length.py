@@ -7,7 +7,7 @@ import pytest
 
 import torch
 
-from server.engine.draft_length import AcceptanceEstimate, LookupAcceptance, PassCosts, best_length
+from server.engine.draft_length import AcceptanceEstimate, LookupAcceptance, PassCosts, best_length, best_lengths
 from server.engine.drafters.ngram import MAX_SPAN, ngram_lookup, ngram_match
 from tests.engine.helpers import assert_pool_full, greedy_requests, make_engine
 from tests.engine.test_spec import PROMPTS
@@ -28,6 +28,64 @@ def test_best_length_drops_drafts_that_do_not_pay_for_a_wider_pass():
     assert best_length([0.1, 0.1], steep) == 0  # 1.1 tokens for 1.3 steps: a plain step is better
     assert best_length([0.95, 0.95, 0.95, 0.2, 0.9], steep) == 3
     assert best_length([0.99] * 5, steep) == 5
+
+
+def test_best_lengths_of_one_sequence_is_best_length():
+    steep = lambda n: 1.0 + 0.21 * (n - 1)  # noqa: E731
+    for ch in ([], [0.1, 0.1], [0.95, 0.95, 0.95, 0.2, 0.9], [0.99] * 5, [0.3, 0.9, 0.9], [0.25]):
+        assert best_lengths([ch], steep) == [best_length(ch, steep)]
+    assert best_lengths([], steep) == []
+
+
+def test_best_lengths_asks_more_of_a_draft_as_the_batch_grows():
+    """A token buys a B-th of the pass's tokens at the same marginal cost: at a slope of 0.21 a
+    first draft token pays from a chance of 0.21 alone, about 0.35 beside one other sequence and
+    0.52 beside three."""
+    steep = lambda n: 1.0 + 0.21 * (n - 1)  # noqa: E731
+    assert best_lengths([[0.3]], steep) == [1]
+    assert best_lengths([[0.3], []], steep) == [0, 0]
+    assert best_lengths([[0.4], []], steep) == [1, 0]
+    assert best_lengths([[0.4], [], [], []], steep) == [0, 0, 0, 0]
+    assert best_lengths([[0.6], [], [], []], steep) == [1, 0, 0, 0]
+    # alone, each sequence would verify more of its draft
+    drafts = [[0.9, 0.9, 0.9], [0.7, 0.7], [0.3], [0.95, 0.5]]
+    assert [best_length(c, steep) for c in drafts] == [3, 2, 1, 2]
+    assert best_lengths(drafts, steep) == [3, 1, 0, 1]
+
+
+def test_best_lengths_keeps_a_prefix_of_each_draft_and_takes_the_likeliest_tokens_first():
+    steep = lambda n: 1.0 + 0.1 * (n - 1)  # noqa: E731
+    # the second sequence's later tokens are likelier on their own, but follow an unlikely first
+    keep = best_lengths([[0.9, 0.9, 0.9, 0.9], [0.2, 1.0, 1.0, 1.0]], steep)
+    assert keep == [4, 0]
+    # free width: everything is verified, whatever the batch
+    assert best_lengths([[0.9, 0.1], [0.05], []], flat) == [2, 1, 0]
+
+
+def test_batched_steps_trim_drafts_together_and_stay_lossless(tiny_model_dir):
+    """Two sequences speculating in one step (spec_max_batch 2) with a steep pass-cost line:
+    the drafts kept are the batch's choice, and the greedy output is `off`'s."""
+    off = make_engine(tiny_model_dir, spec={"mode": "off"})
+    want = [o.token_ids for o in off.generate(greedy_requests(PROMPTS[:2], 24))]
+    eng = make_engine(tiny_model_dir, spec={"mode": "binary", "drafter": "ngram", "spec_max_batch": 2})
+    eng.pass_costs = PassCosts(prior_slope=0.3)
+    calls = []
+    real = best_lengths
+
+    def spy(chances, rel):
+        keep = real(chances, rel)
+        calls.append((len(chances), keep))
+        return keep
+
+    import server.engine.spec_step as spec_step
+    spec_step.best_lengths = spy
+    try:
+        got = [o.token_ids for o in eng.generate(greedy_requests(PROMPTS[:2], 24))]
+    finally:
+        spec_step.best_lengths = real
+    assert got == want
+    assert any(b == 2 for b, _ in calls)  # the two sequences' drafts were weighed in one call
+    assert_pool_full(eng)
 
 
 def test_pass_costs_start_from_the_prior_then_follow_the_measured_passes():
