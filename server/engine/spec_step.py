@@ -160,9 +160,11 @@ class SpecDecoder:
             if seq.controller is None:
                 seq.controller = self.controller.new_state()
             backlog = seq.num_tokens - 1 - seq.full_frontier
-            # a full backlog (the prompt's own last chunk among it) forces the full pass;
-            # otherwise the controller decides, and only its "no" counts as the slim tier bypassed
-            eligible = seq.spec.mode == "three_tier" and len(d) > 0 and backlog < cfg.max_slim_backlog
+            # the full model reads the prompt first: a step that ends it (its last chunk, or a
+            # short prompt whole) is a full pass, as is one with a full backlog; otherwise the
+            # controller decides, and only its "no" counts as the slim tier bypassed
+            eligible = (seq.spec.mode == "three_tier" and len(d) > 0 and seq.full_frontier >= seq.num_prompt
+                        and backlog < cfg.max_slim_backlog)
             slim = eligible and self.controller.want_slim(seq.controller)
             lookup = drafts.confidence is None or drafts.confidence[i] is None
             span = drafts.spans[i] if lookup and drafts.spans is not None else None

@@ -128,3 +128,29 @@ def test_only_the_controller_bypasses_count_as_slim_tier_off(tiny_model_dir):
     # every step forced to the full pass by the backlog: neither on nor bypassed
     assert _slim_counts(tiny_model_dir, controller=False, max_slim_backlog=0) == (0, 0)
     assert _slim_counts(tiny_model_dir, max_slim_backlog=0) == (0, 0)
+
+
+def test_the_full_model_reads_a_short_prompt_before_the_slim_tier_runs(tiny_model_dir):
+    """A prompt shorter than `max_slim_backlog` that drafts at the step that ends it: that step is
+    a full pass (the slim route is never the first to read prompt tokens); later steps run the
+    slim tier (controller off)."""
+    from server.engine.api import GenerationRequest
+    from server.engine.config import EngineConfig, SamplingParams, SpecConfig, SpecParams
+    from server.engine.engine import LLMEngine
+
+    eng = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_threads=1,
+                                 spec=SpecConfig(mode="three_tier", drafter="ngram", controller=False)))
+    unread = []
+    real = eng.spec._slim_pass
+
+    def spy(job, plans):
+        unread.extend(p.sched.seq.num_prompt - p.sched.seq.full_frontier for p in plans)
+        return real(job, plans)
+
+    eng.spec._slim_pass = spy
+    prompt = tuple(b"ab ab ab ab ab ab ab a")  # 22 tokens, each 2-gram seen before: a draft at once
+    assert len(prompt) < eng.config.spec.max_slim_backlog
+    out = eng.generate([GenerationRequest("r", prompt, SamplingParams(max_tokens=24, temperature=0), SpecParams())])
+    assert out[0].via_sd.draft_tokens > 0
+    assert unread and max(unread) <= 0  # the slim tier ran, never over unread prompt tokens
+    assert eng.cache.pool.num_free == eng.cache.pool.num_usable
