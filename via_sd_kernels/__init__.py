@@ -15,7 +15,7 @@ from .gate import TIER_ACCEPT, TIER_FULL, TIER_SLIM, TIER_UNDECIDED, GateOutput,
 from .metadata import SpecMetadata
 from .route_search import Evaluation, SearchResult, matchness, search_route
 from .routes import Route, SublayerCosts
-from .verify import VerifyCounts, VerifyOutput, verify_binary, verify_three_tier
+from .verify import VerifyCounts, VerifyOutput, verify_binary, verify_binary_greedy_host, verify_three_tier
 
 __all__ = [
     "TIER_ACCEPT",
@@ -35,5 +35,6 @@ __all__ = [
     "matchness",
     "search_route",
     "verify_binary",
+    "verify_binary_greedy_host",
     "verify_three_tier",
 ]

@@ -141,6 +141,30 @@ def verify_binary(
     )
 
 
+def verify_binary_greedy_host(drafts: list[list[int]], target_argmax: list[int]) -> list[tuple[list[int], dict[str, int]]]:
+    """`verify_binary` for greedy rows and deterministic drafts, on the host: keep d_j while it is
+    the argmax of row j, then emit that row's argmax. `target_argmax` holds every row's argmax,
+    sequence by sequence (n_i + 1 rows each, as `SpecMetadata` lays them out). Per sequence, the
+    emitted tokens and the counts `verify_binary` gives (`VerifyCounts`' fields but full_emitted,
+    which is always 1 here). The same decisions as the tensor path on the same argmaxes, without
+    its thirty small tensor ops: the decode step's verification at batch 1 (tested against
+    `verify_binary`)."""
+    out = []
+    row = 0
+    for d in drafts:
+        n = len(d)
+        k = 0
+        while k < n and d[k] == target_argmax[row + k]:
+            k += 1
+        counts = {"draft_tokens": n, "accepted": k, "tier_accept": 0, "tier_slim": 0,
+                  "tier_full": min(k + 1, n), "slim_regenerated": 0}
+        out.append((d[:k] + [target_argmax[row + k]], counts))
+        row += n + 1
+    if row != len(target_argmax):
+        raise ValueError(f"target_argmax has {len(target_argmax)} rows, the drafts need {row}")
+    return out
+
+
 def verify_three_tier(
     meta: SpecMetadata,
     gate_out: GateOutput,

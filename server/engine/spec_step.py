@@ -36,7 +36,7 @@ from server.engine.drafters import DraftBatch, make_drafter
 from server.engine.kv_cache import Chunk
 from server.engine.scheduler import ScheduledSeq
 from server.engine.sequence import Sequence
-from via_sd_kernels import SpecMetadata, gate, verify_binary, verify_three_tier
+from via_sd_kernels import SpecMetadata, gate, verify_binary, verify_binary_greedy_host, verify_three_tier
 from via_sd_kernels.routes import Route, SublayerCosts
 from via_sd_kernels.sampling import exponential_noise, logits_to_probs
 
@@ -362,7 +362,14 @@ class SpecDecoder:
                 results[plans.index(p)] = (toks, c)
         # --- binary sequences (and three-tier ones that bypassed the slim tier)
         bin_plans = [p for p in plans if not p.slim]
-        if bin_plans:
+        greedy_bin = bin_plans and not job.draft_probs and all(p.sched.seq.request.sampling.greedy for p in bin_plans)
+        if greedy_bin:
+            # argmax rows and deterministic drafts: the host compares them (one read of the argmaxes)
+            am = full_logits.argmax(-1).tolist()
+            target = [t for p in bin_plans for t in am[full_offsets[p.full_row]:full_offsets[p.full_row] + len(p.drafts) + 1]]
+            for p, r in zip(bin_plans, verify_binary_greedy_host([p.drafts for p in bin_plans], target)):
+                results[plans.index(p)] = r
+        elif bin_plans:
             seqs = [p.sched.seq for p in bin_plans]
             n_d = [len(p.drafts) for p in bin_plans]
             rows = torch.cat([torch.arange(full_offsets[p.full_row], full_offsets[p.full_row] + len(p.drafts) + 1)

@@ -1,8 +1,9 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from via_sd_kernels import SpecMetadata, gate, verify_binary, verify_three_tier
+from via_sd_kernels import SpecMetadata, gate, verify_binary, verify_binary_greedy_host, verify_three_tier
 from via_sd_kernels.sampling import logits_to_probs
 
 from .cases import assert_same_output, check_invariants, random_batch
@@ -108,3 +109,26 @@ def test_ragged_batches_keep_every_invariant(seed, batch, gamma, vocab, with_dra
     check_invariants(b.meta, out3, vocab, g)
     gate_decided = g.tiers != -1
     assert torch.equal(out3.tiers[gate_decided], g.tiers[gate_decided])
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), batch=st.integers(1, 5), gamma=st.integers(0, 6), vocab=st.integers(2, 24))
+def test_greedy_binary_on_the_host_is_verify_binary(seed, batch, gamma, vocab):
+    """The host path of greedy steps with deterministic drafts: the same tokens and counts as
+    the tensor path, on ragged batches where drafts are often, not always, the argmax."""
+    b = random_batch(seed, batch, gamma, vocab, with_draft_probs=False)
+    out = verify_binary(b.meta, b.full_probs, None, None, None)
+    n = b.meta.num_draft_tokens.tolist()
+    flat = b.meta.draft_token_ids.tolist()
+    drafts, at = [], 0
+    for k in n:
+        drafts.append(flat[at:at + k])
+        at += k
+    got = verify_binary_greedy_host(drafts, b.full_probs.argmax(-1).tolist())
+    for i, (toks, counts) in enumerate(got):
+        m = int(out.num_output[i])
+        assert toks == out.output_token_ids[i, :m].tolist()
+        for name, v in counts.items():
+            assert v == int(getattr(out.counts, name)[i]), name
+    with pytest.raises((ValueError, IndexError)):  # one row short
+        verify_binary_greedy_host(drafts, b.full_probs.argmax(-1).tolist()[:-1])
