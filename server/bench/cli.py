@@ -61,10 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs of the peer rows (hf, vllm); default: --repeats (a peer row takes minutes)")
     p.add_argument("--sweep", nargs="?", const="default", default=None,
                    help="sweep three_tier settings: 'accept_threshold=0.6,0.8;escalate_threshold=...;slim_confidence=...;"
-                        "bonus_confidence=...;gamma=3,5;controller=0' (no value: a default grid; controller=0 runs the "
-                        "slim tier at every step)")
+                        "bonus_confidence=...;gamma=3,5;controller=0' (no value: the controller off, escalate 0.2, "
+                        "and each threshold and gamma varied; controller=0 runs the slim tier at every step)")
     p.add_argument("--sweep-mode", choices=("one_at_a_time", "full"), default="one_at_a_time",
-                   help="one key at a time around the defaults, or the full product")
+                   help="one key at a time (keys given one value hold for every point), or the full product")
     p.add_argument("--sweep-quality", choices=("prefix_agreement", "match_off"), default="prefix_agreement")
     p.add_argument("--min-quality", type=float, default=0.9, help="quality floor of the best sweep setting")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",

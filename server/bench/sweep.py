@@ -23,12 +23,15 @@ SWEEP_KEYS = {"accept_threshold": "a", "escalate_threshold": "e", "bonus_confide
 SWEEP_ALIASES = {"gamma": "num_draft_tokens", "g": "num_draft_tokens", "a": "accept_threshold",
                  "e": "escalate_threshold", "b": "bonus_confidence", "c": "slim_confidence", "ctl": "controller"}
 
+# `--sweep` alone: the slim tier at every drafted step (the controller off, escalation low), so
+# that the thresholds act, and each threshold and γ varied from there one at a time
 DEFAULT_SWEEP = {
-    "accept_threshold": [0.5, 0.6, 0.7, 0.8, 0.9],
-    "escalate_threshold": [0.2, 0.35, 0.5],
+    "controller": [False],
+    "escalate_threshold": [0.2],
+    "accept_threshold": [0.3, 0.5, 0.7, 0.9],
+    "slim_confidence": [0.3, 0.5, 0.7, 0.9],
     "bonus_confidence": [0.8, 0.9, 0.97],
     "num_draft_tokens": [3, 5, 8],
-    "slim_confidence": [0.5, 0.7, 0.9],
 }
 
 
@@ -64,20 +67,25 @@ def parse_sweep(spec: str | None) -> dict[str, list[float]]:
 
 
 def sweep_points(grid: dict[str, list[float]], mode: str = "full") -> list[dict]:
-    """Settings to run. `one_at_a_time`: each key across its values with the others at the engine
-    defaults (few points); `full`: the cartesian product. Points where escalate > accept are
-    dropped (the engine rejects them)."""
+    """Settings to run. `one_at_a_time`: a key given one value holds it for every point, and each
+    other key runs across its values with the rest at those settings or the engine defaults (few
+    points); `full`: the cartesian product. Points where escalate > accept are dropped (the engine
+    rejects them)."""
     import itertools
 
     base = SpecConfig()
     defaults = {k: getattr(base, k) for k in SWEEP_KEYS}
     points: list[dict] = []
     if mode == "one_at_a_time":
-        points.append({})
+        given = {k: vals[0] for k, vals in grid.items() if len(vals) == 1 and vals[0] != defaults[k]}
+        start = {**defaults, **given}
+        points.append(dict(given))
         for k, vals in grid.items():
+            if len(vals) == 1:
+                continue
             for v in vals:
-                if v != defaults[k]:
-                    points.append({k: v})
+                if v != start[k]:
+                    points.append({**given, k: v})
     else:
         keys = list(grid)
         for combo in itertools.product(*(grid[k] for k in keys)):

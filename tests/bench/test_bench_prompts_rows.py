@@ -94,8 +94,8 @@ def test_sweep_parsing_and_points():
     one = sweep_points(grid, "one_at_a_time")
     assert {} in one and {"accept_threshold": 0.6} in one and {"num_draft_tokens": 3} in one
     assert len(sweep_points(grid, "full")) == 4
-    # escalate above accept is dropped
-    assert sweep_points({"accept_threshold": [0.3]}, "one_at_a_time") == [{}]
+    # escalate (default 0.5) above accept is dropped
+    assert sweep_points({"accept_threshold": [0.3, 0.8]}, "one_at_a_time") == [{}, {"accept_threshold": 0.8}]
     assert sweep_row({"accept_threshold": 0.8, "num_draft_tokens": 3}).name == "three_tier[a=0.8,g=3]"
     assert sweep_row({}).name == "three_tier"
     with pytest.raises(RowError):
@@ -112,3 +112,15 @@ def test_sweep_turns_the_controller_off_for_every_point_of_a_full_grid():
     assert sweep_points(parse_sweep("controller=1"), "one_at_a_time") == [{}]
     with pytest.raises(RowError):
         parse_sweep("controller=2")
+
+
+def test_one_value_holds_for_every_point_of_a_one_at_a_time_sweep():
+    """`ctl=0;e=0.2` given once: every point runs with the controller off and escalation at 0.2,
+    and the other keys vary one at a time from there (the default `--sweep`)."""
+    pts = sweep_points(parse_sweep("ctl=0;e=0.2;a=0.3,0.7,0.9;c=0.5,0.9"), "one_at_a_time")
+    given = {"controller": False, "escalate_threshold": 0.2}
+    assert pts == [given, {**given, "accept_threshold": 0.3}, {**given, "accept_threshold": 0.9},
+                   {**given, "slim_confidence": 0.5}, {**given, "slim_confidence": 0.9}]
+    default = sweep_points(parse_sweep("default"), "one_at_a_time")
+    assert default[0] == given and len(default) == 1 + 3 + 3 + 2 + 2
+    assert all(p["controller"] is False and p["escalate_threshold"] == 0.2 for p in default)
