@@ -1,12 +1,13 @@
 """`via-sd bench --load`: throughput and time to first token of a live server under concurrency.
 
-    via-sd bench --load [--concurrency 1,4,16,64] [--requests N] [--modes off,binary,three_tier]
+    via-sd bench --load [--concurrency 1,4,16,64] [--requests N] [--rounds 2] [--modes off,binary,three_tier]
         [--peers vllm] [--max-tokens N] [--prompts question.jsonl] [--endpoint chat|completions]
         [--out FILE.json]
 
 Starts `via-sd serve` on a free loopback port in a subprocess, waits for `GET /health` 200, then for
-each concurrency and mode (the modes in turn at each concurrency) sends `--requests` streaming
-requests, at most `concurrency` in flight,
+each concurrency and mode sends `--requests` streaming requests, at most `concurrency` in
+flight (the modes take turns at each concurrency, `--rounds` times, A B B A, and a mode's point
+pools its rounds),
 each with `via_sd: {"mode": MODE}`; measures total tokens/s (completion tokens over the wall time
 of the whole batch) and TTFT p50/p99 (send to first content delta). With `--peers vllm` and the
 vLLM environment present it does the same against `vllm serve` (no `via_sd` field). Every server
@@ -18,7 +19,7 @@ questions have two turns; a question with one is followed by `FOLLOW_UP`). Both 
 tokens/s and TTFT; the second turn's TTFT is also reported alone (`extra.turn2_ttft_*`), which is
 what a prefix cache changes (`--prefix-caching on`: no prompt is sent ahead, the first turn
 fills the cache as it would). Each point's conversations open with a system message naming the
-point, so that no point finds another's turns cached.
+point and round, so that no point finds another's turns cached.
 """
 
 from __future__ import annotations
@@ -337,7 +338,10 @@ def via_sd_serve_cmd(model: str, port: int, max_seqs: int, drafter: str | None, 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="via-sd bench --load", description="load test of via-sd serve (and vllm serve)")
     p.add_argument("--concurrency", default="1,4,16,64")
-    p.add_argument("--requests", type=int, default=64, help="requests per mode and concurrency")
+    p.add_argument("--requests", type=int, default=64, help="requests per mode, concurrency and round")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="at each concurrency the modes take turns this many times, every other round in reverse "
+                        "order (A B B A); a mode's figures pool its rounds (a server with one mode runs once)")
     p.add_argument("--modes", default="off,binary,three_tier")
     p.add_argument("--peers", default="", help="`vllm` to also load `vllm serve` from the vLLM environment")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -371,6 +375,8 @@ def main(argv: list[str]) -> int:
         return _die("--concurrency values must be in [1, 1024]")
     if not (0 < args.requests <= 100_000):
         return _die(f"--requests must be in [1, 100000], got {args.requests}")
+    if not (0 < args.rounds <= 100):
+        return _die(f"--rounds must be in [1, 100], got {args.rounds}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in SPEC_MODES]
     if bad:
@@ -406,8 +412,9 @@ def main(argv: list[str]) -> int:
     skipped: list[dict] = []
 
     def drive(server: Server, names_modes: list[tuple[str, str | None]]) -> None:
-        # the modes take turns at each concurrency, so that the two figures compared there are
-        # measured minutes apart, not half a run (this machine's speed drifts by 10-20% in that)
+        # the modes take turns at each concurrency, `--rounds` times, every other round in reverse
+        # order (A B B A), and each mode's figures pool its rounds: this machine's speed drifts by
+        # 10-20% within minutes, and a mode measured always last at a point came out up to 9% low
         model = served_model(server, str(folder))
         if args.prefix_caching == "on" and args.turns == 1:
             # every prompt once first (one token each), so that every mode and concurrency finds
@@ -415,18 +422,32 @@ def main(argv: list[str]) -> int:
             print(f"[load] {server.name}: sending the prompts once to fill the prefix cache ...", file=sys.stderr, flush=True)
             asyncio.run(run_batch(server.base_url, args.endpoint, model, prompts, min(args.requests, len(prompts)), 4,
                                   1, names_modes[0][1], args.request_timeout))
+        rounds = args.rounds if len(names_modes) > 1 else 1  # one mode has nothing to take turns with
         for c in concs:
-            for name, mode in names_modes:
-                print(f"[load] {name} concurrency {c}: {args.requests} requests ...", file=sys.stderr, flush=True)
-                # conversations open with a system message naming the point, so that no point finds
-                # another point's conversations in a prefix cache: each measures its own turns
-                system = f"You are a helpful assistant. Load test: {name}, concurrency {c}." if args.turns == 2 else None
-                res, wall = asyncio.run(run_batch(server.base_url, args.endpoint, model, prompts, args.requests, c,
-                                                  args.max_tokens, mode, args.request_timeout, system))
-                pt = summarize(name, c, res, wall)
+            got: list[tuple[list[RequestResult], list[float], list[float]]] = [([], [], []) for _ in names_modes]
+            for r in range(rounds):
+                order = range(len(names_modes)) if r % 2 == 0 else reversed(range(len(names_modes)))
+                for i in order:
+                    name, mode = names_modes[i]
+                    print(f"[load] {name} concurrency {c}, round {r + 1}/{rounds}: {args.requests} requests ...",
+                          file=sys.stderr, flush=True)
+                    # conversations open with a system message naming the point and round, so that
+                    # no point finds another's conversations in a prefix cache: each measures its own turns
+                    system = (f"You are a helpful assistant. Load test: {name}, concurrency {c}, round {r + 1}."
+                              if args.turns == 2 else None)
+                    res, wall = asyncio.run(run_batch(server.base_url, args.endpoint, model, prompts, args.requests, c,
+                                                      args.max_tokens, mode, args.request_timeout, system))
+                    one = summarize(name, c, res, wall)
+                    got[i][0].extend(res)
+                    got[i][1].append(wall)
+                    got[i][2].append(one.tokens_per_s or 0.0)
+                    print(f"[load] {name} c={c}: {one.completed}/{one.requests} ok, "
+                          f"{(one.tokens_per_s or 0):.1f} tok/s", file=sys.stderr, flush=True)
+            for (name, _), (res, walls, rates) in zip(names_modes, got):
+                pt = summarize(name, c, res, sum(walls))
+                if rounds > 1:
+                    pt.extra["rounds_tokens_per_s"] = rates
                 points.append(pt)
-                print(f"[load] {name} c={c}: {pt.completed}/{pt.requests} ok, "
-                      f"{(pt.tokens_per_s or 0):.1f} tok/s", file=sys.stderr, flush=True)
 
     servers: list[Server] = []
     try:

@@ -58,6 +58,7 @@ def test_summarize_and_table():
 @pytest.mark.parametrize("argv,msg", [
     (["--concurrency", "a,b"], "--concurrency"),
     (["--concurrency", "0"], "[1, 1024]"),
+    (["--rounds", "0"], "--rounds must be in"),
     (["--modes", "fast"], "unknown fast"),
     (["--peers", "sglang"], "only `vllm`"),
 ])
@@ -73,9 +74,10 @@ def test_load_against_a_live_tiny_server(tiny_model_dir, tmp_path):
                     "--modes", "off,three_tier", "--start-timeout", "120", "--request-timeout", "60", "--out", str(out)])
     assert rc == 0
     rep = json.loads(out.read_text())
-    # the modes take turns at each concurrency (the machine drifts less between adjacent batches)
+    # the modes take turns at each concurrency, twice (A B B A), and each point pools its two rounds
     assert [(p["name"], p["concurrency"]) for p in rep["load"]] == [("off", 1), ("three_tier", 1), ("off", 2), ("three_tier", 2)]
-    assert all(p["completed"] == 2 and p["tokens"] > 0 and p["ttft_p50_s"] is not None for p in rep["load"])
+    assert all(p["completed"] == 4 and p["tokens"] > 0 and p["ttft_p50_s"] is not None for p in rep["load"])
+    assert all(len(p["extra"]["rounds_tokens_per_s"]) == 2 for p in rep["load"])
     assert rep["load"][1]["extra"]["via_sd"]["steps"] > 0  # three_tier at concurrency 1 speculated
 
 
