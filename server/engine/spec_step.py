@@ -21,6 +21,7 @@ DESIGN.md section 2, for every speculative sequence of the batch together:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -226,7 +227,7 @@ class SpecDecoder:
                 explore.append(None)
             elif conf is None and span:
                 chances.append(self.lookup_accept.chances(span, len(d)))
-                explore.append(lambda keep, n, span=span: self.lookup_accept.explore(span, keep, n))
+                explore.append(functools.partial(self.lookup_accept.explore, span))
             elif conf is None:
                 if s.seq.draft_accept is None:
                     s.seq.draft_accept = AcceptanceEstimate()
