@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,13 +184,22 @@ class ForwardBatch:
     positions: torch.Tensor  # [N]
     slot_mapping: torch.Tensor  # [N] flat cache slot of each new token
     ctx_slots: torch.Tensor  # [B, L] cache slots of each sequence's context (0-padded)
-    q_index: torch.Tensor  # [B, Q] index into the flat tokens (N = a zero pad row)
-    out_index: torch.Tensor  # [N] index into the flattened [B * Q] padded queries
+    # the padded layout of torch's attention; None until `padded()` when `pad` is given
+    q_index: torch.Tensor | None  # [B, Q] index into the flat tokens (N = a zero pad row)
+    out_index: torch.Tensor | None  # [N] index into the flattened [B * Q] padded queries
     attn_mask: torch.Tensor | None  # [B, 1, Q, L] bool, None when every query sees its whole context
     logits_index: torch.Tensor  # [M] flat tokens whose logits are wanted
     num_seqs: int
     token_seq: torch.Tensor | None = None  # [N] row of ctx_slots of each token
     dense: bool = False  # tokens laid out [B, Q] with padding (CUDA graphs): attention stays padded
+    pad: Callable[[], tuple] | None = None  # builds (q_index, out_index, attn_mask) on first need
+
+    def padded(self) -> "ForwardBatch":
+        """This batch with its padded layout built (once; the CPU kernels' passes never ask)."""
+        if self.pad is not None:
+            self.q_index, self.out_index, self.attn_mask = self.pad()
+            self.pad = None
+        return self
 
 
 @dataclass
@@ -455,7 +465,7 @@ class LlamaModel:
             return self._forward_small(batch, x, k_cache, v_cache, route, start_sublayer, save_at, want_hidden,
                                        argmax_only)
         with _attention_backends(x.device):
-            return self._forward_torch(batch, x, k_cache, v_cache, route, start_sublayer, save_at, want_hidden,
+            return self._forward_torch(batch.padded(), x, k_cache, v_cache, route, start_sublayer, save_at, want_hidden,
                                        argmax_only)
 
     def _forward_torch(self, batch: ForwardBatch, x: torch.Tensor, k_cache: list[torch.Tensor],
