@@ -23,6 +23,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=os.environ.get("VIA_SD_MODEL"), help="bundled model name or a local folder")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for a GPU")
+    p.add_argument("--prefill-dtype", choices=("auto", "bfloat16"), default="auto",
+                   help="the prompt's matrix products in bf16 (lossy, faster on AVX512-BF16 CPUs); auto: the model's dtype")
     p.add_argument("--spec-mode", choices=SPEC_MODES, default=None)
     p.add_argument("--drafter", choices=DRAFTERS, default=None)
     p.add_argument("--num-draft-tokens", type=int, default=None)
@@ -46,7 +48,8 @@ def engine_config_from_args(args, model_folder) -> "EngineConfig":
         if v is not None:
             spec_kw[name] = v
     return EngineConfig(model=str(model_folder), dtype=getattr(args, "dtype", "float32"),
-                        device=getattr(args, "device", "cpu"), spec=SpecConfig(**spec_kw))
+                        device=getattr(args, "device", "cpu"), prefill_dtype=getattr(args, "prefill_dtype", "auto"),
+                        spec=SpecConfig(**spec_kw))
 
 
 def cmd_generate(args) -> int:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from server.bench import report as R
 from server.bench.prompts import PromptFileError, read_questions, select_prompts
-from server.bench.rows import PEERS, Row, RowError, build_rows, parse_list
+from server.bench.rows import PEERS, Row, RowError, build_rows, parse_list, with_prefill_dtypes
 from server.bench.sweep import best_setting, pareto, parse_sweep, sweep_points, sweep_row
 from server.bench.runner import Skipped, find_vllm_python, run_interleaved, run_row
-from server.engine.config import DRAFTERS, KV_CACHE_DTYPES, SPEC_MODES
+from server.engine.config import DRAFTERS, KV_CACHE_DTYPES, PREFILL_DTYPES, SPEC_MODES
 
 
 def _die(msg: str, code: int = 2) -> int:
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-quality", type=float, default=0.9, help="quality floor of the best sweep setting")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="our engine rows' K/V cache type (fp16: lossy; the peers keep theirs)")
+    p.add_argument("--prefill-dtype", default="auto",
+                   help="our engine rows' products in wide passes (the prompt): auto (the model's dtype, lossless), "
+                        "bfloat16 (lossy), or auto,bfloat16: every engine row in both, the bf16 ones named <row>+bf16")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--load", action="store_true", help="load test of `via-sd serve` instead (see --help with --load)")
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         grid = parse_sweep(args.sweep) if args.sweep is not None else None
         if grid is not None and "off" not in modes:
             modes = ["off"] + modes  # the sweep's quality is agreement with off
-        rows = build_rows(modes, drafters, peers, pld_tokens=args.pld_tokens)
+        prefill_dtypes = parse_list(args.prefill_dtype, PREFILL_DTYPES, "--prefill-dtype") or ["auto"]
+        rows = with_prefill_dtypes(build_rows(modes, drafters, peers, pld_tokens=args.pld_tokens), prefill_dtypes)
         categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
         prompts = select_prompts(read_questions(args.prompts), categories, args.limit_per_category)
     except (RowError, PromptFileError) as e:
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     job = {"model": str(folder), "prompts": token_prompts, "max_tokens": args.max_tokens,
            "temperature": args.temperature, "seed": args.seed, "threads": threads, "eos_token_ids": eos,
            "warmup_tokens": min(16, args.max_tokens), "progress": not args.no_progress,
-           "kv_cache_dtype": args.kv_cache_dtype, "max_model_len": min(model_max, -(-(longest + args.max_tokens + 16) // 256) * 256)}
+           "kv_cache_dtype": args.kv_cache_dtype, "prefill_dtype": "+".join(prefill_dtypes), "max_model_len": min(model_max, -(-(longest + args.max_tokens + 16) // 256) * 256)}
     vllm_python = find_vllm_python(args.vllm_python)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -298,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                      "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
                      "batch_size": 1, "threads": threads, "repeats": args.repeats,
                      "peer_repeats": args.peer_repeats, "prompt_file": str(args.prompts),
-                     "interleaved": args.interleave, "kv_cache_dtype": args.kv_cache_dtype},
+                     "interleaved": args.interleave, "kv_cache_dtype": args.kv_cache_dtype,
+                     "prefill_dtype": "+".join(prefill_dtypes)},
         "git": git,
         "runs": runs,
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],

@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from server.engine.config import KV_CACHE_DTYPES, SPEC_MODES
+from server.engine.config import KV_CACHE_DTYPES, PREFILL_DTYPES, SPEC_MODES
 
 HOST = "127.0.0.1"  # loopback only
 DEFAULT_PROMPTS = (
@@ -328,10 +328,10 @@ def vllm_serve_cmd(python: str, model: str, port: int, max_seqs: int, prefix_cac
 
 
 def via_sd_serve_cmd(model: str, port: int, max_seqs: int, drafter: str | None, prefix_caching: bool = False,
-                     kv_cache_dtype: str = "auto") -> list[str]:
+                     kv_cache_dtype: str = "auto", prefill_dtype: str = "auto") -> list[str]:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--host", HOST, "--port", str(port),
            "--spec-mode", "three_tier", "--max-num-seqs", str(max_seqs), prefix_flag(prefix_caching),
-           "--kv-cache-dtype", kv_cache_dtype]
+           "--kv-cache-dtype", kv_cache_dtype, "--prefill-dtype", prefill_dtype]
     return cmd + (["--drafter", drafter] if drafter else [])
 
 
@@ -361,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="both servers' prefix cache (default off: the same prompts are sent at every concurrency); "
                         "`on` sends every prompt once before measuring, so that every point reads them cached")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help="our server's K/V cache type")
+    p.add_argument("--prefill-dtype", choices=PREFILL_DTYPES, default="auto",
+                   help="our server's products in wide passes (prompts, big batches); bfloat16 is lossy")
     p.add_argument("--out", default="benchmarks/results/load.json")
     return p
 
@@ -454,7 +456,7 @@ def main(argv: list[str]) -> int:
         if modes:
             port = args.port or free_port()
             cmd = via_sd_serve_cmd(str(folder), port, max(concs), args.drafter, args.prefix_caching == "on",
-                                   args.kv_cache_dtype)
+                                   args.kv_cache_dtype, args.prefill_dtype)
             srv = start_server("via-sd", cmd, port, out.parent)
             servers.append(srv)
             why = wait_healthy(srv, args.start_timeout)
@@ -493,7 +495,8 @@ def main(argv: list[str]) -> int:
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "settings": {"concurrency": concs, "requests": args.requests, "max_tokens": args.max_tokens,
                            "endpoint": args.endpoint, "prompts": len(prompts), "turns": args.turns,
-                           "prefix_caching": args.prefix_caching, "kv_cache_dtype": args.kv_cache_dtype},
+                           "prefix_caching": args.prefix_caching, "kv_cache_dtype": args.kv_cache_dtype,
+                           "prefill_dtype": args.prefill_dtype},
               "load": [asdict(p) for p in points], "skipped": skipped}
     out.write_text(json.dumps(report, indent=1) + "\n")
     table = render_load_table(report["load"])

@@ -78,7 +78,7 @@ def build_run(row, result: dict, prompts: list, texts: dict, off_ids: dict | Non
         items.append({**o, "category": p.category, "references": p.references, "text": texts[o["question_id"]]})
     peer = row.kind != "engine"
     run = {"name": row.name, "kind": row.kind}
-    for k in ("mode", "drafter", "params", "prompt_lookup_num_tokens", "speculative_config"):
+    for k in ("mode", "drafter", "params", "prompt_lookup_num_tokens", "speculative_config", "engine"):
         v = getattr(row, k)
         if v not in (None, {}):
             run[k] = v
@@ -168,7 +168,10 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
         f"temperature {report['settings']['temperature']}, batch 1"
         + ("; the engine's rows interleaved prompt by prompt in one process, peers each in its own"
            if report["settings"].get("interleaved") else "; every row in its own process, one after another")
-        + ("; our rows' K/V cache in fp16 (lossy)" if report["settings"].get("kv_cache_dtype") == "fp16" else ""),
+        + ("; our rows' K/V cache in fp16 (lossy)" if report["settings"].get("kv_cache_dtype") == "fp16" else "")
+        + {"bfloat16": "; our rows' wide passes (the prompt) in bf16 (lossy)",
+           "auto+bfloat16": "; rows named +bf16: their wide passes (the prompt) in bf16 (lossy)"}.get(
+               report["settings"].get("prefill_dtype", "auto"), ""),
         f"- command: `{report['command']}`",
         "",
         "## Overall",

@@ -8,7 +8,7 @@ drafts as `vllm_ngram` and the slim tier's skip schedule.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from server.engine.config import DRAFTERS, SPEC_MODES, SpecConfig
 
@@ -32,6 +32,7 @@ class Row:
     prompt_lookup_num_tokens: int | None = None
     speculative_config: dict | None = None
     vllm_kwargs: dict | None = None  # more keyword arguments of vLLM's LLM (the plugin's worker)
+    engine: dict = field(default_factory=dict)  # EngineConfig overrides of an engine row (prefill_dtype)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, {})}
@@ -75,6 +76,21 @@ def vllm_plugin_kwargs() -> dict:
             "escalate_threshold": spec.escalate_threshold, "bonus_confidence": spec.bonus_confidence,
             "slim_confidence": spec.slim_confidence, "max_slim_backlog": spec.max_slim_backlog}},
     }
+
+
+# suffix of the engine rows that run with `--prefill-dtype bfloat16` beside the default ones
+BF16_PREFILL = "+bf16"
+
+
+def with_prefill_dtypes(rows: list[Row], dtypes: list[str]) -> list[Row]:
+    """`--prefill-dtype auto,bfloat16`: every engine row also as `<name>+bf16`, right after the
+    engine rows (the peers keep their own arithmetic). One value: the rows as they are (the job
+    carries it)."""
+    if len(dtypes) < 2:
+        return rows
+    engine = [r for r in rows if r.kind == "engine"]
+    extra = [replace(r, name=r.name + BF16_PREFILL, engine={**r.engine, "prefill_dtype": "bfloat16"}) for r in engine]
+    return engine + extra + [r for r in rows if r.kind != "engine"]
 
 
 def build_rows(modes: list[str], drafters: list[str], peers: list[str], *,

@@ -14,6 +14,7 @@ SPEC_MODES: tuple[str, ...] = ("off", "binary", "three_tier")
 DrafterName = Literal["ngram", "self", "head", "hybrid", "model"]
 DRAFTERS: tuple[str, ...] = ("ngram", "self", "head", "hybrid", "model")
 KV_CACHE_DTYPES: tuple[str, ...] = ("auto", "fp16")  # EngineConfig.kv_cache_dtype
+PREFILL_DTYPES: tuple[str, ...] = ("auto", "bfloat16")  # EngineConfig.prefill_dtype
 
 
 class ConfigError(ValueError):
@@ -176,6 +177,12 @@ class EngineConfig:
     # (lossless), "fp16" = half the bytes per token (twice the blocks in the same memory, half the
     # bytes attention reads; each key and value rounded once to fp16: lossy, measured in the README)
     kv_cache_dtype: Literal["auto", "fp16"] = "auto"
+    # the matrix products of wide passes, those the decode kernels do not take (prompts, and steps
+    # of more than 32 tokens): "auto" = the model's dtype (lossless), "bfloat16" = inputs and
+    # weights rounded to bf16, fp32 sums (oneDNN's bf16 GEMM: 2.7x the fp32 GEMM's rate on an
+    # AVX512-BF16 CPU; the prompt's K/V then differ in their last bits: lossy, measured in the
+    # README). Decode-sized passes, the LM head, attention and norms stay in the model's dtype.
+    prefill_dtype: Literal["auto", "bfloat16"] = "auto"
     max_model_len: int | None = None  # None: the model's own
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048

@@ -51,7 +51,10 @@ class LLMEngine:
         dtype = DTYPES[config.dtype] if config.kv_cache_dtype == "auto" else torch.float16
         num_blocks = config.num_blocks or KVCache.num_blocks_for_memory(mcfg, config.block_size, config.kv_cache_memory_gb, dtype)
         self.cache = KVCache(mcfg, num_blocks, config.block_size, dtype, self.model.device)
-        self.runner = ModelRunner(self.model, self.cache, cuda_graphs=config.cuda_graphs)
+        if config.prefill_dtype not in ("auto", "bfloat16"):
+            raise ConfigError(f"prefill_dtype must be auto or bfloat16, got {config.prefill_dtype!r}", "prefill_dtype")
+        wide = torch.bfloat16 if config.prefill_dtype == "bfloat16" and self.model.dtype == torch.float32 else None
+        self.runner = ModelRunner(self.model, self.cache, cuda_graphs=config.cuda_graphs, wide_dtype=wide)
         self.max_lookahead = max(1, config.spec.num_draft_tokens, 16) if config.spec.mode != "off" else 16
         self.scheduler = Scheduler(
             self.cache.pool,

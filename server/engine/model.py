@@ -94,6 +94,13 @@ class GreedyHead:
         return cpu_kernels.greedy_linear(h, self.w16, self.w, self.row_err)[0]
 
 
+def _linear_of(lw: "LayerWeights"):
+    """x @ the layer's matrix `name`^T (+ bias), in the model's own dtype."""
+    def lin(x: torch.Tensor, name: str, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, getattr(lw, name), bias)
+    return lin
+
+
 def _attention_backends(device: torch.device):
     if device.type != "cuda" or CUDNN_SDPA:
         return contextlib.nullcontext()
@@ -244,6 +251,7 @@ class LlamaModel:
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.greedy_head: GreedyHead | None = None  # set by move_to_huge_pages (CPU)
         self.lm_head_packed: torch.Tensor | None = None  # the LM head as exact GGUF blocks (pack_weights)
+        self._wide: dict[torch.dtype, list[dict[str, torch.Tensor]]] = {}  # _wide_weights
 
     @property
     def device(self) -> torch.device:
@@ -455,6 +463,9 @@ class LlamaModel:
         # the caller needs each row's exact argmax, and takes the other logits within the fp16
         # bound of model.GreedyHead (greedy full and slim passes without logprobs)
         argmax_only: bool = False,
+        # EngineConfig.prefill_dtype: passes that the decode kernels do not take multiply in this
+        # dtype (bf16 copies of the layer matrices, made on first use; sums in fp32)
+        wide_dtype: torch.dtype | None = None,
     ) -> ForwardOutput:
         if start_sublayer > 0:
             assert start_hidden is not None
@@ -466,11 +477,12 @@ class LlamaModel:
                                        argmax_only)
         with _attention_backends(x.device):
             return self._forward_torch(batch.padded(), x, k_cache, v_cache, route, start_sublayer, save_at, want_hidden,
-                                       argmax_only)
+                                       argmax_only, wide_dtype)
 
     def _forward_torch(self, batch: ForwardBatch, x: torch.Tensor, k_cache: list[torch.Tensor],
                        v_cache: list[torch.Tensor], route, start_sublayer: int, save_at: int | None,
-                       want_hidden: bool, argmax_only: bool = False) -> ForwardOutput:
+                       want_hidden: bool, argmax_only: bool = False,
+                       wide_dtype: torch.dtype | None = None) -> ForwardOutput:
         """The forward on torch's ops: any device, dtype and pass size."""
         cfg = self.cfg
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -500,12 +512,14 @@ class LlamaModel:
         if batch.attn_mask is not None and segments is None and not paged:
             mask_g = batch.attn_mask.repeat(1, 1, G, 1)  # [B, 1, G*Q, L], rows ordered (g, q)
         prefix = None
+        wide = self._wide_weights(wide_dtype) if wide_dtype is not None and wide_dtype != x.dtype else None
         for i, lw in enumerate(self.layers):
+            lin = self._linear_in(wide[i]) if wide is not None else _linear_of(lw)
             if save_at is not None and save_at == 2 * i:
                 prefix = x
             if 2 * i >= start_sublayer and (route is None or route.attn[i]):
                 h = F.rms_norm(x, (x.shape[-1],), lw.attn_norm, eps)
-                qkv = F.linear(h, lw.wqkv, lw.qkv_bias)  # [N, (nh + 2 nkv) hd]
+                qkv = lin(h, "wqkv", lw.qkv_bias)  # [N, (nh + 2 nkv) hd]
                 kc, vc = k_cache[i], v_cache[i]
                 if paged:  # rotary, the K/V store and attention in one call
                     rc, rs = self.rope_tables()
@@ -526,11 +540,11 @@ class LlamaModel:
                         att = self._attend_segments(q, kc, vc, batch, segments, scale)
                     else:
                         att = self._attend_padded(q, kc, vc, batch, mask_g, single, scale)
-                x = x + F.linear(att, lw.wo)
+                x = x + lin(att, "wo")
             if save_at is not None and save_at == 2 * i + 1:
                 prefix = x
             if 2 * i + 1 >= start_sublayer and (route is None or route.mlp[i]):
-                x = self._mlp(x, lw, eps)
+                x = self._mlp(x, lw, eps, lin)
         if save_at is not None and save_at >= 2 * len(self.layers):
             prefix = x
         return self._head(x, batch, prefix, want_hidden, argmax_only)
@@ -599,15 +613,32 @@ class LlamaModel:
         return att
 
     @staticmethod
-    def _mlp(x: torch.Tensor, lw: LayerWeights, eps: float) -> torch.Tensor:
+    def _mlp(x: torch.Tensor, lw: LayerWeights, eps: float, lin) -> torch.Tensor:
         h = F.rms_norm(x, (x.shape[-1],), lw.mlp_norm, eps)
-        gu = F.linear(h, lw.w_gate_up)
+        gu = lin(h, "w_gate_up")
         if cpu_kernels.takes(gu):
             act = cpu_kernels.silu_mul(gu)  # one pass over the rows (torch: two, with a temporary)
         else:
             g, u = gu.chunk(2, dim=-1)
             act = F.silu(g) * u
-        return x + F.linear(act, lw.w_down)
+        return x + lin(act, "w_down")
+
+    def _wide_weights(self, dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
+        """Per layer, its matrices (and bias) in `dtype`, made once (bf16: 2 bytes a weight)."""
+        got = self._wide.get(dtype)
+        if got is None:
+            names = ("wqkv", "wo", "w_gate_up", "w_down", "qkv_bias")
+            got = self._wide[dtype] = [{f: getattr(lw, f).to(dtype) for f in names if getattr(lw, f) is not None}
+                                       for lw in self.layers]
+        return got
+
+    @staticmethod
+    def _linear_in(ws: dict[str, torch.Tensor]):
+        """x @ ws[name]^T (+ bias) with x rounded to the matrices' dtype, returned in x's dtype."""
+        def lin(x: torch.Tensor, name: str, bias: torch.Tensor | None = None) -> torch.Tensor:
+            w = ws[name]
+            return F.linear(x.to(w.dtype), w, ws["qkv_bias"] if bias is not None else None).to(x.dtype)
+        return lin
 
     @staticmethod
     def _segments(batch: ForwardBatch, n_tok: int) -> list[tuple[int, int, int, int]]:

@@ -9,9 +9,11 @@ from server.engine.model import ForwardOutput, LlamaModel
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, cache: KVCache, *, cuda_graphs: bool = True):
+    def __init__(self, model: LlamaModel, cache: KVCache, *, cuda_graphs: bool = True,
+                 wide_dtype: torch.dtype | None = None):
         self.model = model
         self.cache = cache
+        self.wide_dtype = wide_dtype  # EngineConfig.prefill_dtype: the products of wide passes
         self.num_forwards = 0
         self.graphs = None
         if cuda_graphs and cache.device.type == "cuda":
@@ -27,4 +29,4 @@ class ModelRunner:
             if out is not None:
                 return out
         batch = build_batch(chunks, self.cache.device)
-        return self.model.forward(batch, self.cache.k, self.cache.v, route, **kw)
+        return self.model.forward(batch, self.cache.k, self.cache.v, route, wide_dtype=self.wide_dtype, **kw)

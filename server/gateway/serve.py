@@ -21,7 +21,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from server.engine.config import DRAFTERS, KV_CACHE_DTYPES, SPEC_MODES, EngineConfig, SpecConfig
+from server.engine.config import DRAFTERS, KV_CACHE_DTYPES, PREFILL_DTYPES, SPEC_MODES, EngineConfig, SpecConfig
 
 log = logging.getLogger("via_sd.gateway")
 
@@ -48,6 +48,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                         help="embedded engine: the K/V cache's type; auto = the model's (lossless), fp16 = half "
                         "the memory and attention bytes per token, lossy (each key and value rounded to fp16)")
+    parser.add_argument("--prefill-dtype", choices=PREFILL_DTYPES, default="auto",
+                        help="embedded engine: the matrix products of prompts (passes wider than the decode kernels) "
+                        "in bf16, fp32 sums; auto = the model's dtype (lossless); bfloat16 is lossy (README)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                         help="reuse the KV cache of prompt prefixes across requests (default on, as in vLLM; "
@@ -110,6 +113,7 @@ def engine_config(s: argparse.Namespace, model_folder: Path) -> EngineConfig:
         max_waiting=s.max_waiting if s.max_waiting is not None else base.max_waiting,
         kv_cache_memory_gb=s.kv_cache_memory_gb if s.kv_cache_memory_gb is not None else base.kv_cache_memory_gb,
         kv_cache_dtype=getattr(s, "kv_cache_dtype", base.kv_cache_dtype),
+        prefill_dtype=getattr(s, "prefill_dtype", base.prefill_dtype),
         max_model_len=s.max_model_len if s.max_model_len is not None else base.max_model_len,
         enable_prefix_caching=getattr(s, "enable_prefix_caching", base.enable_prefix_caching),
         tensor_parallel_size=s.tensor_parallel_size,
@@ -139,6 +143,9 @@ def build_engine(s: argparse.Namespace):
         except ImportError as e:
             raise SystemExit(f"via-sd serve: the embedded engine cannot be imported ({e})") from None
         return EmbeddedAsyncEngine(config)
+    if config.prefill_dtype != "auto":
+        raise SystemExit("via-sd serve: --prefill-dtype bfloat16 is the embedded engine's; on --backend vllm use "
+                         "vLLM's --dtype")
     if config.kv_cache_dtype != "auto":
         raise SystemExit("via-sd serve: --kv-cache-dtype fp16 is the embedded engine's; on --backend vllm the "
                          "cache type is vLLM's own (auto)")

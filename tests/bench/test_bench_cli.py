@@ -166,6 +166,23 @@ def test_fp16_kv_cache_rows(tiny_model_dir, tmp_path):
     assert all(by[("binary", q)] == by[("off", q)] for run, q in by)  # lossless against off on the same cache
 
 
+def test_bf16_prefill_rows_beside_the_default_ones(tiny_model_dir, tmp_path):
+    """`--prefill-dtype auto,bfloat16`: every engine row also as <row>+bf16, interleaved with the
+    others; the bf16 rows are lossless among themselves and compared with the fp32 `off`."""
+    rc, rep = _run(tiny_model_dir, tmp_path, ["--modes", "off,binary", "--drafters", "ngram",
+                                              "--prefill-dtype", "auto,bfloat16"], "bf")
+    assert rc == 0 and rep["settings"]["prefill_dtype"] == "auto+bfloat16"
+    names = [r["name"] for r in rep["runs"]]
+    assert names == ["off", "binary", "off+bf16", "binary+bf16"]
+    assert [r.get("engine") for r in rep["runs"]] == [None, None] + [{"prefill_dtype": "bfloat16"}] * 2
+    assert "rows named +bf16" in (tmp_path / "bf.md").read_text()
+    lines = [json.loads(x) for x in (tmp_path / "bf.outputs.jsonl").read_text().splitlines()]
+    by = {(x["run"], x["question_id"]): x["token_ids"] for x in lines}
+    qs = {q for _, q in by}
+    assert all(by[("binary+bf16", q)] == by[("off+bf16", q)] and by[("binary", q)] == by[("off", q)] for q in qs)
+    assert cli.main(["--prompts", str(tmp_path / "q.jsonl"), "--modes", "off", "--prefill-dtype", "fp8"]) == 2
+
+
 def test_interleaved_rows_take_turns_prompt_by_prompt(monkeypatch):
     from server.bench import worker
 

@@ -42,6 +42,9 @@ def test_vllm_serve_runs_like_our_engine():
     assert ours[ours.index("--kv-cache-dtype") + 1] == "auto" and build_parser().parse_args([]).kv_cache_dtype == "auto"
     half = via_sd_serve_cmd("/models/m", 8124, 64, None, kv_cache_dtype="fp16")
     assert half[half.index("--kv-cache-dtype") + 1] == "fp16"
+    assert ours[ours.index("--prefill-dtype") + 1] == "auto" and build_parser().parse_args([]).prefill_dtype == "auto"
+    bf = via_sd_serve_cmd("/models/m", 8124, 64, None, prefill_dtype="bfloat16")
+    assert bf[bf.index("--prefill-dtype") + 1] == "bfloat16"
 
 
 def test_summarize_and_table():

@@ -199,3 +199,39 @@ def test_fp16_kv_cache_engine_is_close_to_fp32_and_lossless_between_modes(tiny_m
             outs[dt] = model.forward(build_batch([Chunk(t, 37, [7, 8, 9], 3)]), kv.k, kv.v).logits
     diff = (outs[torch.float16] - outs[torch.float32]).abs().max().item()
     assert 0 < diff < 1e-2 * outs[torch.float32].abs().max().item()
+
+
+def test_bf16_prefill_rounds_only_wide_passes_and_stays_lossless_between_modes(tiny_model_dir):
+    """`prefill_dtype="bfloat16"`: passes wider than the decode kernels take (a 57-token prompt
+    here) multiply bf16 copies of the layer matrices, made once per model; decode-sized passes are
+    the same fp32 kernels. So the wide pass's logits move by about bf16's rounding, `binary` still
+    equals `off` on the same setting, engines sharing the model keep their own setting, and every
+    block comes back."""
+    from server.engine.config import ConfigError, EngineConfig, SpecConfig
+    from server.engine.engine import LLMEngine
+
+    base = EngineConfig(model=str(tiny_model_dir), kv_cache_memory_gb=0.01, spec=SpecConfig(drafter="ngram"))
+    e32 = LLMEngine(base)
+    ebf = LLMEngine(replace(base, prefill_dtype="bfloat16"), model=e32.model, tokenizer=e32.tokenizer)
+    prompts = [[1, 5, 9, 4, 7, 1, 5, 9], list(range(3, 60)), [6] * 40]
+    off_bf = [r.token_ids for r in ebf.generate(greedy_requests(prompts, 24, "off", prefix="o"))]
+    assert list(e32.model._wide) == [torch.bfloat16]  # made on the first wide pass
+    bin_bf = [r.token_ids for r in ebf.generate(greedy_requests(prompts, 24, "binary", prefix="b"))]
+    assert off_bf == bin_bf
+    assert_pool_full(ebf)
+    off_32 = [r.token_ids for r in e32.generate(greedy_requests(prompts, 24, "off", prefix="f"))]
+    assert off_32[0] == off_bf[0]  # an 8-token prompt: no wide pass, the same arithmetic
+    # one wide pass through both: the same layer matrices, rounded to bf16 on the way in
+    model = e32.model
+    outs = {}
+    for wide in (None, torch.bfloat16):
+        kv = KVCache(model.cfg, 16, 8, torch.float32)
+        t = kv.new_table()
+        t.ensure(kv.pool, 64)
+        with torch.inference_mode():
+            outs[wide] = model.forward(build_batch([Chunk(t, 0, list(range(3, 60)), 4)]), kv.k, kv.v,
+                                       wide_dtype=wide).logits
+    diff = (outs[torch.bfloat16] - outs[None]).abs().max().item()
+    assert 0 < diff < 0.05 * outs[None].abs().max().item()
+    with pytest.raises(ConfigError, match="prefill_dtype"):
+        LLMEngine(replace(base, prefill_dtype="fp8"), model=e32.model, tokenizer=e32.tokenizer)

@@ -56,6 +56,8 @@ def test_engine_config_from_flags(tmp_path):
     assert (cfg.spec.mode, cfg.spec.drafter, cfg.spec.num_draft_tokens) == ("binary", "self", 5)
     assert cfg.device == "cpu" and cfg.enable_prefix_caching and cfg.kv_cache_dtype == "auto"
     assert serve.engine_config(serve.resolve_settings(parse(["--kv-cache-dtype", "fp16"])), tmp_path).kv_cache_dtype == "fp16"
+    assert cfg.prefill_dtype == "auto"
+    assert serve.engine_config(serve.resolve_settings(parse(["--prefill-dtype", "bfloat16"])), tmp_path).prefill_dtype == "bfloat16"
     with pytest.raises(SystemExit):
         parse(["--kv-cache-dtype", "fp8"])
 
@@ -86,6 +88,9 @@ def test_missing_vllm_backend_is_a_clear_exit(tmp_path, monkeypatch):
         serve.build_engine(s)
     s = serve.resolve_settings(parse(["--model", str(folder), "--backend", "vllm", "--kv-cache-dtype", "fp16"]))
     with pytest.raises(SystemExit, match="kv-cache-dtype fp16 is the embedded engine's"):
+        serve.build_engine(s)
+    s = serve.resolve_settings(parse(["--model", str(folder), "--backend", "vllm", "--prefill-dtype", "bfloat16"]))
+    with pytest.raises(SystemExit, match="prefill-dtype bfloat16 is the embedded engine's"):
         serve.build_engine(s)
 
 
