@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         grid = parse_sweep(args.sweep) if args.sweep is not None else None
         if grid is not None and "off" not in modes:
             modes = ["off"] + modes  # the sweep's quality is agreement with off
-        prefill_dtypes = parse_list(args.prefill_dtype, PREFILL_DTYPES, "--prefill-dtype") or ["auto"]
+        asked = parse_list(args.prefill_dtype, PREFILL_DTYPES, "--prefill-dtype")
+        prefill_dtypes = [d for d in PREFILL_DTYPES if d in asked] or ["auto"]
         rows = with_prefill_dtypes(build_rows(modes, drafters, peers, pld_tokens=args.pld_tokens), prefill_dtypes)
         categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
         prompts = select_prompts(read_questions(args.prompts), categories, args.limit_per_category)

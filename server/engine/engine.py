@@ -54,6 +54,8 @@ class LLMEngine:
         if config.prefill_dtype not in ("auto", "bfloat16"):
             raise ConfigError(f"prefill_dtype must be auto or bfloat16, got {config.prefill_dtype!r}", "prefill_dtype")
         wide = torch.bfloat16 if config.prefill_dtype == "bfloat16" and self.model.dtype == torch.float32 else None
+        if wide is not None:
+            self.model.wide_weights(wide)  # the bf16 copies now, not in the first request's prompt
         self.runner = ModelRunner(self.model, self.cache, cuda_graphs=config.cuda_graphs, wide_dtype=wide)
         self.max_lookahead = max(1, config.spec.num_draft_tokens, 16) if config.spec.mode != "off" else 16
         self.scheduler = Scheduler(

@@ -95,9 +95,17 @@ class GreedyHead:
 
 
 def _linear_of(lw: "LayerWeights"):
-    """x @ the layer's matrix `name`^T (+ bias), in the model's own dtype."""
-    def lin(x: torch.Tensor, name: str, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, getattr(lw, name), bias)
+    """x @ the layer's matrix `name`^T (+ the qkv bias), in the model's own dtype."""
+    def lin(x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, getattr(lw, name), lw.qkv_bias if name == "wqkv" else None)
+    return lin
+
+
+def _linear_in(ws: dict[str, torch.Tensor]):
+    """x @ ws[name]^T (+ the qkv bias) with x rounded to the matrices' dtype, returned in x's."""
+    def lin(x: torch.Tensor, name: str) -> torch.Tensor:
+        w = ws[name]
+        return F.linear(x.to(w.dtype), w, ws.get("qkv_bias") if name == "wqkv" else None).to(x.dtype)
     return lin
 
 
@@ -251,7 +259,7 @@ class LlamaModel:
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.greedy_head: GreedyHead | None = None  # set by move_to_huge_pages (CPU)
         self.lm_head_packed: torch.Tensor | None = None  # the LM head as exact GGUF blocks (pack_weights)
-        self._wide: dict[torch.dtype, list[dict[str, torch.Tensor]]] = {}  # _wide_weights
+        self._wide: dict[torch.dtype, list[dict[str, torch.Tensor]]] = {}  # wide_weights
 
     @property
     def device(self) -> torch.device:
@@ -512,14 +520,14 @@ class LlamaModel:
         if batch.attn_mask is not None and segments is None and not paged:
             mask_g = batch.attn_mask.repeat(1, 1, G, 1)  # [B, 1, G*Q, L], rows ordered (g, q)
         prefix = None
-        wide = self._wide_weights(wide_dtype) if wide_dtype is not None and wide_dtype != x.dtype else None
+        wide = self.wide_weights(wide_dtype) if wide_dtype is not None and wide_dtype != x.dtype else None
         for i, lw in enumerate(self.layers):
-            lin = self._linear_in(wide[i]) if wide is not None else _linear_of(lw)
+            lin = _linear_in(wide[i]) if wide is not None else _linear_of(lw)
             if save_at is not None and save_at == 2 * i:
                 prefix = x
             if 2 * i >= start_sublayer and (route is None or route.attn[i]):
                 h = F.rms_norm(x, (x.shape[-1],), lw.attn_norm, eps)
-                qkv = lin(h, "wqkv", lw.qkv_bias)  # [N, (nh + 2 nkv) hd]
+                qkv = lin(h, "wqkv")  # [N, (nh + 2 nkv) hd]
                 kc, vc = k_cache[i], v_cache[i]
                 if paged:  # rotary, the K/V store and attention in one call
                     rc, rs = self.rope_tables()
@@ -623,7 +631,7 @@ class LlamaModel:
             act = F.silu(g) * u
         return x + lin(act, "w_down")
 
-    def _wide_weights(self, dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
+    def wide_weights(self, dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
         """Per layer, its matrices (and bias) in `dtype`, made once (bf16: 2 bytes a weight)."""
         got = self._wide.get(dtype)
         if got is None:
@@ -631,14 +639,6 @@ class LlamaModel:
             got = self._wide[dtype] = [{f: getattr(lw, f).to(dtype) for f in names if getattr(lw, f) is not None}
                                        for lw in self.layers]
         return got
-
-    @staticmethod
-    def _linear_in(ws: dict[str, torch.Tensor]):
-        """x @ ws[name]^T (+ bias) with x rounded to the matrices' dtype, returned in x's dtype."""
-        def lin(x: torch.Tensor, name: str, bias: torch.Tensor | None = None) -> torch.Tensor:
-            w = ws[name]
-            return F.linear(x.to(w.dtype), w, ws["qkv_bias"] if bias is not None else None).to(x.dtype)
-        return lin
 
     @staticmethod
     def _segments(batch: ForwardBatch, n_tok: int) -> list[tuple[int, int, int, int]]:

@@ -203,7 +203,8 @@ def test_fp16_kv_cache_engine_is_close_to_fp32_and_lossless_between_modes(tiny_m
 
 def test_bf16_prefill_rounds_only_wide_passes_and_stays_lossless_between_modes(tiny_model_dir):
     """`prefill_dtype="bfloat16"`: passes wider than the decode kernels take (a 57-token prompt
-    here) multiply bf16 copies of the layer matrices, made once per model; decode-sized passes are
+    here) multiply bf16 copies of the layer matrices, made once per model (with the first engine
+    that asks); decode-sized passes are
     the same fp32 kernels. So the wide pass's logits move by about bf16's rounding, `binary` still
     equals `off` on the same setting, engines sharing the model keep their own setting, and every
     block comes back."""
@@ -214,8 +215,8 @@ def test_bf16_prefill_rounds_only_wide_passes_and_stays_lossless_between_modes(t
     e32 = LLMEngine(base)
     ebf = LLMEngine(replace(base, prefill_dtype="bfloat16"), model=e32.model, tokenizer=e32.tokenizer)
     prompts = [[1, 5, 9, 4, 7, 1, 5, 9], list(range(3, 60)), [6] * 40]
+    assert list(e32.model._wide) == [torch.bfloat16]  # made with the engine
     off_bf = [r.token_ids for r in ebf.generate(greedy_requests(prompts, 24, "off", prefix="o"))]
-    assert list(e32.model._wide) == [torch.bfloat16]  # made on the first wide pass
     bin_bf = [r.token_ids for r in ebf.generate(greedy_requests(prompts, 24, "binary", prefix="b"))]
     assert off_bf == bin_bf
     assert_pool_full(ebf)
