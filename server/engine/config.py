@@ -180,8 +180,8 @@ class EngineConfig:
     # the matrix products of wide passes, those the decode kernels do not take (prompts, and steps
     # of more than 32 tokens): "auto" = the model's dtype (lossless), "bfloat16" = inputs and
     # weights rounded to bf16, fp32 sums (oneDNN's bf16 GEMM: 2.7x the fp32 GEMM's rate on an
-    # AVX512-BF16 CPU; the prompt's K/V then differ in their last bits: lossy, measured in the
-    # README). Decode-sized passes, the LM head, attention and norms stay in the model's dtype.
+    # AVX512-BF16 CPU; the prompt's K/V then differ by about bf16's rounding: lossy, measured in
+    # the README). Decode-sized passes, the LM head, attention and norms stay in the model's dtype.
     prefill_dtype: Literal["auto", "bfloat16"] = "auto"
     max_model_len: int | None = None  # None: the model's own
     max_num_seqs: int = 64
