@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     job = {"model": str(folder), "prompts": token_prompts, "max_tokens": args.max_tokens,
            "temperature": args.temperature, "seed": args.seed, "threads": threads, "eos_token_ids": eos,
            "warmup_tokens": min(16, args.max_tokens), "progress": not args.no_progress,
-           "kv_cache_dtype": args.kv_cache_dtype, "prefill_dtype": "+".join(prefill_dtypes), "max_model_len": min(model_max, -(-(longest + args.max_tokens + 16) // 256) * 256)}
+           # the rows' setting when one is asked for; with both, the +bf16 rows carry their own
+           "kv_cache_dtype": args.kv_cache_dtype, "prefill_dtype": prefill_dtypes[0], "max_model_len": min(model_max, -(-(longest + args.max_tokens + 16) // 256) * 256)}
     vllm_python = find_vllm_python(args.vllm_python)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

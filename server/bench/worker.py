@@ -46,12 +46,11 @@ def _engine(job: dict, row: dict, model=None, tokenizer=None):
     # slots, and the null block), so that many engines fit in one process.
     bs = EngineConfig().block_size
     blocks = -(-(int(job["max_model_len"]) + 64) // bs) + 1 if job.get("max_model_len") else None
-    # one --prefill-dtype for all rows comes with the job; with two, the +bf16 rows carry theirs
     prefill = (row.get("engine") or {}).get("prefill_dtype", job.get("prefill_dtype", "auto"))
     return LLMEngine(EngineConfig(model=job["model"], dtype=job.get("dtype", "float32"), num_threads=job["threads"],
                                   spec=SpecConfig(**spec_kw), enable_prefix_caching=False, num_blocks=blocks,
                                   kv_cache_dtype=job.get("kv_cache_dtype", "auto"),
-                                  prefill_dtype="auto" if "+" in prefill else prefill),
+                                  prefill_dtype=prefill),
                      model=model, tokenizer=tokenizer)
 
 

@@ -23,7 +23,7 @@ from server.engine.api import (
     SpecUsage,
     TokenLogprob,
 )
-from server.engine.config import ConfigError, EngineConfig
+from server.engine.config import PREFILL_DTYPES, ConfigError, EngineConfig
 from server.engine.draft_length import PassCosts
 from server.engine.kv_cache import Chunk, KVCache
 from server.engine.model import LlamaModel
@@ -51,8 +51,9 @@ class LLMEngine:
         dtype = DTYPES[config.dtype] if config.kv_cache_dtype == "auto" else torch.float16
         num_blocks = config.num_blocks or KVCache.num_blocks_for_memory(mcfg, config.block_size, config.kv_cache_memory_gb, dtype)
         self.cache = KVCache(mcfg, num_blocks, config.block_size, dtype, self.model.device)
-        if config.prefill_dtype not in ("auto", "bfloat16"):
-            raise ConfigError(f"prefill_dtype must be auto or bfloat16, got {config.prefill_dtype!r}", "prefill_dtype")
+        if config.prefill_dtype not in PREFILL_DTYPES:
+            raise ConfigError(f"prefill_dtype must be one of {', '.join(PREFILL_DTYPES)}, got {config.prefill_dtype!r}",
+                              "prefill_dtype")
         wide = torch.bfloat16 if config.prefill_dtype == "bfloat16" and self.model.dtype == torch.float32 else None
         if wide is not None:
             self.model.wide_weights(wide)  # the bf16 copies now, not in the first request's prompt
