@@ -228,6 +228,8 @@ def main() -> int:
     p.add_argument("--spec-bench", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"
                                              / "spec_bench" / "question.jsonl"))
     p.add_argument("--limit-per-category", type=int, default=10)
+    p.add_argument("--prompt-file", default=None,
+                   help="train on the instructions of this JSONL ({id, category, prompt}) instead of the builtin set")
     p.add_argument("--train-answers", type=int, default=None, help="train on the first N training answers only")
     p.add_argument("--only", choices=("window", "context"), default=None, help="train one of the two heads")
     p.add_argument("--head", action="append", default=[],
@@ -245,7 +247,8 @@ def main() -> int:
     data = torch.load(path) if path.exists() else {}
     t0 = time.monotonic()
     if "train" not in data:
-        data["train"] = collect(str(model_dir), th.builtin_prompts(args.seed)[: args.prompts], args.max_tokens, args.batch)
+        source = th.load_prompts(Path(args.prompt_file), None) if args.prompt_file else th.builtin_prompts(args.seed)
+        data["train"] = collect(str(model_dir), source[: args.prompts], args.max_tokens, args.batch)
         bench = select_prompts(read_questions(args.spec_bench), CATEGORIES, args.limit_per_category)
         data["bench"] = collect(str(model_dir), [{"id": b.question_id, "category": b.category, "prompt": b.text}
                                                  for b in bench], args.max_tokens, args.batch)

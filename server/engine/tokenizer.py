@@ -44,6 +44,17 @@ class Tokenizer:
         text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         return self.encode(text)
 
+    def user_turn_prefix(self) -> list[int]:
+        """Token ids of a new chat up to where the user's first message begins (the template's
+        system turn, if it adds one, and the user's header): the chat template rendered around a
+        marker and cut there."""
+        marker = "\u2063via-sd-user-turn\u2063"
+        text = self._tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                             add_generation_prompt=False)
+        if marker not in text:
+            raise ValueError("the chat template does not show the user's message")
+        return self.encode(text[: text.index(marker)])
+
     def token_text(self, token_id: int) -> str:
         """The text of one token as OpenAI's `logprobs.content[].token` shows it."""
         return self._tok.decode([token_id], skip_special_tokens=False)

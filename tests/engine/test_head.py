@@ -466,6 +466,57 @@ def test_train_head_command_on_tiny_model(tiny_dir, tmp_path):
     assert 1.0 <= rec["heldout"]["tokens_per_step"] <= 6.0
     eng = engine_with_head(tiny_dir, Path(str(out) + ".safetensors"))
     assert eng.spec.drafter.head.reduced_ids.numel() <= 64 and eng.spec.drafter.head.window == 8
+    first, _ = DraftHead.load(Path(str(out) + ".safetensors"))
+
+    # `--init`: training continues from the saved head, whose layout and reduced vocabulary stay
+    # (the layout flags given here are not used), and the record says where it started
+    more = tmp_path / "more.head"
+    rc = main(["--model", str(tiny_dir), "--prompts", str(prompts), "--max-tokens", "12", "--sampled", "1",
+               "--data", str(tmp_path / "d.pt"), "--vocab", "32", "--ffn", "16", "--heads", "2", "--window", "4",
+               "--epochs", "1", "--batch-size", "4", "--heldout", "0.34", "--init", str(out) + ".safetensors",
+               "--out", str(more)])
+    assert rc == 0
+    again, _ = DraftHead.load(Path(str(more) + ".safetensors"))
+    assert torch.equal(again.reduced_ids, first.reduced_ids)
+    assert (again.ffn, again.heads, again.window) == (first.ffn, first.heads, first.window) == (32, 4, 8)
+    assert any(not torch.equal(a, b) for a, b in zip(again.state_dict().values(), first.state_dict().values()))
+    rec = json.loads(Path(str(more) + ".json").read_text())
+    assert rec["init"]["head"] == "tiny.head.safetensors" and rec["init"]["record"]["data"]["answers"] == 12
+    assert rec["head"]["ffn"] == 32 and rec["head"]["reduced_vocab"] == first.reduced_ids.numel()
+
+
+def test_user_turn_prefix_cuts_the_template_where_the_message_begins(tiny_dir):
+    from server.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(tiny_dir)
+    prefix = tok.user_turn_prefix()
+    full = tok.apply_chat_template([{"role": "user", "content": "hello there"}], add_generation_prompt=False)
+    assert 0 < len(prefix) < len(full) and full[: len(prefix)] == prefix
+    assert tok.decode(full[len(prefix):], skip_special_tokens=True).strip().startswith("hello there")
+
+
+@pytest.mark.real_model
+def test_self_instructions_are_the_models_own_turns_deterministic_and_unique(real_model_dir):
+    from server.engine.drafters.train_head import SELF_START, self_instructions, split_by_prompt
+
+    a = self_instructions(str(real_model_dir), 6, seed=0, batch=8, threads=None)
+    assert a == self_instructions(str(real_model_dir), 6, seed=0, batch=8, threads=None)
+    assert [r["id"] for r in a] == list(range(SELF_START, SELF_START + 6))
+    assert all(r["category"] == "self" and 16 <= len(r["prompt"]) <= 600 for r in a)
+    assert len({r["prompt"].lower() for r in a}) == 6
+    assert "<|im" not in "".join(r["prompt"] for r in a)  # the model ended its turn; no template left in
+    assert [r["prompt"] for r in self_instructions(str(real_model_dir), 6, seed=1, batch=8, threads=None)] != \
+        [r["prompt"] for r in a]
+    if SPEC_BENCH.exists():
+        questions = {t for line in SPEC_BENCH.read_text().splitlines() if line.strip()
+                     for t in json.loads(line)["turns"]}
+        assert not questions & {r["prompt"] for r in a}
+    # the model's own set is held out on its own: the earlier sets' split does not move
+    first = [{"prompt_id": i} for i in range(10_000, 10_500)]
+    _, held_first = split_by_prompt(first, 0.1, 0)
+    _, held = split_by_prompt(first + [{"prompt_id": r["id"]} for r in a * 5], 0.1, 0)
+    assert {s["prompt_id"] for s in held if s["prompt_id"] < SELF_START} == {s["prompt_id"] for s in held_first}
+    assert any(s["prompt_id"] >= SELF_START for s in held)
 
 
 # ------------------------------------------------------------------ the shipped head

@@ -5,7 +5,9 @@ Three stages, one command (a fixed seed makes it reproducible):
 1. **Collect.** The engine generates answers (mode `off`, batched) to instructions that are not
    Spec-Bench questions: by default (`--prompts builtin`) the 226 hand-written ones of
    `assets/train_prompts.jsonl` and the 1,318 + 1,113 templated ones of `train_prompts.py` (two
-   sets); once greedy and `--sampled` more times at `--temperature`. While it decodes, a recording runner keeps the
+   sets), plus, with `--self-instructions N`, N instructions the model writes itself (user turns
+   sampled from its own chat template, `self_instructions`; `--prompts self` takes only those);
+   once greedy and `--sampled` more times at `--temperature`. While it decodes, a recording runner keeps the
    target's final-norm hidden state and greedy next token at every generated position, so the
    features cost no second forward: `h_p` [H] is what `lm_head` sees at position p, `y_p` =
    argmax of the target's logits there. Saved to `--data` (reused, and resumed, when it exists).
@@ -15,6 +17,7 @@ Three stages, one command (a fixed seed makes it reproducible):
    smooth-L1 feature regression plus cross-entropy against the target's distribution over the
    reduced vocabulary, chained `--unroll` levels deep on its own predictions exactly as drafting
    chains them (`unrolled_outputs`), AdamW with a one-cycle schedule, held-out split by prompt.
+   `--init HEAD` continues a saved head (its layout and reduced vocabulary) instead of a fresh one.
 
 It prints the held-out top-1 acceptance (head argmax == target greedy token given true pairs)
 and the chained acceptance (expected accepted tokens per step with γ = 5, drafted by the
@@ -142,12 +145,52 @@ def builtin_prompts(seed: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- data
-SET_STARTS = (20_000,)  # prompt ids where a later set of instructions begins
+SELF_START = 30_000  # ids of the instructions the model writes itself (`--self-instructions`)
+SET_STARTS = (20_000, SELF_START)  # prompt ids where a later set of instructions begins
+
+
+def self_instructions(model_dir: str, n: int, *, seed: int, batch: int, threads: int | None,
+                      temperature: float = 1.0, top_p: float = 0.95, max_tokens: int = 96) -> list[dict]:
+    """`n` instructions the target writes itself (as Magpie does, Xu et al. 2024): the engine
+    samples from the chat template cut where a user's message begins, until the model ends the
+    turn. An instruct model's user turns follow the instructions it was tuned on, so its answers to
+    them are what it answers in use. Kept: turns the model ended, 16-600 characters, each once
+    (case-insensitive); ids from `SELF_START`, category "self". Deterministic in `seed`."""
+    from tqdm import tqdm
+
+    from server.engine.api import GenerationRequest
+    from server.engine.config import EngineConfig, SamplingParams, SpecConfig
+    from server.engine.engine import LLMEngine
+
+    eng = LLMEngine(EngineConfig(model=model_dir, spec=SpecConfig(mode="off"), max_num_seqs=batch,
+                                 max_num_batched_tokens=8192, num_threads=threads))
+    prefix = tuple(eng.tokenizer.user_turn_prefix())
+    rows: list[dict] = []
+    seen: set[str] = set()
+    bar = tqdm(total=n, desc="self-instructions", unit="instruction")
+    k = 0
+    while len(rows) < n:
+        reqs = [GenerationRequest(f"self-{k + i}", prefix, SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed * 1_000_003 + k + i))
+            for i in range(batch)]
+        k += batch
+        for res in eng.generate(reqs):
+            text = res.text.strip()
+            if res.finish_reason != "stop" or not 16 <= len(text) <= 600 or text.lower() in seen:
+                continue
+            seen.add(text.lower())
+            rows.append({"id": SELF_START + len(rows), "category": "self", "prompt": text})
+        bar.update(min(n, len(rows)) - bar.n)
+        if k > 20 * n + batch:
+            raise RuntimeError(f"the model ended only {len(rows)} of {k} user turns within {max_tokens} tokens")
+    bar.close()
+    return rows[:n]
 
 
 def split_by_prompt(seqs: list[dict], heldout: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out a `heldout` share of the prompts of each set (ids below 20,000, and from there on)
-    on its own, so that adding a set leaves the earlier sets' held-out prompts where they were."""
+    """Hold out a `heldout` share of the prompts of each set (ids below 20,000, from 20,000, and the
+    model's own from `SELF_START`) on its own, so that adding a set leaves the earlier sets'
+    held-out prompts where they were."""
     held: set[int] = set()
     all_ids = {s["prompt_id"] for s in seqs}
     for k in range(len(SET_STARTS) + 1):
@@ -399,7 +442,19 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
     model = LlamaModel.from_folder(model_dir)
     train, held = split_by_prompt(data["seqs"], args.heldout, args.seed)
     eos = tuple(model.cfg.eos_token_ids)
-    reduced = reduced_vocabulary(train, args.vocab, eos, model.cfg.vocab_size)
+    init = None
+    if args.init:  # continue a saved head: its layout and reduced vocabulary stay
+        from server.engine.drafters.head import DraftHead
+
+        head, _ = DraftHead.load(Path(args.init))
+        head.attach(model.embed, model.lm_head)
+        head.dropout = args.dropout
+        reduced = head.reduced_ids
+        init_record = Path(args.init).with_suffix(".json")
+        init = {"head": Path(args.init).name,
+                "record": json.loads(init_record.read_text()) if init_record.exists() else None}
+    else:
+        reduced = reduced_vocabulary(train, args.vocab, eos, model.cfg.vocab_size)
     d = pad_answers(train)
     y_red = to_reduced(d["y"][d["valid"]], reduced, model.cfg.vocab_size)
     coverage = float((y_red >= 0).float().mean())
@@ -407,7 +462,8 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
     print(f"train: {N} answers, {npos} positions; held out: {len(held)} answers; "
           f"reduced vocabulary {len(reduced)} covers {coverage:.3f} of the target's greedy tokens")
     d["scale"] = model.norm.float().abs().mean()
-    head = new_head(model, reduced, ffn=args.ffn, heads=args.heads, window=args.window, dropout=args.dropout)
+    if init is None:
+        head = new_head(model, reduced, ffn=args.ffn, heads=args.heads, window=args.window, dropout=args.dropout)
     del model
     steps_per_epoch = math.ceil(N / args.batch_size)
     total = steps_per_epoch * args.epochs
@@ -422,7 +478,7 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
             loss, ce = unrolled_loss(head, d, idx, args.unroll, args.feature_weight)
             optimizer_step(head, opt, sched, loss)
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}", ce=f"{ce:.3f}")
+            bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}", ce=f"{ce:.3f}")
         if epoch + 1 < args.epochs:
             head.eval()
             bar.write(f"epoch {epoch + 1}: held-out top-1 {evaluate(head, held, reduced, thresholds=())['top1']:.3f}")
@@ -445,14 +501,16 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
         "prompts": str(Path(args.prompts).name),
         "data": {"answers": len(data["seqs"]), "train_answers": len(train), "heldout_answers": len(held),
                  "train_positions": npos, "num_prompts": data.get("num_prompts"), "max_tokens": args.max_tokens,
+                 "self_instructions": args.self_instructions,
                  "sampled_per_prompt": args.sampled, "temperature": args.temperature,
                  "collect_seconds": round(float(data.get("collect_seconds", 0.0)), 1)},
-        "head": {"arch": "eagle-window", "hidden": head.hidden, "ffn": args.ffn, "heads": args.heads,
-                 "window": args.window, "reduced_vocab": len(reduced), "params": head.num_params(),
+        "head": {"arch": "eagle-window", "hidden": head.hidden, "ffn": head.ffn, "heads": head.heads,
+                 "window": head.window, "reduced_vocab": len(reduced), "params": head.num_params(),
                  "reduced_vocab_coverage_train": round(coverage, 4)},
         "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "unroll": args.unroll,
                      "feature_weight": args.feature_weight, "dropout": args.dropout, "weight_decay": args.weight_decay,
                      "seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads()},
+        "init": init,
         "heldout": ev,
         "threshold": best["threshold"],
         "min_tokens": best["min_tokens"],
@@ -471,8 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", default="builtin",
                    help="a JSONL of {id, category, prompt}; 'builtin' (default) = assets/train_prompts.jsonl plus "
-                        "the templated set of train_prompts.py")
+                        "the templated sets of train_prompts.py; 'self' = only the --self-instructions")
     p.add_argument("--limit-prompts", type=int, default=None)
+    p.add_argument("--self-instructions", type=int, default=0,
+                   help="also N instructions the model writes itself (user turns sampled from its chat template), "
+                        "cached beside --data")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--sampled", type=int, default=1, help="sampled answers per prompt, besides the greedy one")
     p.add_argument("--temperature", type=float, default=0.7)
@@ -495,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=float, default=0.1, help="share of prompts held out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output stem (default: assets/<model>.head)")
+    p.add_argument("--init", default=None,
+                   help="continue training this saved head (.safetensors; its layout and reduced vocabulary are "
+                        "kept) instead of a fresh one")
     p.add_argument("--evaluate", action="store_true",
                    help="train nothing: collect the held-out prompts' answers only, evaluate the head at --out "
                         "(default: the shipped one) and rewrite the held-out numbers of its record")
@@ -531,6 +595,19 @@ def evaluate_saved(args, model_dir: Path, data: dict, argv) -> int:
     return 0
 
 
+def cached_self_instructions(args, model_dir: Path, folder: Path) -> list[dict]:
+    """`self_instructions` for `args`, read from (or written to) a JSONL in `folder`."""
+    path = folder / f"{model_dir.name}.self-instructions-seed{args.seed}-{args.self_instructions}.jsonl"
+    if path.exists():
+        return load_prompts(path, None)
+    rows = self_instructions(str(model_dir), args.self_instructions, seed=args.seed, batch=args.batch,
+                             threads=args.threads)
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"wrote {len(rows)} instructions the model wrote itself to {path}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from server.engine.model_files import prepare_model
@@ -540,9 +617,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cache_name = f"{model_dir.name}.head-{'heldout' if args.evaluate else 'data'}.pt"
     data_path = Path(args.data) if args.data else Path.home() / ".cache" / "via-sd" / cache_name
-    prompts = builtin_prompts(args.seed) if args.prompts == "builtin" else load_prompts(Path(args.prompts), None)
+    if args.prompts == "self" and not args.self_instructions:
+        print("via-sd train-head: --prompts self needs --self-instructions N", file=sys.stderr)
+        return 2
+    prompts = {"builtin": lambda: builtin_prompts(args.seed), "self": list}.get(
+        args.prompts, lambda: load_prompts(Path(args.prompts), None))()
     if args.limit_prompts:
         prompts = prompts[: args.limit_prompts]
+    if args.self_instructions:
+        prompts = prompts + cached_self_instructions(args, model_dir, data_path.parent)
     if args.evaluate:  # the held-out prompts only, split as training splits the answers
         _, held = split_by_prompt([{"prompt_id": r["id"]} for r in prompts], args.heldout, args.seed)
         held_ids = {h["prompt_id"] for h in held}
