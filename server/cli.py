@@ -31,6 +31,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accept-threshold", type=float, default=None)
     p.add_argument("--escalate-threshold", type=float, default=None)
     p.add_argument("--slim-route", default=None, help="route JSON of the slim verifier")
+    p.add_argument("--draft-head", default=None,
+                   help="draft head of the head and hybrid drafters (.safetensors from via-sd train-head); "
+                        "default: the one shipped for the model")
     p.add_argument("--slim-confidence", type=float, default=None,
                    help="the slim verifier decides a position only where max q' >= this (default 0.7)")
 
@@ -47,6 +50,8 @@ def engine_config_from_args(args, model_folder) -> "EngineConfig":
         v = getattr(args, name, None)
         if v is not None:
             spec_kw[name] = v
+    if getattr(args, "draft_head", None):
+        spec_kw["head_path"] = args.draft_head
     return EngineConfig(model=str(model_folder), dtype=getattr(args, "dtype", "float32"),
                         device=getattr(args, "device", "cpu"), prefill_dtype=getattr(args, "prefill_dtype", "auto"),
                         spec=SpecConfig(**spec_kw))

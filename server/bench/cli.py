@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-dtype", default="auto",
                    help="our engine rows' products in wide passes (the prompt): auto (the model's dtype, lossless), "
                         "bfloat16 (lossy), or auto,bfloat16: every engine row in both, the bf16 ones named <row>+bf16")
+    p.add_argument("--draft-head", default=None,
+                   help="our head and hybrid rows' draft head (.safetensors from via-sd train-head); default: the one "
+                        "shipped for the model")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--load", action="store_true", help="load test of `via-sd serve` instead (see --help with --load)")
@@ -180,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         return _die(f"--peer-repeats must be in [1, --repeats], got {args.peer_repeats}")
     if args.temperature < 0:
         return _die(f"--temperature must be >= 0, got {args.temperature}")
+    if args.draft_head and not Path(args.draft_head).is_file():
+        return _die(f"--draft-head: no such file {args.draft_head!r}")
     try:
         modes = parse_list(args.modes, SPEC_MODES, "--modes")
         drafters = parse_list(args.drafters, DRAFTERS, "--drafters")
@@ -228,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
            "temperature": args.temperature, "seed": args.seed, "threads": threads, "eos_token_ids": eos,
            "warmup_tokens": min(16, args.max_tokens), "progress": not args.no_progress,
            # the rows' setting when one is asked for; with both, the +bf16 rows carry their own
-           "kv_cache_dtype": args.kv_cache_dtype, "prefill_dtype": prefill_dtypes[0], "max_model_len": min(model_max, -(-(longest + args.max_tokens + 16) // 256) * 256)}
+           "kv_cache_dtype": args.kv_cache_dtype, "prefill_dtype": prefill_dtypes[0], "head_path": args.draft_head,
+           "max_model_len": min(model_max, -(-(longest + args.max_tokens + 16) // 256) * 256)}
     vllm_python = find_vllm_python(args.vllm_python)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -305,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                      "batch_size": 1, "threads": threads, "repeats": args.repeats,
                      "peer_repeats": args.peer_repeats, "prompt_file": str(args.prompts),
                      "interleaved": args.interleave, "kv_cache_dtype": args.kv_cache_dtype,
-                     "prefill_dtype": "+".join(prefill_dtypes)},
+                     "prefill_dtype": "+".join(prefill_dtypes), "draft_head": args.draft_head},
         "git": git,
         "runs": runs,
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],

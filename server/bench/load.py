@@ -328,11 +328,11 @@ def vllm_serve_cmd(python: str, model: str, port: int, max_seqs: int, prefix_cac
 
 
 def via_sd_serve_cmd(model: str, port: int, max_seqs: int, drafter: str | None, prefix_caching: bool = False,
-                     kv_cache_dtype: str = "auto", prefill_dtype: str = "auto") -> list[str]:
+                     kv_cache_dtype: str = "auto", prefill_dtype: str = "auto", draft_head: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--host", HOST, "--port", str(port),
            "--spec-mode", "three_tier", "--max-num-seqs", str(max_seqs), prefix_flag(prefix_caching),
            "--kv-cache-dtype", kv_cache_dtype, "--prefill-dtype", prefill_dtype]
-    return cmd + (["--drafter", drafter] if drafter else [])
+    return cmd + (["--drafter", drafter] if drafter else []) + (["--draft-head", draft_head] if draft_head else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help="our server's K/V cache type")
     p.add_argument("--prefill-dtype", choices=PREFILL_DTYPES, default="auto",
                    help="our server's products in wide passes (prompts, big batches); bfloat16 is lossy")
+    p.add_argument("--draft-head", default=None, help="our server's draft head (default: the one shipped for the model)")
     p.add_argument("--out", default="benchmarks/results/load.json")
     return p
 
@@ -379,6 +380,10 @@ def main(argv: list[str]) -> int:
         return _die(f"--requests must be in [1, 100000], got {args.requests}")
     if not (0 < args.rounds <= 100):
         return _die(f"--rounds must be in [1, 100], got {args.rounds}")
+    if args.draft_head:
+        if not Path(args.draft_head).is_file():
+            return _die(f"--draft-head: no such file {args.draft_head!r}")
+        args.draft_head = str(Path(args.draft_head).resolve())  # whatever directory the server starts in
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in SPEC_MODES]
     if bad:
@@ -456,7 +461,7 @@ def main(argv: list[str]) -> int:
         if modes:
             port = args.port or free_port()
             cmd = via_sd_serve_cmd(str(folder), port, max(concs), args.drafter, args.prefix_caching == "on",
-                                   args.kv_cache_dtype, args.prefill_dtype)
+                                   args.kv_cache_dtype, args.prefill_dtype, args.draft_head)
             srv = start_server("via-sd", cmd, port, out.parent)
             servers.append(srv)
             why = wait_healthy(srv, args.start_timeout)
@@ -496,7 +501,7 @@ def main(argv: list[str]) -> int:
               "settings": {"concurrency": concs, "requests": args.requests, "max_tokens": args.max_tokens,
                            "endpoint": args.endpoint, "prompts": len(prompts), "turns": args.turns,
                            "prefix_caching": args.prefix_caching, "kv_cache_dtype": args.kv_cache_dtype,
-                           "prefill_dtype": args.prefill_dtype},
+                           "prefill_dtype": args.prefill_dtype, "draft_head": args.draft_head},
               "load": [asdict(p) for p in points], "skipped": skipped}
     out.write_text(json.dumps(report, indent=1) + "\n")
     table = render_load_table(report["load"])

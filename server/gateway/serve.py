@@ -35,6 +35,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None, help="port (env VIA_SD_PORT; default 8000)")
     parser.add_argument("--spec-mode", choices=SPEC_MODES, default=None, help="env VIA_SD_SPEC_MODE; default three_tier")
     parser.add_argument("--drafter", choices=DRAFTERS, default=None, help="env VIA_SD_DRAFTER; default hybrid (ngram on the vllm backend)")
+    parser.add_argument("--draft-head", default=None,
+                        help="embedded engine: the draft head of the head and hybrid drafters (.safetensors from "
+                        "via-sd train-head; env VIA_SD_DRAFT_HEAD); default: the one shipped for the model")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on /v1 and /metrics (env VIA_SD_API_KEY)")
     parser.add_argument("--metrics-public", action="store_true",
@@ -86,6 +89,9 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     out.spec_mode = _env(args.spec_mode, "VIA_SD_SPEC_MODE", "three_tier")
     out.drafter = _env(args.drafter, "VIA_SD_DRAFTER", "ngram" if getattr(args, "backend", "embedded") == "vllm" else "hybrid")
     out.api_key = _env(args.api_key, "VIA_SD_API_KEY", None)
+    out.draft_head = _env(getattr(args, "draft_head", None), "VIA_SD_DRAFT_HEAD", None)
+    if out.draft_head and not Path(out.draft_head).is_file():
+        raise ValueError(f"--draft-head: no such file {out.draft_head!r}")
     out.device = _env(getattr(args, "device", None), "VIA_SD_DEVICE", "cpu")
     out.enable_prefix_caching = _env(getattr(args, "enable_prefix_caching", None), "VIA_SD_PREFIX_CACHING", True,
                                      lambda v: v.lower() not in ("0", "false", "no", "off"))
@@ -118,7 +124,7 @@ def engine_config(s: argparse.Namespace, model_folder: Path) -> EngineConfig:
         enable_prefix_caching=getattr(s, "enable_prefix_caching", base.enable_prefix_caching),
         tensor_parallel_size=s.tensor_parallel_size,
         pipeline_parallel_size=s.pipeline_parallel_size,
-        spec=replace(SpecConfig(), mode=s.spec_mode, drafter=s.drafter),
+        spec=replace(SpecConfig(), mode=s.spec_mode, drafter=s.drafter, head_path=getattr(s, "draft_head", None)),
     )
     return cfg
 
@@ -143,6 +149,9 @@ def build_engine(s: argparse.Namespace):
         except ImportError as e:
             raise SystemExit(f"via-sd serve: the embedded engine cannot be imported ({e})") from None
         return EmbeddedAsyncEngine(config)
+    if config.spec.head_path:
+        raise SystemExit("via-sd serve: --draft-head is for the embedded engine's head and hybrid drafters; the vllm "
+                         "backend drafts by n-gram lookup")
     if config.prefill_dtype != "auto":
         raise SystemExit("via-sd serve: --prefill-dtype bfloat16 is the embedded engine's; on --backend vllm use "
                          "vLLM's --dtype")

@@ -241,3 +241,32 @@ def test_a_sweep_with_the_controller_off_runs_the_slim_tier_at_every_drafted_ste
     assert forced["params"] == {"controller": False, "accept_threshold": 0.5}
     assert forced["slim_tier_on"] == 1.0
     assert rep["sweep"]["grid"] == {"controller": [False], "accept_threshold": [0.5]}
+
+
+def test_draft_head_flag_reaches_the_head_rows(tiny_model_dir, tmp_path):
+    """`--draft-head`: the head rows draft with the given head (the tiny model has none of its
+    own, so without the flag its head row cannot be built and is skipped)."""
+    import torch
+
+    from server.engine.drafters.head import DraftHead
+
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    torch.manual_seed(0)
+    head = DraftHead(cfg["hidden_size"], 32, torch.arange(64), heads=4, window=6)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    path = tmp_path / "mine.head.safetensors"
+    head.save(path, {"threshold": 0.0, "min_tokens": 1})
+    rc, rep = _run(tiny_model_dir, tmp_path, ["--modes", "off,binary", "--drafters", "head"], "nohead")
+    assert rc == 0 and [s["name"] for s in rep["skipped"]] == ["binary_head"]
+    rc, rep = _run(tiny_model_dir, tmp_path, ["--modes", "off,binary", "--drafters", "head", "--draft-head", str(path)],
+                   "head")
+    assert rc == 0 and rep["settings"]["draft_head"] == str(path) and not rep["skipped"]
+    assert [r["name"] for r in rep["runs"]] == ["off", "binary_head"]
+    lines = [json.loads(x) for x in (tmp_path / "head.outputs.jsonl").read_text().splitlines()]
+    by = {(x["run"], x["question_id"]): x["token_ids"] for x in lines}
+    assert all(by[("binary_head", q)] == by[("off", q)] for _, q in by)
+    assert cli.main(["--prompts", str(tmp_path / "q.jsonl"), "--modes", "off", "--draft-head",
+                     str(tmp_path / "missing.safetensors")]) == 2

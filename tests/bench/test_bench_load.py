@@ -45,6 +45,9 @@ def test_vllm_serve_runs_like_our_engine():
     assert ours[ours.index("--prefill-dtype") + 1] == "auto" and build_parser().parse_args([]).prefill_dtype == "auto"
     bf = via_sd_serve_cmd("/models/m", 8124, 64, None, prefill_dtype="bfloat16")
     assert bf[bf.index("--prefill-dtype") + 1] == "bfloat16"
+    assert "--draft-head" not in ours
+    mine = via_sd_serve_cmd("/models/m", 8124, 64, "head", draft_head="/heads/mine.safetensors")
+    assert mine[mine.index("--draft-head") + 1] == "/heads/mine.safetensors"
 
 
 def test_summarize_and_table():

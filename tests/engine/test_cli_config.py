@@ -16,3 +16,5 @@ def test_prefill_dtype_and_spec_flags_reach_the_config():
     assert cfg.prefill_dtype == "auto" and cfg.model == "/models/m"
     cfg = _config(["--prefill-dtype", "bfloat16", "--spec-mode", "binary", "--drafter", "ngram"])
     assert cfg.prefill_dtype == "bfloat16" and cfg.spec.mode == "binary" and cfg.spec.drafter == "ngram"
+    assert cfg.spec.head_path is None
+    assert _config(["--draft-head", "/heads/mine.safetensors"]).spec.head_path == "/heads/mine.safetensors"

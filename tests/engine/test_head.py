@@ -392,9 +392,16 @@ def test_plain_steps_keep_the_head_window_current(tiny_dir, tiny_head_path):
     assert eng.cache.pool.num_free == eng.cache.pool.num_usable
 
 
-def test_missing_head_is_a_clear_error(tiny_dir):
+def test_missing_head_is_a_clear_error(tiny_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="train-head"):
         LLMEngine(EngineConfig(model=str(tiny_dir), spec=SpecConfig(mode="binary", drafter="head"), num_blocks=16))
+    # hybrid without a head of the model's drafts by lookup alone; a head named that is missing is an error
+    eng = LLMEngine(EngineConfig(model=str(tiny_dir), spec=SpecConfig(mode="binary", drafter="hybrid"), num_blocks=16))
+    assert eng.spec.drafter.head is None
+    missing = str(tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match="missing file"):
+        LLMEngine(EngineConfig(model=str(tiny_dir), spec=SpecConfig(mode="binary", drafter="hybrid", head_path=missing),
+                               num_blocks=16))
 
 
 def test_wrong_hidden_size_is_rejected(tiny_dir, tmp_path):

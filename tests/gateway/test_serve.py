@@ -62,6 +62,19 @@ def test_engine_config_from_flags(tmp_path):
         parse(["--kv-cache-dtype", "fp8"])
 
 
+def test_draft_head_from_flag_and_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("VIA_SD_DRAFT_HEAD", raising=False)
+    head = tmp_path / "mine.head.safetensors"
+    head.write_bytes(b"x")
+    cfg = lambda argv: serve.engine_config(serve.resolve_settings(parse(argv)), tmp_path)  # noqa: E731
+    assert cfg([]).spec.head_path is None  # the one shipped for the model
+    assert cfg(["--draft-head", str(head)]).spec.head_path == str(head)
+    monkeypatch.setenv("VIA_SD_DRAFT_HEAD", str(head))
+    assert cfg([]).spec.head_path == str(head)
+    with pytest.raises(ValueError, match="--draft-head: no such file"):
+        serve.resolve_settings(parse(["--draft-head", str(tmp_path / "missing.safetensors")]))
+
+
 def test_prefix_caching_flag_and_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("VIA_SD_PREFIX_CACHING", raising=False)
     cfg = lambda argv: serve.engine_config(serve.resolve_settings(parse(argv)), tmp_path)  # noqa: E731
@@ -91,6 +104,11 @@ def test_missing_vllm_backend_is_a_clear_exit(tmp_path, monkeypatch):
         serve.build_engine(s)
     s = serve.resolve_settings(parse(["--model", str(folder), "--backend", "vllm", "--prefill-dtype", "bfloat16"]))
     with pytest.raises(SystemExit, match="prefill-dtype bfloat16 is the embedded engine's"):
+        serve.build_engine(s)
+    head = tmp_path / "h.safetensors"
+    head.write_bytes(b"x")
+    s = serve.resolve_settings(parse(["--model", str(folder), "--backend", "vllm", "--draft-head", str(head)]))
+    with pytest.raises(SystemExit, match="--draft-head is for the embedded engine"):
         serve.build_engine(s)
 
 

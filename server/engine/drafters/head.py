@@ -375,7 +375,7 @@ class HeadDrafter(Drafter):
         path = path or cfg.spec.head_path or shipped_head_path(cfg.model)
         if path is None or not Path(path).is_file():
             raise FileNotFoundError(
-                f"no draft head for model {Path(cfg.model).name!r}: pass spec.head_path (--head-path) or train one "
+                f"no draft head for model {Path(cfg.model).name!r}: pass spec.head_path (--draft-head) or train one "
                 f"with `via-sd train-head --model {cfg.model}`" + (f" (missing file {path})" if path else ""))
         self.head, self.info = DraftHead.load(path)
         mcfg = engine.model.cfg

@@ -37,6 +37,8 @@ class HybridDrafter(Drafter):
             try:
                 head = HeadDrafter(engine)
             except FileNotFoundError as e:
+                if spec.head_path:  # a head asked for by name is not quietly replaced by lookup
+                    raise
                 log.warning("drafter hybrid: %s; drafting by n-gram lookup alone", e)
         self.head = head
         default_min = spec.ngram_min if head is None else max(2, spec.ngram_min)
