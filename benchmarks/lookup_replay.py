@@ -25,9 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def local_matches(ids: list[int], n_min: int, n_max: int, k: int, branches: int) -> list[list[int]]:
+def local_matches(ids: list[int], n_min: int, n_max: int, k: int, branches: int) -> tuple[list[list[int]], int]:
     """Continuations (up to k tokens) of the latest earlier occurrences of the longest suffix
-    n-gram that occurs, n in [n_min, n_max], at most `branches` with distinct first tokens."""
+    n-gram that occurs, n in [n_min, n_max], at most `branches` with distinct first tokens, and
+    that n (0 without a match). With one branch it is `ngram_match`'s draft, without the span."""
     L = len(ids)
     for n in range(min(n_max, L - 1), n_min - 1, -1):
         suffix, out = ids[L - n:], []
@@ -39,8 +40,8 @@ def local_matches(ids: list[int], n_min: int, n_max: int, k: int, branches: int)
                 if len(out) >= branches:
                     break
         if out:
-            return out
-    return []
+            return out, n
+    return [], 0
 
 
 def history_index(answers: list[list[int]], n_min: int = 2, n_max: int = 6) -> dict:
@@ -65,8 +66,8 @@ def walk(prompt: list[int], answer: list[int], gamma: int, branches: int, index:
     """(tokens, steps, draft tokens verified) for one answer."""
     ctx, i, steps, verified = list(prompt), 0, 0, 0
     while i < len(answer):
-        cands = local_matches(ctx, 1, 4, gamma, branches)
-        if index is not None and not local_matches(ctx, 2, 4, gamma, 1):
+        cands, n_local = local_matches(ctx, 1, 4, gamma, branches)
+        if index is not None and n_local < 2:
             extra = history_match(index, ctx, 2, 6, gamma)
             cands = [extra] if extra else cands
         best = 0
