@@ -34,6 +34,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-head", default=None,
                    help="draft head of the head and hybrid drafters (.safetensors from via-sd train-head); "
                         "default: the one shipped for the model")
+    p.add_argument("--full-accept-threshold", type=float, default=None,
+                   help="three_tier: the full model keeps a draft token d when q(d) >= this * max q (1: exact)")
     p.add_argument("--slim-confidence", type=float, default=None,
                    help="the slim verifier decides a position only where max q' >= this (default 0.7)")
 
@@ -46,7 +48,8 @@ def engine_config_from_args(args, model_folder) -> "EngineConfig":
         spec_kw["mode"] = args.spec_mode
     if getattr(args, "drafter", None):
         spec_kw["drafter"] = args.drafter
-    for name in ("num_draft_tokens", "accept_threshold", "escalate_threshold", "slim_route", "slim_confidence"):
+    for name in ("num_draft_tokens", "accept_threshold", "escalate_threshold", "slim_route", "slim_confidence",
+                 "full_accept_threshold"):
         v = getattr(args, name, None)
         if v is not None:
             spec_kw[name] = v

@@ -13,6 +13,8 @@ Definitions (per run, and per category over that category's prompts):
 - `full_passes_per_token` = full-model passes / tokens (1.0 for `off`; the lower, the more the
   speculation saved).
 - `slim_tier_on`: share of `three_tier` steps with a draft where the controller kept the slim tier.
+- `lenient_share`: share of the generated tokens that are drafts the full model kept by
+  `full_accept_threshold` though they were not its own choice (0 with the exact rule; None for peers).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def metrics(items: list[dict], drafts: bool, peer: bool) -> dict:
     else:
         tiers = {"accept": 0.0, "slim": 0.0, "full": 0.0}
     on, off = _sum(items, "slim_on") or 0, _sum(items, "slim_off") or 0
+    lenient = _sum(items, "lenient")
     ttfts = [it["ttft"] for it in items if it.get("ttft") is not None]
     return {
         "prompts": len(items),
@@ -64,6 +67,7 @@ def metrics(items: list[dict], drafts: bool, peer: bool) -> dict:
         "tier_rates": tiers,
         "full_passes_per_token": _div(full, tokens) if full is not None else None,
         "slim_tier_on": _div(on, on + off) if on + off else None,
+        "lenient_share": _div(lenient, tokens) if lenient is not None and drafts and not peer else None,
         "ttft_mean_s": sum(ttfts) / len(ttfts) if ttfts else None,
     }
 
@@ -117,8 +121,8 @@ def _f(v, fmt: str = ".2f", none: str = "-") -> str:
     return format(v, fmt)
 
 
-COLUMNS = ("run", "tok/s", "speedup", "tok/step", "accept/slim/full", "slim on", "full/tok", "=off", "BLEU", "ROUGE-L",
-           "math")
+COLUMNS = ("run", "tok/s", "speedup", "tok/step", "accept/slim/full", "slim on", "full/tok", "lenient", "=off", "BLEU",
+           "ROUGE-L", "math")
 
 
 def table_rows(runs: list[dict]) -> list[list[str]]:
@@ -130,7 +134,7 @@ def table_rows(runs: list[dict]) -> list[list[str]]:
         out.append([
             r["name"], _f(r["tokens_per_s"], ".1f"), _f(r["speedup_vs_off"], ".2f") + ("x" if r["speedup_vs_off"] else ""),
             _f(r["mean_accepted_tokens"]), tiers, _f(r.get("slim_tier_on")), _f(r["full_passes_per_token"]),
-            _f(q.get("match_off")),
+            _f(r.get("lenient_share")), _f(q.get("match_off")),
             _f(q.get("bleu"), ".1f"), _f(q.get("rouge_l"), ".1f"), _f(q.get("math_accuracy")),
         ])
     return out

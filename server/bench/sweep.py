@@ -19,9 +19,10 @@ from server.engine.config import SpecConfig
 
 # sweep keys: SpecConfig field -> short name
 SWEEP_KEYS = {"accept_threshold": "a", "escalate_threshold": "e", "bonus_confidence": "b", "num_draft_tokens": "g",
-              "slim_confidence": "c", "controller": "ctl"}
+              "slim_confidence": "c", "controller": "ctl", "full_accept_threshold": "f"}
 SWEEP_ALIASES = {"gamma": "num_draft_tokens", "g": "num_draft_tokens", "a": "accept_threshold",
-                 "e": "escalate_threshold", "b": "bonus_confidence", "c": "slim_confidence", "ctl": "controller"}
+                 "e": "escalate_threshold", "b": "bonus_confidence", "c": "slim_confidence", "ctl": "controller",
+                 "f": "full_accept_threshold"}
 
 # `--sweep` alone: the slim tier at every drafted step (the controller off, escalation low), so
 # that the thresholds act, and each threshold and γ varied from there one at a time

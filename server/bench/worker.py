@@ -85,6 +85,7 @@ def _generate_one(engine, job: dict, row: dict, i: int, p: dict) -> dict:
         "slim_passes": u.slim_passes, "draft_tokens": u.draft_tokens, "accepted": u.accepted,
         "tier_accept": d["tier_accept"], "tier_slim": d["tier_slim"], "tier_full": d["tier_full"],
         "slim_on": d["controller_slim_on"], "slim_off": d["controller_slim_off"],
+        "lenient": u.lenient_accepted,
     }
 
 

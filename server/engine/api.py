@@ -61,6 +61,7 @@ class SpecUsage:
     slim_passes: int = 0
     full_passes: int = 0
     steps: int = 0
+    lenient_accepted: int = 0  # accepted drafts the full model kept by full_accept_threshold, not its argmax
 
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -121,6 +122,7 @@ class EngineStats:
     slim_passes: int = 0  # per sequence
     full_passes: int = 0  # per sequence
     slim_regenerated: int = 0
+    lenient_accepted: int = 0  # accepted draft tokens that were not the full model's argmax (full_accept_threshold)
     controller_slim_on: int = 0  # speculative steps that ran the slim tier
     controller_slim_off: int = 0  # speculative steps where the controller bypassed it
     preemptions: int = 0

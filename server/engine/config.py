@@ -78,11 +78,12 @@ class SpecParams:
     accept_threshold: float | None = None
     escalate_threshold: float | None = None
     num_draft_tokens: int | None = None
+    full_accept_threshold: float | None = None
 
     def validate(self) -> "SpecParams":
         if self.mode is not None and self.mode not in SPEC_MODES:
             raise ConfigError(f"via_sd.mode must be one of {', '.join(SPEC_MODES)}, got {self.mode!r}", "via_sd.mode")
-        for name in ("accept_threshold", "escalate_threshold"):
+        for name in ("accept_threshold", "escalate_threshold", "full_accept_threshold"):
             v = getattr(self, name)
             if v is not None and not (0.0 <= v <= 1.0):
                 raise ConfigError(f"via_sd.{name} must be in [0, 1], got {v}", f"via_sd.{name}")
@@ -109,6 +110,10 @@ class SpecConfig:
     accept_threshold: float = 0.7
     escalate_threshold: float = 0.5
     bonus_confidence: float = 0.9
+    # where the full model decides a draft token of a `three_tier` request, it keeps d when
+    # q(d) >= full_accept_threshold * max q (temperature 1): 1 keeps only its own choice (exact, as
+    # `binary`), lower values keep near-ties too. Lossy; `binary` requests never use it.
+    full_accept_threshold: float = 1.0
     # the slim verifier decides a position (tier A or B) only where it is itself confident:
     # max q' >= slim_confidence, else the position escalates (tier C). Measured on the bundled
     # model: the ratio rule alone accepts the slim argmax even where q' is flat, which is where
@@ -147,6 +152,8 @@ class SpecConfig:
             escalate_threshold=self.escalate_threshold if req.escalate_threshold is None else req.escalate_threshold,
             num_draft_tokens=self.num_draft_tokens if req.num_draft_tokens is None else req.num_draft_tokens,
             bonus_confidence=self.bonus_confidence,
+            full_accept_threshold=(self.full_accept_threshold if req.full_accept_threshold is None
+                                   else req.full_accept_threshold),
         )
 
 
@@ -157,6 +164,7 @@ class ResolvedSpec:
     escalate_threshold: float
     num_draft_tokens: int
     bonus_confidence: float
+    full_accept_threshold: float = 1.0
 
 
 @dataclass(frozen=True)

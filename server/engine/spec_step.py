@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -317,6 +318,58 @@ class SpecDecoder:
         noise = exponential_noise([n + 1 for n in n_drafts], vocab, [s.generator for s in seqs])
         return (torch.cat(uniforms) if uniforms else torch.empty(0)).to(device), noise.to(device)
 
+    @staticmethod
+    def _lenient(plans_rows: list[tuple[_SeqPlan, int]], logits: torch.Tensor):
+        """Where the full model keeps a draft token by its request's `full_accept_threshold` θ
+        (three-tier requests with θ < 1): q(d) >= θ max q at temperature 1, i.e. logit(d) >= max
+        logit + log θ. `plans_rows` pairs each plan with the row of `logits` that holds its first
+        draft position. Returns None when no row qualifies, else (rows, draft ids, kept, forced)
+        over the considered draft positions: `kept` by the rule, `forced` kept though d is not the
+        full model's argmax (the tokens the rule changes for a greedy request)."""
+        rows, ids, logt = [], [], []
+        for p, r0 in plans_rows:
+            spec = p.sched.seq.spec
+            if spec.mode != "three_tier" or spec.full_accept_threshold >= 1 or not p.drafts:
+                continue
+            lt = math.log(spec.full_accept_threshold) if spec.full_accept_threshold > 0 else -math.inf
+            for j, d in enumerate(p.drafts):
+                rows.append(r0 + j)
+                ids.append(d)
+                logt.append(lt)
+        if not rows:
+            return None
+        dev = logits.device
+        rt = torch.tensor(rows, device=dev)
+        it = torch.tensor(ids, device=dev)
+        sub = logits[rt].float()
+        best, am = sub.max(-1)
+        kept = sub.gather(1, it[:, None]).squeeze(1) >= best + torch.tensor(logt, device=dev)
+        return rt, it, kept, kept & (am != it)
+
+    @staticmethod
+    def _force(target: torch.Tensor, lenient) -> torch.Tensor:
+        """`target` (logits or probabilities) with each row the lenient rule keeps made one-hot at
+        its draft token: the verification kernels then keep it, greedy (argmax) or sampled
+        (u p(d) < 1), and the rows it does not keep decide as before."""
+        rt, it, kept, _ = lenient
+        if not bool(kept.any()):
+            return target
+        out = target.clone()
+        r, d = rt[kept], it[kept]
+        out[r] = 0
+        out[r, d] = 1
+        return out
+
+    @staticmethod
+    def _forced_counts(lenient, spans: dict[int, tuple[int, int, int]]) -> dict[int, int]:
+        """Per plan index, the draft tokens kept only because of the lenient rule: forced rows
+        among the positions the full model decided and kept, [stop, accepted) of each plan,
+        `spans` giving (first row, stop, accepted)."""
+        if lenient is None:
+            return {}
+        forced = dict(zip(lenient[0].tolist(), lenient[3].tolist()))
+        return {i: sum(forced.get(r0 + j, False) for j in range(a, k)) for i, (r0, a, k) in spans.items()}
+
     def finish(self, job: SpecJob, full_logits: torch.Tensor | None, full_hidden: torch.Tensor | None):
         eng = self.engine
         plans = job.plans
@@ -344,6 +397,9 @@ class SpecDecoder:
                     r0 = job.slim_row_starts[p.slim_row]
                     full_rows[r0:r0 + n] = full_logits[a:a + n]
             full_scaled = full_rows if greedy else self._probs(seqs, [n + 1 for n in n_d], full_rows, False)
+            lenient_slim = self._lenient([(p, job.slim_row_starts[p.slim_row]) for p in slim_plans if p.full], full_rows)
+            if lenient_slim is not None:
+                full_scaled = self._force(full_scaled, lenient_slim)
             if greedy:
                 uni = noise = None
             else:
@@ -361,15 +417,30 @@ class SpecDecoder:
                     toks = toks[:-1]
                     c["slim_regenerated"] -= 1
                 results[plans.index(p)] = (toks, c)
+            if lenient_slim is not None:
+                spans = {plans.index(p): (job.slim_row_starts[p.slim_row], int(vo.counts.tier_accept[i]), int(vo.counts.accepted[i]))
+                         for i, p in enumerate(slim_plans) if p.full}
+                for i, f in self._forced_counts(lenient_slim, spans).items():
+                    results[i][1]["lenient"] = f
         # --- binary sequences (and three-tier ones that bypassed the slim tier)
         bin_plans = [p for p in plans if not p.slim]
         greedy_bin = bin_plans and not job.draft_probs and all(p.sched.seq.request.sampling.greedy for p in bin_plans)
         if greedy_bin:
             # argmax rows and deterministic drafts: the host compares them (one read of the argmaxes)
             am = full_logits.argmax(-1).tolist()
+            lenient = self._lenient([(p, full_offsets[p.full_row]) for p in bin_plans], full_logits)
+            if lenient is not None:
+                # a kept draft counts as the full model's choice; `forced` keeps the count apart
+                for r, d, k in zip(lenient[0].tolist(), lenient[1].tolist(), lenient[2].tolist()):
+                    if k:
+                        am[r] = d
             target = [t for p in bin_plans for t in am[full_offsets[p.full_row]:full_offsets[p.full_row] + len(p.drafts) + 1]]
             for p, r in zip(bin_plans, verify_binary_greedy_host([p.drafts for p in bin_plans], target)):
                 results[plans.index(p)] = r
+            if lenient is not None:
+                spans = {plans.index(p): (full_offsets[p.full_row], 0, results[plans.index(p)][1]["accepted"]) for p in bin_plans}
+                for i, f in self._forced_counts(lenient, spans).items():
+                    results[i][1]["lenient"] = f
         elif bin_plans:
             seqs = [p.sched.seq for p in bin_plans]
             n_d = [len(p.drafts) for p in bin_plans]
@@ -378,6 +449,13 @@ class SpecDecoder:
             logits = full_logits[rows]
             greedy = all(s.request.sampling.greedy for s in seqs)
             probs = self._probs(seqs, [n + 1 for n in n_d], logits, greedy)
+            bin_rows, r = [], 0
+            for p in bin_plans:
+                bin_rows.append(r)
+                r += len(p.drafts) + 1
+            lenient = self._lenient(list(zip(bin_plans, bin_rows)), logits)
+            if lenient is not None:
+                probs = self._force(probs, lenient)
             uni, noise = (None, None) if greedy else self._randoms(seqs, n_d, vocab, logits.device)
             meta = SpecMetadata.from_lists([p.drafts for p in bin_plans], device=logits.device)
             draft_probs = None
@@ -388,6 +466,10 @@ class SpecDecoder:
                 m = int(vo.num_output[i])
                 toks = vo.output_token_ids[i, :m].tolist()
                 results[plans.index(p)] = (toks, _counts(vo, i))
+            if lenient is not None:
+                spans = {plans.index(p): (bin_rows[i], 0, int(vo.counts.accepted[i])) for i, p in enumerate(bin_plans)}
+                for i, f in self._forced_counts(lenient, spans).items():
+                    results[i][1]["lenient"] = f
         # --- bookkeeping
         st = eng.stats_
         for i, p in enumerate(plans):
@@ -414,6 +496,8 @@ class SpecDecoder:
             u.steps += 1
             u.draft_tokens += n
             u.accepted += c["accepted"]
+            u.lenient_accepted += c.get("lenient", 0)
+            st.lenient_accepted += c.get("lenient", 0)
             u.slim_regenerated += c["slim_regenerated"]
             u.full_verified += c["tier_full"]
             u.slim_passes += int(p.slim)

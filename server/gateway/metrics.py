@@ -69,6 +69,9 @@ class EngineStatsCollector(Collector):
             label="tier", values=[("accept", s.tier_accept), ("slim", s.tier_slim), ("full", s.tier_full)],
         )
         yield counter("via_sd_draft_tokens", "Draft tokens proposed.", s.draft_tokens)
+        yield counter("via_sd_lenient_accepted_tokens",
+                      "Accepted draft tokens the full model kept by full_accept_threshold though not its argmax.",
+                      s.lenient_accepted)
         yield counter(
             "via_sd_verifier_passes", "Verifier passes, counted per sequence.",
             label="verifier", values=[("slim", s.slim_passes), ("full", s.full_passes)],

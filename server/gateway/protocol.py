@@ -47,6 +47,7 @@ class ViaSDOptions(LenientModel):
     accept_threshold: float | None = None
     escalate_threshold: float | None = None
     num_draft_tokens: int | None = None
+    full_accept_threshold: float | None = None
 
 
 class StreamOptions(LenientModel):
@@ -119,6 +120,7 @@ class ViaSDUsage(OpenAIModel):
     slim_passes: int = 0
     full_passes: int = 0
     steps: int = 0
+    lenient_accepted: int = 0
 
 
 class PromptTokensDetails(OpenAIModel):

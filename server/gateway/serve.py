@@ -38,6 +38,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-head", default=None,
                         help="embedded engine: the draft head of the head and hybrid drafters (.safetensors from "
                         "via-sd train-head; env VIA_SD_DRAFT_HEAD); default: the one shipped for the model")
+    parser.add_argument("--full-accept-threshold", type=float, default=None,
+                        help="three_tier: the full model keeps a draft token d when q(d) >= this * max q "
+                             "(1: only its own choice, exact; env VIA_SD_FULL_ACCEPT_THRESHOLD)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on /v1 and /metrics (env VIA_SD_API_KEY)")
     parser.add_argument("--metrics-public", action="store_true",
@@ -92,6 +95,10 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     out.draft_head = _env(getattr(args, "draft_head", None), "VIA_SD_DRAFT_HEAD", None)
     if out.draft_head and not Path(out.draft_head).is_file():
         raise ValueError(f"--draft-head: no such file {out.draft_head!r}")
+    out.full_accept_threshold = _env(getattr(args, "full_accept_threshold", None), "VIA_SD_FULL_ACCEPT_THRESHOLD",
+                                     None, float)  # None: the backend's default
+    if out.full_accept_threshold is not None and not 0.0 <= out.full_accept_threshold <= 1.0:
+        raise ValueError(f"--full-accept-threshold must be in [0, 1], got {out.full_accept_threshold}")
     out.device = _env(getattr(args, "device", None), "VIA_SD_DEVICE", "cpu")
     out.enable_prefix_caching = _env(getattr(args, "enable_prefix_caching", None), "VIA_SD_PREFIX_CACHING", True,
                                      lambda v: v.lower() not in ("0", "false", "no", "off"))
@@ -106,6 +113,15 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     if out.drafter not in DRAFTERS:
         raise ValueError(f"VIA_SD_DRAFTER must be one of {', '.join(DRAFTERS)}, got {out.drafter!r}")
     return out
+
+
+def _full_accept_threshold(s: argparse.Namespace) -> float:
+    """The flag or variable, else the backend's default: the embedded engine's, or 1 (exact) on the
+    vllm backend, whose plugin verifies every draft exactly."""
+    v = getattr(s, "full_accept_threshold", None)
+    if v is not None:
+        return v
+    return 1.0 if getattr(s, "backend", "embedded") == "vllm" else SpecConfig.full_accept_threshold
 
 
 def engine_config(s: argparse.Namespace, model_folder: Path) -> EngineConfig:
@@ -124,7 +140,8 @@ def engine_config(s: argparse.Namespace, model_folder: Path) -> EngineConfig:
         enable_prefix_caching=getattr(s, "enable_prefix_caching", base.enable_prefix_caching),
         tensor_parallel_size=s.tensor_parallel_size,
         pipeline_parallel_size=s.pipeline_parallel_size,
-        spec=replace(SpecConfig(), mode=s.spec_mode, drafter=s.drafter, head_path=getattr(s, "draft_head", None)),
+        spec=replace(SpecConfig(), mode=s.spec_mode, drafter=s.drafter, head_path=getattr(s, "draft_head", None),
+                     full_accept_threshold=_full_accept_threshold(s)),
     )
     return cfg
 
@@ -152,6 +169,9 @@ def build_engine(s: argparse.Namespace):
     if config.spec.head_path:
         raise SystemExit("via-sd serve: --draft-head is for the embedded engine's head and hybrid drafters; the vllm "
                          "backend drafts by n-gram lookup")
+    if config.spec.full_accept_threshold < 1.0:
+        raise SystemExit("via-sd serve: --full-accept-threshold is the embedded engine's; the vllm backend's "
+                         "full model verifies every draft exactly")
     if config.prefill_dtype != "auto":
         raise SystemExit("via-sd serve: --prefill-dtype bfloat16 is the embedded engine's; on --backend vllm use "
                          "vLLM's --dtype")

@@ -97,6 +97,7 @@ def _spec(req: CompletionRequest | ChatCompletionRequest) -> SpecParams:
         accept_threshold=v.accept_threshold,
         escalate_threshold=v.escalate_threshold,
         num_draft_tokens=v.num_draft_tokens,
+        full_accept_threshold=v.full_accept_threshold,
     )
 
 

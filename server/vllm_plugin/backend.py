@@ -248,6 +248,10 @@ class VLLMAsyncEngine(AsyncEngineClient):
         sp = request.sampling
         if not prompt:
             raise RequestRejected("the prompt is empty", "messages")
+        fat = request.spec.full_accept_threshold
+        if fat is not None and fat < 1.0:
+            raise RequestRejected("via_sd.full_accept_threshold is a setting of the embedded engine; the vllm backend "
+                                  "verifies every draft exactly (leave it out or send 1)", "via_sd.full_accept_threshold")
         if len(prompt) + sp.max_tokens > self.max_model_len:
             raise RequestRejected(
                 f"prompt ({len(prompt)} tokens) plus max_tokens ({sp.max_tokens}) exceeds the model's "

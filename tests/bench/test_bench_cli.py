@@ -243,6 +243,22 @@ def test_a_sweep_with_the_controller_off_runs_the_slim_tier_at_every_drafted_ste
     assert rep["sweep"]["grid"] == {"controller": [False], "accept_threshold": [0.5]}
 
 
+def test_a_sweep_of_the_full_models_threshold(tiny_model_dir, tmp_path):
+    """`f=0` keeps every draft the full model decides: tokens it did not choose show in the
+    `lenient_share` column; `f=1` is the exact rule."""
+    rc, rep = _run(tiny_model_dir, tmp_path, ["--modes", "off,three_tier", "--drafters", "ngram",
+                                              "--sweep", "f=0,1", "--sweep-mode", "full"], "swf")
+    assert rc == 0
+    from server.engine.config import SpecConfig
+
+    # a point is named by what it changes from the defaults
+    pts = {p.get("params", {}).get("full_accept_threshold", SpecConfig.full_accept_threshold): p
+           for p in rep["sweep"]["points"]}
+    assert set(pts) == {0.0, 1.0} and pts[0.0]["name"] == "three_tier[f=0]"
+    assert pts[0.0]["acceptance_rate"] == 1.0 and pts[0.0]["lenient_share"] > 0
+    assert pts[1.0]["lenient_share"] == 0.0
+
+
 def test_draft_head_flag_reaches_the_head_rows(tiny_model_dir, tmp_path):
     """`--draft-head`: the head rows draft with the given head (the tiny model has none of its
     own, so without the flag its head row cannot be built and is skipped)."""

@@ -20,8 +20,8 @@ def _out(qid, toks, seconds, **kw):
 def _runs():
     off = {"outputs": [_out(1, [1, 2, 3, 4], 1.0), _out(2, [5, 6], 1.0)]}
     tt = {"outputs": [_out(1, [1, 2, 3, 4], 0.5, steps=2, full_passes=1, slim_passes=2, draft_tokens=6, accepted=2,
-                           tier_accept=2, tier_slim=1, tier_full=1, slim_on=2),
-                      _out(2, [5, 7], 0.5, steps=1, full_passes=1, draft_tokens=0)]}
+                           tier_accept=2, tier_slim=1, tier_full=1, slim_on=2, lenient=1),
+                      _out(2, [5, 7], 0.5, steps=1, full_passes=1, draft_tokens=0, lenient=0)]}
     texts = {1: "a b c", 2: "x"}
     off_ids = {1: [1, 2, 3, 4], 2: [5, 6]}
     runs = [R.build_run(Row("off", "engine", mode="off"), off, PROMPTS, texts, off_ids),
@@ -39,6 +39,7 @@ def test_run_metrics_follow_their_definitions():
     assert tt["full_passes_per_token"] == pytest.approx(2 / 6)
     assert tt["tier_rates"] == pytest.approx({"accept": 0.5, "slim": 0.25, "full": 0.25})
     assert tt["acceptance_rate"] == pytest.approx(2 / 6)
+    assert tt["lenient_share"] == pytest.approx(1 / 6) and off["lenient_share"] is None  # off drafts nothing
     assert tt["quality"]["match_off"] == 0.5
     assert set(tt["per_category"]) == {"translation", "qa"}
     assert tt["per_category"]["translation"]["speedup_vs_off"] == pytest.approx(2.0)

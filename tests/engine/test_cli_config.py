@@ -18,3 +18,4 @@ def test_prefill_dtype_and_spec_flags_reach_the_config():
     assert cfg.prefill_dtype == "bfloat16" and cfg.spec.mode == "binary" and cfg.spec.drafter == "ngram"
     assert cfg.spec.head_path is None
     assert _config(["--draft-head", "/heads/mine.safetensors"]).spec.head_path == "/heads/mine.safetensors"
+    assert _config(["--full-accept-threshold", "0.2"]).spec.full_accept_threshold == 0.2

@@ -64,6 +64,7 @@ async def test_invalid_json_is_400(engine):
         ({**CHAT, "presence_penalty": 0.5}, "presence_penalty"),
         ({**CHAT, "via_sd": {"mode": "fast"}}, "via_sd.mode"),
         ({**CHAT, "via_sd": {"accept_threshold": 1.5}}, "via_sd.accept_threshold"),
+        ({**CHAT, "via_sd": {"full_accept_threshold": -0.5}}, "via_sd.full_accept_threshold"),
         ({**CHAT, "via_sd": {"accept_threshold": 0.3, "escalate_threshold": 0.6}}, "via_sd.escalate_threshold"),
         ({**CHAT, "via_sd": {"num_draft_tokens": 99}}, "via_sd.num_draft_tokens"),
     ],

@@ -11,7 +11,7 @@ from tests.gateway.fake_engine import FakeEngine
 pytestmark = pytest.mark.anyio
 
 COUNTERS = [
-    "via_sd_tier_decisions", "via_sd_draft_tokens", "via_sd_verifier_passes", "via_sd_generation_tokens",
+    "via_sd_tier_decisions", "via_sd_draft_tokens", "via_sd_lenient_accepted_tokens", "via_sd_verifier_passes", "via_sd_generation_tokens",
     "via_sd_prompt_tokens", "via_sd_controller_slim_steps", "via_sd_preemptions",
     "vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens",
 ]

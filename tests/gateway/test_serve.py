@@ -75,6 +75,21 @@ def test_draft_head_from_flag_and_environment(tmp_path, monkeypatch):
         serve.resolve_settings(parse(["--draft-head", str(tmp_path / "missing.safetensors")]))
 
 
+def test_full_accept_threshold_from_flag_and_environment(tmp_path, monkeypatch):
+    from server.engine.config import SpecConfig
+
+    monkeypatch.delenv("VIA_SD_FULL_ACCEPT_THRESHOLD", raising=False)
+    cfg = lambda argv: serve.engine_config(serve.resolve_settings(parse(argv)), tmp_path)  # noqa: E731
+    assert cfg([]).spec.full_accept_threshold == SpecConfig.full_accept_threshold
+    assert cfg(["--backend", "vllm"]).spec.full_accept_threshold == 1.0  # the plugin verifies exactly
+    assert cfg(["--full-accept-threshold", "0.25"]).spec.full_accept_threshold == 0.25
+    monkeypatch.setenv("VIA_SD_FULL_ACCEPT_THRESHOLD", "0.5")
+    assert cfg([]).spec.full_accept_threshold == 0.5
+    assert cfg(["--full-accept-threshold", "1"]).spec.full_accept_threshold == 1.0
+    with pytest.raises(ValueError, match="--full-accept-threshold must be in"):
+        serve.resolve_settings(parse(["--full-accept-threshold", "1.5"]))
+
+
 def test_prefix_caching_flag_and_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("VIA_SD_PREFIX_CACHING", raising=False)
     cfg = lambda argv: serve.engine_config(serve.resolve_settings(parse(argv)), tmp_path)  # noqa: E731
@@ -109,6 +124,9 @@ def test_missing_vllm_backend_is_a_clear_exit(tmp_path, monkeypatch):
     head.write_bytes(b"x")
     s = serve.resolve_settings(parse(["--model", str(folder), "--backend", "vllm", "--draft-head", str(head)]))
     with pytest.raises(SystemExit, match="--draft-head is for the embedded engine"):
+        serve.build_engine(s)
+    s = serve.resolve_settings(parse(["--model", str(folder), "--backend", "vllm", "--full-accept-threshold", "0.3"]))
+    with pytest.raises(SystemExit, match="--full-accept-threshold is the embedded engine's"):
         serve.build_engine(s)
 
 

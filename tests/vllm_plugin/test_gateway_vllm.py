@@ -165,6 +165,18 @@ def test_context_length_exceeded_is_400(server):
     assert not engine._inflight
 
 
+def test_lenient_full_verification_is_refused_with_400(server):
+    """`via_sd.full_accept_threshold` < 1 is the embedded engine's; the plugin verifies exactly."""
+    url, engine = server
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "via_sd": {"full_accept_threshold": 0.3}}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "via_sd.full_accept_threshold"
+    body["via_sd"]["full_accept_threshold"] = 1.0
+    assert httpx.post(url + "/v1/completions", json=body, timeout=120).status_code == 200
+    assert not engine._inflight
+
+
 def test_cancelled_stream_aborts_the_request(server):
     url, engine = server
     before = wait_idle(url, engine)
