@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs of the peer rows (hf, vllm); default: --repeats (a peer row takes minutes)")
     p.add_argument("--sweep", nargs="?", const="default", default=None,
                    help="sweep three_tier settings: 'accept_threshold=0.6,0.8;escalate_threshold=...;slim_confidence=...;"
-                        "bonus_confidence=...;gamma=3,5;controller=0' (no value: the controller off, escalate 0.2, "
-                        "and each threshold and gamma varied; controller=0 runs the slim tier at every step)")
+                        "bonus_confidence=...;gamma=3,5;controller=0;full_accept_threshold=0.1,0.3;lenient_no_repeat=0,4' "
+                        "(no value: the controller off, escalate 0.2, and each threshold and gamma varied; controller=0 "
+                        "runs the slim tier at every step)")
     p.add_argument("--sweep-mode", choices=("one_at_a_time", "full"), default="one_at_a_time",
                    help="one key at a time (keys given one value hold for every point), or the full product")
     p.add_argument("--sweep-quality", choices=("prefix_agreement", "match_off"), default="prefix_agreement")

@@ -9,6 +9,9 @@
   (the `rouge-score` package's tokenization, without stemming).
 - `math_accuracy`: share of `math_reasoning` outputs whose final number equals the reference's
   (GSM8K references end in `#### N`; otherwise the reference's last number).
+- `repetition`: mean over outputs of the share of token 4-grams that repeat an earlier 4-gram of
+  the same output (seq-rep-4, Welleck et al. 2019); needs no reference, and shows the loops a
+  lossy setting can fall into.
 """
 
 from __future__ import annotations
@@ -104,6 +107,17 @@ def math_accuracy(hypotheses: list[str], references: list[list[str]]) -> float:
     return ok / len(hypotheses)
 
 
+# ------------------------------------------------------------------ repetition
+def repeated_ngrams(ids: Sequence, n: int = 4) -> float:
+    """1 - distinct n-grams / n-grams of one output (0 when it has no n-gram)."""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition(outputs: list[Sequence], n: int = 4) -> float:
+    return sum(repeated_ngrams(o, n) for o in outputs) / len(outputs) if outputs else float("nan")
+
+
 # ------------------------------------------------------------------ agreement with off
 def common_prefix(a: Sequence, b: Sequence) -> int:
     n = 0
@@ -132,7 +146,7 @@ def score(items: list[dict], off_by_id: dict | None) -> dict:
     """Quality of `items` (dicts with `question_id`, `category`, `token_ids`, `text`,
     `references`). `off_by_id` maps question id to `off`'s token ids, or is None when there is
     no `off` row. Task metrics are present only when their category has references."""
-    q: dict = {"n": len(items)}
+    q: dict = {"n": len(items), "repetition": repetition([it["token_ids"] for it in items])}
     if off_by_id is not None:
         pairs = [(it["token_ids"], off_by_id[it["question_id"]]) for it in items if it["question_id"] in off_by_id]
         q.update(agreement([a for a, _ in pairs], [b for _, b in pairs]))

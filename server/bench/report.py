@@ -122,7 +122,7 @@ def _f(v, fmt: str = ".2f", none: str = "-") -> str:
 
 
 COLUMNS = ("run", "tok/s", "speedup", "tok/step", "accept/slim/full", "slim on", "full/tok", "lenient", "=off", "BLEU",
-           "ROUGE-L", "math")
+           "ROUGE-L", "math", "rep-4")
 
 
 def table_rows(runs: list[dict]) -> list[list[str]]:
@@ -135,7 +135,7 @@ def table_rows(runs: list[dict]) -> list[list[str]]:
             r["name"], _f(r["tokens_per_s"], ".1f"), _f(r["speedup_vs_off"], ".2f") + ("x" if r["speedup_vs_off"] else ""),
             _f(r["mean_accepted_tokens"]), tiers, _f(r.get("slim_tier_on")), _f(r["full_passes_per_token"]),
             _f(r.get("lenient_share")), _f(q.get("match_off")),
-            _f(q.get("bleu"), ".1f"), _f(q.get("rouge_l"), ".1f"), _f(q.get("math_accuracy")),
+            _f(q.get("bleu"), ".1f"), _f(q.get("rouge_l"), ".1f"), _f(q.get("math_accuracy")), _f(q.get("repetition")),
         ])
     return out
 
@@ -204,9 +204,13 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
     if report.get("sweep"):
         sw = report["sweep"]
         out += ["", "## Threshold sweep (three_tier)", ""]
-        rows = [[p["name"], _f(p["tokens_per_s"], ".1f"), _f(p.get("speedup_vs_off")), _f(p["quality"].get("match_off")),
-                 _f(p["quality"].get("prefix_agreement")), "yes" if p.get("pareto") else ""] for p in sw["points"]]
-        out.append(_md_table(["setting", "tok/s", "speedup", "=off", "prefix agreement", "frontier"], rows))
+        rows = [[p["name"], _f(p["tokens_per_s"], ".1f"), _f(p.get("speedup_vs_off")), _f(p.get("mean_accepted_tokens")),
+                 _f(p.get("lenient_share")), _f(p["quality"].get("match_off")), _f(p["quality"].get("prefix_agreement")),
+                 _f(p["quality"].get("bleu"), ".1f"), _f(p["quality"].get("rouge_l"), ".1f"),
+                 _f(p["quality"].get("math_accuracy")), _f(p["quality"].get("repetition")),
+                 "yes" if p.get("pareto") else ""] for p in sw["points"]]
+        out.append(_md_table(["setting", "tok/s", "speedup", "tok/step", "lenient", "=off", "prefix agreement", "BLEU",
+                              "ROUGE-L", "math", "rep-4", "frontier"], rows))
         if sw.get("best"):
             out += ["", f"Best setting (fastest with {sw['quality_key']} >= {sw['min_quality']}): `{sw['best']['name']}` "
                         f"{_f(sw['best']['tokens_per_s'], '.1f')} tok/s"]

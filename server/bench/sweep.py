@@ -19,10 +19,10 @@ from server.engine.config import SpecConfig
 
 # sweep keys: SpecConfig field -> short name
 SWEEP_KEYS = {"accept_threshold": "a", "escalate_threshold": "e", "bonus_confidence": "b", "num_draft_tokens": "g",
-              "slim_confidence": "c", "controller": "ctl", "full_accept_threshold": "f"}
+              "slim_confidence": "c", "controller": "ctl", "full_accept_threshold": "f", "lenient_no_repeat": "r"}
 SWEEP_ALIASES = {"gamma": "num_draft_tokens", "g": "num_draft_tokens", "a": "accept_threshold",
                  "e": "escalate_threshold", "b": "bonus_confidence", "c": "slim_confidence", "ctl": "controller",
-                 "f": "full_accept_threshold"}
+                 "f": "full_accept_threshold", "r": "lenient_no_repeat"}
 
 # `--sweep` alone: the slim tier at every drafted step (the controller off, escalation low), so
 # that the thresholds act, and each threshold and γ varied from there one at a time
@@ -61,7 +61,7 @@ def parse_sweep(spec: str | None) -> dict[str, list[float]]:
             if any(v not in (0, 1) for v in nums):
                 raise RowError(f"--sweep: controller takes 0 or 1, got {vals!r}")
             nums = [bool(v) for v in nums]
-        elif key == "num_draft_tokens":
+        elif key in ("num_draft_tokens", "lenient_no_repeat"):
             nums = [int(v) for v in nums]
         out[key] = nums
     return out

@@ -70,6 +70,14 @@ def load_route(path: str | Path) -> Route:
     return Route.from_dict(data["route"] if "route" in data else data)
 
 
+def _repeats(tokens: list[int], d: int, n: int) -> bool:
+    """Whether `tokens` + [d] ends with an n-gram that already occurs in `tokens`."""
+    if len(tokens) < n:
+        return False
+    tail = tuple(tokens[len(tokens) - n + 1:]) + (d,)
+    return any(tuple(tokens[i:i + n]) == tail for i in range(len(tokens) - n + 1))
+
+
 _COUNT_FIELDS = ("draft_tokens", "accepted", "tier_accept", "tier_slim", "tier_full", "slim_regenerated")
 
 
@@ -142,6 +150,7 @@ class SpecDecoder:
         self.adaptive = cfg.adaptive_draft and os.environ.get("VIA_SD_ADAPTIVE_DRAFT", "1") != "0"
         self.trimmed = 0  # draft tokens left unverified because they did not pay
         self.lookup_accept = LookupAcceptance()
+        self.no_repeat = cfg.lenient_no_repeat
 
     # ------------------------------------------------------------------ begin
     def begin(self, scheduled: list[ScheduledSeq]) -> SpecJob:
@@ -319,18 +328,22 @@ class SpecDecoder:
         return (torch.cat(uniforms) if uniforms else torch.empty(0)).to(device), noise.to(device)
 
     @staticmethod
-    def _lenient(plans_rows: list[tuple[_SeqPlan, int]], logits: torch.Tensor):
+    def _lenient(plans_rows: list[tuple[_SeqPlan, int]], logits: torch.Tensor, no_repeat: int = 0):
         """Where the full model keeps a draft token by its request's `full_accept_threshold` θ
         (three-tier requests with θ < 1): q(d) >= θ max q at temperature 1, i.e. logit(d) >= max
         logit + log θ. `plans_rows` pairs each plan with the row of `logits` that holds its first
-        draft position. Returns None when no row qualifies, else (rows, draft ids, kept, forced)
-        over the considered draft positions: `kept` by the rule, `forced` kept though d is not the
-        full model's argmax (the tokens the rule changes for a greedy request)."""
-        rows, ids, logt = [], [], []
+        draft position. With `no_repeat` = n > 0, a draft token that is not the argmax is not
+        kept where it would complete an n-gram the output already holds (the rule would otherwise
+        feed the loops a lookup draft proposes). Returns None when no row qualifies, else (rows,
+        draft ids, kept, forced) over the considered draft positions: `kept` by the rule, `forced`
+        kept though d is not the full model's argmax (the tokens the rule changes for a greedy
+        request)."""
+        rows, ids, logt, considered = [], [], [], []
         for p, r0 in plans_rows:
             spec = p.sched.seq.spec
             if spec.mode != "three_tier" or spec.full_accept_threshold >= 1 or not p.drafts:
                 continue
+            considered.append(p)
             lt = math.log(spec.full_accept_threshold) if spec.full_accept_threshold > 0 else -math.inf
             for j, d in enumerate(p.drafts):
                 rows.append(r0 + j)
@@ -344,7 +357,20 @@ class SpecDecoder:
         sub = logits[rt].float()
         best, am = sub.max(-1)
         kept = sub.gather(1, it[:, None]).squeeze(1) >= best + torch.tensor(logt, device=dev)
-        return rt, it, kept, kept & (am != it)
+        forced = kept & (am != it)
+        if no_repeat > 0 and bool(forced.any()):
+            forced_l = forced.tolist()
+            i = 0
+            for p in considered:
+                if any(forced_l[i:i + len(p.drafts)]):
+                    out = p.sched.seq.output_ids
+                    for j, d in enumerate(p.drafts):
+                        if forced_l[i + j] and _repeats(out + p.drafts[:j], d, no_repeat):
+                            forced_l[i + j] = False
+                            kept[i + j] = False
+                i += len(p.drafts)
+            forced = torch.tensor(forced_l, device=dev)
+        return rt, it, kept, forced
 
     @staticmethod
     def _force(target: torch.Tensor, lenient) -> torch.Tensor:
@@ -397,7 +423,8 @@ class SpecDecoder:
                     r0 = job.slim_row_starts[p.slim_row]
                     full_rows[r0:r0 + n] = full_logits[a:a + n]
             full_scaled = full_rows if greedy else self._probs(seqs, [n + 1 for n in n_d], full_rows, False)
-            lenient_slim = self._lenient([(p, job.slim_row_starts[p.slim_row]) for p in slim_plans if p.full], full_rows)
+            lenient_slim = self._lenient([(p, job.slim_row_starts[p.slim_row]) for p in slim_plans if p.full], full_rows,
+                                         self.no_repeat)
             if lenient_slim is not None:
                 full_scaled = self._force(full_scaled, lenient_slim)
             if greedy:
@@ -428,7 +455,7 @@ class SpecDecoder:
         if greedy_bin:
             # argmax rows and deterministic drafts: the host compares them (one read of the argmaxes)
             am = full_logits.argmax(-1).tolist()
-            lenient = self._lenient([(p, full_offsets[p.full_row]) for p in bin_plans], full_logits)
+            lenient = self._lenient([(p, full_offsets[p.full_row]) for p in bin_plans], full_logits, self.no_repeat)
             if lenient is not None:
                 # a kept draft counts as the full model's choice; `forced` keeps the count apart
                 for r, d, k in zip(lenient[0].tolist(), lenient[1].tolist(), lenient[2].tolist()):
@@ -453,7 +480,7 @@ class SpecDecoder:
             for p in bin_plans:
                 bin_rows.append(r)
                 r += len(p.drafts) + 1
-            lenient = self._lenient(list(zip(bin_plans, bin_rows)), logits)
+            lenient = self._lenient(list(zip(bin_plans, bin_rows)), logits, self.no_repeat)
             if lenient is not None:
                 probs = self._force(probs, lenient)
             uni, noise = (None, None) if greedy else self._randoms(seqs, n_d, vocab, logits.device)

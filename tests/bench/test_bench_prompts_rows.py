@@ -98,6 +98,10 @@ def test_sweep_parsing_and_points():
     assert sweep_points({"accept_threshold": [0.3, 0.8]}, "one_at_a_time") == [{}, {"accept_threshold": 0.8}]
     assert sweep_row({"accept_threshold": 0.8, "num_draft_tokens": 3}).name == "three_tier[a=0.8,g=3]"
     assert sweep_row({}).name == "three_tier"
+    grid = parse_sweep("f=0.1,0.3;r=0,4")
+    assert grid == {"full_accept_threshold": [0.1, 0.3], "lenient_no_repeat": [0, 4]}
+    assert all(isinstance(v, int) for v in grid["lenient_no_repeat"])
+    assert sweep_row({"full_accept_threshold": 0.1, "lenient_no_repeat": 0}).name == "three_tier[f=0.1,r=0]"
     with pytest.raises(RowError):
         parse_sweep("zeta=1")
 

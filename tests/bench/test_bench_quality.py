@@ -63,13 +63,22 @@ def test_agreement_with_off():
     assert got["prefix_agreement"] == pytest.approx((2 / 4 + 1.0) / 2)
 
 
+def test_repetition_is_the_share_of_repeated_4_grams():
+    assert Q.repeated_ngrams([1, 2, 3, 4, 5]) == 0.0
+    assert Q.repeated_ngrams([1, 2, 3]) == 0.0  # no 4-gram
+    # 1 2 3 4 | 1 2 3 4 1: 6 four-grams, 4 distinct (1234, 2341, 3412, 4123)
+    assert Q.repeated_ngrams([1, 2, 3, 4, 1, 2, 3, 4, 1]) == pytest.approx(1 - 4 / 6)
+    assert Q.repeated_ngrams([7] * 10) == pytest.approx(1 - 1 / 7)
+    assert Q.repetition([[1, 2, 3, 4, 5], [7] * 10]) == pytest.approx((1 - 1 / 7) / 2)
+
+
 def test_score_only_reports_metrics_with_references():
     items = [
         {"question_id": 1, "category": "summarization", "token_ids": [1], "text": "the cat sat", "references": ("the cat sat",)},
         {"question_id": 2, "category": "qa", "token_ids": [2], "text": "x", "references": ()},
     ]
     q = Q.score(items, {1: [1], 2: [3]})
-    assert q["n"] == 2 and q["match_off"] == 0.5
+    assert q["n"] == 2 and q["match_off"] == 0.5 and q["repetition"] == 0.0
     assert q["rouge_l"] == pytest.approx(100.0)
     assert "bleu" not in q and "math_accuracy" not in q
     assert "match_off" not in Q.score(items, None)

@@ -12,7 +12,7 @@ import torch
 
 from server.engine.api import GenerationRequest
 from server.engine.config import ConfigError, ResolvedSpec, SamplingParams, SpecConfig, SpecParams
-from server.engine.spec_step import SpecDecoder
+from server.engine.spec_step import SpecDecoder, _repeats
 from tests.engine.helpers import assert_pool_full, generate_checked as outputs, greedy_requests, make_engine
 
 # repetitive prompts so that prompt lookup finds matches
@@ -83,7 +83,7 @@ def test_threshold_zero_keeps_every_draft_the_full_model_decides(tiny_model_dir,
                 "bonus_confidence": 2.0}
     else:  # no sequence is ever eligible for the slim tier
         spec = {"mode": "three_tier", "max_slim_backlog": 0}
-    eng = make_engine(tiny_model_dir, spec={**spec, "full_accept_threshold": 0.0})
+    eng = make_engine(tiny_model_dir, spec={**spec, "full_accept_threshold": 0.0, "lenient_no_repeat": 0})
     off = outputs(eng, greedy_requests(PROMPTS, 24, mode="off", ignore_eos=True, prefix="o"))
     res = outputs(eng, greedy_requests(PROMPTS, 24, mode="three_tier", ignore_eos=True, prefix="t"))
     drafted = sum(r.via_sd.draft_tokens for r in res)
@@ -113,7 +113,8 @@ def test_threshold_zero_keeps_every_draft_the_full_model_decides(tiny_model_dir,
 def test_binary_requests_stay_lossless_beside_lenient_three_tier_ones(tiny_model_dir):
     """One batch, the engine's default θ = 0: the binary requests' output is off's token for
     token, the three-tier ones keep every draft."""
-    eng = make_engine(tiny_model_dir, spec={"mode": "three_tier", "max_slim_backlog": 0, "full_accept_threshold": 0.0})
+    eng = make_engine(tiny_model_dir, spec={"mode": "three_tier", "max_slim_backlog": 0, "full_accept_threshold": 0.0,
+                                            "lenient_no_repeat": 0})
     off = outputs(eng, greedy_requests(PROMPTS, 24, mode="off", ignore_eos=True, prefix="o"))
     mixed = [GenerationRequest(f"m{i}", tuple(p), SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),
                                SpecParams(mode="binary" if i % 2 == 0 else "three_tier")) for i, p in enumerate(PROMPTS)]
@@ -124,3 +125,55 @@ def test_binary_requests_stay_lossless_beside_lenient_three_tier_ones(tiny_model
         else:
             assert r.via_sd.accepted == r.via_sd.draft_tokens
     assert sum(r.via_sd.draft_tokens for r in res[0::2]) > 0
+
+
+def test_the_guard_keeps_the_rule_from_completing_a_repeated_ngram():
+    """With `no_repeat` = 4, a near-tie draft that would repeat a 4-gram of the output is left to
+    the exact rule; an argmax draft is kept whatever it repeats."""
+    assert _repeats([1, 2, 3, 4, 9, 1, 2, 3], 4, 4)  # ... 1 2 3 | 4: "1 2 3 4" again
+    assert not _repeats([1, 2, 3, 4, 9, 1, 2, 3], 5, 4)
+    assert not _repeats([1, 2, 3], 4, 4)  # too short to hold a 4-gram
+
+    out = [1, 2, 3, 4, 9, 1, 2]
+    plan = _plan([3, 4], 0.5)
+    plan.sched.seq.output_ids = out
+    logits = torch.zeros(3, 6)
+    logits[0, 5] = 0.5  # d = 3: not the argmax (5), ratio e^-0.5: a near tie
+    logits[1, 5] = 0.5  # d = 4: the same, and "1 2 3 4" would repeat the output's first 4-gram
+    rows, ids, kept, forced = SpecDecoder._lenient([(plan, 0)], logits)
+    assert kept.tolist() == [True, True] and forced.tolist() == [True, True]
+    rows, ids, kept, forced = SpecDecoder._lenient([(plan, 0)], logits, no_repeat=4)
+    assert kept.tolist() == [True, False] and forced.tolist() == [True, False]
+    logits[1, 4] = 1.0  # now 4 is the argmax: kept, repeat or not
+    assert SpecDecoder._lenient([(plan, 0)], logits, no_repeat=4)[2].tolist() == [True, True]
+
+
+def test_with_the_guard_no_lenient_token_completes_a_repeated_ngram(tiny_model_dir):
+    """θ = 0 with the guard on (the default, n = 4): every draft token the rule keeps against the
+    full model's choice leaves the output without a new repeated 4-gram; on these repetitive
+    prompts the guard turns some of them away, which without it were kept."""
+    res = {}
+    for n in (0, 4):
+        eng = make_engine(tiny_model_dir, spec={"mode": "three_tier", "max_slim_backlog": 0,
+                                                "full_accept_threshold": 0.0, "lenient_no_repeat": n})
+        seen = []
+        real = SpecDecoder._lenient
+
+        def spy(plans_rows, logits, no_repeat=0):
+            out = real(plans_rows, logits, no_repeat)
+            if out is not None:
+                i = 0
+                forced = out[3].tolist()
+                for p, _ in plans_rows:
+                    if p.sched.seq.spec.full_accept_threshold < 1 and p.drafts:
+                        for j, d in enumerate(p.drafts):
+                            if forced[i + j]:
+                                seen.append(_repeats(p.sched.seq.output_ids + p.drafts[:j], d, 4))
+                        i += len(p.drafts)
+            return out
+
+        eng.spec._lenient = spy
+        res[n] = outputs(eng, greedy_requests(PROMPTS, 32, mode="three_tier", ignore_eos=True, prefix=f"g{n}"))
+        res[n, "seen"] = seen
+    assert any(res[0, "seen"]) and not any(res[4, "seen"]) and res[4, "seen"]
+    assert sum(r.via_sd.accepted for r in res[4]) < sum(r.via_sd.accepted for r in res[0])
