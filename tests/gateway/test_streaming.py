@@ -49,7 +49,7 @@ async def test_chat_sse_bytes_exact(engine, frozen):
         b"data: " + head + b'"choices":[{"index":0,"delta":{"content":" q"},"logprobs":null,"finish_reason":null}]}\n\n'
         b"data: " + head + b'"choices":[{"index":0,"delta":{"content":"u"},"logprobs":null,"finish_reason":"length"}]}\n\n'
         b"data: " + head + b'"choices":[],"usage":{"prompt_tokens":21,"completion_tokens":5,"total_tokens":26,'
-        b'"prompt_tokens_details":{"cached_tokens":0},"via_sd":{"draft_tokens":9,"accepted":4,"slim_regenerated":1,"full_verified":4,"slim_passes":3,"full_passes":2,"steps":3}}}\n\n'
+        b'"prompt_tokens_details":{"cached_tokens":0},"via_sd":{"draft_tokens":9,"accepted":4,"slim_regenerated":1,"full_verified":4,"slim_passes":3,"full_passes":2,"steps":3,"lenient_accepted":0}}}\n\n'
         b"data: [DONE]\n\n"
     )
     assert r.content == expected

@@ -34,7 +34,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.real_model]
 
 MODEL = "smollm2"
 MAX_MODEL_LEN = 512
-VIA_SD_FIELDS = {"draft_tokens", "accepted", "slim_regenerated", "full_verified", "slim_passes", "full_passes", "steps"}
+VIA_SD_FIELDS = {"draft_tokens", "accepted", "slim_regenerated", "full_verified", "slim_passes", "full_passes", "steps",
+                 "lenient_accepted"}
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,7 @@ def wait_idle(url: str, engine, timeout_s: float = 30.0) -> dict:
 def check_via_sd(usage: dict, finish_reason: str) -> None:
     u = usage["via_sd"]
     assert set(u) == VIA_SD_FIELDS, u
+    assert u["lenient_accepted"] == 0  # the plugin verifies exactly
     n = usage["completion_tokens"]
     assert 0 < u["steps"] and u["full_passes"] <= u["steps"] and u["slim_passes"] <= u["steps"]
     assert u["accepted"] <= u["draft_tokens"]
