@@ -423,8 +423,8 @@ class SpecDecoder:
                     r0 = job.slim_row_starts[p.slim_row]
                     full_rows[r0:r0 + n] = full_logits[a:a + n]
             full_scaled = full_rows if greedy else self._probs(seqs, [n + 1 for n in n_d], full_rows, False)
-            lenient_slim = self._lenient([(p, job.slim_row_starts[p.slim_row]) for p in slim_plans if p.full], full_rows,
-                                         self.no_repeat)
+            lenient_slim = self._lenient([(p, job.slim_row_starts[p.slim_row]) for p in slim_plans if p.full],
+                                         full_rows, self.no_repeat)
             if lenient_slim is not None:
                 full_scaled = self._force(full_scaled, lenient_slim)
             if greedy:
@@ -445,7 +445,8 @@ class SpecDecoder:
                     c["slim_regenerated"] -= 1
                 results[plans.index(p)] = (toks, c)
             if lenient_slim is not None:
-                spans = {plans.index(p): (job.slim_row_starts[p.slim_row], int(vo.counts.tier_accept[i]), int(vo.counts.accepted[i]))
+                spans = {plans.index(p): (job.slim_row_starts[p.slim_row], int(vo.counts.tier_accept[i]),
+                                          int(vo.counts.accepted[i]))
                          for i, p in enumerate(slim_plans) if p.full}
                 for i, f in self._forced_counts(lenient_slim, spans).items():
                     results[i][1]["lenient"] = f
@@ -465,7 +466,8 @@ class SpecDecoder:
             for p, r in zip(bin_plans, verify_binary_greedy_host([p.drafts for p in bin_plans], target)):
                 results[plans.index(p)] = r
             if lenient is not None:
-                spans = {plans.index(p): (full_offsets[p.full_row], 0, results[plans.index(p)][1]["accepted"]) for p in bin_plans}
+                spans = {plans.index(p): (full_offsets[p.full_row], 0, results[plans.index(p)][1]["accepted"])
+                         for p in bin_plans}
                 for i, f in self._forced_counts(lenient, spans).items():
                     results[i][1]["lenient"] = f
         elif bin_plans:
