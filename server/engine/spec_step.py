@@ -360,16 +360,18 @@ class SpecDecoder:
         forced = kept & (am != it)
         if no_repeat > 0 and bool(forced.any()):
             forced_l = forced.tolist()
+            blocked = []
             i = 0
             for p in considered:
                 if any(forced_l[i:i + len(p.drafts)]):
                     out = p.sched.seq.output_ids
-                    for j, d in enumerate(p.drafts):
-                        if forced_l[i + j] and _repeats(out + p.drafts[:j], d, no_repeat):
-                            forced_l[i + j] = False
-                            kept[i + j] = False
+                    blocked += [i + j for j, d in enumerate(p.drafts)
+                                if forced_l[i + j] and _repeats(out + p.drafts[:j], d, no_repeat)]
                 i += len(p.drafts)
-            forced = torch.tensor(forced_l, device=dev)
+            if blocked:
+                idx = torch.tensor(blocked, device=dev)
+                kept[idx] = False
+                forced[idx] = False
         return rt, it, kept, forced
 
     @staticmethod

@@ -96,8 +96,8 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     if out.draft_head and not Path(out.draft_head).is_file():
         raise ValueError(f"--draft-head: no such file {out.draft_head!r}")
     out.full_accept_threshold = _env(getattr(args, "full_accept_threshold", None), "VIA_SD_FULL_ACCEPT_THRESHOLD",
-                                     None, float)  # None: the backend's default
-    if out.full_accept_threshold is not None and not 0.0 <= out.full_accept_threshold <= 1.0:
+                                     SpecConfig.full_accept_threshold, float)
+    if not 0.0 <= out.full_accept_threshold <= 1.0:
         raise ValueError(f"--full-accept-threshold must be in [0, 1], got {out.full_accept_threshold}")
     out.device = _env(getattr(args, "device", None), "VIA_SD_DEVICE", "cpu")
     out.enable_prefix_caching = _env(getattr(args, "enable_prefix_caching", None), "VIA_SD_PREFIX_CACHING", True,
@@ -113,15 +113,6 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     if out.drafter not in DRAFTERS:
         raise ValueError(f"VIA_SD_DRAFTER must be one of {', '.join(DRAFTERS)}, got {out.drafter!r}")
     return out
-
-
-def _full_accept_threshold(s: argparse.Namespace) -> float:
-    """The flag or variable, else the backend's default: the embedded engine's, or 1 (exact) on the
-    vllm backend, whose plugin verifies every draft exactly."""
-    v = getattr(s, "full_accept_threshold", None)
-    if v is not None:
-        return v
-    return 1.0 if getattr(s, "backend", "embedded") == "vllm" else SpecConfig.full_accept_threshold
 
 
 def engine_config(s: argparse.Namespace, model_folder: Path) -> EngineConfig:
@@ -141,7 +132,7 @@ def engine_config(s: argparse.Namespace, model_folder: Path) -> EngineConfig:
         tensor_parallel_size=s.tensor_parallel_size,
         pipeline_parallel_size=s.pipeline_parallel_size,
         spec=replace(SpecConfig(), mode=s.spec_mode, drafter=s.drafter, head_path=getattr(s, "draft_head", None),
-                     full_accept_threshold=_full_accept_threshold(s)),
+                     full_accept_threshold=getattr(s, "full_accept_threshold", SpecConfig.full_accept_threshold)),
     )
     return cfg
 
