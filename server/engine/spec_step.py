@@ -149,8 +149,16 @@ class SpecDecoder:
         self.controller = SlimController(self.slim_cost, self.prefix_share, enabled=cfg.controller)
         self.adaptive = cfg.adaptive_draft and os.environ.get("VIA_SD_ADAPTIVE_DRAFT", "1") != "0"
         self.trimmed = 0  # draft tokens left unverified because they did not pay
-        self.lookup_accept = LookupAcceptance()
+        # the keep rates of lookup drafts by match span: one table for requests the full model
+        # verifies exactly, one for `three_tier` requests with full_accept_threshold < 1 (which
+        # keep more), so lenient requests never lengthen the drafts of exact ones
+        self.lookup_accepts = (LookupAcceptance(), LookupAcceptance())
         self.no_repeat = cfg.lenient_no_repeat
+
+    def lookup_table(self, seq: Sequence) -> LookupAcceptance:
+        """The lookup keep rates `seq`'s drafts are trimmed by and update (see __init__)."""
+        spec = seq.spec
+        return self.lookup_accepts[spec.mode == "three_tier" and spec.full_accept_threshold < 1]
 
     # ------------------------------------------------------------------ begin
     def begin(self, scheduled: list[ScheduledSeq]) -> SpecJob:
@@ -236,8 +244,9 @@ class SpecDecoder:
                 chances.append([])
                 explore.append(None)
             elif conf is None and span:
-                chances.append(self.lookup_accept.chances(span, len(d)))
-                explore.append(functools.partial(self.lookup_accept.explore, span))
+                table = self.lookup_table(s.seq)
+                chances.append(table.chances(span, len(d)))
+                explore.append(functools.partial(table.explore, span))
             elif conf is None:
                 if s.seq.draft_accept is None:
                     s.seq.draft_accept = AcceptanceEstimate()
@@ -514,7 +523,7 @@ class SpecDecoder:
                 seq.slim_frontier = end
             elif p.slim:
                 seq.slim_frontier = end
-            estimate = self.lookup_accept if p.span else seq.draft_accept if p.lookup else None
+            estimate = self.lookup_table(seq) if p.span else seq.draft_accept if p.lookup else None
             if n and estimate is not None:
                 kept = 0
                 while kept < min(n, m) and toks[kept] == p.drafts[kept]:

@@ -184,7 +184,9 @@ def test_trimmed_drafts_keep_binary_lossless(tiny_model_dir):
     assert eng.spec.trimmed > 0
     # the lookups' outcomes reached the per-span estimate
     fresh = LookupAcceptance()
-    assert any(eng.spec.lookup_accept.checked[b] != fresh.checked[b] for b in range(1, fresh.max_span + 1))
+    exact, lenient = eng.spec.lookup_accepts
+    assert any(exact.checked[b] != fresh.checked[b] for b in range(1, fresh.max_span + 1))
+    assert lenient.checked == fresh.checked  # no lenient request ran
     assert_pool_full(eng)
     eng.spec.adaptive = False
     before = eng.spec.trimmed
@@ -192,3 +194,19 @@ def test_trimmed_drafts_keep_binary_lossless(tiny_model_dir):
     assert [r.token_ids for r in whole] == [r.token_ids for r in off]
     assert eng.spec.trimmed == before
     assert sum(r.via_sd.draft_tokens for r in whole) > sum(r.via_sd.draft_tokens for r in trimmed)
+
+
+def test_lenient_requests_keep_lookup_rates_of_their_own(tiny_model_dir):
+    """`three_tier` requests with full_accept_threshold < 1 keep more lookup drafts than the
+    exact rule would: their outcomes go to a table of their own, so the drafts of exact requests
+    in the same engine are trimmed by exact outcomes only."""
+    eng = make_engine(tiny_model_dir, spec={"mode": "three_tier", "drafter": "ngram", "max_slim_backlog": 0,
+                                            "full_accept_threshold": 0.0, "lenient_no_repeat": 0})
+    fresh = LookupAcceptance()
+    exact, lenient = eng.spec.lookup_accepts
+    eng.generate(greedy_requests(PROMPTS, 32, mode="three_tier", ignore_eos=True, prefix="l"))
+    assert lenient.checked != fresh.checked
+    assert exact.checked == fresh.checked and exact.kept == fresh.kept
+    eng.generate(greedy_requests(PROMPTS, 32, mode="binary", ignore_eos=True, prefix="b"))
+    assert exact.checked != fresh.checked
+    assert_pool_full(eng)
