@@ -6,6 +6,8 @@
 - `Route`, `SublayerCosts` (routes.py) and `search_route` (route_search.py): which sub-layers the
   slim verifier runs, and how to find a good set at a target cost.
 - sampling.py: logits to probabilities, exponential-race sampling, per-request noise.
+- lenient.py: the full model's threshold (`full_accept_threshold`) and its repetition guard, which
+  the embedded engine and the vLLM plugin both apply before verification.
 
 `gate`, `verify_binary` and `verify_three_tier` take `backend="auto" | "torch" | "triton"`; auto
 runs the Triton kernels (triton/) on CUDA tensors and the torch reference elsewhere.

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -39,6 +38,7 @@ from server.engine.kv_cache import Chunk
 from server.engine.scheduler import ScheduledSeq
 from server.engine.sequence import Sequence
 from via_sd_kernels import SpecMetadata, gate, verify_binary, verify_binary_greedy_host, verify_three_tier
+from via_sd_kernels import lenient as lenient_rule
 from via_sd_kernels.routes import Route, SublayerCosts
 from via_sd_kernels.sampling import exponential_noise, logits_to_probs
 
@@ -68,14 +68,6 @@ def default_slim_route(num_layers: int) -> Route:
 def load_route(path: str | Path) -> Route:
     data = json.loads(Path(path).read_text())
     return Route.from_dict(data["route"] if "route" in data else data)
-
-
-def _repeats(tokens: list[int], d: int, n: int) -> bool:
-    """Whether `tokens` + [d] ends with an n-gram that already occurs in `tokens`."""
-    if len(tokens) < n:
-        return False
-    tail = tuple(tokens[len(tokens) - n + 1:]) + (d,)
-    return any(tuple(tokens[i:i + n]) == tail for i in range(len(tokens) - n + 1))
 
 
 _COUNT_FIELDS = ("draft_tokens", "accepted", "tier_accept", "tier_slim", "tier_full", "slim_regenerated")
@@ -353,7 +345,7 @@ class SpecDecoder:
             if spec.mode != "three_tier" or spec.full_accept_threshold >= 1 or not p.drafts:
                 continue
             considered.append(p)
-            lt = math.log(spec.full_accept_threshold) if spec.full_accept_threshold > 0 else -math.inf
+            lt = lenient_rule.log_threshold(spec.full_accept_threshold)
             for j, d in enumerate(p.drafts):
                 rows.append(r0 + j)
                 ids.append(d)
@@ -363,20 +355,10 @@ class SpecDecoder:
         dev = logits.device
         rt = torch.tensor(rows, device=dev)
         it = torch.tensor(ids, device=dev)
-        sub = logits[rt].float()
-        best, am = sub.max(-1)
-        kept = sub.gather(1, it[:, None]).squeeze(1) >= best + torch.tensor(logt, device=dev)
-        forced = kept & (am != it)
+        kept, forced = lenient_rule.keep(logits[rt], it, torch.tensor(logt))
         if no_repeat > 0 and bool(forced.any()):
-            forced_l = forced.tolist()
-            blocked = []
-            i = 0
-            for p in considered:
-                if any(forced_l[i:i + len(p.drafts)]):
-                    out = p.sched.seq.output_ids
-                    blocked += [i + j for j, d in enumerate(p.drafts)
-                                if forced_l[i + j] and _repeats(out + p.drafts[:j], d, no_repeat)]
-                i += len(p.drafts)
+            seqs = [(p.sched.seq.output_ids, p.drafts) for p in considered]
+            blocked = lenient_rule.guard(forced.tolist(), seqs, no_repeat)
             if blocked:
                 idx = torch.tensor(blocked, device=dev)
                 kept[idx] = False

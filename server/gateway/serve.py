@@ -160,9 +160,6 @@ def build_engine(s: argparse.Namespace):
     if config.spec.head_path:
         raise SystemExit("via-sd serve: --draft-head is for the embedded engine's head and hybrid drafters; the vllm "
                          "backend drafts by n-gram lookup")
-    if config.spec.full_accept_threshold < 1.0:
-        raise SystemExit("via-sd serve: --full-accept-threshold is the embedded engine's; the vllm backend's "
-                         "full model verifies every draft exactly")
     if config.prefill_dtype != "auto":
         raise SystemExit("via-sd serve: --prefill-dtype bfloat16 is the embedded engine's; on --backend vllm use "
                          "vLLM's --dtype")

@@ -75,6 +75,8 @@ def plugin_settings(config: EngineConfig, schedule: str = "skip") -> dict:
         "slim_confidence": s.slim_confidence,
         "max_slim_backlog": s.max_slim_backlog,
         "slim_route": s.slim_route,
+        "full_accept_threshold": s.full_accept_threshold,
+        "lenient_no_repeat": s.lenient_no_repeat,
     }
 
 
@@ -248,10 +250,6 @@ class VLLMAsyncEngine(AsyncEngineClient):
         sp = request.sampling
         if not prompt:
             raise RequestRejected("the prompt is empty", "messages")
-        fat = request.spec.full_accept_threshold
-        if fat is not None and fat < 1.0:
-            raise RequestRejected("via_sd.full_accept_threshold is a setting of the embedded engine; the vllm backend "
-                                  "verifies every draft exactly (leave it out or send 1)", "via_sd.full_accept_threshold")
         if len(prompt) + sp.max_tokens > self.max_model_len:
             raise RequestRejected(
                 f"prompt ({len(prompt)} tokens) plus max_tokens ({sp.max_tokens}) exceeds the model's "
@@ -266,6 +264,7 @@ class VLLMAsyncEngine(AsyncEngineClient):
             "accept_threshold": spec.accept_threshold,
             "escalate_threshold": spec.escalate_threshold,
             "num_draft_tokens": spec.num_draft_tokens,
+            "full_accept_threshold": spec.full_accept_threshold,
             "request_id": request.request_id,
         }
         vsp = to_vllm_sampling(sp, extra, sp.logprobs)
@@ -363,6 +362,7 @@ class VLLMAsyncEngine(AsyncEngineClient):
             slim_regenerated=w.get("slim_regenerated", 0),
             controller_slim_on=w.get("controller_slim_on", 0),
             controller_slim_off=w.get("controller_slim_off", 0),
+            lenient_accepted=w.get("lenient_accepted", 0),
             preemptions=v.preemptions,
             num_steps=v.num_steps,
             prefix_cache_queries=v.prefix_cache_queries,

@@ -41,6 +41,12 @@ Two schedules (`PluginSettings.schedule`):
 `prune`: the slim pass and gate run, but vLLM's full forward and rejection sampler always
     decide (output identical to plain n-gram speculation); counts only.
 
+Either schedule, the full model's threshold (`full_accept_threshold` θ < 1, `three_tier`
+requests only; via_sd_kernels/lenient.py): before vLLM's rejection sampler decides a row the full
+model computed, each draft position where q(d) >= θ max q (and the repetition guard allows it) is
+made one-hot at its draft in the logits, so the sampler keeps it, greedy or sampled, and decides
+every other row as before (`_lenient`). θ = 1 (the default) leaves the logits untouched.
+
 What vLLM would need upstream for this to be first-class (and cheaper) is in
 server/vllm_plugin/UPSTREAM.md.
 """
@@ -62,7 +68,8 @@ from server.vllm_plugin.slim import check_supported, slim_forward
 
 logger = logging.getLogger("via_sd.vllm_plugin")
 
-USAGE_FIELDS = ("draft_tokens", "accepted", "slim_regenerated", "full_verified", "slim_passes", "full_passes", "steps")
+USAGE_FIELDS = ("draft_tokens", "accepted", "slim_regenerated", "full_verified", "slim_passes", "full_passes", "steps",
+                "lenient_accepted")
 TOTAL_FIELDS = USAGE_FIELDS + (
     "tier_accept", "tier_slim", "tier_full", "backfill_passes", "backfill_tokens", "skipped_full_steps",
     "sub_batch_steps", "controller_slim_on", "controller_slim_off",
@@ -237,7 +244,15 @@ class ViaSDRunnerMixin:
         plan = self._vs_plan
         if plan is not None and plan.skip_full:
             return self._emit_slim(plan)
+        lenient = None
+        if spec_decode_metadata is not None and logits is not None:
+            skip = set(plan.slim_rows) if plan is not None and plan.full_rows is not None else set()
+            lenient = self._lenient(logits, spec_decode_metadata, skip)
+            if lenient is not None:
+                logits = lenient[0]
         out = super()._sample(logits, spec_decode_metadata)
+        if lenient is not None:
+            self._count_lenient(out, lenient[1])
         if plan is not None and plan.full_rows is not None:
             # sub-batch step: the rejection sampler's rows of the slim sequences (computed from
             # slim hidden states) are replaced by the gate's tokens
@@ -252,6 +267,61 @@ class ViaSDRunnerMixin:
         elif spec_decode_metadata is not None:
             self._count_full_step(out, spec_decode_metadata)
         return out
+
+    # ---- the full model's threshold ------------------------------------------------------------
+
+    def _lenient(self, logits: torch.Tensor, sd, skip: set[int]):
+        """The logits with the rows the lenient rule keeps made one-hot at their drafts (a copy),
+        and per batch row (first index into the considered positions, number of drafts, forced
+        flags) for counting; None where no request of the step has θ < 1. Rows in `skip` (a
+        sub-batch step's slim rows, whose logits come from the slim pass) are left alone."""
+        from via_sd_kernels import lenient as rule
+
+        req_ids = self.input_batch.req_ids
+        cu = np.concatenate([[0], np.cumsum(sd.num_draft_tokens)]).astype(np.int64)
+        picked, logt, rows = [], [], []
+        for b, (r, n) in enumerate(zip(req_ids, sd.num_draft_tokens)):
+            if not n or b in skip:
+                continue
+            rs = self._request_settings(r)
+            if not rs.lenient:
+                continue
+            rows.append((b, len(picked), n))
+            picked += range(int(cu[b]), int(cu[b]) + n)
+            logt += [rule.log_threshold(rs.full_accept_threshold)] * n
+        if not picked:
+            return None
+        dev = logits.device
+        idx = torch.tensor(picked, device=sd.draft_token_ids.device)
+        ids = sd.draft_token_ids[idx].to(dev).long()  # [P]
+        at = sd.target_logits_indices[idx].to(dev).long()  # [P] rows of `logits`
+        kept, forced = rule.keep(logits[at], ids, torch.tensor(logt))
+        n_rep = self.via_sd.lenient_no_repeat
+        if n_rep > 0 and bool(forced.any()):
+            drafts = ids.tolist()
+            seqs = [(self.requests[req_ids[b]].output_token_ids, drafts[i:i + n]) for b, i, n in rows]
+            blocked = rule.guard(forced.tolist(), seqs, n_rep)
+            if blocked:
+                bt = torch.tensor(blocked, device=dev)
+                kept[bt] = False
+                forced[bt] = False
+        if bool(kept.any()):
+            logits = logits.clone()
+            r, d = at[kept], ids[kept]
+            logits[r] = float("-inf")
+            logits[r, d] = 0.0
+        f = forced.tolist()
+        return logits, [(b, f[i:i + n]) for b, i, n in rows]
+
+    def _count_lenient(self, out, rows) -> None:
+        """Counts, per request, the forced drafts the sampler kept (those before its first
+        rejection): the tokens the rule changed against the full model's own choice."""
+        valid = (out.sampled_token_ids != -1).sum(dim=1).tolist()  # [B]
+        req_ids = self.input_batch.req_ids
+        for b, forced in rows:
+            k = sum(forced[: max(valid[b] - 1, 0)])
+            if k:
+                self._count(req_ids[b], lenient_accepted=k)
 
     # ---- the slim pass and the gate ----------------------------------------------------------
 

@@ -31,6 +31,10 @@ class PluginSettings:
     slim_confidence: float = 0.7  # positions where max q' is below this escalate (README: design changes)
     max_slim_backlog: int = 32
     sub_batch: bool = True  # "skip": full forward over the escalating sub-batch only
+    # where the full model decides a draft token of a three_tier request, keep it when
+    # q(d) >= θ max q (via_sd_kernels/lenient.py); 1 = the exact rule (vLLM's rejection sampler)
+    full_accept_threshold: float = 1.0
+    lenient_no_repeat: int = 4  # the rule's repetition guard (n-gram length; 0 = off)
     slim_route: Any = None  # path to a route JSON, an inline dict, or None (default route)
 
     @classmethod
@@ -43,6 +47,8 @@ class PluginSettings:
         s = cls(**d)
         if s.mode not in ("binary", "three_tier"):
             raise ValueError(f"via_sd plugin mode must be 'binary' or 'three_tier', got {s.mode!r}")
+        if not 0.0 <= s.full_accept_threshold <= 1.0:
+            raise ValueError(f"via_sd plugin full_accept_threshold must be in [0, 1], got {s.full_accept_threshold}")
         if s.schedule not in SCHEDULES:
             raise ValueError(f"via_sd plugin schedule must be one of {SCHEDULES}, got {s.schedule!r}")
         return s
@@ -57,6 +63,7 @@ class RequestSettings:
     escalate_threshold: float
     bonus_confidence: float
     num_draft_tokens: int | None
+    full_accept_threshold: float = 1.0
 
     @classmethod
     def resolve(cls, engine: PluginSettings, extra_args: dict | None) -> "RequestSettings":
@@ -67,7 +74,14 @@ class RequestSettings:
             escalate_threshold=engine.escalate_threshold if r.get("escalate_threshold") is None else float(r["escalate_threshold"]),
             bonus_confidence=engine.bonus_confidence,
             num_draft_tokens=r.get("num_draft_tokens"),
+            full_accept_threshold=(engine.full_accept_threshold if r.get("full_accept_threshold") is None
+                                   else float(r["full_accept_threshold"])),
         )
+
+    @property
+    def lenient(self) -> bool:
+        """The full model keeps near-ties of this request's drafts (three_tier, θ < 1)."""
+        return self.mode == "three_tier" and self.full_accept_threshold < 1.0
 
     @property
     def slim(self) -> bool:

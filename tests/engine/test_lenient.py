@@ -12,7 +12,8 @@ import torch
 
 from server.engine.api import GenerationRequest
 from server.engine.config import ConfigError, ResolvedSpec, SamplingParams, SpecConfig, SpecParams
-from server.engine.spec_step import SpecDecoder, _repeats
+from server.engine.spec_step import SpecDecoder
+from via_sd_kernels.lenient import repeats as _repeats
 from tests.engine.helpers import assert_pool_full, generate_checked as outputs, greedy_requests, make_engine
 
 # repetitive prompts so that prompt lookup finds matches

@@ -81,7 +81,7 @@ def test_full_accept_threshold_from_flag_and_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("VIA_SD_FULL_ACCEPT_THRESHOLD", raising=False)
     cfg = lambda argv: serve.engine_config(serve.resolve_settings(parse(argv)), tmp_path)  # noqa: E731
     assert cfg([]).spec.full_accept_threshold == SpecConfig.full_accept_threshold
-    assert cfg(["--backend", "vllm"]).spec.full_accept_threshold == 1.0  # the plugin verifies exactly
+    assert cfg(["--backend", "vllm"]).spec.full_accept_threshold == 1.0
     assert cfg(["--full-accept-threshold", "0.25"]).spec.full_accept_threshold == 0.25
     monkeypatch.setenv("VIA_SD_FULL_ACCEPT_THRESHOLD", "0.5")
     assert cfg([]).spec.full_accept_threshold == 0.5
@@ -125,9 +125,18 @@ def test_missing_vllm_backend_is_a_clear_exit(tmp_path, monkeypatch):
     s = serve.resolve_settings(parse(["--model", str(folder), "--backend", "vllm", "--draft-head", str(head)]))
     with pytest.raises(SystemExit, match="--draft-head is for the embedded engine"):
         serve.build_engine(s)
+    # the full model's threshold is the plugin's too: it reaches the plugin's settings
     s = serve.resolve_settings(parse(["--model", str(folder), "--backend", "vllm", "--full-accept-threshold", "0.3"]))
-    with pytest.raises(SystemExit, match="--full-accept-threshold is the embedded engine's"):
+    with pytest.raises(SystemExit, match="--backend vllm needs vLLM"):
         serve.build_engine(s)
+    monkeypatch.delitem(sys.modules, "server.vllm_plugin.backend")
+    from server.vllm_plugin.backend import plugin_settings
+    from server.vllm_plugin.settings import PluginSettings
+
+    plugin = PluginSettings.from_dict(plugin_settings(serve.engine_config(s, folder)))
+    assert plugin.full_accept_threshold == 0.3 and plugin.lenient_no_repeat == 4
+    with pytest.raises(ValueError, match="full_accept_threshold must be in"):
+        PluginSettings.from_dict({"full_accept_threshold": 1.5})
 
 
 def test_sigterm_drains_and_exits_zero():

@@ -14,6 +14,9 @@ Scenarios (all greedy, fp32, batch of PROMPTS sent concurrently):
     skip         schedule "skip", default route, escalate_threshold 0: the lossy schedule with
                  full passes skipped
     skip_default schedule "skip" with the engine defaults (for measurements)
+    lenient      schedule "prune", full_accept_threshold 0 without the repetition guard: the
+                 full model keeps every draft of the `three_tier` requests (second half); the
+                 first half are `binary` requests in the same batches
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ def scenario_config(name: str, folder: str):
         return base.with_spec(mode="three_tier", escalate_threshold=0.0, bonus_confidence=0.5), "skip"
     if name == "skip_default":
         return base.with_spec(mode="three_tier"), "skip"
+    if name == "lenient":
+        return base.with_spec(mode="three_tier", full_accept_threshold=0.0, lenient_no_repeat=0), "prune"
     raise SystemExit(f"unknown scenario {name!r}")
 
 
@@ -66,7 +71,7 @@ async def run(name: str, folder: str, max_tokens: int, bench: bool = False) -> d
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
     async def one(i: int, prompt: str):
-        mode = "binary" if (name == "prune" and i < len(PROMPTS) // 2) else None
+        mode = "binary" if (name in ("prune", "lenient") and i < len(PROMPTS) // 2) else None
         req = GenerationRequest(f"r{i}-{uuid.uuid4().hex[:6]}", tuple(tok.encode(prompt)), sp, SpecParams(mode=mode))
         ids, text, last = [], "", None
         async for d in eng.generate(req):

@@ -167,15 +167,21 @@ def test_context_length_exceeded_is_400(server):
     assert not engine._inflight
 
 
-def test_lenient_full_verification_is_refused_with_400(server):
-    """`via_sd.full_accept_threshold` < 1 is the embedded engine's; the plugin verifies exactly."""
+def test_full_accept_threshold_reaches_the_plugin(server):
+    """`via_sd.full_accept_threshold` per request: outside [0, 1] a 400 naming the field; inside,
+    the request runs and its usage counts the drafts kept against the full model's choice."""
     url, engine = server
-    body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "via_sd": {"full_accept_threshold": 0.3}}
+    body = {"model": MODEL, "prompt": "List the days of the week: Monday, Tuesday, Wednesday, Thursday, Friday, "
+            "Saturday, Sunday. Again: Monday,", "max_tokens": 16, "temperature": 0,
+            "via_sd": {"full_accept_threshold": 1.5}}
     r = httpx.post(url + "/v1/completions", json=body, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "via_sd.full_accept_threshold"
-    body["via_sd"]["full_accept_threshold"] = 1.0
-    assert httpx.post(url + "/v1/completions", json=body, timeout=120).status_code == 200
+    body["via_sd"]["full_accept_threshold"] = 0.0
+    r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    u = r.json()["usage"]["via_sd"]
+    assert 0 <= u["lenient_accepted"] <= u["accepted"] <= u["draft_tokens"]
     assert not engine._inflight
 
 

@@ -104,6 +104,27 @@ def test_three_tier_skips_full_passes_and_counts_add_up(model_folder):
     assert st["generation_tokens"] >= MAX_TOKENS * len(outs)
 
 
+def test_full_accept_threshold_zero_keeps_every_draft_and_binary_stays_exact(model_folder):
+    """θ = 0 (schedule prune: the full model decides every draft): the three_tier requests keep
+    every draft they verify, some against the full model's own choice, so their text parts from
+    greedy; the binary requests beside them in the same batches stay greedy's token for token."""
+    ref, got = scenario("off", model_folder), scenario("lenient", model_folder)
+    lenient = 0
+    for r, g in zip(ref["outputs"], got["outputs"]):
+        u = g["via_sd"]
+        assert len(g["token_ids"]) == MAX_TOKENS
+        if g["mode"] == "binary":
+            assert g["token_ids"] == r["token_ids"], g["prompt"]
+            assert u["lenient_accepted"] == 0
+        else:
+            assert u["draft_tokens"] > 0 and u["accepted"] == u["draft_tokens"], u
+            lenient += u["lenient_accepted"]
+    assert lenient > 0
+    assert texts(got) != texts(ref)
+    w = got["worker_totals"]
+    assert w["lenient_accepted"] >= lenient and got["stats"]["lenient_accepted"] == w["lenient_accepted"]
+
+
 def test_concurrent_requests_complete(model_folder):
     for name in ("off", "skip"):
         res = scenario(name, model_folder)
