@@ -38,23 +38,39 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
+def _build_dir() -> Path:
+    root = Path(os.environ.get("VIA_SD_KERNEL_CACHE", Path.home() / ".cache" / "via-sd" / "kernels"))
+    # -march=native: one build per CPU model and torch version
+    return root / f"torch-{torch.__version__.replace('+', '_')}-{_cpu_tag()}"
+
+
 def _build() -> bool:
+    import fcntl
+
     from torch.utils import cpp_extension
 
     src = Path(__file__).with_name("decode.cpp")
-    build_dir = Path(os.environ.get("VIA_SD_KERNEL_CACHE", Path.home() / ".cache" / "via-sd" / "kernels"))
-    # -march=native: one build per CPU model and torch version
-    build_dir = build_dir / f"torch-{torch.__version__.replace('+', '_')}-{_cpu_tag()}"
+    build_dir = _build_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name="via_sd_cpu_kernels",
-        sources=[str(src)],
-        extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
+    # torch's builder guards the directory with a `lock` file that a killed build (a stopped pod,
+    # Ctrl-C during the first start) leaves behind, and every later build then waits on it
+    # forever. Builds here take an flock first, which the kernel releases when its holder dies:
+    # whoever holds it is the only builder alive, so a `lock` file it finds is stale.
+    with open(build_dir / "via-sd-build.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a kernel build that did not finish", stale)
+            stale.unlink(missing_ok=True)
+        cpp_extension.load(
+            name="via_sd_cpu_kernels",
+            sources=[str(src)],
+            extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
     return True
 
 
