@@ -45,7 +45,8 @@ Either schedule, the full model's threshold (`full_accept_threshold` θ < 1, `th
 requests only; via_sd_kernels/lenient.py): before vLLM's rejection sampler decides a row the full
 model computed, each draft position where q(d) >= θ max q (and the repetition guard allows it) is
 made one-hot at its draft in the logits, so the sampler keeps it, greedy or sampled, and decides
-every other row as before (`_lenient`). θ = 1 (the default) leaves the logits untouched.
+every other row as before (`_lenient`). θ = 1 (the default) leaves the logits untouched, and so
+does a request that asks for logprobs (vLLM reads them from the same logits).
 
 What vLLM would need upstream for this to be first-class (and cheaper) is in
 server/vllm_plugin/UPSTREAM.md.
@@ -284,7 +285,7 @@ class ViaSDRunnerMixin:
             if not n or b in skip:
                 continue
             rs = self._request_settings(r)
-            if not rs.lenient:
+            if not rs.lenient or self._wants_logprobs(r):
                 continue
             rows.append((b, len(picked), n))
             picked += range(int(cu[b]), int(cu[b]) + n)
@@ -312,6 +313,12 @@ class ViaSDRunnerMixin:
             logits[r, d] = 0.0
         f = forced.tolist()
         return logits, [(b, f[i:i + n]) for b, i, n in rows]
+
+    def _wants_logprobs(self, req_id: str) -> bool:
+        # vLLM reads logprobs from the same logits the rule would make one-hot: a request that
+        # asks for them is verified exactly, so the logprobs it gets are the model's
+        sp = getattr(self.requests.get(req_id), "sampling_params", None)
+        return sp is not None and sp.logprobs is not None
 
     def _count_lenient(self, out, rows) -> None:
         """Counts, per request, the forced drafts the sampler kept (those before its first

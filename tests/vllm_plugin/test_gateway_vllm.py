@@ -182,6 +182,11 @@ def test_full_accept_threshold_reaches_the_plugin(server):
     assert r.status_code == 200, r.text
     u = r.json()["usage"]["via_sd"]
     assert 0 <= u["lenient_accepted"] <= u["accepted"] <= u["draft_tokens"]
+    # a request that asks for logprobs is verified exactly (vLLM reads them from the same logits)
+    r = httpx.post(url + "/v1/completions", json={**body, "logprobs": 1}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["via_sd"]["lenient_accepted"] == 0
+    assert len(r.json()["choices"][0]["logprobs"]["token_logprobs"]) == r.json()["usage"]["completion_tokens"]
     assert not engine._inflight
 
 
