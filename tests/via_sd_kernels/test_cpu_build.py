@@ -50,9 +50,9 @@ def test_a_live_builder_is_waited_for_and_a_killed_one_is_not(tmp_path, monkeypa
         t.start()
         time.sleep(0.5)
         assert t.is_alive() and seen == []  # waits while the builder lives
+        assert (d / "lock").exists()
         holder.kill()  # killed mid-build: its lock file stays, its flock goes
         holder.wait()
-        assert (d / "lock").exists()
         t.join(10)
         assert not t.is_alive() and seen == [False]
     finally:
