@@ -56,3 +56,17 @@ def guard(forced: list[bool], seqs: Sequence[tuple[Sequence[int], Sequence[int]]
             blocked += [i + j for j, d in enumerate(drafts) if forced[i + j] and repeats(out + list(drafts[:j]), d, n)]
         i += len(drafts)
     return blocked
+
+
+def force(target: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, kept: torch.Tensor, *, off: float,
+          on: float) -> torch.Tensor:
+    """`target` with each kept row (`rows[kept]`) set to `off` everywhere but `on` at its draft
+    (`ids[kept]`): a copy, or `target` itself when nothing is kept. Probabilities and argmax-read
+    logits take (0, 1); logits a softmax will read take (-inf, 0)."""
+    if not bool(kept.any()):
+        return target
+    out = target.clone()
+    r, d = rows[kept], ids[kept]
+    out[r] = off
+    out[r, d] = on
+    return out

@@ -170,6 +170,11 @@ class ResolvedSpec:
     bonus_confidence: float
     full_accept_threshold: float = 1.0
 
+    @property
+    def lenient(self) -> bool:
+        """The full model keeps near-ties of this request's drafts (three_tier, θ < 1)."""
+        return self.mode == "three_tier" and self.full_accept_threshold < 1
+
 
 @dataclass(frozen=True)
 class EngineConfig:

@@ -149,8 +149,7 @@ class SpecDecoder:
 
     def lookup_table(self, seq: Sequence) -> LookupAcceptance:
         """The lookup keep rates `seq`'s drafts are trimmed by and update (see __init__)."""
-        spec = seq.spec
-        return self.lookup_accepts[spec.mode == "three_tier" and spec.full_accept_threshold < 1]
+        return self.lookup_accepts[seq.spec.lenient]
 
     # ------------------------------------------------------------------ begin
     def begin(self, scheduled: list[ScheduledSeq]) -> SpecJob:
@@ -342,7 +341,7 @@ class SpecDecoder:
         rows, ids, logt, considered = [], [], [], []
         for p, r0 in plans_rows:
             spec = p.sched.seq.spec
-            if spec.mode != "three_tier" or spec.full_accept_threshold >= 1 or not p.drafts:
+            if not spec.lenient or not p.drafts:
                 continue
             considered.append(p)
             lt = lenient_rule.log_threshold(spec.full_accept_threshold)
@@ -367,17 +366,11 @@ class SpecDecoder:
 
     @staticmethod
     def _force(target: torch.Tensor, lenient) -> torch.Tensor:
-        """`target` (logits or probabilities) with each row the lenient rule keeps made one-hot at
-        its draft token: the verification kernels then keep it, greedy (argmax) or sampled
-        (u p(d) < 1), and the rows it does not keep decide as before."""
+        """`target` (logits read by argmax, or probabilities) with each row the lenient rule keeps
+        made one-hot at its draft token: the verification kernels then keep it, greedy (argmax) or
+        sampled (u p(d) < 1), and the rows it does not keep decide as before."""
         rt, it, kept, _ = lenient
-        if not bool(kept.any()):
-            return target
-        out = target.clone()
-        r, d = rt[kept], it[kept]
-        out[r] = 0
-        out[r, d] = 1
-        return out
+        return lenient_rule.force(target, rt, it, kept, off=0.0, on=1.0)
 
     @staticmethod
     def _forced_counts(lenient, spans: dict[int, tuple[int, int, int]]) -> dict[int, int]:

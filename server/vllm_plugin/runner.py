@@ -279,16 +279,17 @@ class ViaSDRunnerMixin:
         from via_sd_kernels import lenient as rule
 
         req_ids = self.input_batch.req_ids
-        cu = np.concatenate([[0], np.cumsum(sd.num_draft_tokens)]).astype(np.int64)
         picked, logt, rows = [], [], []
+        start = 0  # the row's first draft in the step's flat draft tokens
         for b, (r, n) in enumerate(zip(req_ids, sd.num_draft_tokens)):
+            first, start = start, start + n
             if not n or b in skip:
                 continue
             rs = self._request_settings(r)
             if not rs.lenient or self._wants_logprobs(r):
                 continue
             rows.append((b, len(picked), n))
-            picked += range(int(cu[b]), int(cu[b]) + n)
+            picked += range(first, first + n)
             logt += [rule.log_threshold(rs.full_accept_threshold)] * n
         if not picked:
             return None
@@ -306,11 +307,7 @@ class ViaSDRunnerMixin:
                 bt = torch.tensor(blocked, device=dev)
                 kept[bt] = False
                 forced[bt] = False
-        if bool(kept.any()):
-            logits = logits.clone()
-            r, d = at[kept], ids[kept]
-            logits[r] = float("-inf")
-            logits[r, d] = 0.0
+        logits = rule.force(logits, at, ids, kept, off=float("-inf"), on=0.0)
         f = forced.tolist()
         return logits, [(b, f[i:i + n]) for b, i, n in rows]
 
