@@ -107,6 +107,9 @@ def engine_kwargs(config: EngineConfig, folder: Path, max_model_len: int, schedu
             "prompt_lookup_max": s.ngram_max,
             "prompt_lookup_min": s.ngram_min,
         }
+        # said, not left to vLLM's default rule: the runner reads each request's output as of
+        # the last step, which async scheduling fills with placeholders
+        kw["async_scheduling"] = False
         kw["worker_cls"] = CPU_WORKER if current_platform.is_cpu() else GPU_WORKER
         kw["additional_config"] = {"via_sd": plugin_settings(config, schedule)}
         if s.mode == "three_tier" and schedule == "skip":

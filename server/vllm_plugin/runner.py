@@ -111,8 +111,16 @@ class ViaSDRunnerMixin:
         self._vs_ids: dict[str, str] = {}  # vLLM's internal request id -> the caller's
         self._vs_finished: OrderedDict[str, dict[str, int]] = OrderedDict()
         self._vs_totals = {k: 0 for k in TOTAL_FIELDS}
+        self._vs_async = bool(getattr(self, "use_async_scheduling", False))
         if self.speculative_config is None:
             self._vs_disabled = "no speculative_config"
+        elif self._vs_async:
+            # the gate, the sub-batch step and the lenient rule's repetition guard read each
+            # request's output as of the last step; under async scheduling it holds placeholders
+            # for tokens not yet sampled (vLLM 0.32 refuses async scheduling with method "ngram",
+            # and the backend asks for it off: this is for a configuration that slips past both)
+            self._vs_disabled = "async scheduling"
+            logger.warning("via-sd: three-tier steps disabled: vLLM's async scheduling is on")
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -246,7 +254,7 @@ class ViaSDRunnerMixin:
         if plan is not None and plan.skip_full:
             return self._emit_slim(plan)
         lenient = None
-        if spec_decode_metadata is not None and logits is not None:
+        if spec_decode_metadata is not None and logits is not None and not self._vs_async:
             skip = set(plan.slim_rows) if plan is not None and plan.full_rows is not None else set()
             lenient = self._lenient(logits, spec_decode_metadata, skip)
             if lenient is not None:
