@@ -456,7 +456,7 @@ def test_adding_a_set_of_prompts_keeps_the_earlier_held_out_split():
 
 
 # ------------------------------------------------------------------ training, end to end
-def test_train_head_command_on_tiny_model(tiny_dir, tmp_path):
+def test_train_head_command_on_tiny_model(tiny_dir, tmp_path, monkeypatch):
     from server.engine.drafters.train_head import main
 
     prompts = tmp_path / "p.jsonl"
@@ -490,6 +490,18 @@ def test_train_head_command_on_tiny_model(tiny_dir, tmp_path):
     rec = json.loads(Path(str(more) + ".json").read_text())
     assert rec["init"]["head"] == "tiny.head.safetensors" and rec["init"]["record"]["data"]["answers"] == 12
     assert rec["head"]["ffn"] == 32 and rec["head"]["reduced_vocab"] == first.reduced_ids.numel()
+
+    # without `--out` the head goes to the user's cache, never over the package's shipped head
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    shipped = {p.name: p.read_bytes() for p in ASSETS.glob("*.head.*")}
+    rc = main(["--model", str(tiny_dir), "--prompts", str(prompts), "--max-tokens", "12", "--sampled", "1",
+               "--data", str(tmp_path / "d.pt"), "--vocab", "32", "--ffn", "16", "--heads", "2", "--window", "4",
+               "--epochs", "1", "--batch-size", "4", "--heldout", "0.34"])
+    assert rc == 0
+    cached = tmp_path / "home" / ".cache" / "via-sd" / "heads" / f"{tiny_dir.name}.head"
+    assert DraftHead.load(Path(str(cached) + ".safetensors"))[0].window == 4
+    assert json.loads(Path(str(cached) + ".json").read_text())["head"]["ffn"] == 16
+    assert {p.name: p.read_bytes() for p in ASSETS.glob("*.head.*")} == shipped
 
 
 def test_user_turn_prefix_cuts_the_template_where_the_message_begins(tiny_dir):

@@ -22,7 +22,8 @@ Three stages, one command (a fixed seed makes it reproducible):
 It prints the held-out top-1 acceptance (head argmax == target greedy token given true pairs)
 and the chained acceptance (expected accepted tokens per step with γ = 5, drafted by the
 drafter's own code), and writes `<out>.safetensors` plus `<out>.json` (command, seed, data size,
-held-out numbers, the chosen confidence threshold).
+held-out numbers, the chosen confidence threshold); without `--out`, to
+`~/.cache/via-sd/heads/<model>.head`, never over the head the package ships.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ import torch
 import torch.nn.functional as F
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+HEADS = Path("~/.cache/via-sd/heads")  # where a trained head goes without --out
+
+
+def trained_stem(out: str | None, model_name: str) -> Path:
+    """Where training writes: `--out`, else `~/.cache/via-sd/heads/<model>.head`. Never the
+    package's own head, which only an explicit `--out` replaces."""
+    return Path(out).expanduser() if out else HEADS.expanduser() / f"{model_name}.head"
 DEFAULT_PROMPTS = ASSETS / "train_prompts.jsonl"
 
 
@@ -493,7 +501,8 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
           f"expected tokens per step {ev['tau']:.3f}")
     print(f"chosen threshold {best['threshold']} (min_tokens {best['min_tokens']}): tokens per step {best['tau']:.3f}, "
           f"drafted {best['drafted']:.2f}")
-    stem = Path(args.out) if args.out else ASSETS / f"{model_dir.name}.head"
+    stem = trained_stem(args.out, model_dir.name)
+    stem.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "model": model_dir.name,
         "command": "via-sd train-head " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -519,7 +528,7 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
     head.save(Path(str(stem) + ".safetensors"), {"threshold": best["threshold"], "min_tokens": best["min_tokens"],
                                                  "model": model_dir.name})
     Path(str(stem) + ".json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {stem}.safetensors and {stem}.json")
+    print(f"wrote {stem}.safetensors and {stem}.json; serve it with --draft-head {stem}.safetensors")
     return 0
 
 
@@ -555,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-weight", type=float, default=1.0)
     p.add_argument("--heldout", type=float, default=0.1, help="share of prompts held out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output stem (default: assets/<model>.head)")
+    p.add_argument("--out", default=None, help="output stem: <out>.safetensors and <out>.json (default: ~/.cache/via-sd/heads/<model>.head; "
+                        "the package's own head is replaced only when named here)")
     p.add_argument("--init", default=None,
                    help="continue training this saved head (.safetensors; its layout and reduced vocabulary are "
                         "kept) instead of a fresh one")
