@@ -128,3 +128,49 @@ def test_three_tier_sampling_follows_its_analytic_mixture():
     tier_b = out.tiers == 1
     assert bool((out.num_output[tier_b] == 1).all())
     assert abs(float(tier_b.float().mean()) - p[tier == 1].sum()) < 0.01
+
+
+def test_lenient_sampling_follows_its_analytic_mixture():
+    """The full model's threshold θ < 1 on a sampled request (lossy, as documented), as the engine
+    applies it: a draft y ~ p whose temperature-1 probability is within θ of the best token's
+    (logit(y) >= max logit + log θ) is kept outright; any other draft is verified exactly. So
+
+      P(first = x) = sum_y p(y) ( keep(y) [x = y] + (1 - keep(y)) K_C(x | y) )
+
+    with K_C the exact rejection kernel against q at the request's temperature (see above); the
+    token after a kept draft follows q_bonus exactly."""
+    from via_sd_kernels import lenient
+
+    g = torch.Generator().manual_seed(4321)
+    v, temp, theta = 8, 0.7, 0.5
+    logits = torch.tensor([2.0, 1.6, 1.5, 0.2, -0.4, 0.9, -1.0, 1.9])  # near ties: 0, 7, 1 (and 2)
+    bonus_logits = torch.randn(v, generator=g)
+    q0 = torch.softmax(logits / temp, -1)
+    qb = torch.softmax(bonus_logits / temp, -1)
+    # a drafter that favours near-ties the full model ranks lower (where the rule changes things)
+    p = torch.tensor([0.05, 0.10, 0.30, 0.05, 0.05, 0.05, 0.05, 0.35])
+    drafts = _draw(p.repeat(N, 1), g)
+    meta = SpecMetadata.from_tensors(drafts, torch.ones(N, dtype=torch.long), 1)
+    rows = torch.arange(N) * 2  # rows alternate position 0, bonus
+    kept, _ = lenient.keep(logits.repeat(N, 1), drafts, torch.full((N,), lenient.log_threshold(theta)))
+    target = lenient.force(torch.stack([q0, qb]).repeat(N, 1), rows, drafts, kept, off=0.0, on=1.0)
+    out = verify_binary(meta, target, p.repeat(N, 1), torch.rand(N, generator=g),
+                        torch.empty(2 * N, v).exponential_(generator=g))
+
+    keep_y = (logits >= logits.max() + np.log(theta)).double().numpy()
+    assert keep_y.tolist() == [1, 1, 1, 0, 0, 0, 0, 1]
+    pn, qn = p.double().numpy(), q0.double().numpy()
+    a = np.minimum(1.0, qn / pn)
+    res = residual(qn, pn)
+    expected = np.zeros(v)
+    for y in range(v):
+        k_c = (1 - a[y]) * res
+        k_c[y] += a[y]
+        expected += pn[y] * (keep_y[y] * np.eye(v)[y] + (1 - keep_y[y]) * k_c)
+    assert abs(expected.sum() - 1) < 1e-6  # float32 p and q
+    assert np.abs(expected - qn).sum() / 2 > 0.05  # lossy: measurably not q
+    tok = out.output_token_ids
+    assert_chi2(tok[:, 0], expected)
+    was_kept = kept & (tok[:, 0] == drafts)
+    assert int(was_kept.sum()) > N // 4
+    assert_chi2(tok[was_kept, 1], qb.double().numpy())
