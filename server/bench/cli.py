@@ -25,7 +25,7 @@ from pathlib import Path
 
 from server.bench import report as R
 from server.bench.prompts import PromptFileError, read_questions, select_prompts
-from server.bench.rows import PEERS, Row, RowError, build_rows, parse_list, with_prefill_dtypes
+from server.bench.rows import BF16_PREFILL, PEERS, Row, RowError, build_rows, parse_list, with_prefill_dtypes
 from server.bench.sweep import best_setting, pareto, parse_sweep, sweep_points, sweep_row
 from server.bench.runner import Skipped, find_vllm_python, run_interleaved, run_row
 from server.engine.config import DRAFTERS, KV_CACHE_DTYPES, PREFILL_DTYPES, SPEC_MODES
@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         has_main = any(r.name == sweep_row({}, drafter).name for r in rows)
         sweep_rows = [sweep_row(p, drafter) for p in sweep_points(grid, args.sweep_mode)
                       if not (p == {} and has_main)]
+        # with `--prefill-dtype auto,bfloat16` each point also runs with bf16 prompts (`+bf16`)
+        sweep_rows = with_prefill_dtypes(sweep_rows, prefill_dtypes)
     # the sweep's points run with the rows (interleaved: taking turns with `off` prompt by prompt)
     run_all(rows + sweep_rows)
 
@@ -319,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if grid is not None:
         default_name = sweep_row({}, drafters[0] if drafters else None).name
-        pts = [r for r in all_runs if r["name"] in sweep_names or r["name"] == default_name]
+        defaults = {default_name, default_name + BF16_PREFILL}
+        pts = [r for r in all_runs if r["name"] in sweep_names or r["name"] in defaults]
         pareto(pts, args.sweep_quality)
         best = best_setting(pts, args.sweep_quality, args.min_quality)
         report["sweep"] = {"grid": grid, "mode": args.sweep_mode, "quality_key": args.sweep_quality,

@@ -259,6 +259,23 @@ def test_a_sweep_of_the_full_models_threshold(tiny_model_dir, tmp_path):
     assert pts[1.0]["lenient_share"] == 0.0
 
 
+def test_a_sweep_with_bf16_prompts_runs_each_point_both_ways(tiny_model_dir, tmp_path):
+    """`--prefill-dtype auto,bfloat16` with `--sweep`: every point also as <point>+bf16 (its
+    prompts in bf16), so a lossy point can be measured beside fp32 `off` with both knobs."""
+    rc, rep = _run(tiny_model_dir, tmp_path, ["--modes", "off,three_tier", "--drafters", "ngram",
+                                              "--prefill-dtype", "auto,bfloat16", "--sweep", "f=0", "--sweep-mode",
+                                              "full"], "swbf")
+    assert rc == 0
+    pts = {p["name"]: p for p in rep["sweep"]["points"]}
+    assert set(pts) == {"three_tier", "three_tier+bf16", "three_tier[f=0]", "three_tier[f=0]+bf16"}
+    assert pts["three_tier[f=0]+bf16"]["engine"] == {"prefill_dtype": "bfloat16"}
+    assert pts["three_tier[f=0]+bf16"]["params"] == {"full_accept_threshold": 0.0}
+    assert pts["three_tier[f=0]"].get("engine") is None
+    assert pts["three_tier[f=0]+bf16"]["acceptance_rate"] == 1.0
+    lines = [json.loads(x) for x in (tmp_path / "swbf.outputs.jsonl").read_text().splitlines()]
+    assert {x["run"] for x in lines} == {"off", "off+bf16"} | set(pts)
+
+
 def test_draft_head_flag_reaches_the_head_rows(tiny_model_dir, tmp_path):
     """`--draft-head`: the head rows draft with the given head (the tiny model has none of its
     own, so without the flag its head row cannot be built and is skipped)."""
