@@ -38,9 +38,11 @@ test: install-test
 test-fast: install-test
 	$(PY) -m pytest -q -m "not real_model and not slow and not vllm"
 
-# the README's latest Spec-Bench table (about an hour on 2 cores; `vllm-env` for the vLLM rows)
+# the README's latest Spec-Bench tables, lossless and with the lossy knobs (about 95 minutes on 2
+# cores; `vllm-env` for the vLLM rows)
 bench: install
 	$(VENV)/bin/via-sd bench --prompts ../shared/data/spec_bench/question.jsonl --categories mt_bench,translation,summarization,qa,math_reasoning,rag --limit-per-category 10 --max-tokens 128 --modes off,binary,three_tier --drafters ngram,head,self,hybrid --peers hf,hf_pld,vllm,vllm_ngram --repeats 2 --peer-repeats 1 --out benchmarks/results/latest.json
+	$(VENV)/bin/via-sd bench --prompts ../shared/data/spec_bench/question.jsonl --categories mt_bench,translation,summarization,qa,math_reasoning,rag --limit-per-category 10 --max-tokens 128 --modes off,three_tier --drafters hybrid --peers '' --prefill-dtype auto,bfloat16 --sweep f=0.2 --sweep-mode full --repeats 2 --out benchmarks/results/latest_lossy.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
