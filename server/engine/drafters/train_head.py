@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_PROMPTS = ASSETS / "train_prompts.jsonl"
 HEADS = Path("~/.cache/via-sd/heads")  # where a trained head goes without --out
 
 
@@ -47,7 +48,6 @@ def trained_stem(out: str | None, model_name: str) -> Path:
     """Where training writes: `--out`, else `~/.cache/via-sd/heads/<model>.head`. Never the
     package's own head, which only an explicit `--out` replaces."""
     return Path(out).expanduser() if out else HEADS.expanduser() / f"{model_name}.head"
-DEFAULT_PROMPTS = ASSETS / "train_prompts.jsonl"
 
 
 # ---------------------------------------------------------------------------- collect
@@ -564,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-weight", type=float, default=1.0)
     p.add_argument("--heldout", type=float, default=0.1, help="share of prompts held out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output stem: <out>.safetensors and <out>.json (default: ~/.cache/via-sd/heads/<model>.head; "
+    p.add_argument("--out", default=None,
+                   help="output stem: <out>.safetensors and <out>.json (default: ~/.cache/via-sd/heads/<model>.head; "
                         "the package's own head is replaced only when named here)")
     p.add_argument("--init", default=None,
                    help="continue training this saved head (.safetensors; its layout and reduced vocabulary are "
