@@ -20,7 +20,9 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
+import time
 from pathlib import Path
 
 from server.bench import report as R
@@ -141,17 +143,41 @@ def git_state() -> dict | None:
     return {"commit": commit or None, "dirty": bool(dirty)} if commit else None
 
 
-def busy_warning(threads: int) -> str | None:
+def runnable_others(samples: int = 10, interval_s: float = 0.1, path: str = "/proc/loadavg") -> float | None:
+    """How many other tasks are ready to run right now: the median over about a second of the
+    running count in /proc/loadavg, less this process (Linux; None where the file cannot be read).
+    The 1-minute load average lags by minutes: right after a benchmark ends it still reads ~2 on
+    an idle 2-core machine, as it did at the start of `make bench`'s second command."""
+    counts = []
+    for i in range(samples):
+        try:
+            running = int(Path(path).read_text().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        counts.append(max(running - 1, 0))
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    return float(statistics.median(counts))
+
+
+def busy_warning(threads: int, busy: float | None = None) -> str | None:
     """A warning when other work already occupies the cores: OpenMP threads that wait on each
     other's barriers slow down by orders of magnitude on an oversubscribed machine (measured on a
-    2-core machine at load 10: 2 threads ran a tiny model 200x slower than 1 thread)."""
-    try:
-        load1 = os.getloadavg()[0]
-    except OSError:
-        return None
+    2-core machine at load 10: 2 threads ran a tiny model 200x slower than 1 thread). `busy`: the
+    tasks running beside this one (`runnable_others`); where that cannot be read, the 1-minute load
+    average stands in."""
+    what = "other tasks running"
+    if busy is None:
+        busy = runnable_others()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            return None
+        what = "load average"
     cores = os.cpu_count() or 1
-    if load1 + threads > cores + 0.5 and threads > 1:
-        return (f"via-sd bench: warning: load average {load1:.1f} on {cores} cores; with {threads} threads per row the "
+    if busy + threads > cores + 0.5 and threads > 1:
+        return (f"via-sd bench: warning: {what} {busy:.1f} on {cores} cores; with {threads} threads per row the "
                 f"timings will be badly skewed; wait for a quiet machine or pass --threads 1")
     return None
 
@@ -222,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or os.cpu_count() or 1
     load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     git = git_state()
-    busy = busy_warning(threads)
+    others_at_start = runnable_others()
+    busy = busy_warning(threads, others_at_start)
     if busy:
         print(busy, file=sys.stderr)
     model_max = json.loads((folder / "config.json").read_text()).get("max_position_embeddings", 4096)
@@ -305,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = [r for r in all_runs if r["name"] not in sweep_names]
 
     report = {
-        "machine": {**machine_info(threads), "load_average_start": list(load_at_start) if load_at_start else None},
+        "machine": {**machine_info(threads), "load_average_start": list(load_at_start) if load_at_start else None,
+                    "others_running_start": others_at_start},
         "model": str(folder),
         "command": "via-sd bench " + shlex.join(argv),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

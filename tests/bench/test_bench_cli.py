@@ -44,6 +44,7 @@ def test_json_contract(bench_run):
     rep = json.loads(out.read_text())
     for k in ("machine", "model", "command", "date", "runs"):
         assert k in rep
+    assert "others_running_start" in rep["machine"]  # the tasks beside the run when it started
     assert rep["command"].startswith("via-sd bench --prompts")
     # no --drafters: the engine's default drafter (hybrid; on a model without a head, lookup alone)
     assert [r["name"] for r in rep["runs"]] == ["off", "binary_hybrid", "three_tier_hybrid", "hf_pld"]
@@ -303,3 +304,26 @@ def test_draft_head_flag_reaches_the_head_rows(tiny_model_dir, tmp_path):
     assert all(by[("binary_head", q)] == by[("off", q)] for _, q in by)
     assert cli.main(["--prompts", str(tmp_path / "q.jsonl"), "--modes", "off", "--draft-head",
                      str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_the_busy_warning_reads_tasks_running_now_not_the_lagging_load_average(tmp_path, monkeypatch):
+    """Right after a benchmark ends the 1-minute load average still reads ~2 on an idle 2-core
+    machine: the warning goes by the tasks running now (/proc/loadavg's running count, less the
+    reader), and by the load average only where that count cannot be read."""
+    f = tmp_path / "loadavg"
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.9, 1.9, 1.2))
+    f.write_text("1.90 1.90 1.20 1/180 4242\n")  # only the reader runs
+    assert cli.runnable_others(samples=3, interval_s=0.0, path=str(f)) == 0.0
+    assert cli.busy_warning(2, cli.runnable_others(samples=3, interval_s=0.0, path=str(f))) is None
+    f.write_text("1.90 1.90 1.20 3/180 4242\n")  # two others beside the reader
+    others = cli.runnable_others(samples=3, interval_s=0.0, path=str(f))
+    assert others == 2.0
+    msg = cli.busy_warning(2, others)
+    assert msg is not None and "other tasks running 2.0 on 2 cores" in msg
+    assert cli.busy_warning(1, others) is None  # one thread per row: no barrier to wait on
+    # no such file: the load average stands in
+    assert cli.runnable_others(samples=2, interval_s=0.0, path=str(tmp_path / "missing")) is None
+    monkeypatch.setattr(cli, "runnable_others", lambda: None)
+    msg = cli.busy_warning(2)
+    assert msg is not None and "load average 1.9" in msg
