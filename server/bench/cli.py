@@ -164,11 +164,9 @@ def busy_warning(threads: int, busy: float | None = None) -> str | None:
     """A warning when other work already occupies the cores: OpenMP threads that wait on each
     other's barriers slow down by orders of magnitude on an oversubscribed machine (measured on a
     2-core machine at load 10: 2 threads ran a tiny model 200x slower than 1 thread). `busy`: the
-    tasks running beside this one (`runnable_others`); where that cannot be read, the 1-minute load
-    average stands in."""
+    tasks running beside this one (`runnable_others`); None where that could not be read, and the
+    1-minute load average stands in."""
     what = "other tasks running"
-    if busy is None:
-        busy = runnable_others()
     if busy is None:
         try:
             busy = os.getloadavg()[0]
