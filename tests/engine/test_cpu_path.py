@@ -127,18 +127,18 @@ def _mixed_pass(model: LlamaModel, calls: list):
     return out, kv
 
 
-def test_mixed_step_attends_its_decodes_on_the_kernel_and_matches_sdpa(tiny_model_dir, monkeypatch):
-    """A step that carries prefill chunks beside decoding keeps the decode-sized sequences on the
-    attention kernel (the chunks by segments) with the same outputs and cache as all by segments."""
+def test_mixed_step_attends_on_the_kernel_and_matches_sdpa(tiny_model_dir, monkeypatch):
+    """A step that carries prefill chunks beside decoding attends on the kernel, chunks and
+    decodes in one call, with the same outputs and cache as every sequence by SDPA segments."""
     import server.engine.model as model_module
 
     model = LlamaModel.from_folder(tiny_model_dir)
-    calls, seen = [], []
+    calls = []
     real = cpu.paged_attention
-    monkeypatch.setattr(cpu, "paged_attention", lambda *a: calls.append(1) or seen.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(cpu, "paged_attention", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     mixed, kv_mixed = _mixed_pass(model, calls)
-    assert len(calls) == model.cfg.num_layers
-    assert set(seen) == {sum(1 + i % 3 for i in range(12) if i not in (3, 7))}  # the decodes' tokens only
+    # one call a layer, for every token of the step
+    assert calls == [30 + 24 + sum(1 + i % 3 for i in range(12) if i not in (3, 7))] * model.cfg.num_layers
     monkeypatch.setattr(model_module, "PAGED_MAX_QUERIES", 0)  # every sequence by segments
     ref, kv_ref = _mixed_pass(model, calls)
     assert not calls
@@ -146,6 +146,43 @@ def test_mixed_step_attends_its_decodes_on_the_kernel_and_matches_sdpa(tiny_mode
     torch.testing.assert_close(mixed.hidden, ref.hidden, rtol=1e-4, atol=1e-4)
     for a, b in zip(kv_mixed.k + kv_mixed.v, kv_ref.k + kv_ref.v):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _prefill_chunks(model: LlamaModel, calls: list, kv_dtype=torch.float32):
+    """One prompt of 150 tokens prefilled in two chunks (90 from position 0, 60 continuing it),
+    each a single-sequence pass wider than the small path: the second chunk's logits and hidden
+    states at every position, and the cache."""
+    kv = KVCache(model.cfg, 24, 8, kv_dtype)
+    t = kv.new_table()
+    t.ensure(kv.pool, 150)
+    ids = [(7 * j + 3) % 200 for j in range(150)]
+    with torch.inference_mode():
+        model.forward(build_batch([Chunk(t, 0, ids[:90], 1)]), kv.k, kv.v)
+        out = model.forward(build_batch([Chunk(t, 90, ids[90:], 60)]), kv.k, kv.v, want_hidden=True)
+    return out, kv
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_prefill_chunks_attend_on_the_kernel_and_match_sdpa(tiny_model_dir, monkeypatch, kv_dtype):
+    """A prompt's chunks (one sequence, from 0 and continuing) run attention on the kernel, which
+    reads only the keys each block of queries can see, with SDPA's outputs and cache."""
+    import server.engine.model as model_module
+
+    model = LlamaModel.from_folder(tiny_model_dir)
+    calls = []
+    real = cpu.paged_attention
+    monkeypatch.setattr(cpu, "paged_attention", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    kernel, kv_kernel = _prefill_chunks(model, calls, kv_dtype)
+    assert calls == [90] * model.cfg.num_layers + [60] * model.cfg.num_layers
+    monkeypatch.setattr(model_module, "PAGED_MAX_QUERIES", 0)  # SDPA with the chunk's mask
+    calls.clear()
+    ref, kv_ref = _prefill_chunks(model, calls, kv_dtype)
+    assert not calls
+    torch.testing.assert_close(kernel.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kernel.hidden, ref.hidden, rtol=1e-4, atol=1e-4)
+    tol = 1e-5 if kv_dtype == torch.float32 else 2e-3  # fp16: one rounding of values a few ulp apart
+    for a, b in zip(kv_kernel.k + kv_kernel.v, kv_ref.k + kv_ref.v):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 def test_greedy_pass_reads_the_lm_head_in_fp16_and_keeps_the_argmax(tiny_model_dir):

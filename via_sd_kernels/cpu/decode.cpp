@@ -570,7 +570,7 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
   // Work items: (run of consecutive tokens of one sequence, KV head, up to QC of the run's queries
   // on that head). An item reads each K and V row once for all its queries instead of once per
   // query: grouped-query heads and the draft tokens of a verification share their context.
-  struct Item { int64_t t0, nq, g, q0, nmax; };
+  struct Item { int64_t t0, nq, g, q0; };
   std::vector<Item> items;
   // QC queries per item: with one token, an item is one KV head's group of query heads (each K/V
   // row read once for the group, measured faster than one query per item despite fewer items)
@@ -578,39 +578,42 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
   for (int64_t t0 = 0; t0 < N;) {
     int64_t t1 = t0 + 1;
     while (t1 < N && seqp[t1] == seqp[t0]) ++t1;
-    int64_t nmax = 0;
-    for (int64_t t = t0; t < t1; ++t) nmax = posp[t] + 1 > nmax ? posp[t] + 1 : nmax;
     const int64_t nq = (t1 - t0) * G;  // queries of one KV head in this run, ordered (token, head)
     for (int64_t g = 0; g < nkv; ++g)
-      for (int64_t q0 = 0; q0 < nq; q0 += qc) items.push_back({t0, nq, g, q0, nmax});
+      for (int64_t q0 = 0; q0 < nq; q0 += qc) items.push_back({t0, nq, g, q0});
     t0 = t1;
   }
   const int64_t L16 = (L + 15) & ~int64_t(15);
-  auto work = [&](int64_t b0, int64_t b1) {
+  auto work = [&](int64_t b0, int64_t b1, int64_t step) {
     std::vector<float> pbuf(QC * L16);
-    for (int64_t it = b0; it < b1; ++it) {
+    for (int64_t it = b0; it < b1; it += step) {
       const Item& item = items[it];
       const int64_t nq = std::min<int64_t>(qc, item.nq - item.q0);
       const int64_t* cs_row = ctxp + seqp[item.t0] * L;
       const float* qv[QC];
       int64_t tok[QC], head[QC], nctx[QC];
+      // the keys this item reads: up to its own queries' farthest position, not the run's (a
+      // prefill chunk's early tokens skip the keys they cannot see; a skipped key would weigh
+      // zero, so every query's sums are the same as with the run's bound)
+      int64_t nmax = 0;
       for (int64_t a = 0; a < nq; ++a) {
         const int64_t qi = item.q0 + a;
         tok[a] = item.t0 + qi / G;
         head[a] = item.g * G + qi % G;
         nctx[a] = posp[tok[a]] + 1;
+        nmax = nctx[a] > nmax ? nctx[a] : nmax;
         qv[a] = qd + (tok[a] * nh + head[a]) * hd;
       }
       // scores, 16 keys at a time: each K row once for all queries; a query's score sequence is
       // the same whatever else shares the item
       const int64_t hd16 = hd & ~int64_t(15);
-      for (int64_t j0 = 0; j0 < item.nmax; j0 += 16) {
+      for (int64_t j0 = 0; j0 < nmax; j0 += 16) {
         const C* kr[16];
         for (int64_t k = 0; k < 16; ++k)
-          kr[k] = kc + cs_row[j0 + k < item.nmax ? j0 + k : 0] * row + item.g * hd;
+          kr[k] = kc + cs_row[j0 + k < nmax ? j0 + k : 0] * row + item.g * hd;
         // the next block's keys are on their way while this one computes (rows are scattered
         // over the cache's blocks, and a cold layer's context comes from memory)
-        for (int64_t k = 0; k < 16 && j0 + 16 + k < item.nmax; ++k) {
+        for (int64_t k = 0; k < 16 && j0 + 16 + k < nmax; ++k) {
           const char* nk = reinterpret_cast<const char*>(kc + cs_row[j0 + 16 + k] * row + item.g * hd);
           for (int64_t b = 0; b < hd * int64_t(sizeof(C)); b += 64) __builtin_prefetch(nk + b, 0, 3);
         }
@@ -658,21 +661,21 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
           __builtin_memcpy(p + j, &e, sizeof(e));
           den = den + e;
         }
-        for (int64_t j = n16; j < item.nmax; ++j) p[j] = 0.f;
+        for (int64_t j = n16; j < nmax; ++j) p[j] = 0.f;
         inv[a] = 1.f / reduce16(den);
       }
       // p @ V: each V row once for all queries (a zero weight past a query's context adds
       // nothing, so its sums are the ones it would get alone). The absent queries of a short
       // item weigh zero; the counts are compile-time so that the accumulators stay in registers.
-      for (int64_t a = nq; a < QC; ++a) std::fill(pbuf.begin() + a * L16, pbuf.begin() + a * L16 + item.nmax, 0.f);
+      for (int64_t a = nq; a < QC; ++a) std::fill(pbuf.begin() + a * L16, pbuf.begin() + a * L16 + nmax, 0.f);
       auto pv = [&](auto nc_tag, int64_t c0) {
         constexpr int64_t NC = decltype(nc_tag)::value;
         v16 acc[QC][NC];
         for (int64_t a = 0; a < QC; ++a)
           for (int64_t c = 0; c < NC; ++c) acc[a][c] = v16{};
-        for (int64_t j = 0; j < item.nmax; ++j) {
+        for (int64_t j = 0; j < nmax; ++j) {
           const C* vv = vc + cs_row[j] * row + item.g * hd + c0;
-          if (j + 8 < item.nmax) {
+          if (j + 8 < nmax) {
             const char* nv = reinterpret_cast<const char*>(vc + cs_row[j + 8] * row + item.g * hd + c0);
             for (int64_t b = 0; b < NC * 16 * int64_t(sizeof(C)); b += 64) __builtin_prefetch(nv + b, 0, 3);
           }
@@ -706,9 +709,14 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
   const int64_t n_items = int64_t(items.size());
   // a parallel region pays off only for long contexts or many tokens
   if (N * nh * L * hd >= (int64_t(1) << 17) && n_items > 1) {
-    at::parallel_for(0, n_items, 1, work);
+    // items dealt out in turn, not in halves: a prefill chunk's items grow with their position,
+    // and contiguous halves would leave one thread the late (long) ones
+    const int64_t T = std::min<int64_t>(at::get_num_threads(), n_items);
+    at::parallel_for(0, T, 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w) work(w, n_items, T);
+    });
   } else {
-    work(0, n_items);
+    work(0, n_items, 1);
   }
   return out;
 }
