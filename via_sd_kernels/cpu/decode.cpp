@@ -1,5 +1,6 @@
 // CPU kernels for decode-sized passes (a few tokens): the skinny GEMM, RMSNorm, SiLU-and-multiply
-// and paged attention with rotary embedding, so that a decoder layer is seven calls.
+// and paged attention with rotary embedding, so that a decoder layer is seven calls. The paged
+// attention also takes wide passes (prefill chunks), whose matrix products stay on torch's GEMM.
 //
 // Why: between two weight-streaming matmuls, every small torch op pays tens of microseconds
 // (its code and data were evicted by the weights), so a layer of thirty small ops costs as much
@@ -477,7 +478,7 @@ static bool half_cache(const torch::Tensor& k_cache, const torch::Tensor& v_cach
 
 // Rotary on the queries and keys of qkv [N, (nh + 2 nkv) hd], the rotated keys and the values
 // into the cache at slot_mapping; returns the rotated queries [N, nh hd]. paged_attention's first
-// half, and on its own for passes whose attention runs elsewhere (prefill chunks).
+// half, and on its own for passes whose attention runs elsewhere (runs wider than PAGED_MAX_QUERIES).
 template <typename C>
 torch::Tensor rotate_store_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                                 const torch::Tensor& positions, const torch::Tensor& slot_mapping, torch::Tensor k_cache,
