@@ -30,6 +30,14 @@ tier costs a slim pass while a missed one costs a fraction of it. On the bundled
 slim tier seldom pays, the controller without a margin kept it on for 7% of the steps of
 hybrid-drafted Spec-Bench requests (`three_tier` 0.97-0.99x `binary`).
 
+Where the engine's estimate puts the slim tier far from paying (its value under `far` (0.8) of
+what the margin asks), a request that starts from it does not explore on its own period: the
+engine explores once every `far_explore_every` (256) three-tier steps of any request, whichever
+is stepping then. On the bundled model (slim route cost 0.9, a three-tier step worth about 0.65
+of a binary one) the per-request periods had the slim tier on for 1-2% of the steps of 128-token
+Spec-Bench requests, each such step a slim pass wasted; the engine-wide period keeps that under
+0.5% and still notices text where the slim tier pays (its explorations feed the estimate).
+
 Example: slim_cost 0.8, prefix share 0.1. Three-tier steps that escalate 90% of the time and
 commit 1.3 tokens cost 0.8 + 0.9 * 0.9 = 1.61 -> 0.81 tokens per unit; binary steps committing
 1.25 tokens cost 1 -> 1.25 tokens per unit: the controller bypasses the slim tier.
@@ -56,7 +64,8 @@ class ControllerState:
 class SlimController:
     def __init__(self, slim_cost: float, prefix_share: float, *, alpha: float = 0.25, warmup: int = 2,
                  explore_every: int = 12, max_explore_every: int = 96, enabled: bool = True,
-                 prior_alpha: float = 0.05, prior_steps: int = 8, margin: float = 1.1):
+                 prior_alpha: float = 0.05, prior_steps: int = 8, margin: float = 1.1, far: float = 0.8,
+                 far_explore_every: int = 256):
         self.slim_cost = slim_cost
         self.prefix_share = prefix_share
         self.alpha = alpha
@@ -68,6 +77,9 @@ class SlimController:
         self.prior_alpha = prior_alpha
         self.prior_steps = prior_steps
         self.margin = margin
+        self.far = far
+        self.far_explore_every = far_explore_every
+        self.since_slim = 0  # three-tier steps of any request since the slim tier last ran
 
     def new_state(self) -> ControllerState:
         """A new request's state: from the engine-wide estimate once it has seen enough steps of
@@ -95,6 +107,8 @@ class SlimController:
         if st.n_binary < self.warmup:
             return False  # then the binary step as many times: one unlucky step decides nothing
         best_three = self._preferred(self._deciding(st))
+        if st.from_prior and not best_three and self._far(self.prior):
+            return self.since_slim >= self.far_explore_every  # engine-wide exploration only
         if st.since_explore >= (st.explore_every or self.explore_every):
             return not best_three  # try the other kind now and then
         return best_three
@@ -119,6 +133,7 @@ class SlimController:
             st.since_explore += 1
         st.last_on = slim_ran
         st.steps += 1
+        self.since_slim = 0 if slim_ran else self.since_slim + 1
 
     @staticmethod
     def _measure(st: ControllerState, three: bool, v: float, alpha: float) -> None:
@@ -128,6 +143,12 @@ class SlimController:
         else:
             st.value_binary = v if st.value_binary is None else (1 - alpha) * st.value_binary + alpha * v
             st.n_binary += 1
+
+    def _far(self, st: ControllerState) -> bool:
+        """The slim tier is far from paying by `st`: well under what the margin asks."""
+        if st.value_three is None or st.value_binary is None:
+            return False
+        return st.value_three < self.far * self.margin * st.value_binary
 
     def _preferred(self, st: ControllerState) -> bool:
         if st.value_three is None or st.value_binary is None:

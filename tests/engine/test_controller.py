@@ -64,11 +64,13 @@ def run_from_prior(ctl: SlimController, steps: int, three_tokens, binary_tokens:
 def test_later_requests_start_from_what_the_engine_has_seen():
     ctl = SlimController(0.9, 0.2)
     assert ctl.new_state().value_three is None  # nothing seen yet: the request warms up itself
-    first = run_from_prior(ctl, 64, lambda i: 2, 2.0)
+    # a three-tier step commits 3.4 tokens for 1.7 of cost (2.0 a unit) against 2.0 for a binary
+    # one: short of the margin (2.2), not far from it
+    first = run_from_prior(ctl, 64, lambda i: 3.4, 2.0)
     assert first[:4] == [True, True, False, False]
     while ctl.prior.n_three < ctl.prior_steps:  # more requests, until the engine has seen enough of each
-        run_from_prior(ctl, 64, lambda i: 2, 2.0)
-    later = run_from_prior(ctl, 64, lambda i: 2, 2.0)
+        run_from_prior(ctl, 64, lambda i: 3.4, 2.0)
+    later = run_from_prior(ctl, 64, lambda i: 3.4, 2.0)
     assert not any(later[:ctl.max_explore_every // 2])  # no warm-up, no early exploration
     assert 1 <= sum(later) <= 2  # but it still explores
     # where the slim tier pays, later requests start with it on
@@ -76,6 +78,23 @@ def test_later_requests_start_from_what_the_engine_has_seen():
     for _ in range(4):
         run_from_prior(pays, 64, lambda i: 4, 1.0)
     assert all(run_from_prior(pays, 40, lambda i: 4, 1.0))
+
+
+def test_a_slim_tier_far_from_paying_is_explored_engine_wide_only():
+    """Three-tier steps at 2 tokens per 1.7 of cost (1.18 a unit) against binary steps at 2: far
+    under the margin. Requests that start from the engine's estimate stop exploring on their own
+    periods; the engine explores once every `far_explore_every` steps, whichever request runs."""
+    ctl = SlimController(0.9, 0.2)
+    while ctl.prior.n_three < ctl.prior_steps:
+        run_from_prior(ctl, 64, lambda i: 2, 2.0)
+    on = [s for _ in range(12) for s in run_from_prior(ctl, 64, lambda i: 2, 2.0)]  # 768 steps
+    explores = [i for i, s in enumerate(on) if s]
+    assert 2 <= len(explores) <= 3  # per-request periods (48, then 96) would have tried it 12 times
+    assert all(b - a > ctl.far_explore_every for a, b in zip(explores, explores[1:]))
+    # the estimate moves with what the explorations see: once the slim tier pays, requests turn it on
+    for _ in range(40):
+        run_from_prior(ctl, 64, lambda i: 6, 2.0)
+    assert all(run_from_prior(ctl, 40, lambda i: 6, 2.0))
 
 
 def test_the_slim_tier_needs_a_clear_margin():
