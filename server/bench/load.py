@@ -7,7 +7,8 @@
 Starts `via-sd serve` on a free loopback port in a subprocess, waits for `GET /health` 200, then for
 each concurrency and mode sends `--requests` streaming requests, at most `concurrency` in
 flight (the modes take turns at each concurrency, `--rounds` times, A B B A, and a mode's point
-pools its rounds),
+pools its rounds; by default the same requests go in shorter turns, `--round-requests`,
+`round_plan`),
 each with `via_sd: {"mode": MODE}`; measures total tokens/s (completion tokens over the wall time
 of the whole batch) and TTFT p50/p99 (send to first content delta). With `--peers vllm` and the
 vLLM environment present it does the same against `vllm serve` (no `via_sd` field). Every server
@@ -239,6 +240,29 @@ async def run_batch(base_url: str, endpoint: str, model: str, prompts: list, n: 
         return [r for rs in results for r in rs], time.perf_counter() - t0
 
 
+def round_plan(requests: int, rounds: int, round_requests: str | None, concurrency: int) -> list[list[int]]:
+    """The prompts (indices into the prompt list) of each turn a mode takes at one concurrency.
+
+    A mode sends `requests` x `rounds` requests at each concurrency: the first `requests` prompts,
+    `rounds` times, in turns of `round_requests` (a count; None: `requests`, one turn a round;
+    `auto`, the default: max(2 x concurrency, 16), two waves of requests however few are in
+    flight, and at least two turns, so that the modes can alternate A B B A). Shorter turns cancel
+    more of this machine's drift:
+    at 4 concurrent requests, turns of 64 requests (about 20 s each) read 152-194 tokens/s for one
+    mode on the same prompts, and two such turns each put `three_tier` anywhere from 0.89x to
+    1.06x `off` where both ran the same plain steps; turns of 16 requests, 32 of each mode in a
+    shuffled order, put it at 1.002x."""
+    total = requests * rounds
+    if round_requests is None:
+        size = requests
+    elif round_requests == "auto":
+        size = min(max(2 * concurrency, 16), max(1, -(-total // 2)))
+    else:
+        size = int(round_requests)
+    size = max(1, min(size, total))
+    return [[i % requests for i in range(a, min(a + size, total))] for a in range(0, total, size)]
+
+
 @dataclass
 class LoadPoint:
     name: str
@@ -340,8 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--requests", type=int, default=64, help="requests per mode, concurrency and round")
     p.add_argument("--rounds", type=int, default=2,
-                   help="at each concurrency the modes take turns this many times, every other round in reverse "
-                        "order (A B B A); a mode's figures pool its rounds (a server with one mode runs once)")
+                   help="at each concurrency each mode sends its --requests requests this many times, in turns of "
+                        "--round-requests, the modes alternating, every other turn in reverse order (A B B A); a "
+                        "mode's figures pool its turns (a server with one mode sends its --requests once)")
+    p.add_argument("--round-requests", default="auto",
+                   help="requests per turn: a count, or `auto` (max(2 x concurrency, 16), at least two turns); each "
+                        "mode's --requests x --rounds requests at a concurrency go in turns of this size, the modes "
+                        "alternating (A B B A ...): shorter turns cancel more of the machine's drift")
     p.add_argument("--modes", default="off,binary,three_tier")
     p.add_argument("--peers", default="", help="`vllm` to also load `vllm serve` from the vLLM environment")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -380,6 +409,9 @@ def main(argv: list[str]) -> int:
         return _die(f"--requests must be in [1, 100000], got {args.requests}")
     if not (0 < args.rounds <= 100):
         return _die(f"--rounds must be in [1, 100], got {args.rounds}")
+    if args.round_requests is not None and args.round_requests != "auto" and \
+            not (args.round_requests.isdigit() and 0 < int(args.round_requests) <= 100_000):
+        return _die(f"--round-requests must be `auto` or a count in [1, 100000], got {args.round_requests!r}")
     if args.draft_head:
         if not Path(args.draft_head).is_file():
             return _die(f"--draft-head: no such file {args.draft_head!r}")
@@ -429,20 +461,23 @@ def main(argv: list[str]) -> int:
             print(f"[load] {server.name}: sending the prompts once to fill the prefix cache ...", file=sys.stderr, flush=True)
             asyncio.run(run_batch(server.base_url, args.endpoint, model, prompts, min(args.requests, len(prompts)), 4,
                                   1, names_modes[0][1], args.request_timeout))
-        rounds = args.rounds if len(names_modes) > 1 else 1  # one mode has nothing to take turns with
+        single = len(names_modes) == 1  # one mode has nothing to take turns with: its requests go at once
         for c in concs:
+            plan = round_plan(args.requests, 1 if single else args.rounds, None if single else args.round_requests, c)
+            rounds = len(plan)
             got: list[tuple[list[RequestResult], list[float], list[float]]] = [([], [], []) for _ in names_modes]
-            for r in range(rounds):
+            for r, idx in enumerate(plan):
                 order = range(len(names_modes)) if r % 2 == 0 else reversed(range(len(names_modes)))
                 for i in order:
                     name, mode = names_modes[i]
-                    print(f"[load] {name} concurrency {c}, round {r + 1}/{rounds}: {args.requests} requests ...",
+                    print(f"[load] {name} concurrency {c}, round {r + 1}/{rounds}: {len(idx)} requests ...",
                           file=sys.stderr, flush=True)
                     # conversations open with a system message naming the point and round, so that
                     # no point finds another's conversations in a prefix cache: each measures its own turns
                     system = (f"You are a helpful assistant. Load test: {name}, concurrency {c}, round {r + 1}."
                               if args.turns == 2 else None)
-                    res, wall = asyncio.run(run_batch(server.base_url, args.endpoint, model, prompts, args.requests, c,
+                    res, wall = asyncio.run(run_batch(server.base_url, args.endpoint, model,
+                                                      [prompts[k % len(prompts)] for k in idx], len(idx), c,
                                                       args.max_tokens, mode, args.request_timeout, system))
                     one = summarize(name, c, res, wall)
                     got[i][0].extend(res)
@@ -498,7 +533,8 @@ def main(argv: list[str]) -> int:
     report = {"machine": machine_info(os.cpu_count() or 1), "model": str(folder),
               "command": "via-sd bench --load " + shlex.join(argv),
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "settings": {"concurrency": concs, "requests": args.requests, "max_tokens": args.max_tokens,
+              "settings": {"concurrency": concs, "requests": args.requests, "rounds": args.rounds,
+                           "round_requests": args.round_requests, "max_tokens": args.max_tokens,
                            "endpoint": args.endpoint, "prompts": len(prompts), "turns": args.turns,
                            "prefix_caching": args.prefix_caching, "kv_cache_dtype": args.kv_cache_dtype,
                            "prefill_dtype": args.prefill_dtype, "draft_head": args.draft_head},

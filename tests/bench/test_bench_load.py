@@ -61,10 +61,29 @@ def test_summarize_and_table():
     assert "three_tier" in table and "2/3" in table and "8.0" in table
 
 
+def test_round_plan_cuts_the_same_requests_into_shorter_turns():
+    from server.bench.load import round_plan
+
+    # default: `rounds` turns of `requests` requests, the first `requests` prompts each time
+    assert round_plan(4, 2, None, 4) == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    # auto at 4 in flight: turns of 16 requests, the same 2 x 64 requests over the same prompts in order
+    plan = round_plan(64, 2, "auto", 4)
+    assert len(plan) == 8 and all(len(t) == 16 for t in plan)
+    assert [i for t in plan for i in t] == list(range(64)) * 2
+    # auto keeps two waves of requests at every concurrency, and two turns at least; a last turn may be short
+    assert [len(t) for t in round_plan(64, 2, "auto", 64)] == [64, 64]
+    assert [len(t) for t in round_plan(2, 2, "auto", 1)] == [2, 2]
+    assert [len(t) for t in round_plan(64, 2, "auto", 16)] == [32] * 4
+    assert [len(t) for t in round_plan(10, 1, "4", 1)] == [4, 4, 2]
+    assert round_plan(3, 1, "100", 1) == [[0, 1, 2]]
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--concurrency", "a,b"], "--concurrency"),
     (["--concurrency", "0"], "[1, 1024]"),
     (["--rounds", "0"], "--rounds must be in"),
+    (["--round-requests", "some"], "--round-requests must be"),
+    (["--round-requests", "0"], "--round-requests must be"),
     (["--modes", "fast"], "unknown fast"),
     (["--peers", "sglang"], "only `vllm`"),
 ])
@@ -77,7 +96,8 @@ def test_bad_arguments(argv, msg, capsys):
 def test_load_against_a_live_tiny_server(tiny_model_dir, tmp_path):
     out = tmp_path / "load.json"
     rc = load.main(["--model", str(tiny_model_dir), "--concurrency", "1,2", "--requests", "2", "--max-tokens", "4",
-                    "--modes", "off,three_tier", "--start-timeout", "120", "--request-timeout", "60", "--out", str(out)])
+                    "--modes", "off,three_tier", "--round-requests", "2", "--start-timeout", "120",
+                    "--request-timeout", "60", "--out", str(out)])
     assert rc == 0
     rep = json.loads(out.read_text())
     # the modes take turns at each concurrency, twice (A B B A), and each point pools its two rounds
@@ -85,6 +105,14 @@ def test_load_against_a_live_tiny_server(tiny_model_dir, tmp_path):
     assert all(p["completed"] == 4 and p["tokens"] > 0 and p["ttft_p50_s"] is not None for p in rep["load"])
     assert all(len(p["extra"]["rounds_tokens_per_s"]) == 2 for p in rep["load"])
     assert rep["load"][1]["extra"]["via_sd"]["steps"] > 0  # three_tier at concurrency 1 speculated
+    # the same requests in turns of one: four turns a mode, each point still pools all of them
+    rc = load.main(["--model", str(tiny_model_dir), "--concurrency", "1", "--requests", "2", "--max-tokens", "4",
+                    "--modes", "off,three_tier", "--round-requests", "1", "--start-timeout", "120",
+                    "--request-timeout", "60", "--out", str(out)])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert all(p["completed"] == 4 and len(p["extra"]["rounds_tokens_per_s"]) == 4 for p in rep["load"])
+    assert rep["settings"]["round_requests"] == "1"
 
 
 def test_conversations_take_the_second_turn_or_a_follow_up(tmp_path):
