@@ -247,11 +247,10 @@ def round_plan(requests: int, rounds: int, round_requests: str | None, concurren
     `rounds` times, in turns of `round_requests` (a count; None: `requests`, one turn a round;
     `auto`, the default: max(2 x concurrency, 16), two waves of requests however few are in
     flight, and at least two turns, so that the modes can alternate A B B A). Shorter turns cancel
-    more of this machine's drift:
-    at 4 concurrent requests, turns of 64 requests (about 20 s each) read 152-194 tokens/s for one
-    mode on the same prompts, and two such turns each put `three_tier` anywhere from 0.89x to
-    1.06x `off` where both ran the same plain steps; turns of 16 requests, 32 of each mode in a
-    shuffled order, put it at 1.002x."""
+    more of this machine's drift: at 4 concurrent requests, turns of 64 requests (about 20 s each)
+    read 152-194 tokens/s for one mode on the same prompts, and two such turns each put
+    `three_tier` anywhere from 0.89x to 1.06x `off` where both ran the same plain steps; turns of
+    16 requests, 32 of each mode in a shuffled order, put it at 1.002x."""
     total = requests * rounds
     if round_requests is None:
         size = requests
@@ -409,8 +408,7 @@ def main(argv: list[str]) -> int:
         return _die(f"--requests must be in [1, 100000], got {args.requests}")
     if not (0 < args.rounds <= 100):
         return _die(f"--rounds must be in [1, 100], got {args.rounds}")
-    if args.round_requests is not None and args.round_requests != "auto" and \
-            not (args.round_requests.isdigit() and 0 < int(args.round_requests) <= 100_000):
+    if args.round_requests != "auto" and not (args.round_requests.isdigit() and 0 < int(args.round_requests) <= 100_000):
         return _die(f"--round-requests must be `auto` or a count in [1, 100000], got {args.round_requests!r}")
     if args.draft_head:
         if not Path(args.draft_head).is_file():
