@@ -246,16 +246,19 @@ def round_plan(requests: int, rounds: int, round_requests: str | None, concurren
     A mode sends `requests` x `rounds` requests at each concurrency: the first `requests` prompts,
     `rounds` times, in turns of `round_requests` (a count; None: `requests`, one turn a round;
     `auto`, the default: max(2 x concurrency, 16), two waves of requests however few are in
-    flight, and at least two turns, so that the modes can alternate A B B A). Shorter turns cancel
-    more of this machine's drift: at 4 concurrent requests, turns of 64 requests (about 20 s each)
-    read 152-194 tokens/s for one mode on the same prompts, and two such turns each put
-    `three_tier` anywhere from 0.89x to 1.06x `off` where both ran the same plain steps; turns of
-    16 requests, 32 of each mode in a shuffled order, put it at 1.002x."""
+    flight, cut down towards one wave where that gives a mode fewer than four turns, and at least
+    two turns, so that the modes can alternate A B B A). Shorter turns cancel more of this
+    machine's drift: at 4 concurrent requests, turns of 64 requests (about 20 s each) read 152-194
+    tokens/s for one mode on the same prompts, and two such turns each put `three_tier` anywhere
+    from 0.89x to 1.06x `off` where both ran the same plain steps; turns of 16 requests, 32 of each
+    mode in a shuffled order, put it at 1.002x. At 16 requests a turn moved by +-20%: four turns a
+    mode read 0.89x, eight 1.03x."""
     total = requests * rounds
     if round_requests is None:
         size = requests
     elif round_requests == "auto":
-        size = min(max(2 * concurrency, 16), max(1, -(-total // 2)))
+        size = max(min(max(2 * concurrency, 16), -(-total // 4)), concurrency)
+        size = min(size, max(1, -(-total // 2)))
     else:
         size = int(round_requests)
     size = max(1, min(size, total))
@@ -362,12 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="via-sd bench --load", description="load test of via-sd serve (and vllm serve)")
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--requests", type=int, default=64, help="requests per mode, concurrency and round")
-    p.add_argument("--rounds", type=int, default=2,
+    p.add_argument("--rounds", type=int, default=4,
                    help="at each concurrency each mode sends its --requests requests this many times, in turns of "
                         "--round-requests, the modes alternating, every other turn in reverse order (A B B A); a "
                         "mode's figures pool its turns (a server with one mode sends its --requests once)")
     p.add_argument("--round-requests", default="auto",
-                   help="requests per turn: a count, or `auto` (max(2 x concurrency, 16), at least two turns); each "
+                   help="requests per turn: a count, or `auto` (max(2 x concurrency, 16), down to one wave where that "
+                        "leaves a mode fewer than four turns; at least two turns); each "
                         "mode's --requests x --rounds requests at a concurrency go in turns of this size, the modes "
                         "alternating (A B B A ...): shorter turns cancel more of the machine's drift")
     p.add_argument("--modes", default="off,binary,three_tier")

@@ -70,10 +70,15 @@ def test_round_plan_cuts_the_same_requests_into_shorter_turns():
     plan = round_plan(64, 2, "auto", 4)
     assert len(plan) == 8 and all(len(t) == 16 for t in plan)
     assert [i for t in plan for i in t] == list(range(64)) * 2
-    # auto keeps two waves of requests at every concurrency, and two turns at least; a last turn may be short
+    # auto keeps two waves of requests where that leaves four turns a mode, else down to one wave
+    # (never less), and two turns at least; a last turn may be short
     assert [len(t) for t in round_plan(64, 2, "auto", 64)] == [64, 64]
-    assert [len(t) for t in round_plan(2, 2, "auto", 1)] == [2, 2]
+    assert [len(t) for t in round_plan(64, 4, "auto", 64)] == [64] * 4
+    assert [len(t) for t in round_plan(64, 8, "auto", 64)] == [128] * 4
+    assert [len(t) for t in round_plan(2, 2, "auto", 1)] == [1] * 4
+    assert [len(t) for t in round_plan(3, 1, "auto", 4)] == [2, 1]
     assert [len(t) for t in round_plan(64, 2, "auto", 16)] == [32] * 4
+    assert [len(t) for t in round_plan(64, 4, "auto", 16)] == [32] * 8
     assert [len(t) for t in round_plan(10, 1, "4", 1)] == [4, 4, 2]
     assert round_plan(3, 1, "100", 1) == [[0, 1, 2]]
 
@@ -96,7 +101,7 @@ def test_bad_arguments(argv, msg, capsys):
 def test_load_against_a_live_tiny_server(tiny_model_dir, tmp_path):
     out = tmp_path / "load.json"
     rc = load.main(["--model", str(tiny_model_dir), "--concurrency", "1,2", "--requests", "2", "--max-tokens", "4",
-                    "--modes", "off,three_tier", "--round-requests", "2", "--start-timeout", "120",
+                    "--modes", "off,three_tier", "--rounds", "2", "--round-requests", "2", "--start-timeout", "120",
                     "--request-timeout", "60", "--out", str(out)])
     assert rc == 0
     rep = json.loads(out.read_text())
@@ -107,7 +112,7 @@ def test_load_against_a_live_tiny_server(tiny_model_dir, tmp_path):
     assert rep["load"][1]["extra"]["via_sd"]["steps"] > 0  # three_tier at concurrency 1 speculated
     # the same requests in turns of one: four turns a mode, each point still pools all of them
     rc = load.main(["--model", str(tiny_model_dir), "--concurrency", "1", "--requests", "2", "--max-tokens", "4",
-                    "--modes", "off,three_tier", "--round-requests", "1", "--start-timeout", "120",
+                    "--modes", "off,three_tier", "--rounds", "2", "--round-requests", "1", "--start-timeout", "120",
                     "--request-timeout", "60", "--out", str(out)])
     assert rc == 0
     rep = json.loads(out.read_text())
