@@ -84,14 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# the vector extensions that decide how fast the engine's kernels and bf16 matrix products run
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
 def machine_info(threads: int) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count(),
             "threads": threads, "cpu": platform.processor() or platform.machine()}
     try:
+        cpuinfo = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block is enough
+            cpuinfo.setdefault(key.strip(), value.strip())
+        if "model name" in cpuinfo:
+            info["cpu"] = cpuinfo["model name"]
+        if "cpu family" in cpuinfo:
+            # the same name ("AMD EPYC") covers generations whose kernels run at different speeds
+            info["cpu_generation"] = f"family {cpuinfo['cpu family']} model {cpuinfo.get('model', '?')}"
+        flags = set(cpuinfo.get("flags", "").split())
+        info["isa"] = [f for f in ISA_FLAGS if f in flags]
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):
                 info["memory_gb"] = int(line.split()[1]) / 2**20

@@ -440,6 +440,7 @@ def main(argv: list[str]) -> int:
         prompts = conversations(args.prompts, args.categories.split(",") if args.categories else None) \
             if args.prompts else [[p, FOLLOW_UP] for p in prompts]
     from server.bench.cli import machine_info
+    from server.bench.report import describe_cpu
     from server.bench.runner import find_vllm_python
     from server.engine.model_files import prepare_model
 
@@ -545,7 +546,7 @@ def main(argv: list[str]) -> int:
     table = render_load_table(report["load"])
     out.with_suffix(".md").write_text(
         f"# via-sd bench --load\n\n- date: {report['date']}\n- model: {report['model']}\n"
-        f"- machine: {report['machine'].get('cpu')}, {report['machine'].get('cores')} cores\n"
+        f"- machine: {describe_cpu(report['machine'])}, {report['machine'].get('cores')} cores\n"
         f"- command: `{report['command']}`\n\n```\n{table}\n```\n")
     print(table)
     for s in skipped:

@@ -158,6 +158,13 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def describe_cpu(machine: dict) -> str:
+    """The CPU's name with its generation and vector extensions where the report recorded them:
+    "AMD EPYC (family 26 model 2; avx2 fma avx512f avx512_vnni avx512_bf16)"."""
+    extra = [x for x in (machine.get("cpu_generation"), " ".join(machine.get("isa") or [])) if x]
+    return f"{machine.get('cpu', '?')}" + (f" ({'; '.join(extra)})" if extra else "")
+
+
 def render_markdown(report: dict, plots: list[str] | None = None) -> str:
     runs = report["runs"]
     m = report["machine"]
@@ -165,7 +172,7 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
         "# via-sd bench",
         "",
         f"- date: {report['date']}",
-        f"- machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('threads', '?')} threads, "
+        f"- machine: {describe_cpu(m)}, {m.get('cores', '?')} cores, {m.get('threads', '?')} threads, "
         f"{_f(m.get('memory_gb'), '.0f')} GiB, {m.get('platform', '')}",
         f"- model: {report['model']}",
         f"- settings: {report['settings']['prompts']} prompts, max {report['settings']['max_tokens']} tokens, "

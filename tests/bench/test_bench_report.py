@@ -79,6 +79,17 @@ def test_render_table_and_markdown():
     assert "- `vllm`: no env" in md and "![x_speedup.png](x_speedup.png)" in md
 
 
+def test_machine_line_names_the_cpu_generation_and_its_vector_extensions():
+    from server.bench import cli
+
+    m = cli.machine_info(2)
+    assert set(m["isa"]) <= set(cli.ISA_FLAGS)
+    line = R.describe_cpu({"cpu": "AMD EPYC", "cpu_generation": "family 26 model 2", "isa": ["avx2", "avx512_bf16"]})
+    assert line == "AMD EPYC (family 26 model 2; avx2 avx512_bf16)"
+    assert R.describe_cpu({"cpu": "AMD EPYC"}) == "AMD EPYC"  # reports written before these were recorded
+    assert R.describe_cpu({"cpu": "x", "isa": []}) == "x"
+
+
 def test_pareto_marks_undominated_points():
     pts = [{"tokens_per_s": 10, "quality": {"q": 0.9}}, {"tokens_per_s": 12, "quality": {"q": 0.8}},
            {"tokens_per_s": 9, "quality": {"q": 0.85}}]
