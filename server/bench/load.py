@@ -257,8 +257,9 @@ def round_plan(requests: int, rounds: int, round_requests: str | None, concurren
     if round_requests is None:
         size = requests
     elif round_requests == "auto":
-        size = max(min(max(2 * concurrency, 16), -(-total // 4)), concurrency)
-        size = min(size, max(1, -(-total // 2)))
+        two_waves = max(2 * concurrency, 16)
+        # toward one wave where two would leave a mode fewer than four turns; two turns at least
+        size = min(max(min(two_waves, -(-total // 4)), concurrency), -(-total // 2))
     else:
         size = int(round_requests)
     size = max(1, min(size, total))
