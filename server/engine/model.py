@@ -113,6 +113,13 @@ def _linear_in(ws: dict[str, torch.Tensor]):
     return lin
 
 
+def _linear_dense(ws: dict[str, torch.Tensor]):
+    """x @ the matrix `name`^T (+ the qkv bias) on oneDNN's GEMM, ws = LlamaModel.dense_weights()[i]."""
+    def lin(x: torch.Tensor, name: str) -> torch.Tensor:
+        return cpu_kernels.dense_linear(x, ws[name], ws.get("qkv_bias") if name == "wqkv" else None)
+    return lin
+
+
 def _attention_backends(device: torch.device):
     if device.type != "cuda" or CUDNN_SDPA:
         return contextlib.nullcontext()
@@ -264,6 +271,7 @@ class LlamaModel:
         self.greedy_head: GreedyHead | None = None  # set by move_to_huge_pages (CPU)
         self.lm_head_packed: torch.Tensor | None = None  # the LM head as exact GGUF blocks (pack_weights)
         self._wide: dict[torch.dtype, list[dict[str, torch.Tensor]]] = {}  # wide_weights
+        self._dense: tuple[list[dict[str, torch.Tensor]], torch.Tensor] | None = None  # dense_weights
 
     @property
     def device(self) -> torch.device:
@@ -521,8 +529,9 @@ class LlamaModel:
             mask_g = batch.attn_mask.repeat(1, 1, G, 1)  # [B, 1, G*Q, L], rows ordered (g, q)
         prefix = None
         wide = self.wide_weights(wide_dtype) if wide_dtype is not None and wide_dtype != x.dtype else None
+        dense = self.dense_weights()[0] if wide is None and self._dense_for(x) else None
         for i, lw in enumerate(self.layers):
-            lin = _linear_in(wide[i]) if wide is not None else _linear_of(lw)
+            lin = _linear_in(wide[i]) if wide is not None else _linear_dense(dense[i]) if dense else _linear_of(lw)
             if save_at is not None and save_at == 2 * i:
                 prefix = x
             if 2 * i >= start_sublayer and (route is None or route.attn[i]):
@@ -601,6 +610,25 @@ class LlamaModel:
             act = F.silu(g) * u
         return x + lin(act, "w_down")
 
+    def _dense_for(self, x: torch.Tensor) -> bool:
+        """Whether a pass with hidden states x [N, H] that the skinny kernels do not take multiplies
+        on oneDNN (via_sd_kernels.cpu.dense_linear): fp32 on the CPU."""
+        return x.dtype == torch.float32 and x.device.type == "cpu" and cpu_kernels.dense_available()
+
+    def dense_weights(self) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+        """Per layer its matrices reordered for oneDNN's GEMM (and the qkv bias), and the LM head;
+        made on the first wide pass (one more copy of the fp32 matrices)."""
+        if self._dense is None:
+            names = ("wqkv", "wo", "w_gate_up", "w_down")
+            layers = []
+            for lw in self.layers:
+                d = {f: cpu_kernels.pack_dense(getattr(lw, f)) for f in names}
+                if lw.qkv_bias is not None:
+                    d["qkv_bias"] = lw.qkv_bias
+                layers.append(d)
+            self._dense = (layers, cpu_kernels.pack_dense(self.lm_head))
+        return self._dense
+
     def wide_weights(self, dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
         """Per layer, its matrices (and bias) in `dtype`, made once (bf16: 2 bytes a weight)."""
         got = self._wide.get(dtype)
@@ -648,6 +676,8 @@ class LlamaModel:
             logits = cpu_kernels.skinny_linear(hidden, self.lm_head_packed)  # exact: the fp32 head's values
         elif argmax_only and self.greedy_head is not None and cpu_kernels.use_for(hidden):
             logits = self.greedy_head.logits(hidden)
+        elif not cpu_kernels.use_for(hidden) and self._dense_for(hidden):
+            logits = cpu_kernels.dense_linear(hidden, self.dense_weights()[1])
         else:
             logits = cpu_kernels.linear(hidden, self.lm_head)
         return ForwardOutput(logits=logits.float(), hidden=hidden if want_hidden else hidden[:0], prefix_hidden=prefix)

@@ -42,6 +42,34 @@ def test_small_pass_matches_torch_ops(tiny_model_dir):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not cpu.dense_available(), reason="torch without oneDNN")
+def test_wide_pass_multiplies_on_onednn_and_matches_torch(tiny_model_dir, monkeypatch):
+    """A prompt-sized pass (48 tokens, over the skinny limit) takes every layer matrix and the LM
+    head through oneDNN's GEMM, and its logits and K/V are torch's within fp32 rounding (the
+    first pass of _two_passes; test_small_pass_matches_torch_ops compares the second)."""
+    model = LlamaModel.from_folder(tiny_model_dir)
+    calls = []
+    real = cpu.dense_linear
+    monkeypatch.setattr(cpu, "dense_linear", lambda x, p, b=None: calls.append(x.shape[0]) or real(x, p, b))
+    kv = KVCache(model.cfg, 32, 8, torch.float32)
+    t1 = kv.new_table()
+    t1.ensure(kv.pool, 64)
+    batch = build_batch([Chunk(t1, 0, list(range(3, 51)), 48)])
+    with torch.inference_mode():
+        fast = model.forward(batch, kv.k, kv.v)
+    assert calls == [48] * (4 * model.cfg.num_layers) + [48]
+    with cpu.disabled():
+        kv_ref = KVCache(model.cfg, 32, 8, torch.float32)
+        t2 = kv_ref.new_table()
+        t2.ensure(kv_ref.pool, 64)
+        with torch.inference_mode():
+            ref = model.forward(build_batch([Chunk(t2, 0, list(range(3, 51)), 48)]), kv_ref.k, kv_ref.v)
+    assert len(calls) == 4 * model.cfg.num_layers + 1
+    torch.testing.assert_close(fast.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    for a, b in zip(kv.k + kv.v, kv_ref.k + kv_ref.v):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_small_pass_with_a_route_writes_only_its_layers(tiny_model_dir):
     from via_sd_kernels.routes import Route
 

@@ -184,6 +184,41 @@ def test_linear_falls_back_for_large_or_bf16_inputs():
     assert torch.equal(cpu.linear(xb, wb), F.linear(xb, wb))
 
 
+# ------------------------------------------------------------------ oneDNN's GEMM for wide passes
+needs_onednn = pytest.mark.skipif(not cpu.dense_available(), reason="torch without oneDNN, or VIA_SD_ONEDNN=0")
+
+
+@needs_onednn
+@pytest.mark.parametrize("M", [17, 64, 300])
+@pytest.mark.parametrize("K,N", [(576, 1728), (1536, 576), (64, 9)])
+def test_dense_linear_matches_torch_with_and_without_bias(M, K, N):
+    g = torch.Generator().manual_seed(M + K + N)
+    x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    p = cpu.pack_dense(w)
+    assert p.shape == w.shape and p.dtype == torch.float32
+    torch.testing.assert_close(cpu.dense_linear(x, p), F.linear(x, w), rtol=1e-5, atol=2e-4)
+    torch.testing.assert_close(cpu.dense_linear(x, p, b), F.linear(x, w, b), rtol=1e-5, atol=2e-4)
+
+
+@needs_onednn
+def test_dense_linear_rows_do_not_depend_on_the_other_rows_of_the_pass():
+    """A prompt's chunk, or a batch of sequences, computes each row as it would in any other
+    wide pass (the skinny kernel's property, for the passes it does not take)."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(300, 576, generator=g), torch.randn(1728, 576, generator=g)
+    p = cpu.pack_dense(w)
+    whole = cpu.dense_linear(x, p)
+    for a, b in ((0, 17), (17, 50), (123, 300), (3, 280)):
+        assert torch.equal(cpu.dense_linear(x[a:b], p), whole[a:b])
+
+
+def test_dense_path_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(cpu, "_ONEDNN", False)
+    monkeypatch.delitem(cpu._state, "dense", raising=False)
+    assert not cpu.dense_available()
+    monkeypatch.delitem(cpu._state, "dense", raising=False)  # the next caller measures again
+
+
 def _greedy_head(w: torch.Tensor):
     from server.engine.model import GreedyHead
 
@@ -277,7 +312,7 @@ def test_q4_1_pack_refuses_what_is_not_q4_1():
     assert blocks.pack_q4_1(q4_1_matrix(8, 64, g).half()) is None
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 32])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 19, 32])
 @pytest.mark.parametrize("K,N", [(576, 131), (1536, 77), (64, 9)])
 def test_skinny_linear_q4_1_is_bitwise_the_fp32_matrix(M, K, N):
     """Packed weights give the fp32 pass's values exactly, for every pass size and row tail."""

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 
 log = logging.getLogger("via_sd.kernels")
 
-# Above this many tokens a BLAS sgemm is compute-efficient and faster than streaming.
-SKINNY_MAX_TOKENS = 32
+# Above this many tokens a GEMM (oneDNN's, `dense_linear`) is compute-efficient and faster than
+# streaming: measured in the engine, 64-token decode steps of 16 and 24 sequences, 455 against 389
+# tokens/s and 431 against 466 (the skinny GEMM in tiles of 8 tokens against oneDNN's).
+SKINNY_MAX_TOKENS = 16
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -165,13 +167,50 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+# Passes wider than the skinny GEMM's limit (prompts, batches of many sequences) are GEMMs. torch's
+# fp32 `F.linear` on the CPU is MKL's sgemm, which on AMD CPUs runs its AVX2 code: 110-185 GFLOP/s
+# on this project's 2-core AMD EPYC box (AVX-512), where oneDNN's fp32 GEMM over a weight reordered
+# once into its blocked layout reaches 350-400 (2.2-4.7x, the LM head gaining most). Same fp32
+# products, summed in another order (|difference| ~1e-4 on logits, as between any two GEMMs), and
+# like MKL's each row's result does not depend on the other rows of the pass. VIA_SD_ONEDNN=0
+# keeps torch's F.linear.
+_ONEDNN = os.environ.get("VIA_SD_ONEDNN", "1") != "0"
+
+
+def dense_available() -> bool:
+    """Whether `pack_dense` / `dense_linear` can be used (torch built with oneDNN, and not turned off)."""
+    ok = _state.get("dense")
+    if ok is None:
+        ok = False
+        if _ONEDNN and torch.backends.mkldnn.is_available():
+            try:
+                w = torch.ones(8, 16)
+                y = dense_linear(torch.ones(2, 16), pack_dense(w))
+                ok = bool(torch.equal(y, torch.full((2, 8), 16.0)))
+            except (RuntimeError, AttributeError) as e:
+                log.warning("oneDNN's linear unavailable, wide passes use torch's: %s", str(e).splitlines()[0] if str(e) else e)
+        _state["dense"] = ok
+    return bool(ok)
+
+
+def pack_dense(w: torch.Tensor) -> torch.Tensor:
+    """fp32 w [N, K] reordered into oneDNN's blocked layout for `dense_linear` (a copy, same size)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w, 64)
+
+
+def dense_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ w^T (+ bias) with `packed` = pack_dense(w): oneDNN's fp32 GEMM."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class disabled:
-    """`with cpu.disabled():` runs every pass on torch's ops (for comparisons)."""
+    """`with cpu.disabled():` runs every pass on torch's ops, F.linear included (for comparisons)."""
 
     def __enter__(self):
         available()
-        self._was = _state["ok"]
-        _state["ok"] = False
+        dense_available()
+        self._was = _state["ok"], _state["dense"]
+        _state["ok"] = _state["dense"] = False
 
     def __exit__(self, *exc):
-        _state["ok"] = self._was
+        _state["ok"], _state["dense"] = self._was

@@ -191,17 +191,18 @@ static inline void tile(const float* __restrict__ x, const W* __restrict__ w, fl
 template <int R, typename W>
 static void rows(const float* x, const W* w, float* out, const float* res, int64_t M, int64_t K, int64_t N,
                  int64_t n) {
+  int64_t m = 0;
   if constexpr (is_block_v<W>) {
-    // block weights: one tile as wide as the pass (up to 8 tokens), each block dequantized once
-    switch (M) {
-      case 5: tile<R, 5>(x, w, out, res, K, N, n, 0); return;
-      case 6: tile<R, 6>(x, w, out, res, K, N, n, 0); return;
-      case 7: tile<R, 7>(x, w, out, res, K, N, n, 0); return;
-      case 8: tile<R, 8>(x, w, out, res, K, N, n, 0); return;
+    // block weights: tiles of 8 tokens (a pass of up to 8 in one), each block dequantized once a tile
+    for (; M - m > 8; m += 8) tile<R, 8>(x, w, out, res, K, N, n, m);
+    switch (M - m) {
+      case 5: tile<R, 5>(x, w, out, res, K, N, n, m); return;
+      case 6: tile<R, 6>(x, w, out, res, K, N, n, m); return;
+      case 7: tile<R, 7>(x, w, out, res, K, N, n, m); return;
+      case 8: tile<R, 8>(x, w, out, res, K, N, n, m); return;
       default: break;
     }
   }
-  int64_t m = 0;
   for (; m + 4 <= M; m += 4) tile<R, 4>(x, w, out, res, K, N, n, m);
   switch (M - m) {
     case 3: tile<R, 3>(x, w, out, res, K, N, n, m); break;
