@@ -120,6 +120,11 @@ def _linear_dense(ws: dict[str, torch.Tensor]):
     return lin
 
 
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of a wide pass's rows: one pass over them on the CPU kernels (torch: five ops)."""
+    return cpu_kernels.rms_norm(x, w, eps) if cpu_kernels.takes(x) else F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
 def _attention_backends(device: torch.device):
     if device.type != "cuda" or CUDNN_SDPA:
         return contextlib.nullcontext()
@@ -535,7 +540,7 @@ class LlamaModel:
             if save_at is not None and save_at == 2 * i:
                 prefix = x
             if 2 * i >= start_sublayer and (route is None or route.attn[i]):
-                h = F.rms_norm(x, (x.shape[-1],), lw.attn_norm, eps)
+                h = _rms_norm(x, lw.attn_norm, eps)
                 qkv = lin(h, "wqkv")  # [N, (nh + 2 nkv) hd]
                 kc, vc = k_cache[i], v_cache[i]
                 if paged:  # rotary, the K/V store and attention in one call
@@ -601,7 +606,7 @@ class LlamaModel:
 
     @staticmethod
     def _mlp(x: torch.Tensor, lw: LayerWeights, eps: float, lin) -> torch.Tensor:
-        h = F.rms_norm(x, (x.shape[-1],), lw.mlp_norm, eps)
+        h = _rms_norm(x, lw.mlp_norm, eps)
         gu = lin(h, "w_gate_up")
         if cpu_kernels.takes(gu):
             act = cpu_kernels.silu_mul(gu)  # one pass over the rows (torch: two, with a temporary)
