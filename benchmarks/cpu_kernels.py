@@ -3,6 +3,7 @@
     python benchmarks/cpu_kernels.py                # all
     python benchmarks/cpu_kernels.py --only attention --contexts 200,800,1600
     python benchmarks/cpu_kernels.py --only packed --tokens 1,2,4,6,8
+    python benchmarks/cpu_kernels.py --only gemm --gemm-tokens 8,16,32,64,512
 
 - `attention`: `via_sd_cpu::paged_attention` for one layer (SmolLM2-135M's 9 query heads, 3 KV
   heads, head size 64) at several context lengths, for a decode token (N=1) and a 6-token
@@ -15,6 +16,11 @@
   matmuls, 210 calls), fp32 against the packed Q4_1 blocks, and the LM head fp32, fp16-read
   (`greedy_linear`) and Q8_0, for several tokens per pass. Median milliseconds (the weights do not
   fit in the caches, so each call reads them from memory).
+- `gemm`: the same layer matrices and the LM head, fp32, for the wider passes (a batch of
+  sequences, a prompt's chunk): torch's `F.linear` (MKL's sgemm in torch's CPU wheels), oneDNN's
+  GEMM over the matrices reordered once (`dense_linear`, what the engine runs above
+  `SKINNY_MAX_TOKENS`), and the skinny GEMM on the Q4_1 blocks up to 32 tokens. Median
+  milliseconds for the whole set, and the rate in G multiply-adds per second.
 """
 
 from __future__ import annotations
@@ -126,10 +132,51 @@ def packed(tokens: list[int], reps: int) -> None:
         print(f"LM head    {M} tokens: fp32 {h32:6.2f} ms   fp16 read {h16:6.2f} ms   Q8_0 {h8:6.2f} ms", flush=True)
 
 
+def gemm(tokens: list[int], reps: int) -> None:
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from server.engine.model_files import prepare_model
+    from via_sd_kernels import cpu as k
+    from via_sd_kernels.cpu import blocks
+
+    if not k.dense_available():
+        raise SystemExit("oneDNN's linear is not available in this torch")
+    t = load_file(str(prepare_model(None, progress=False) / "model.safetensors"))
+    mats = [v.contiguous() for name, v in t.items() if ".layers." in name and v.dim() == 2]
+    mats.append(t["model.embed_tokens.weight"].contiguous())
+    dense = [k.pack_dense(w) for w in mats]
+    packs = [blocks.pack_q4_1(w) for w in mats[:-1]] if k.available() else None
+    macs = sum(w.numel() for w in mats)
+
+    def timed(calls, M: int) -> float:
+        xs = {K: torch.randn(M, K) for K in {576, 1536}}
+        for f, K in calls:
+            f(xs[K])
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for f, K in calls:
+                f(xs[K])
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+
+    for M in tokens:
+        mkl = timed([(lambda x, w=w: F.linear(x, w), w.shape[1]) for w in mats], M)
+        dnn = timed([(lambda x, p=p: k.dense_linear(x, p), w.shape[1]) for w, p in zip(mats, dense)], M)
+        line = f"gemm  {M:4d} tokens: F.linear {mkl:7.2f} ms ({M * macs / mkl / 1e6:4.0f})   oneDNN {dnn:7.2f} ms ({M * macs / dnn / 1e6:4.0f})"
+        if packs is not None and M <= 32:
+            sk = timed([(lambda x, p=p: k.skinny_linear(x, p), w.shape[1]) for w, p in zip(mats, packs)]
+                       + [(lambda x: k.skinny_linear(x, mats[-1]), 576)], M)
+            line += f"   skinny (Q4_1 layers) {sk:7.2f} ms ({M * macs / sk / 1e6:4.0f})"
+        print(line + "  [G multiply-adds/s]", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["attention", "draft", "packed"])
+    ap.add_argument("--only", choices=["attention", "draft", "packed", "gemm"])
     ap.add_argument("--tokens", default="1,2,4,6,8")
+    ap.add_argument("--gemm-tokens", default="8,16,32,64,512")
     ap.add_argument("--contexts", default="200,800,1600")
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -141,6 +188,8 @@ def main() -> None:
         draft(args.reps)
     if args.only in (None, "packed"):
         packed([int(m) for m in args.tokens.split(",")], args.reps)
+    if args.only in (None, "gemm"):
+        gemm([int(m) for m in args.gemm_tokens.split(",")], args.reps)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 """Engine throughput: batch-1 decode speed and total throughput with N concurrent requests.
 
     python benchmarks/engine_throughput.py --concurrency 1,16 --max-tokens 128 --mode off [--kv-cache-dtype fp16]
+    python benchmarks/engine_throughput.py --prefill 60
+
+--prefill N instead times prompts alone: N Spec-Bench first turns spread over the file (every 8th,
+any length), one after another, one token each, prefix cache off: prompt tokens/s and mean time
+to first token.
 
 Greedy, fp32, the bundled model, Spec-Bench first turns (chat template), `ignore_eos` so every
 request decodes exactly --max-tokens tokens; a warm-up request is excluded. With --profile, a
@@ -49,7 +54,10 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--prefill", type=int, default=0)
     args = ap.parse_args()
+    if args.prefill:
+        return prefill(args)
     torch.set_num_threads(args.threads)
     folder = prepare_model(None, progress=False)
     eng = LLMEngine(EngineConfig(model=str(folder), spec=SpecConfig(mode=args.mode), max_num_seqs=256,
@@ -85,7 +93,8 @@ def main() -> None:
         r["vs_batch1"] = round(r["tokens_per_s"] / base, 2)
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
               "model": folder.name, "mode": args.mode, "max_tokens": args.max_tokens, "date": time.strftime("%Y-%m-%d"),
-              "kv_cache_dtype": args.kv_cache_dtype, "load_average_at_start": os.getloadavg()[0], "rows": rows}
+              "kv_cache_dtype": args.kv_cache_dtype, "load_average_at_start": os.getloadavg()[0],
+              "onednn": os.environ.get("VIA_SD_ONEDNN", "1") != "0", "rows": rows}
     print(json.dumps(report, indent=1))
     report["outputs"] = outputs  # after the print: token ids, to compare runs (e.g. the cache types)
     if args.out:
@@ -96,6 +105,33 @@ def main() -> None:
         with profile() as prof:
             run(ps[:1], "prof")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+
+
+def prefill(args) -> None:
+    torch.set_num_threads(args.threads)
+    folder = prepare_model(None, progress=False)
+    eng = LLMEngine(EngineConfig(model=str(folder), spec=SpecConfig(mode="off"), enable_prefix_caching=False))
+    with open(SPEC_BENCH) as f:
+        qs = [json.loads(line) for line in f][::8][: args.prefill]
+    ps = [eng.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}]) for q in qs]
+
+    def run(tag: str) -> dict:
+        t = time.perf_counter()
+        for i, p in enumerate(ps):
+            eng.generate([GenerationRequest(f"{tag}{i}", tuple(p), SamplingParams(max_tokens=1, temperature=0),
+                                            SpecParams(mode="off"))])
+        dt = time.perf_counter() - t
+        n = sum(map(len, ps))
+        return {"prompts": len(ps), "prompt_tokens": n, "seconds": round(dt, 2), "prompt_tokens_per_s": round(n / dt, 1),
+                "mean_ttft_ms": round(dt / len(ps) * 1e3, 1)}
+
+    run("warm")
+    report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
+              "model": folder.name, "date": time.strftime("%Y-%m-%d"), "load_average_at_start": os.getloadavg()[0],
+              "onednn": os.environ.get("VIA_SD_ONEDNN", "1") != "0", "prefill": run("run")}
+    print(json.dumps(report, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -195,10 +195,11 @@ class EngineConfig:
     # bytes attention reads; each key and value rounded once to fp16: lossy, measured in the README)
     kv_cache_dtype: Literal["auto", "fp16"] = "auto"
     # the matrix products of wide passes, those the decode kernels do not take (prompts, and steps
-    # of more than 32 tokens): "auto" = the model's dtype (lossless), "bfloat16" = inputs and
-    # weights rounded to bf16, fp32 sums (oneDNN's bf16 GEMM: 2.7x the fp32 GEMM's rate on an
-    # AVX512-BF16 CPU; the prompt's K/V then differ by about bf16's rounding: lossy, measured in
-    # the README). Decode-sized passes, the LM head, attention and norms stay in the model's dtype.
+    # of more than 16 tokens): "auto" = the model's dtype (lossless; fp32 on oneDNN's GEMM),
+    # "bfloat16" = inputs and weights rounded to bf16, fp32 sums (oneDNN's bf16 GEMM: ~1.6x its
+    # fp32 rate at 512 tokens on an AVX512-BF16 CPU, 1.06x `off` on Spec-Bench; the prompt's K/V
+    # then differ by about bf16's rounding: lossy, measured in the README). Decode-sized passes,
+    # the LM head, attention and norms stay in the model's dtype.
     prefill_dtype: Literal["auto", "bfloat16"] = "auto"
     max_model_len: int | None = None  # None: the model's own
     max_num_seqs: int = 64
