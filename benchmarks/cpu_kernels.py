@@ -94,6 +94,21 @@ def draft(reps: int) -> None:
         print(f"draft      5 tokens, window {T}, {name:15s}: {statistics.median(ts) * 1e3:6.2f} ms", flush=True)
 
 
+def _timed_set(calls, M: int, reps: int, warm: bool = False) -> float:
+    """Median milliseconds of one pass through every (f, K) in `calls` on an [M, K] input."""
+    xs = {K: torch.randn(M, K) for K in {576, 1536}}
+    for _ in range(int(warm)):
+        for f, K in calls:
+            f(xs[K])
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for f, K in calls:
+            f(xs[K])
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
 def packed(tokens: list[int], reps: int) -> None:
     from safetensors.torch import load_file
 
@@ -113,14 +128,7 @@ def packed(tokens: list[int], reps: int) -> None:
     head8, greedy = blocks.pack_q8_0(head), GreedyHead.build(head)
 
     def timed(calls, M: int) -> float:
-        xs = {K: torch.randn(M, K) for K in {576, 1536}}
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            for f, K in calls:
-                f(xs[K])
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts) * 1e3
+        return _timed_set(calls, M, reps)
 
     for M in tokens:
         fp32 = timed([(lambda x, w=w: k.skinny_linear(x, w), w.shape[1]) for w in mats], M)
@@ -150,16 +158,7 @@ def gemm(tokens: list[int], reps: int) -> None:
     macs = sum(w.numel() for w in mats)
 
     def timed(calls, M: int) -> float:
-        xs = {K: torch.randn(M, K) for K in {576, 1536}}
-        for f, K in calls:
-            f(xs[K])
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            for f, K in calls:
-                f(xs[K])
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts) * 1e3
+        return _timed_set(calls, M, reps, warm=True)
 
     for M in tokens:
         mkl = timed([(lambda x, w=w: F.linear(x, w), w.shape[1]) for w in mats], M)
