@@ -38,7 +38,7 @@ test: install-test
 test-fast: install-test
 	$(PY) -m pytest -q -m "not real_model and not slow and not vllm"
 
-# the README's latest Spec-Bench tables, lossless and with the lossy knobs (about 95 minutes on 2
+# the README's latest Spec-Bench tables, lossless and with the lossy knobs (50-95 minutes on 2
 # cores; `vllm-env` for the vLLM rows)
 bench: install
 	$(VENV)/bin/via-sd bench --prompts ../shared/data/spec_bench/question.jsonl --categories mt_bench,translation,summarization,qa,math_reasoning,rag --limit-per-category 10 --max-tokens 128 --modes off,binary,three_tier --drafters ngram,head,self,hybrid --peers hf,hf_pld,vllm,vllm_ngram --repeats 2 --peer-repeats 1 --out benchmarks/results/latest.json
