@@ -91,10 +91,8 @@ def main() -> None:
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["vs_batch1"] = round(r["tokens_per_s"] / base, 2)
-    report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
-              "model": folder.name, "mode": args.mode, "max_tokens": args.max_tokens, "date": time.strftime("%Y-%m-%d"),
-              "kv_cache_dtype": args.kv_cache_dtype, "load_average_at_start": os.getloadavg()[0],
-              "onednn": os.environ.get("VIA_SD_ONEDNN", "1") != "0", "rows": rows}
+    report = {**header(args, folder), "mode": args.mode, "max_tokens": args.max_tokens,
+              "kv_cache_dtype": args.kv_cache_dtype, "rows": rows}
     print(json.dumps(report, indent=1))
     report["outputs"] = outputs  # after the print: token ids, to compare runs (e.g. the cache types)
     if args.out:
@@ -105,6 +103,13 @@ def main() -> None:
         with profile() as prof:
             run(ps[:1], "prof")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+
+
+def header(args, folder: Path) -> dict:
+    """What every report of this script starts with: the machine, the model, the date, the load."""
+    return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
+            "model": folder.name, "date": time.strftime("%Y-%m-%d"), "load_average_at_start": os.getloadavg()[0],
+            "onednn": os.environ.get("VIA_SD_ONEDNN", "1") != "0"}
 
 
 def prefill(args) -> None:
@@ -126,9 +131,7 @@ def prefill(args) -> None:
                 "mean_ttft_ms": round(dt / len(ps) * 1e3, 1)}
 
     run("warm")
-    report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
-              "model": folder.name, "date": time.strftime("%Y-%m-%d"), "load_average_at_start": os.getloadavg()[0],
-              "onednn": os.environ.get("VIA_SD_ONEDNN", "1") != "0", "prefill": run("run")}
+    report = {**header(args, folder), "prefill": run("run")}
     print(json.dumps(report, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

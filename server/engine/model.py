@@ -105,18 +105,12 @@ def _linear_of(lw: "LayerWeights"):
     return lin
 
 
-def _linear_in(ws: dict[str, torch.Tensor]):
-    """x @ ws[name]^T (+ the qkv bias) with x rounded to the matrices' dtype, returned in x's."""
+def _linear_in(ws: dict[str, torch.Tensor], mm=F.linear):
+    """x @ ws[name]^T (+ the qkv bias) with x rounded to the matrices' dtype, returned in x's;
+    `mm` multiplies (F.linear, or cpu_kernels.dense_linear over LlamaModel.dense_weights())."""
     def lin(x: torch.Tensor, name: str) -> torch.Tensor:
         w = ws[name]
-        return F.linear(x.to(w.dtype), w, ws.get("qkv_bias") if name == "wqkv" else None).to(x.dtype)
-    return lin
-
-
-def _linear_dense(ws: dict[str, torch.Tensor]):
-    """x @ the matrix `name`^T (+ the qkv bias) on oneDNN's GEMM, ws = LlamaModel.dense_weights()[i]."""
-    def lin(x: torch.Tensor, name: str) -> torch.Tensor:
-        return cpu_kernels.dense_linear(x, ws[name], ws.get("qkv_bias") if name == "wqkv" else None)
+        return mm(x.to(w.dtype), w, ws.get("qkv_bias") if name == "wqkv" else None).to(x.dtype)
     return lin
 
 
@@ -534,9 +528,11 @@ class LlamaModel:
             mask_g = batch.attn_mask.repeat(1, 1, G, 1)  # [B, 1, G*Q, L], rows ordered (g, q)
         prefix = None
         wide = self.wide_weights(wide_dtype) if wide_dtype is not None and wide_dtype != x.dtype else None
-        dense = self.dense_weights()[0] if wide is None and self._dense_for(x) else None
+        mm = F.linear
+        if wide is None and self._dense_for(x):
+            wide, mm = self.dense_weights()[0], cpu_kernels.dense_linear
         for i, lw in enumerate(self.layers):
-            lin = _linear_in(wide[i]) if wide is not None else _linear_dense(dense[i]) if dense else _linear_of(lw)
+            lin = _linear_in(wide[i], mm) if wide is not None else _linear_of(lw)
             if save_at is not None and save_at == 2 * i:
                 prefix = x
             if 2 * i >= start_sublayer and (route is None or route.attn[i]):
