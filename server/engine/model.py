@@ -232,6 +232,7 @@ class ForwardOutput:
     logits: torch.Tensor  # [M, V] at logits_index
     hidden: torch.Tensor  # [M, H] final-norm hidden states at logits_index
     prefix_hidden: torch.Tensor | None = None  # [N, H] hidden (h + residual folded) at `save_at`
+    taps: torch.Tensor | None = None  # [M, len(taps), H] the residual stream after each tapped layer
 
 
 def packed_cache_path(folder: str | Path) -> Path | None:
@@ -485,23 +486,32 @@ class LlamaModel:
         # EngineConfig.prefill_dtype: passes that the decode kernels do not take multiply in this
         # dtype (bf16 copies of the layer matrices, made on first use; sums in fp32)
         wide_dtype: torch.dtype | None = None,
+        # layer indices whose output (the residual stream after the layer) is returned at the
+        # logits rows, for a draft head that reads low- and mid-level features
+        taps: tuple[int, ...] = (),
+        # with start_sublayer: [M, len(taps), H] the taps of layers below it (from the pass that
+        # computed them, the slim pass for a three-tier full pass)
+        start_taps: torch.Tensor | None = None,
     ) -> ForwardOutput:
         if start_sublayer > 0:
             assert start_hidden is not None
             x = start_hidden
+            if any(2 * i + 1 < start_sublayer for i in taps) and start_taps is None:
+                raise ValueError(f"taps {taps} below start sub-layer {start_sublayer} need start_taps")
         else:
             x = self.embed[batch.input_ids]  # [N, H]
         if batch.token_seq is not None and cpu_kernels.use_for(x):
             return self._forward_small(batch, x, k_cache, v_cache, route, start_sublayer, save_at, want_hidden,
-                                       argmax_only)
+                                       argmax_only, taps, start_taps)
         with _attention_backends(x.device):
             return self._forward_torch(batch.padded(), x, k_cache, v_cache, route, start_sublayer, save_at, want_hidden,
-                                       argmax_only, wide_dtype)
+                                       argmax_only, wide_dtype, taps, start_taps)
 
     def _forward_torch(self, batch: ForwardBatch, x: torch.Tensor, k_cache: list[torch.Tensor],
                        v_cache: list[torch.Tensor], route, start_sublayer: int, save_at: int | None,
                        want_hidden: bool, argmax_only: bool = False,
-                       wide_dtype: torch.dtype | None = None) -> ForwardOutput:
+                       wide_dtype: torch.dtype | None = None, taps: tuple[int, ...] = (),
+                       start_taps: torch.Tensor | None = None) -> ForwardOutput:
         """The forward on torch's ops: any device, dtype and pass size."""
         cfg = self.cfg
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -529,6 +539,7 @@ class LlamaModel:
         prefix = None
         wide = self.wide_weights(wide_dtype) if wide_dtype is not None and wide_dtype != x.dtype else None
         mm = F.linear
+        tapped: list[torch.Tensor] = []
         if wide is None and self._dense_for(x):
             wide, mm = self.dense_weights()[0], cpu_kernels.dense_linear
         for i, lw in enumerate(self.layers):
@@ -554,9 +565,20 @@ class LlamaModel:
                 prefix = x
             if 2 * i + 1 >= start_sublayer and (route is None or route.mlp[i]):
                 x = self._mlp(x, lw, eps, lin)
+            if i in taps:
+                tapped.append(self._tap(x, batch, i, taps, start_sublayer, start_taps))
         if save_at is not None and save_at >= 2 * len(self.layers):
             prefix = x
-        return self._head(x, batch, prefix, want_hidden, argmax_only)
+        return self._head(x, batch, prefix, want_hidden, argmax_only, tapped)
+
+    @staticmethod
+    def _tap(x: torch.Tensor, batch: ForwardBatch, i: int, taps: tuple[int, ...], start_sublayer: int,
+             start_taps: torch.Tensor | None) -> torch.Tensor:
+        """Layer i's output at the logits rows (a copy: kernels may add into x in place), or the
+        given one where the pass started above it."""
+        if 2 * i + 1 < start_sublayer:
+            return start_taps[:, taps.index(i)]
+        return x[batch.logits_index]
 
     def _rotate_store(self, qkv: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                       kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
@@ -670,7 +692,7 @@ class LlamaModel:
         return out
 
     def _head(self, x: torch.Tensor, batch: ForwardBatch, prefix: torch.Tensor | None,
-              want_hidden: bool, argmax_only: bool = False) -> ForwardOutput:
+              want_hidden: bool, argmax_only: bool = False, tapped: list[torch.Tensor] = ()) -> ForwardOutput:
         xs = x[batch.logits_index]
         hidden = F.rms_norm(xs, (xs.shape[-1],), self.norm, self.cfg.rms_norm_eps)
         if self.lm_head_packed is not None and cpu_kernels.use_for(hidden):
@@ -681,11 +703,14 @@ class LlamaModel:
             logits = cpu_kernels.dense_linear(hidden, self.dense_weights()[1])
         else:
             logits = cpu_kernels.linear(hidden, self.lm_head)
-        return ForwardOutput(logits=logits.float(), hidden=hidden if want_hidden else hidden[:0], prefix_hidden=prefix)
+        taps = torch.stack(tapped, dim=1) if tapped else None
+        return ForwardOutput(logits=logits.float(), hidden=hidden if want_hidden else hidden[:0], prefix_hidden=prefix,
+                             taps=taps)
 
     def _forward_small(self, batch: ForwardBatch, x: torch.Tensor, k_cache: list[torch.Tensor],
                        v_cache: list[torch.Tensor], route, start_sublayer: int, save_at: int | None,
-                       want_hidden: bool, argmax_only: bool = False) -> ForwardOutput:
+                       want_hidden: bool, argmax_only: bool = False, taps: tuple[int, ...] = (),
+                       start_taps: torch.Tensor | None = None) -> ForwardOutput:
         """The same forward for a decode-sized fp32 pass on the CPU kernels: two calls a layer
         (via_sd_kernels.cpu explains why), each output computed as for any other pass size."""
         cfg = self.cfg
@@ -694,6 +719,7 @@ class LlamaModel:
         cos, sin = self.rope_tables()
         k = cpu_kernels
         prefix = None
+        tapped: list[torch.Tensor] = []
         for i, lw in enumerate(self.layers):
             if save_at is not None and save_at == 2 * i:
                 prefix = x
@@ -711,6 +737,8 @@ class LlamaModel:
                 prefix = x
             if 2 * i + 1 >= start_sublayer and (route is None or route.mlp[i]):
                 x = k.mlp_block(x, lw.mlp_norm, eps, lw.small("w_gate_up"), lw.small("w_down"))
+            if i in taps:
+                tapped.append(self._tap(x, batch, i, taps, start_sublayer, start_taps))
         if save_at is not None and save_at >= 2 * len(self.layers):
             prefix = x
-        return self._head(x, batch, prefix, want_hidden, argmax_only)
+        return self._head(x, batch, prefix, want_hidden, argmax_only, tapped)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from server.engine.kv_cache import Chunk, KVCache, build_batch
@@ -15,6 +17,9 @@ class ModelRunner:
         self.cache = cache
         self.wide_dtype = wide_dtype  # EngineConfig.prefill_dtype: the products of wide passes
         self.num_forwards = 0
+        # layers whose outputs a pass that wants hidden states returns with them (a draft head
+        # that reads low- and mid-level features: DraftHead.taps)
+        self.taps: tuple[int, ...] = ()
         self.graphs = None
         if cuda_graphs and cache.device.type == "cuda":
             from server.engine.cuda_graphs import CudaGraphRunner
@@ -24,6 +29,12 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk], route=None, **kw) -> ForwardOutput:
         self.num_forwards += 1
+        if self.taps and kw.get("want_hidden"):
+            # the drafter reads tapped layers too: `hidden` becomes [M, (len(taps) + 1) H], the
+            # tapped layers' outputs and then the final-norm state (not on CUDA graphs' buffers)
+            out = self.model.forward(build_batch(chunks, self.cache.device), self.cache.k, self.cache.v, route,
+                                     wide_dtype=self.wide_dtype, taps=self.taps, **kw)
+            return dataclasses.replace(out, hidden=torch.cat([out.taps.flatten(1), out.hidden], dim=1), taps=None)
         if self.graphs is not None:
             out = self.graphs.forward(chunks, route, **kw)  # None: not a decode-sized batch
             if out is not None:
