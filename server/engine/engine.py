@@ -204,8 +204,9 @@ class LLMEngine:
             # greedy requests without logprobs read only the argmax of the full pass's logits
             argmax_only = all(s.seq.request.sampling.argmax_only for s in plain + specs)
             if start is not None:
+                taps = {} if start[2] is None else {"start_taps": start[2]}
                 out = self.runner.forward(all_chunks, start_sublayer=start[0], start_hidden=start[1], want_hidden=True,
-                                          argmax_only=argmax_only)
+                                          argmax_only=argmax_only, **taps)
             else:
                 # a drafter that reads hidden states sees every committed token, plain steps included
                 watch = self.spec.drafter.wants_hidden and (spec_job is not None or any(s.seq.spec.mode != "off" for s in plain))

@@ -102,7 +102,7 @@ class SpecJob:
     slim_hidden: torch.Tensor | None = None
     slim_meta: SpecMetadata | None = None
     gate_out: object | None = None
-    prefix: tuple[int, torch.Tensor] | None = None
+    prefix: tuple[int, torch.Tensor, torch.Tensor | None] | None = None  # (sub-layer, hidden, taps)
     wants_hidden: bool = False
     prefix_used: bool = False
     draft_probs: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -112,7 +112,7 @@ class SpecJob:
     drop_bonus: torch.Tensor | None = None  # [slim seqs] bool: the slim bonus is not emitted
 
     def prefix_start(self, rows_before: int):
-        """(start_sublayer, hidden) when the whole full pass can start from the slim prefix."""
+        """(start_sublayer, hidden, taps or None) when the whole full pass can start from the slim prefix."""
         if self.prefix is None or rows_before:
             return None
         self.prefix_used = True
@@ -128,6 +128,7 @@ class SpecDecoder:
         cfg = engine.config.spec
         mcfg = engine.model.cfg
         self.drafter = make_drafter(cfg.drafter, engine)
+        engine.runner.taps = self.drafter.taps
         path = cfg.slim_route or shipped_route_path(engine.config.model, "slim")
         self.slim_route = load_route(path) if path else default_slim_route(mcfg.num_layers)
         if self.slim_route.num_layers != mcfg.num_layers:
@@ -217,8 +218,21 @@ class SpecDecoder:
                 a, b = job.slim_token_rows[p.slim_row]
                 rows.append(torch.arange(a, b))
             idx = torch.cat(rows).to(job.slim_hidden_prefix.device)
-            job.prefix = (self.prefix_sublayers, job.slim_hidden_prefix[idx])
+            job.prefix = (self.prefix_sublayers, job.slim_hidden_prefix[idx], self._slim_taps(job, full_plans))
         return job
+
+    def _slim_taps(self, job: SpecJob, full_plans: list[_SeqPlan]) -> torch.Tensor | None:
+        """[full-pass logits rows, len(taps), H]: the slim pass's taps at the rows of the full
+        pass that starts from its prefix (the same tokens, the same logits rows), for the tapped
+        layers that pass does not run; None when the drafter reads no taps."""
+        taps = self.engine.runner.taps
+        if not taps or job.slim_hidden is None:
+            return None
+        H = self.engine.model.cfg.hidden_size
+        rows = [torch.arange(job.slim_row_starts[p.slim_row], job.slim_row_starts[p.slim_row] + len(p.drafts) + 1)
+                for p in full_plans]
+        idx = torch.cat(rows).to(job.slim_hidden.device)
+        return job.slim_hidden[idx, : len(taps) * H].reshape(len(idx), len(taps), H)
 
     def _trim(self, scheduled: list[ScheduledSeq], drafts: DraftBatch) -> None:
         """Keep each sequence's leading drafts that pay for their place in the full pass, the

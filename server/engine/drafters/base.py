@@ -15,7 +15,7 @@ A drafter with `wants_hidden` gets `observe(seq, hidden [m, H], tokens)` after e
 commits tokens for a speculative sequence (plain steps included), before they join the sequence:
 the target's final-norm hidden states that predicted the m committed tokens (from the full pass
 when it ran, else from the slim pass). That is what a head reading hidden states (EAGLE family)
-needs; other drafters ignore it.
+needs; other drafters ignore it. A drafter with `taps` gets the outputs of those layers too.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class DraftBatch:
 class Drafter(abc.ABC):
     name: str = "drafter"
     wants_hidden: bool = False
+    # layers whose outputs `observe`'s hidden states carry before the final-norm state
+    # ([m, (len(taps) + 1) H]): a head that reads low- and mid-level features
+    taps: tuple[int, ...] = ()
 
     @abc.abstractmethod
     def propose(self, seqs: list, max_tokens: list[int]) -> DraftBatch: ...

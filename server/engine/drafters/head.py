@@ -118,7 +118,8 @@ class DraftHead(torch.nn.Module):
     """The trainable layer. `embed [V, H]` and `out_embed [R, H]` (the target's output embedding
     at `reduced_ids`) are frozen tensors taken from the target, not part of the saved weights."""
 
-    def __init__(self, hidden: int, ffn: int, reduced_ids: torch.Tensor, *, heads: int = 9, window: int = 32):
+    def __init__(self, hidden: int, ffn: int, reduced_ids: torch.Tensor, *, heads: int = 9, window: int = 32,
+                 taps: tuple[int, ...] = ()):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden size {hidden} is not a multiple of {heads} heads")
@@ -126,6 +127,11 @@ class DraftHead(torch.nn.Module):
         self.head_dim = hidden // heads
         self.dropout = 0.0  # set by training only
         self.fc = torch.nn.Linear(2 * hidden, hidden, bias=False)
+        # with `taps` (layer indices, EAGLE-3's low- and mid-level features), a committed pair's
+        # feature is the tapped layers' outputs and the final-norm state, [..., (len(taps) + 1) H],
+        # fused to H here first; a chained draft's feature is the head's own prediction, [..., H]
+        self.taps = tuple(taps)
+        self.fc_taps = torch.nn.Linear((len(taps) + 1) * hidden, hidden, bias=False) if taps else None
         self.qkv = torch.nn.Linear(hidden, 3 * hidden, bias=False)
         self.o = torch.nn.Linear(hidden, hidden, bias=False)
         self.gate_up = torch.nn.Linear(hidden, 2 * ffn, bias=False)
@@ -145,8 +151,16 @@ class DraftHead(torch.nn.Module):
 
     # ------------------------------------------------------------------ the layer, in pieces
     def fuse(self, h: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        """h [..., H] final-norm hidden states, tok [...] the tokens after them -> z [..., H]."""
+        """h [..., H] final-norm hidden states (or, with taps, the tapped features and the final-norm
+        state [..., (len(taps) + 1) H]), tok [...] the tokens after them -> z [..., H]."""
+        h = self.fuse_taps(h)
         return _linear(torch.cat([_rms(h), _rms(self.embed[tok])], dim=-1), self.fc)
+
+    def fuse_taps(self, h: torch.Tensor) -> torch.Tensor:
+        """A committed pair's feature [..., (len(taps) + 1) H] -> [..., H]; an [..., H] one as it is."""
+        if h.shape[-1] == self.hidden:
+            return h
+        return _linear(torch.cat([_rms(c) for c in h.split(self.hidden, dim=-1)], dim=-1), self.fc_taps)
 
     def project(self, z: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z [B, T, H], pos [B, T] -> q, k, v [B, heads, T, hd], rotary applied to q and k."""
@@ -176,6 +190,20 @@ class DraftHead(torch.nn.Module):
             return _matmul(h.reshape(-1, h.shape[-1]), self.out_embed).view(*h.shape[:-1], -1)
         return h @ self.out_embed.T
 
+    def with_taps(self, taps: tuple[int, ...]) -> "DraftHead":
+        """This head reading `taps` as well: the same layer, and a fusion that starts as the
+        identity on the final-norm state (fuse_taps(h) = rms(h), which `fuse` normalizes again),
+        so it drafts as this head does until training moves it."""
+        new = DraftHead(self.hidden, self.ffn, self.reduced_ids, heads=self.heads, window=self.window, taps=taps)
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("fc_taps")}
+        new.load_state_dict(own, strict=False)
+        if new.fc_taps is not None:
+            with torch.no_grad():
+                new.fc_taps.weight.zero_()
+                new.fc_taps.weight[:, -self.hidden:] = torch.eye(self.hidden)
+        new.dropout = self.dropout
+        return new
+
     def kernel_mats(self) -> tuple[torch.Tensor, ...] | None:
         """(fc, qkv, o, gate_up, down, out_embed) for `cpu_kernels.head_draft`, or None when they
         are not all contiguous fp32 or all fp16 on the CPU (or no embedding is attached)."""
@@ -201,7 +229,7 @@ class DraftHead(torch.nn.Module):
         tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in self.state_dict().items()}
         tensors["reduced_ids"] = self.reduced_ids.to(torch.int32).contiguous()
         info = {"arch": "eagle-window", "hidden": self.hidden, "ffn": self.ffn, "heads": self.heads,
-                "window": self.window, **meta}
+                "window": self.window, **({"taps": list(self.taps)} if self.taps else {}), **meta}
         save_file(tensors, str(path), metadata={"via_sd_head": json.dumps(info)})
 
     @classmethod
@@ -218,7 +246,7 @@ class DraftHead(torch.nn.Module):
                              f"retrain it with `via-sd train-head`")
         tensors = load_file(str(path))
         head = cls(int(info["hidden"]), int(info["ffn"]), tensors.pop("reduced_ids").to(torch.int64),
-                   heads=int(info["heads"]), window=int(info["window"]))
+                   heads=int(info["heads"]), window=int(info["window"]), taps=tuple(info.get("taps", ())))
         head.load_state_dict({k: v.float() for k, v in tensors.items()})
         head.eval()
         return head, info
@@ -258,7 +286,9 @@ def draft(head: DraftHead, h: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor
     since `accepted_lengths` would cut every row there anyway.
 
     On the CPU kernels this is one call (`cpu_kernels.head_draft`, the same arithmetic); the
-    torch ops below are the reference and the path elsewhere."""
+    torch ops below are the reference and the path elsewhere. With taps, h may be the committed
+    pairs' unfused features [B, T, (len(taps) + 1) H]."""
+    h = head.fuse_taps(h)
     if kernel_ready(head, h):
         B, _, H = h.shape
         none = torch.zeros(B, 0, dtype=torch.int64)
@@ -378,7 +408,10 @@ class HeadDrafter(Drafter):
                 f"no draft head for model {Path(cfg.model).name!r}: pass spec.head_path (--draft-head) or train one "
                 f"with `via-sd train-head --model {cfg.model}`" + (f" (missing file {path})" if path else ""))
         self.head, self.info = DraftHead.load(path)
+        self.taps = self.head.taps
         mcfg = engine.model.cfg
+        if any(not 0 <= i < mcfg.num_layers for i in self.taps):
+            raise ValueError(f"draft head {path} taps layers {list(self.taps)}; the model has {mcfg.num_layers}")
         if self.head.hidden != mcfg.hidden_size:
             raise ValueError(f"draft head {path} has hidden size {self.head.hidden}, the model {mcfg.hidden_size}")
         if int(self.head.reduced_ids.max()) >= mcfg.vocab_size:
@@ -497,7 +530,7 @@ class HeadDrafter(Drafter):
             seq.drafter_state = None
             return
         st = seq.drafter_state
-        h = hidden.detach().float().cpu()
+        h = self.head.fuse_taps(hidden.detach().float().cpu())  # kept fused: [m, H]
         t = torch.tensor(tokens, dtype=torch.int64)
         pace, kv = _Pace(), None
         if isinstance(st, _HeadState) and st.end == seq.num_tokens:

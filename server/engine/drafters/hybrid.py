@@ -47,6 +47,7 @@ class HybridDrafter(Drafter):
         if not (1 <= self.n_min <= self.n_max):
             raise ValueError("hybrid n-gram sizes need 1 <= n_min <= n_max")
         self.wants_hidden = self.head is not None
+        self.taps = self.head.taps if self.head is not None else ()
         self.lookups = 0  # steps drafted by lookup, and by the head: what the mix was
         self.head_calls = 0
 
