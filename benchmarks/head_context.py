@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -47,8 +48,9 @@ class PrefillRecorder:
     position of every chunk, prompt positions included (their logits are computed for that and
     dropped before the engine sees the output)."""
 
-    def __init__(self, runner):
+    def __init__(self, runner, taps: tuple[int, ...] = ()):
         self.inner = runner
+        self.taps = taps
         self.records: dict[int, dict[int, tuple[torch.Tensor, int]]] = {}
 
     def __getattr__(self, name):
@@ -56,14 +58,17 @@ class PrefillRecorder:
 
     def forward(self, chunks, route=None, **kw):
         kw["want_hidden"] = True
+        if self.taps:
+            kw["taps"] = self.taps
         wide = [dataclasses.replace(c, num_logits=len(c.token_ids)) for c in chunks]
         out = self.inner.forward(wide, route, **kw)
         greedy = out.logits.argmax(-1).tolist()
+        feats = out.hidden if out.taps is None else torch.cat([out.taps.flatten(1), out.hidden], dim=1)
         keep, row = [], 0
         for c in chunks:
             rec = self.records.setdefault(id(c.table), {})
             for j in range(len(c.token_ids)):
-                rec[c.start + j] = (out.hidden[row].to(torch.float16).clone(), greedy[row])
+                rec[c.start + j] = (feats[row].to(torch.float16).clone(), greedy[row])
                 if j >= len(c.token_ids) - c.num_logits:
                     keep.append(row)
                 row += 1
@@ -71,8 +76,9 @@ class PrefillRecorder:
         return ForwardOutput(out.logits[idx], out.hidden[idx], out.prefix_hidden)
 
 
-def collect(model_dir: str, prompts: list[dict], max_tokens: int, batch: int) -> list[dict]:
-    """Greedy answers with every position's features: `hidden [T, H]` at positions 0..T-1,
+def collect(model_dir: str, prompts: list[dict], max_tokens: int, batch: int, taps: tuple[int, ...] = ()) -> list[dict]:
+    """Greedy answers with every position's features: `hidden [T, H]` at positions 0..T-1
+    (with `taps`, [T, (len(taps) + 1) H]: the tapped layers' outputs, then the final-norm state),
     `tokens [T + 1]`, `greedy [T]`, `answer_start` = the last prompt position."""
     from tqdm import tqdm
 
@@ -82,7 +88,7 @@ def collect(model_dir: str, prompts: list[dict], max_tokens: int, batch: int) ->
 
     eng = LLMEngine(EngineConfig(model=model_dir, spec=SpecConfig(mode="off"), max_num_seqs=batch,
                                  max_num_batched_tokens=4096, enable_prefix_caching=False))
-    rec = PrefillRecorder(eng.runner)
+    rec = PrefillRecorder(eng.runner, taps)
     eng.runner = rec
     out = []
     bar = tqdm(total=len(prompts), desc="collect", unit="answer")
@@ -119,6 +125,12 @@ def answer_only(s: dict) -> dict:
     return {**s, "tokens": s["tokens"][a:], "hidden": s["hidden"][a:], "greedy": s["greedy"][a:], "answer_start": 0}
 
 
+def top_only(s: dict, hidden: int) -> dict:
+    """`answer_only` with the final-norm state alone (the last `hidden` of a tapped feature)."""
+    s = answer_only(s)
+    return {**s, "hidden": s["hidden"][:, -hidden:]}
+
+
 def pad(seqs: list[dict]) -> dict[str, torch.Tensor]:
     """`th.pad_answers` plus `loss [N, T]`: the positions whose prediction is an answer token
     (`th.unrolled_loss` scores only those; prompt pairs are context)."""
@@ -130,24 +142,26 @@ def pad(seqs: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def train(model, seqs: list[dict], reduced: torch.Tensor, window: int, epochs: int, seed: int,
-          unroll: int = 3, lr: float = 1.5e-3, batch_size: int = 8, ffn: int = 1536, heads: int = 9):
+          unroll: int = 3, lr: float = 1.5e-3, batch_size: int = 8, ffn: int = 1536, heads: int = 9,
+          taps: tuple[int, ...] = (), name: str = "", feature_weight: float = 1.0, bf16: bool = False):
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     d = pad(seqs)
     d["scale"] = model.norm.float().abs().mean()
-    head = th.new_head(model, reduced, ffn=ffn, heads=heads, window=window, dropout=0.1)
+    head = th.new_head(model, reduced, ffn=ffn, heads=heads, window=window, dropout=0.1, taps=taps)
     N = len(d["h"])
     spe = math.ceil(N / batch_size)
     opt, sched = th.training_schedule(head, lr, 0.05, spe * epochs)
     g = torch.Generator().manual_seed(seed)
     head.train()
-    bar = tqdm(total=spe * epochs, desc=f"train window={window if window < 1 << 20 else 'all'}", unit="batch")
+    bar = tqdm(total=spe * epochs, desc=f"train {name}", unit="batch")
     t0 = time.monotonic()
     for _ in range(epochs):
         perm = torch.randperm(N, generator=g)
         for b in range(spe):
-            loss, _ = th.unrolled_loss(head, d, perm[b * batch_size:(b + 1) * batch_size], unroll, 1.0)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = th.unrolled_loss(head, d, perm[b * batch_size:(b + 1) * batch_size], unroll, feature_weight)
             th.optimizer_step(head, opt, sched, loss)
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
@@ -207,7 +221,8 @@ def evaluate_saved(args, model_dir: Path, bench: list[dict]) -> int:
         head.attach(model.embed, model.lm_head)
         head.eval()
         with torch.no_grad():
-            r = {"record": info, "spec_bench": spec_bench(head, bench, head.reduced_ids, args.gamma)}
+            view = answer_only if head.taps else functools.partial(top_only, hidden=head.hidden)
+            r = {"record": info, "spec_bench": spec_bench(head, bench, head.reduced_ids, args.gamma, view)}
         result["heads"][Path(path).name] = r
         print(Path(path).name, json.dumps(r["spec_bench"]["all"]))
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -231,9 +246,16 @@ def main() -> int:
     p.add_argument("--prompt-file", default=None,
                    help="train on the instructions of this JSONL ({id, category, prompt}) instead of the builtin set")
     p.add_argument("--train-answers", type=int, default=None, help="train on the first N training answers only")
-    p.add_argument("--only", choices=("window", "context"), default=None, help="train one of the two heads")
+    p.add_argument("--only", default=None,
+                   help="train only these heads (comma-separated: window, context, taps)")
+    p.add_argument("--taps", default="",
+                   help="layer indices (comma-separated) whose outputs are recorded with the final-norm state; "
+                        "head `taps` fuses them (EAGLE-3's low- and mid-level features), `window` reads the "
+                        "final-norm state alone")
     p.add_argument("--head", action="append", default=[],
                    help="evaluate this saved head on the Spec-Bench answers instead of training (repeatable)")
+    p.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature regression loss")
+    p.add_argument("--bf16", action="store_true", help="train under bf16 autocast (the matrix products in bf16)")
     p.add_argument("--out", default="benchmarks/results/head_context.json")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -243,35 +265,49 @@ def main() -> int:
     from server.engine.model_files import prepare_model
 
     model_dir = prepare_model()
+    taps = tuple(int(t) for t in args.taps.split(",") if t)
     path = Path(args.data)
     data = torch.load(path) if path.exists() else {}
     t0 = time.monotonic()
     if "train" not in data:
         source = th.load_prompts(Path(args.prompt_file), None) if args.prompt_file else th.builtin_prompts(args.seed)
-        data["train"] = collect(str(model_dir), source[: args.prompts], args.max_tokens, args.batch)
+        data["train"] = collect(str(model_dir), source[: args.prompts], args.max_tokens, args.batch, taps)
+        data["taps"] = list(taps)
         bench = select_prompts(read_questions(args.spec_bench), CATEGORIES, args.limit_per_category)
         data["bench"] = collect(str(model_dir), [{"id": b.question_id, "category": b.category, "prompt": b.text}
-                                                 for b in bench], args.max_tokens, args.batch)
+                                                 for b in bench], args.max_tokens, args.batch, taps)
         data["collect_seconds"] = time.monotonic() - t0
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(data, path)
     if args.head:
         return evaluate_saved(args, model_dir, data["bench"])
+    if tuple(data.get("taps", ())) != taps:
+        raise SystemExit(f"{path} holds taps {data.get('taps', [])}, not {list(taps)}: pass another --data")
     train_all, held = th.split_by_prompt(data["train"], 0.1, args.seed)
     train_all = train_all[: args.train_answers]
     model = LlamaModel.from_folder(model_dir)
-    reduced = th.reduced_vocabulary([answer_only(s) for s in train_all], 4096, tuple(model.cfg.eos_token_ids),
+    H = model.cfg.hidden_size
+    top = functools.partial(top_only, hidden=H)
+    reduced = th.reduced_vocabulary([top(s) for s in train_all], 4096, tuple(model.cfg.eos_token_ids),
                                     model.cfg.vocab_size)
     result = {"command": "python benchmarks/head_context.py " + " ".join(sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d"), "collect_seconds": round(data["collect_seconds"], 1),
               "train_answers": len(train_all), "heldout_answers": len(held), "bench_answers": len(data["bench"]),
               "train_answer_positions": sum(len(s["greedy"]) - s["answer_start"] for s in train_all),
               "train_prompt_positions": sum(s["answer_start"] for s in train_all), "heads": {}}
-    for name, window, view in (("window", args.window, answer_only), ("context", 1 << 30, lambda s: s)):
-        if args.only and name != args.only:
+    heads = [("window", args.window, top, ()),
+             ("context", 1 << 30, lambda s: {**s, "hidden": s["hidden"][:, -H:]}, ())]
+    if taps:
+        heads.append(("taps", args.window, answer_only, taps))
+    only = set(args.only.split(",")) if args.only else None
+    for name, window, view, head_taps in heads:
+        if only and name not in only:
             continue
-        head, secs = train(model, [view(s) for s in train_all], reduced, window, args.epochs, args.seed)
-        r = {"window": args.window if name == "window" else "all", "train_seconds": round(secs, 1),
+        head, secs = train(model, [view(s) for s in train_all], reduced, window, args.epochs, args.seed,
+                           taps=head_taps, name=name, feature_weight=args.feature_weight, bf16=args.bf16)
+        r = {"window": args.window if name != "context" else "all", "taps": list(head_taps),
+             "feature_weight": args.feature_weight, "bf16": args.bf16,
+             "train_seconds": round(secs, 1),
              "heldout": evaluate(head, [view(s) for s in held], reduced, args.gamma),
              "spec_bench": spec_bench(head, data["bench"], reduced, args.gamma, view)}
         result["heads"][name] = r

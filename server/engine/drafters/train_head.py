@@ -76,9 +76,11 @@ class _RecordingRunner:
 
 
 def collect(model_dir: str, prompts: list[dict], *, max_tokens: int, sampled: int, temperature: float, seed: int,
-            batch: int, threads: int | None, done: list[dict] | None = None, checkpoint=None) -> list[dict]:
+            batch: int, threads: int | None, done: list[dict] | None = None, checkpoint=None,
+            taps: tuple[int, ...] = ()) -> list[dict]:
     """Generate answers with the engine (mode off) and record per-position features. Answers in
-    `done` (a checkpoint) are kept, not regenerated; `checkpoint(answers)` runs after each batch."""
+    `done` (a checkpoint) are kept, not regenerated; `checkpoint(answers)` runs after each batch.
+    With `taps`, each position's feature is those layers' outputs and then the final-norm state."""
     from tqdm import tqdm
 
     from server.engine.api import GenerationRequest
@@ -87,6 +89,7 @@ def collect(model_dir: str, prompts: list[dict], *, max_tokens: int, sampled: in
 
     eng = LLMEngine(EngineConfig(model=model_dir, spec=SpecConfig(mode="off"), max_num_seqs=batch,
                                  max_num_batched_tokens=8192, num_threads=threads))
+    eng.runner.taps = tuple(taps)
     rec = _RecordingRunner(eng.runner)
     eng.runner = rec
     jobs = []
@@ -122,7 +125,7 @@ def collect(model_dir: str, prompts: list[dict], *, max_tokens: int, sampled: in
             out.append({
                 "prompt_id": r["id"], "category": r["category"], "kind": kind,
                 "tokens": torch.tensor(s.token_ids[n_prompt - 1:n_prompt - 1 + len(poss) + 1]),  # x_p .. x_{p+T}
-                "hidden": torch.stack([keep[p][0] for p in poss]),  # [T, H] fp16, h_p
+                "hidden": torch.stack([keep[p][0] for p in poss]),  # [T, H] fp16, h_p ([T, (taps + 1) H])
                 "greedy": torch.tensor([keep[p][1] for p in poss]),  # [T], argmax at p
             })
         bar.update(len(part))
@@ -130,6 +133,11 @@ def collect(model_dir: str, prompts: list[dict], *, max_tokens: int, sampled: in
             checkpoint(out)
     bar.close()
     return out
+
+
+def parse_taps(text: str) -> tuple[int, ...]:
+    """'2,15,27' -> (2, 15, 27); '' -> ()."""
+    return tuple(int(t) for t in text.split(",") if t.strip())
 
 
 def load_prompts(path: Path, limit: int | None) -> list[dict]:
@@ -301,7 +309,7 @@ def unrolled_loss(head, d: dict[str, torch.Tensor], idx: torch.Tensor, unroll: i
     scored = valid if "loss" not in d else valid & d["loss"][idx]
     B, T, _ = h.shape
     outs = unrolled_outputs(head, h, x, valid, unroll)
-    tgt = h[:, 1:]  # h_{p+1} for p < T-1
+    tgt = h[:, 1:, -head.hidden:]  # h_{p+1} for p < T-1 (the final-norm state, the last H of a tapped feature)
     with torch.no_grad():
         p_tgt = torch.softmax(head.logits(tgt), -1)  # [B, T-1, R]
     total, ce0 = 0.0, 0.0
@@ -319,12 +327,13 @@ def unrolled_loss(head, d: dict[str, torch.Tensor], idx: torch.Tensor, unroll: i
     return total, ce0
 
 
-def new_head(model, reduced: torch.Tensor, *, ffn: int, heads: int, window: int, dropout: float):
+def new_head(model, reduced: torch.Tensor, *, ffn: int, heads: int, window: int, dropout: float,
+             taps: tuple[int, ...] = ()):
     """A fresh `DraftHead` on `model`'s embeddings: matrices N(0, 0.02), the output norm's weight
     from the target's final norm."""
     from server.engine.drafters.head import DraftHead
 
-    head = DraftHead(model.cfg.hidden_size, ffn, reduced, heads=heads, window=window)
+    head = DraftHead(model.cfg.hidden_size, ffn, reduced, heads=heads, window=window, taps=taps)
     head.attach(model.embed, model.lm_head)
     head.dropout = dropout
     with torch.no_grad():
@@ -448,6 +457,7 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
     torch.manual_seed(args.seed)
     t0 = time.monotonic()
     model = LlamaModel.from_folder(model_dir)
+    taps = parse_taps(args.taps)
     train, held = split_by_prompt(data["seqs"], args.heldout, args.seed)
     eos = tuple(model.cfg.eos_token_ids)
     init = None
@@ -455,6 +465,11 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
         from server.engine.drafters.head import DraftHead
 
         head, _ = DraftHead.load(Path(args.init))
+        if taps != head.taps:
+            if head.taps:
+                raise SystemExit(f"--init {args.init} reads taps {list(head.taps)}: pass --taps "
+                                 f"{','.join(map(str, head.taps))}")
+            head = head.with_taps(taps)
         head.attach(model.embed, model.lm_head)
         head.dropout = args.dropout
         reduced = head.reduced_ids
@@ -471,7 +486,8 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
           f"reduced vocabulary {len(reduced)} covers {coverage:.3f} of the target's greedy tokens")
     d["scale"] = model.norm.float().abs().mean()
     if init is None:
-        head = new_head(model, reduced, ffn=args.ffn, heads=args.heads, window=args.window, dropout=args.dropout)
+        head = new_head(model, reduced, ffn=args.ffn, heads=args.heads, window=args.window, dropout=args.dropout,
+                        taps=taps)
     del model
     steps_per_epoch = math.ceil(N / args.batch_size)
     total = steps_per_epoch * args.epochs
@@ -514,7 +530,8 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
                  "sampled_per_prompt": args.sampled, "temperature": args.temperature,
                  "collect_seconds": round(float(data.get("collect_seconds", 0.0)), 1)},
         "head": {"arch": "eagle-window", "hidden": head.hidden, "ffn": head.ffn, "heads": head.heads,
-                 "window": head.window, "reduced_vocab": len(reduced), "params": head.num_params(),
+                 "window": head.window, "taps": list(head.taps), "reduced_vocab": len(reduced),
+                 "params": head.num_params(),
                  "reduced_vocab_coverage_train": round(coverage, 4)},
         "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "unroll": args.unroll,
                      "feature_weight": args.feature_weight, "dropout": args.dropout, "weight_decay": args.weight_decay,
@@ -554,6 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn", type=int, default=1536, help="the head's MLP width")
     p.add_argument("--heads", type=int, default=9, help="attention heads of the head's layer")
     p.add_argument("--window", type=int, default=32, help="pairs the head's attention looks back over")
+    p.add_argument("--taps", default="",
+                   help="layers (comma-separated indices) whose outputs the head reads besides the final-norm "
+                        "state, fused first (EAGLE-3's low- and mid-level features); with --init on a head "
+                        "without them, the fusion starts as the identity on the final-norm state")
     p.add_argument("--gamma", type=int, default=5, help="draft length of the held-out chained evaluation")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=1.5e-3)
@@ -643,6 +664,14 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [r for r in prompts if r["id"] in held_ids]
     key = {"model": model_dir.name, "prompts": Path(args.prompts).name, "max_tokens": args.max_tokens,
            "sampled": args.sampled, "temperature": args.temperature, "seed": args.seed}
+    taps = parse_taps(args.taps)
+    if args.evaluate and not taps:  # the held-out features are the evaluated head's
+        from server.engine.drafters.head import DraftHead
+
+        stem = Path(args.out) if args.out else ASSETS / f"{model_dir.name}.head"
+        taps = DraftHead.load(Path(str(stem) + ".safetensors"))[0].taps
+    if taps:  # the features differ in width; a cache without taps keeps its key
+        key["taps"] = list(taps)
     data = {"key": key, "seqs": [], "collect_seconds": 0.0, "num_prompts": len(prompts)}
     if data_path.exists():
         old = torch.load(data_path)
@@ -664,7 +693,8 @@ def main(argv: list[str] | None = None) -> int:
                 last_save[0] = time.monotonic()
 
         collect(str(model_dir), prompts, max_tokens=args.max_tokens, sampled=args.sampled, temperature=args.temperature,
-                seed=args.seed, batch=args.batch, threads=args.threads, done=data["seqs"], checkpoint=checkpoint)
+                seed=args.seed, batch=args.batch, threads=args.threads, done=data["seqs"], checkpoint=checkpoint,
+                taps=taps)
         checkpoint(data["seqs"], final=True)
         print(f"collected {len(data['seqs'])} answers, {sum(len(s['hidden']) for s in data['seqs'])} positions "
               f"in {data['collect_seconds']:.0f}s -> {data_path}")
