@@ -440,11 +440,12 @@ def main(argv: list[str]) -> int:
             return _die("--turns 2 needs --endpoint chat")
         prompts = conversations(args.prompts, args.categories.split(",") if args.categories else None) \
             if args.prompts else [[p, FOLLOW_UP] for p in prompts]
-    from server.bench.cli import machine_info
+    from server.bench.cli import git_state, machine_info
     from server.bench.report import describe_cpu
     from server.bench.runner import find_vllm_python
     from server.engine.model_files import prepare_model
 
+    git = git_state()  # the commit the servers run from, read before they start
     try:
         folder = Path(prepare_model(args.model, progress=True))
     except (ValueError, FileNotFoundError) as e:
@@ -536,7 +537,7 @@ def main(argv: list[str]) -> int:
 
     report = {"machine": machine_info(os.cpu_count() or 1), "model": str(folder),
               "command": "via-sd bench --load " + shlex.join(argv),
-              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git": git,
               "settings": {"concurrency": concs, "requests": args.requests, "rounds": args.rounds,
                            "round_requests": args.round_requests, "max_tokens": args.max_tokens,
                            "endpoint": args.endpoint, "prompts": len(prompts), "turns": args.turns,

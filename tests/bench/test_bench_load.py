@@ -110,6 +110,7 @@ def test_load_against_a_live_tiny_server(tiny_model_dir, tmp_path):
     assert all(p["completed"] == 4 and p["tokens"] > 0 and p["ttft_p50_s"] is not None for p in rep["load"])
     assert all(len(p["extra"]["rounds_tokens_per_s"]) == 2 for p in rep["load"])
     assert rep["load"][1]["extra"]["via_sd"]["steps"] > 0  # three_tier at concurrency 1 speculated
+    assert len(rep["git"]["commit"]) == 40 and isinstance(rep["git"]["dirty"], bool)  # what the servers ran
     # the same requests in turns of one: four turns a mode, each point still pools all of them
     rc = load.main(["--model", str(tiny_model_dir), "--concurrency", "1", "--requests", "2", "--max-tokens", "4",
                     "--modes", "off,three_tier", "--rounds", "2", "--round-requests", "1", "--start-timeout", "120",
