@@ -52,3 +52,19 @@ def generate_checked(engine: LLMEngine, reqs):
     res = engine.generate(reqs)
     assert_pool_full(engine)
     return res
+
+
+def prefilled_two_tables(model):
+    """A small KV cache with two sequences' prompts (37 and 11 tokens) already run through `model`."""
+    import torch
+
+    from server.engine.kv_cache import Chunk, KVCache, build_batch
+
+    kv = KVCache(model.cfg, 32, 8, torch.float32)
+    t1, t2 = kv.new_table(), kv.new_table()
+    t1.ensure(kv.pool, 64)
+    t2.ensure(kv.pool, 64)
+    with torch.inference_mode():
+        model.forward(build_batch([Chunk(t1, 0, list(range(3, 40)), 1), Chunk(t2, 0, list(range(50, 61)), 1)]),
+                      kv.k, kv.v)
+    return kv, t1, t2

@@ -11,7 +11,7 @@ import torch
 
 from server.engine.kv_cache import Chunk, KVCache, build_batch
 from server.engine.model import LlamaModel
-from tests.engine.helpers import greedy_requests, make_engine, assert_pool_full
+from tests.engine.helpers import assert_pool_full, greedy_requests, make_engine, prefilled_two_tables
 from via_sd_kernels import cpu
 
 # a host with a C++ compiler must build the kernels: a failed build is a failure, not a skip
@@ -19,13 +19,8 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ comp
 
 
 def _two_passes(model: LlamaModel, route=None):
-    kv = KVCache(model.cfg, 32, 8, torch.float32)
-    t1, t2 = kv.new_table(), kv.new_table()
-    t1.ensure(kv.pool, 64)
-    t2.ensure(kv.pool, 64)
+    kv, t1, t2 = prefilled_two_tables(model)
     with torch.inference_mode():
-        model.forward(build_batch([Chunk(t1, 0, list(range(3, 40)), 1), Chunk(t2, 0, list(range(50, 61)), 1)]),
-                      kv.k, kv.v)
         out = model.forward(build_batch([Chunk(t1, 37, [7, 8, 9, 10], 4), Chunk(t2, 11, [12], 1)]), kv.k, kv.v,
                             route, want_hidden=True)
     return out, kv

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from server.engine.drafters.head import DraftHead, draft
 from server.engine.kv_cache import Chunk, KVCache, build_batch
 from server.engine.model import LlamaModel
-from tests.engine.helpers import assert_pool_full, greedy_requests, make_engine
+from tests.engine.helpers import assert_pool_full, greedy_requests, make_engine, prefilled_two_tables
 from tests.engine.test_head import random_head, window_of
 from via_sd_kernels import cpu
 from via_sd_kernels.routes import Route
@@ -23,14 +23,7 @@ TAPS = (0, 2, 3)
 
 
 def _prefilled(model: LlamaModel):
-    kv = KVCache(model.cfg, 32, 8, torch.float32)
-    t1, t2 = kv.new_table(), kv.new_table()
-    t1.ensure(kv.pool, 64)
-    t2.ensure(kv.pool, 64)
-    with torch.inference_mode():
-        model.forward(build_batch([Chunk(t1, 0, list(range(3, 40)), 1), Chunk(t2, 0, list(range(50, 61)), 1)]),
-                      kv.k, kv.v)
-    return kv, t1, t2
+    return prefilled_two_tables(model)
 
 
 def _step(model: LlamaModel, route=None, **kw):
