@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.drafters.head import DraftHead, draft
-from server.engine.kv_cache import Chunk, KVCache, build_batch
+from server.engine.kv_cache import Chunk, build_batch
 from server.engine.model import LlamaModel
 from tests.engine.helpers import assert_pool_full, greedy_requests, make_engine, prefilled_two_tables
 from tests.engine.test_head import random_head, window_of
