@@ -160,8 +160,8 @@ def train(model, seqs: list[dict], reduced: torch.Tensor, window: int, epochs: i
     for _ in range(epochs):
         perm = torch.randperm(N, generator=g)
         for b in range(spe):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss, _ = th.unrolled_loss(head, d, perm[b * batch_size:(b + 1) * batch_size], unroll, feature_weight)
+            loss, _ = th.unrolled_loss(head, d, perm[b * batch_size:(b + 1) * batch_size], unroll, feature_weight,
+                                       bf16=bf16)
             th.optimizer_step(head, opt, sched, loss)
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")

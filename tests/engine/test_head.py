@@ -504,6 +504,43 @@ def test_train_head_command_on_tiny_model(tiny_dir, tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in ASSETS.glob("*.head.*")} == shipped
 
 
+def test_train_head_bf16_trains_in_bf16_and_records_it(tiny_dir, tmp_path, monkeypatch):
+    """`--bf16`: the same seed and data as fp32, other arithmetic (so other weights), fp32
+    parameters all along, and the record says so."""
+    import server.engine.drafters.train_head as th
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "category": "t", "prompt": f"say {w}"}) + "\n"
+                               for i, w in enumerate(["a", "bb", "ccc", "dddd", "e", "ff"])))
+    seen = []
+    real = th._unrolled_loss
+
+    def spy(head, *a):
+        loss, ce = real(head, *a)
+        seen.append((torch.is_autocast_cpu_enabled(), next(head.parameters()).dtype))
+        return loss, ce
+
+    monkeypatch.setattr(th, "_unrolled_loss", spy)
+    heads = {}
+    for flag in ([], ["--bf16"]):
+        out = tmp_path / f"h{len(flag)}.head"
+        rc = th.main(["--model", str(tiny_dir), "--prompts", str(prompts), "--max-tokens", "12", "--sampled", "1",
+                      "--data", str(tmp_path / "d.pt"), "--vocab", "64", "--ffn", "32", "--heads", "4",
+                      "--window", "8", "--epochs", "2", "--batch-size", "4", "--heldout", "0.34",
+                      "--out", str(out)] + flag)
+        assert rc == 0
+        rec = json.loads(Path(str(out) + ".json").read_text())
+        assert rec["training"]["bf16"] is bool(flag)
+        assert 0.0 <= rec["heldout"]["top1"] <= 1.0
+        heads[bool(flag)] = DraftHead.load(Path(str(out) + ".safetensors"))[0]
+    half = len(seen) // 2
+    assert seen[:half] == [(False, torch.float32)] * half and seen[half:] == [(True, torch.float32)] * half
+    a, b = heads[False].state_dict(), heads[True].state_dict()
+    assert torch.equal(heads[False].reduced_ids, heads[True].reduced_ids)
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    assert all(torch.isfinite(b[k]).all() for k in b if b[k].is_floating_point())
+
+
 def test_user_turn_prefix_cuts_the_template_where_the_message_begins(tiny_dir):
     from server.engine.tokenizer import Tokenizer
 

@@ -18,6 +18,7 @@ Three stages, one command (a fixed seed makes it reproducible):
    reduced vocabulary, chained `--unroll` levels deep on its own predictions exactly as drafting
    chains them (`unrolled_outputs`), AdamW with a one-cycle schedule, held-out split by prompt.
    `--init HEAD` continues a saved head (its layout and reduced vocabulary) instead of a fresh one.
+   `--bf16` runs the matrix products under bf16 autocast (weights and optimizer state stay fp32).
 
 It prints the held-out top-1 acceptance (head argmax == target greedy token given true pairs)
 and the chained acceptance (expected accepted tokens per step with γ = 5, drafted by the
@@ -300,11 +301,18 @@ def unrolled_outputs(head, h: torch.Tensor, x: torch.Tensor, valid: torch.Tensor
     return outs
 
 
-def unrolled_loss(head, d: dict[str, torch.Tensor], idx: torch.Tensor, unroll: int, feature_weight: float):
+def unrolled_loss(head, d: dict[str, torch.Tensor], idx: torch.Tensor, unroll: int, feature_weight: float,
+                  bf16: bool = False):
     """Feature regression (smooth L1, in units of the final norm's mean weight) plus cross-entropy
     against the target's own distribution over the reduced vocabulary, at every chained level;
     deeper levels count a little less. With `d["loss"]` [N, T], only the positions it marks are
-    scored (the others are context only). Returns (loss, level-0 cross-entropy)."""
+    scored (the others are context only). With `bf16`, under bf16 autocast (the matrix products
+    in bf16, the weights, gradients and optimizer state fp32). Returns (loss, level-0 cross-entropy)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return _unrolled_loss(head, d, idx, unroll, feature_weight)
+
+
+def _unrolled_loss(head, d, idx, unroll, feature_weight):
     h, x, valid = d["h"][idx].float(), d["x"][idx], d["valid"][idx]
     scored = valid if "loss" not in d else valid & d["loss"][idx]
     B, T, _ = h.shape
@@ -499,7 +507,7 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
         perm = torch.randperm(N, generator=g)
         for b in range(steps_per_epoch):
             idx = perm[b * args.batch_size:(b + 1) * args.batch_size]
-            loss, ce = unrolled_loss(head, d, idx, args.unroll, args.feature_weight)
+            loss, ce = unrolled_loss(head, d, idx, args.unroll, args.feature_weight, bf16=args.bf16)
             optimizer_step(head, opt, sched, loss)
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}", ce=f"{ce:.3f}")
@@ -535,6 +543,7 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
                  "reduced_vocab_coverage_train": round(coverage, 4)},
         "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "unroll": args.unroll,
                      "feature_weight": args.feature_weight, "dropout": args.dropout, "weight_decay": args.weight_decay,
+                     "bf16": args.bf16,
                      "seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads()},
         "init": init,
         "heldout": ev,
@@ -583,6 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--unroll", type=int, default=3, help="training levels chained on the head's own features")
     p.add_argument("--feature-weight", type=float, default=1.0)
+    p.add_argument("--bf16", action="store_true",
+                   help="train under bf16 autocast: the matrix products in bf16 (about 1.8x faster on a CPU with "
+                        "AVX-512 bf16), weights and optimizer state fp32")
     p.add_argument("--heldout", type=float, default=0.1, help="share of prompts held out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None,
