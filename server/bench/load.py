@@ -441,7 +441,7 @@ def main(argv: list[str]) -> int:
         prompts = conversations(args.prompts, args.categories.split(",") if args.categories else None) \
             if args.prompts else [[p, FOLLOW_UP] for p in prompts]
     from server.bench.cli import git_state, machine_info
-    from server.bench.report import describe_cpu
+    from server.bench.report import describe_cpu, describe_git
     from server.bench.runner import find_vllm_python
     from server.engine.model_files import prepare_model
 
@@ -549,7 +549,7 @@ def main(argv: list[str]) -> int:
     out.with_suffix(".md").write_text(
         f"# via-sd bench --load\n\n- date: {report['date']}\n- model: {report['model']}\n"
         f"- machine: {describe_cpu(report['machine'])}, {report['machine'].get('cores')} cores\n"
-        f"- command: `{report['command']}`\n\n```\n{table}\n```\n")
+        f"- command: `{report['command']}`\n{describe_git(report['git'])}\n\n```\n{table}\n```\n")
     print(table)
     for s in skipped:
         print(f"skipped {s['name']}: {s['reason'].splitlines()[0]}")

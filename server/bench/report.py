@@ -165,6 +165,14 @@ def describe_cpu(machine: dict) -> str:
     return f"{machine.get('cpu', '?')}" + (f" ({'; '.join(extra)})" if extra else "")
 
 
+def describe_git(git: dict | None) -> str:
+    """The report's commit line: the commit its rows ran from, and whether the tree had local
+    changes then (such results are not reproducible from the commit alone)."""
+    if not git or not git.get("commit"):
+        return "- commit: not recorded"
+    return f"- commit: `{git['commit'][:12]}`" + (" (with local changes)" if git.get("dirty") else "")
+
+
 def render_markdown(report: dict, plots: list[str] | None = None) -> str:
     runs = report["runs"]
     m = report["machine"]
@@ -184,6 +192,7 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
            "auto+bfloat16": "; rows named +bf16: their wide passes (the prompt) in bf16 (lossy)"}.get(
                report["settings"].get("prefill_dtype", "auto"), ""),
         f"- command: `{report['command']}`",
+        describe_git(report.get("git")),
         "",
         "## Overall",
         "",

@@ -111,6 +111,7 @@ def test_load_against_a_live_tiny_server(tiny_model_dir, tmp_path):
     assert all(len(p["extra"]["rounds_tokens_per_s"]) == 2 for p in rep["load"])
     assert rep["load"][1]["extra"]["via_sd"]["steps"] > 0  # three_tier at concurrency 1 speculated
     assert len(rep["git"]["commit"]) == 40 and isinstance(rep["git"]["dirty"], bool)  # what the servers ran
+    assert f"- commit: `{rep['git']['commit'][:12]}`" in out.with_suffix(".md").read_text()
     # the same requests in turns of one: four turns a mode, each point still pools all of them
     rc = load.main(["--model", str(tiny_model_dir), "--concurrency", "1", "--requests", "2", "--max-tokens", "4",
                     "--modes", "off,three_tier", "--rounds", "2", "--round-requests", "1", "--start-timeout", "120",

@@ -77,6 +77,10 @@ def test_render_table_and_markdown():
     assert "| three_tier | 2.0" in md.replace("  ", " ") or "| three_tier |" in md
     assert "| run | translation | qa |" in md
     assert "- `vllm`: no env" in md and "![x_speedup.png](x_speedup.png)" in md
+    assert "- commit: not recorded" in md  # a report written before the commit was recorded
+    report["git"] = {"commit": "0123456789abcdef" * 2 + "01234567", "dirty": True}
+    assert "- commit: `0123456789ab` (with local changes)\n" in R.render_markdown(report)
+    assert R.describe_git({"commit": "f" * 40, "dirty": False}) == "- commit: `ffffffffffff`"
 
 
 def test_machine_line_names_the_cpu_generation_and_its_vector_extensions():
