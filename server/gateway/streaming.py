@@ -115,7 +115,10 @@ async def merged(runs: list[ChoiceRun], deadline: float) -> AsyncGenerator[tuple
             while True:
                 remaining = deadline - time.monotonic()
                 try:
-                    out = await asyncio.wait_for(it.__anext__(), max(remaining, 0.0))
+                    # a timeout scope, not `wait_for`: no task per delta (Python 3.11's `wait_for` wraps
+                    # every awaitable in a new task)
+                    async with asyncio.timeout(max(remaining, 0.0)):
+                        out = await it.__anext__()
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
