@@ -146,7 +146,8 @@ async def merged(runs: list[ChoiceRun], deadline: float) -> AsyncGenerator[tuple
         while live:
             remaining = deadline - time.monotonic()
             try:
-                index, item = await asyncio.wait_for(queue.get(), max(remaining, 0.0))
+                async with asyncio.timeout(max(remaining, 0.0)):
+                    index, item = await queue.get()
             except TimeoutError:
                 raise APIError(504, "the request timed out", code="timeout") from None
             if item is done:

@@ -248,3 +248,13 @@ async def test_request_timeout_504_and_abort():
     s = engine.stats()
     assert s.kv_cache_usage == 0 and s.requests_running == 0
     assert len(engine.aborted) == 2
+
+
+async def test_request_timeout_504_aborts_every_choice():
+    engine = FakeEngine(step_delay_s=0.02)
+    async with client_for(engine, request_timeout_s=0.2) as c:
+        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 400, "n": 2, "temperature": 0.5})
+        assert_error(r, 504, code="timeout")
+    s = engine.stats()
+    assert s.kv_cache_usage == 0 and s.requests_running == 0
+    assert len(engine.aborted) == 2
