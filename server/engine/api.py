@@ -64,7 +64,9 @@ class SpecUsage:
     lenient_accepted: int = 0  # accepted drafts the full model kept by full_accept_threshold, not its argmax
 
     def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
+        # the fields in order; not `dataclasses.asdict`, which deep-copies each int (10 us against
+        # 0.7 for a copy, and the engine copies a request's counts into every output it emits)
+        return dict(vars(self))
 
     def add(self, other: "SpecUsage") -> None:
         for f in dataclasses.fields(self):

@@ -109,3 +109,16 @@ def test_bad_requests_are_rejected_without_state(tiny_model_dir, bad, param):
     assert e.value.param == param
     assert_pool_full(eng)
     assert eng.seqs == {}
+
+
+def test_spec_usage_to_dict_is_every_field_in_order_and_a_copy():
+    import dataclasses
+
+    from server.engine.api import SpecUsage
+
+    u = SpecUsage(**{f.name: i + 1 for i, f in enumerate(dataclasses.fields(SpecUsage))})
+    d = u.to_dict()
+    assert d == dataclasses.asdict(u) and list(d) == [f.name for f in dataclasses.fields(SpecUsage)]
+    copy = SpecUsage(**d)
+    u.add(u)
+    assert copy != u and copy.to_dict() == d  # an output's counts do not move with the request's
