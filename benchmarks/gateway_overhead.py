@@ -18,8 +18,6 @@ import asyncio
 import importlib.util
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -76,32 +74,24 @@ async def load(port: int, pid: int, requests: int, concurrency: int, max_tokens:
             "server_cpu_s": round(cpu, 2), "server_cpu_us_per_chunk": round(cpu / max(chunks, 1) * 1e6, 1)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(loop: str, http: str, args) -> dict:
-    import httpx
+    """One server process (started and awaited as `via-sd bench --load` starts its servers), loaded once."""
+    import tempfile
+
+    from server.bench.load import free_port, start_server, wait_healthy
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", loop, http, str(port)])
-    try:
-        for _ in range(200):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                raise SystemExit(f"the server ({loop}, {http}) exited with {proc.returncode}")
-            time.sleep(0.1)
-        return {"loop": loop, "http": http,
-                **asyncio.run(load(port, proc.pid, args.requests, args.concurrency, args.max_tokens))}
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with tempfile.TemporaryDirectory() as logs:
+        server = start_server(f"{loop}-{http}", [sys.executable, __file__, "--serve", loop, http, str(port)], port,
+                              Path(logs))
+        try:
+            why = wait_healthy(server, 60)
+            if why is not None:
+                raise SystemExit(f"the server ({loop}, {http}) did not start: {why}")
+            return {"loop": loop, "http": http,
+                    **asyncio.run(load(port, server.proc.pid, args.requests, args.concurrency, args.max_tokens))}
+        finally:
+            server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,13 +22,9 @@ from via_sd_kernels.routes import Route
 TAPS = (0, 2, 3)
 
 
-def _prefilled(model: LlamaModel):
-    return prefilled_two_tables(model)
-
-
 def _step(model: LlamaModel, route=None, **kw):
     """Two prompts prefilled, then one decode-sized pass (4 tokens and 1) with taps."""
-    kv, t1, t2 = _prefilled(model)
+    kv, t1, t2 = prefilled_two_tables(model)
     with torch.inference_mode():
         return model.forward(build_batch([Chunk(t1, 37, [7, 8, 9, 10], 4), Chunk(t2, 11, [12], 1)]), kv.k, kv.v,
                              route, want_hidden=True, **kw)
@@ -76,7 +72,7 @@ def test_a_full_pass_from_the_slim_prefix_takes_the_taps_below_it(tiny_model_dir
     slim = Route(num_layers=n, attn=(True,) * n, mlp=tuple(k != 2 for k in range(n)))  # first skip: sub-layer 5
     start = 5
     ref = _step(model, taps=TAPS)
-    kv, t1, t2 = _prefilled(model)
+    kv, t1, t2 = prefilled_two_tables(model)
     chunks = [Chunk(t1, 37, [7, 8, 9, 10], 4), Chunk(t2, 11, [12], 1)]
     with torch.inference_mode():
         s = model.forward(build_batch(chunks), kv.k, kv.v, slim, save_at=start, want_hidden=True, taps=TAPS)
