@@ -133,20 +133,36 @@ def torch_draft(head, *args, **kw):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fp16", [False, True])
-def test_kernel_drafting_matches_torch_ops(fp16):
+@pytest.mark.parametrize("fmt", ["fp32", "fp16", "q8_0"])
+def test_kernel_drafting_matches_torch_ops(fmt):
     """The one-call kernel drafts the torch ops' tokens with their probabilities, for ragged,
-    left-padded batches, early stops, and fp16 matrices (widened exactly, as `_matmul` does)."""
+    left-padded batches, early stops, fp16 matrices (widened exactly, as `_matmul` does) and Q8_0
+    blocks (against the torch ops over the fp32 matrices they encode)."""
+    from via_sd_kernels.cpu.blocks import quantize_q8_0, unpack_q8_0
+
     V, H, W = 300, 64, 6
     embed = torch.randn(V, H)
     head = random_head(H, V, seed=5, window=W).attach(embed, embed)
-    if fp16:
-        for m in (head.fc, head.qkv, head.o, head.gate_up, head.down):
-            m.weight.data = m.weight.data.half()
+    ref = random_head(H, V, seed=5, window=W).attach(embed, embed)
+    mods = ("fc", "qkv", "o", "gate_up", "down")
+    if fmt == "fp16":
+        for m in mods:
+            getattr(head, m).weight.data = getattr(head, m).weight.data.half()
         head.out_embed = head.out_embed.half()
+        ref = head
+    elif fmt == "q8_0":
+        for m in mods:
+            q = quantize_q8_0(getattr(head, m).weight.data)
+            getattr(head, m).weight = torch.nn.Parameter(q, requires_grad=False)
+            getattr(ref, m).weight.data = unpack_q8_0(q, getattr(ref, m).weight.shape[1])
+        head.out_embed = quantize_q8_0(head.out_embed)
+        ref.out_embed = unpack_q8_0(head.out_embed, H)
+        assert not torch.equal(ref.fc.weight, random_head(H, V, seed=5, window=W).fc.weight)  # rounded
+    else:
+        ref = head
     with torch.no_grad():
         assert kernel_ready(head, torch.zeros(1, 1, H))
-    assert head.kernel_mats()[0].dtype == (torch.float16 if fp16 else torch.float32)
+    assert head.kernel_mats()[0].dtype == {"fp32": torch.float32, "fp16": torch.float16, "q8_0": torch.int8}[fmt]
     g = torch.Generator().manual_seed(6)
     for B, T, steps, stop in [(1, 6, 5, None), (3, 6, 4, None), (4, 3, 6, 0.05), (5, 6, 8, 0.02), (2, 1, 3, None)]:
         h = torch.randn(B, T, H, generator=g)
@@ -156,7 +172,7 @@ def test_kernel_drafting_matches_torch_ops(fp16):
         valid[0, : T // 2] = False  # a shorter history, left padded
         with torch.no_grad():
             ids, probs = draft(head, h, tok, pos, valid, steps, stop, 1)
-            ref_ids, ref_probs = torch_draft(head, h, tok, pos, valid, steps, stop, 1)
+            ref_ids, ref_probs = torch_draft(ref, h, tok, pos, valid, steps, stop, 1)
         assert torch.equal(ids, ref_ids), (B, T, steps, stop)
         assert torch.allclose(probs, ref_probs, atol=2e-5, rtol=1e-4)
         if stop is None:
@@ -218,6 +234,23 @@ def test_reduced_vocabulary_is_most_frequent_with_eos():
 
 
 # ------------------------------------------------------------------ the drafter in the engine
+@needs_kernels
+@pytest.mark.parametrize("fmt,dtype", [("q8_0", torch.int8), ("fp16", torch.float16), ("fp32", torch.float32)])
+def test_drafter_keeps_its_matrices_in_the_chosen_form(tiny_dir, tiny_head_path, monkeypatch, fmt, dtype):
+    """Q8_0 blocks by default (VIA_SD_HEAD_WEIGHTS), each form drafting in one kernel call."""
+    if fmt == "q8_0":
+        assert head_mod.HEAD_WEIGHTS == "q8_0"  # the default
+    monkeypatch.setattr(head_mod, "HEAD_WEIGHTS", fmt)
+    eng = engine_with_head(tiny_dir, tiny_head_path, head_min_gain=0.0)
+    mats = eng.spec.drafter.head.kernel_mats()
+    assert mats is not None and {m.dtype for m in mats} == {dtype}
+    seq = eng.add_request(GenerationRequest("a", (1, 2, 3, 4), SamplingParams(max_tokens=12, temperature=0.0,
+                                                                               ignore_eos=True)))
+    while eng.has_unfinished():
+        eng.step()
+    assert seq.num_tokens == 16 and seq.usage.draft_tokens > 0
+
+
 def test_drafter_proposes_after_observe_only(tiny_dir, tiny_head_path):
     eng = engine_with_head(tiny_dir, tiny_head_path, head_min_gain=0.0)  # pacing: its own test
     drafter = eng.spec.drafter

@@ -359,6 +359,31 @@ def test_q8_0_pack_reproduces_gguf_blocks_exactly_and_refuses_others():
     assert blocks.pack_q8_0(w) is None
 
 
+def test_quantize_q8_0_keeps_exact_blocks_and_rounds_others_to_half_a_step():
+    from via_sd_kernels.cpu import blocks
+
+    g = torch.Generator().manual_seed(4)
+    exact = q8_0_matrix(9, 64, g)
+    assert torch.equal(blocks.quantize_q8_0(exact), blocks.pack_q8_0(exact))
+    w = torch.randn(37, 96, generator=g) * 0.1
+    w[3, :32] = 0.0  # an all-zero block: d = 0, q = 0
+    w[4, 40] = 5.0  # one large value: the rest of its block rounds coarsely
+    p = blocks.quantize_q8_0(w)
+    assert p.dtype == torch.int8 and p.shape == (37, 3 * 34)
+    back = blocks.unpack_q8_0(p, 96)
+    d = p.reshape(-1, 34)[:, :2].contiguous().view(torch.float16).float().reshape(37, 3)
+    err = (back - w).abs().reshape(37, 3, 32)
+    assert (err <= d[..., None] / 2 * (1 + 1e-6)).all()
+    assert torch.equal(back[3, :32], torch.zeros(32))
+    assert back[4, 40] == pytest.approx(5.0, rel=1e-3)
+    assert (err.amax(-1) > 0).any()  # it is a rounding, not a copy
+    for bad in (torch.randn(3, 40), torch.zeros(0, 32)):
+        with pytest.raises(ValueError):
+            blocks.quantize_q8_0(bad)
+    with pytest.raises(ValueError, match="non-finite"):
+        blocks.quantize_q8_0(torch.full((1, 32), float("nan")))
+
+
 @pytest.mark.parametrize("M", [1, 2, 4, 6, 8, 11])
 def test_skinny_linear_q8_0_is_bitwise_the_fp32_matrix(M):
     from via_sd_kernels.cpu import blocks

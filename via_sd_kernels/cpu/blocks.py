@@ -121,6 +121,31 @@ def unpack_q8_0(p: torch.Tensor, K: int) -> torch.Tensor:
     return (d[:, None] * blocks[:, 2:].float()).reshape(p.shape[0], K)
 
 
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """fp32 [N, K] (K a multiple of 32) -> int8 [N, K / 32 * 34] Q8_0 blocks: exactly `w` where it
+    is such blocks (`pack_q8_0`), else GGUF's own rounding (d = max |w| / 127 of the block in fp16,
+    q = round(w / d)); this one loses precision (|error| <= d / 2 an element) and is for weights
+    whose exact values do not matter, such as a draft head's."""
+    exact = pack_q8_0(w)
+    if exact is not None:
+        return exact
+    if w.dim() != 2 or w.shape[1] % BLOCK or w.numel() == 0:
+        raise ValueError(f"Q8_0 needs a non-empty [N, K] matrix with K a multiple of {BLOCK}, not {tuple(w.shape)}")
+    N, K = w.shape
+    b = w.detach().to("cpu").float().contiguous().reshape(-1, BLOCK)
+    if not torch.isfinite(b).all():
+        raise ValueError("Q8_0 of a matrix with non-finite values")
+    d = (b.abs().max(-1).values / 127).half()
+    df = d.float()
+    q = torch.where(df[:, None] > 0, torch.round(b / torch.where(df > 0, df, torch.ones_like(df))[:, None]),
+                    torch.zeros_like(b)).clamp_(-128, 127)
+    nb = b.shape[0]
+    out = torch.empty(nb, Q8_0_BYTES, dtype=torch.int8)
+    out[:, 0:2] = d.view(torch.int8).reshape(nb, 2)
+    out[:, 2:] = q.to(torch.int8)
+    return out.reshape(N, K // BLOCK * Q8_0_BYTES)
+
+
 def pack(w: torch.Tensor) -> torch.Tensor | None:
     """The smallest exact block form of w (Q4_1, else Q8_0), or None."""
     p = pack_q4_1(w)

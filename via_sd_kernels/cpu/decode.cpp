@@ -764,7 +764,7 @@ torch::Tensor mlp_block(const torch::Tensor& x, const torch::Tensor& norm, doubl
 //   h [B, Tn, H] the target's final hidden states of the new pairs, tok [B, Tn] the tokens after
 //   them, pos, valid [B, Tn] (left padded; index Tn-1, the newest pair, valid);
 //   embed [V, H] fp32, fc [H, 2H], qkv [3H, H], o [H, H], gate_up [2F, H], down [H, F],
-//   out_embed [R, H] (all fp32 or all fp16), norms [3, H] (attention, ffn, output), reduced_ids [R].
+//   out_embed [R, H] (all fp32, all fp16, or all Q8_0 blocks, int8 [N, K / 32 * 34]), norms [3, H] (attention, ffn, output), reduced_ids [R].
 // Returns ids [B, S], the head's probability of each [B, S] (S = steps, or fewer once every row
 // has drafted a token below stop_below (< 0: never) and min_tokens are drafted), and kv_new
 // [B, Tn, 2, H], the new pairs' keys and values.
@@ -963,13 +963,19 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> head_draft(
   TORCH_CHECK(embed.scalar_type() == at::kFloat && embed.is_contiguous() && embed.dim() == 2 && embed.size(1) == H,
               "head_draft: embed fp32 [V, H]");
   const auto dt = fc.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf, "head_draft: matrices fp32 or fp16");
-  for (const auto* t : {&fc, &qkv, &o, &gate_up, &down, &out_embed})
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kChar,
+              "head_draft: matrices fp32, fp16 or Q8_0 blocks (int8 [N, K / 32 * 34])");
+  for (const auto* t : {&fc, &qkv, &o, &gate_up, &down, &out_embed}) {
     TORCH_CHECK(t->scalar_type() == dt && t->is_contiguous() && t->dim() == 2, "head_draft: matrices of one dtype, contiguous");
-  const int64_t F = down.size(1), R = out_embed.size(0);
-  TORCH_CHECK(fc.size(0) == H && fc.size(1) == 2 * H && qkv.size(0) == 3 * H && qkv.size(1) == H && o.size(0) == H &&
-              o.size(1) == H && gate_up.size(0) == 2 * F && gate_up.size(1) == H && down.size(0) == H &&
-              out_embed.size(1) == H, "head_draft: matrix shapes");
+    TORCH_CHECK(dt != at::kChar || t->size(1) % int64_t(sizeof(Q8Block)) == 0, "head_draft: Q8_0 rows of whole blocks");
+  }
+  // a matrix's K: its columns, or for Q8_0 blocks 32 per 34 bytes
+  auto cols = [&](const torch::Tensor& t) { return dt == at::kChar ? t.size(1) / int64_t(sizeof(Q8Block)) * 32 : t.size(1); };
+  const int64_t F = cols(down), R = out_embed.size(0);
+  TORCH_CHECK(fc.size(0) == H && cols(fc) == 2 * H && qkv.size(0) == 3 * H && cols(qkv) == H && o.size(0) == H &&
+              cols(o) == H && gate_up.size(0) == 2 * F && cols(gate_up) == H && down.size(0) == H &&
+              cols(out_embed) == H, "head_draft: matrix shapes");
+  TORCH_CHECK(dt != at::kChar || (H % 32 == 0 && F % 32 == 0), "head_draft: Q8_0 blocks need H and F multiples of 32");
   TORCH_CHECK(norms.scalar_type() == at::kFloat && norms.is_contiguous() && norms.numel() == 3 * H,
               "head_draft: norms fp32 [3, H]");
   TORCH_CHECK(reduced_ids.scalar_type() == at::kLong && reduced_ids.numel() == R, "head_draft: reduced_ids int64 [R]");
@@ -997,7 +1003,9 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> head_draft(
                            hc.data_ptr<float>(), tp, pc.data_ptr<int64_t>(), vc.data_ptr<bool>(), B, Tn, steps,
                            stop_below, min_tokens, float(eps), float(theta), kv_new.data_ptr<float>());
   };
-  const HeadDraft d = dt == at::kHalf ? run(static_cast<const _Float16*>(nullptr)) : run(static_cast<const float*>(nullptr));
+  const HeadDraft d = dt == at::kHalf   ? run(static_cast<const _Float16*>(nullptr))
+                      : dt == at::kChar ? run(static_cast<const Q8Block*>(nullptr))
+                                        : run(static_cast<const float*>(nullptr));
   auto idt = torch::empty({B, d.done}, torch::dtype(torch::kLong));
   auto prt = torch::empty({B, d.done}, torch::dtype(torch::kFloat));
   for (int64_t b = 0; b < B; ++b)

@@ -56,7 +56,11 @@ DEFAULT_THRESHOLD = 0.4
 # kept (EWMA, PACE_ALPHA), for 1, 2, 4 ... up to PACE_MAX_SKIP steps
 PACE_ALPHA = 0.3
 PACE_MAX_SKIP = 16
-HEAD_FP16 = os.environ.get("VIA_SD_HEAD_FP16", "1") != "0"
+# how the drafter keeps its matrices where the CPU kernels run (`HeadDrafter._to_huge_pages`):
+# q8_0 (GGUF's 8-bit blocks), fp16, or fp32; VIA_SD_HEAD_FP16=0, the older switch, means fp32
+HEAD_WEIGHTS = os.environ.get("VIA_SD_HEAD_WEIGHTS", "fp32" if os.environ.get("VIA_SD_HEAD_FP16") == "0" else "q8_0")
+if HEAD_WEIGHTS not in ("q8_0", "fp16", "fp32"):
+    raise ValueError(f"VIA_SD_HEAD_WEIGHTS={HEAD_WEIGHTS!r}: one of q8_0, fp16, fp32")
 HEAD_KERNEL = os.environ.get("VIA_SD_HEAD_KERNEL", "1") != "0"  # 0: draft with torch ops (comparisons)
 EPS = 1e-6
 ROPE_THETA = 10000.0
@@ -82,9 +86,9 @@ def _rms(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def _matmul(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x2 [M, K] @ w[N, K]^T. fp16 weights (the drafter's, `HeadDrafter._to_huge_pages`) go
-    through the CPU kernel, which widens them exactly, 32 rows at a time."""
-    if w.dtype == torch.float16:
+    """x2 [M, K] @ w[N, K]^T. fp16 weights or Q8_0 blocks (the drafter's, `HeadDrafter._to_huge_pages`)
+    go through the CPU kernel, which widens them exactly, SKINNY_MAX_TOKENS rows at a time."""
+    if w.dtype in (torch.float16, torch.int8):
         parts = [cpu_kernels.skinny_linear(c, w, None) for c in x2.float().split(cpu_kernels.SKINNY_MAX_TOKENS)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
     if _fast(x2):
@@ -186,7 +190,7 @@ class DraftHead(torch.nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., H] -> reduced-vocabulary logits [..., R]."""
-        if self.out_embed.dtype == torch.float16 or _fast(h):
+        if self.out_embed.dtype in (torch.float16, torch.int8) or _fast(h):
             return _matmul(h.reshape(-1, h.shape[-1]), self.out_embed).view(*h.shape[:-1], -1)
         return h @ self.out_embed.T
 
@@ -206,13 +210,13 @@ class DraftHead(torch.nn.Module):
 
     def kernel_mats(self) -> tuple[torch.Tensor, ...] | None:
         """(fc, qkv, o, gate_up, down, out_embed) for `cpu_kernels.head_draft`, or None when they
-        are not all contiguous fp32 or all fp16 on the CPU (or no embedding is attached)."""
+        are not all contiguous fp32, all fp16 or all Q8_0 blocks on the CPU (or no embedding is attached)."""
         if self.embed is None or self.out_embed is None or self.embed.dtype != torch.float32 \
                 or not self.embed.is_contiguous():
             return None
         mats = (self.fc.weight, self.qkv.weight, self.o.weight, self.gate_up.weight, self.down.weight, self.out_embed)
         dt = mats[0].dtype
-        if dt not in (torch.float32, torch.float16) or any(
+        if dt not in (torch.float32, torch.float16, torch.int8) or any(
                 m.dtype != dt or m.device.type != "cpu" or not m.is_contiguous() for m in mats):
             return None
         return tuple(m.detach() for m in mats)
@@ -433,20 +437,28 @@ class HeadDrafter(Drafter):
 
     def _to_huge_pages(self) -> None:
         """The head's matrices into huge pages, like the model's (server/engine/host_memory.py),
-        and, where the CPU kernels run, in fp16: drafting reads them once per draft token (28 MB
-        in fp32, from memory, since the target's weights evict them), and the kernel widens fp16
-        exactly. The head was trained and saved in fp16, so its own matrices lose nothing; the
-        target's output embedding rows are rounded, which only moves a draft's probabilities."""
+        and, where the CPU kernels run, smaller (`HEAD_WEIGHTS`): drafting reads them once per
+        draft token (28 MB in fp32, 14 in fp16, 7.4 as Q8_0 blocks), from memory, since the
+        target's weights evict them between steps. Q8_0 (the default): the readout rows of the
+        bundled model's embedding are Q8_0 blocks, kept exactly; the head's own matrices are
+        rounded to 8 bits a weight, which moves only the drafts (never what is accepted). fp16:
+        the head's matrices exactly (it is saved in fp16), the readout rounded."""
         from server.engine import host_memory
+        from via_sd_kernels.cpu.blocks import quantize_q8_0
 
         h = self.head
         mods = [h.fc, h.qkv, h.o, h.gate_up, h.down]
         mats = [m.weight.data for m in mods] + [h.out_embed]
-        if HEAD_FP16 and cpu_kernels.available():
+        if cpu_kernels.available() and HEAD_WEIGHTS == "fp16":
             mats = [t.to(torch.float16) for t in mats]
+        elif cpu_kernels.available() and HEAD_WEIGHTS == "q8_0" and all(t.shape[1] % 32 == 0 for t in mats):
+            mats = [quantize_q8_0(t.float()) for t in mats]
         moved = host_memory.move_to_huge_pages(mats)
         for m, t in zip(mods, moved):
-            m.weight.data = t
+            if t.is_floating_point():
+                m.weight.data = t
+            else:  # blocks: a parameter of integers cannot ask for gradients (the drafter never does)
+                m.weight = torch.nn.Parameter(t, requires_grad=False)
         h.out_embed = moved[-1]
 
     @torch.inference_mode()
