@@ -11,7 +11,10 @@
   cache. Median microseconds per call over repeated calls (the cache stays warm).
 - `draft`: the shipped draft head's 5-token chained draft for one sequence with a full 32-pair
   window, with the target's weights' worth of memory streamed in between (as in a step), on the
-  one-call kernel and on torch ops (`VIA_SD_HEAD_KERNEL=0` in the engine). Median milliseconds.
+  one-call kernel and on torch ops (`VIA_SD_HEAD_KERNEL=0` in the engine); then the drafter's
+  steady state (30 pairs' keys and values kept, 2 new pairs, 5 or 3 drafts, 1 or 4 sequences)
+  with its matrices in each form (`VIA_SD_HEAD_WEIGHTS`: fp32, fp16, Q8_0 blocks), the forms
+  taking turns over `--rounds` rounds. Median milliseconds.
 - `packed`: every layer matrix of the bundled model through `skinny_linear` once (a forward's
   matmuls, 210 calls), fp32 against the packed Q4_1 blocks, and the LM head fp32, fp16-read
   (`greedy_linear`) and Q8_0, for several tokens per pass. Median milliseconds (the weights do not
@@ -67,7 +70,7 @@ def attention(contexts: list[int], reps: int) -> None:
             print(f"attention  context {L:5d}  N={N}: {statistics.median(ts) * 1e6:7.1f} us per layer call", flush=True)
 
 
-def draft(reps: int) -> None:
+def draft(reps: int, rounds: int = 4) -> None:
     import server.engine.drafters.head as hd
     from server.engine.config import EngineConfig, SpecConfig
     from server.engine.engine import LLMEngine
@@ -92,6 +95,37 @@ def draft(reps: int) -> None:
             ts.append(time.perf_counter() - t)
         name = "one-call kernel" if kernel else "torch ops"
         print(f"draft      5 tokens, window {T}, {name:15s}: {statistics.median(ts) * 1e3:6.2f} ms", flush=True)
+    hd.HEAD_KERNEL = True
+    was = hd.HEAD_WEIGHTS
+    heads = {}
+    for form in ("fp32", "fp16", "q8_0"):
+        hd.HEAD_WEIGHTS = form
+        heads[form] = hd.HeadDrafter(eng).head
+    hd.HEAD_WEIGHTS = was
+    cases = []
+    for B, steps in ((1, 5), (1, 3), (4, 5)):
+        To, Tn = 30, 2
+        old = (torch.randn(B, To, 2, H, generator=g), torch.arange(To).repeat(B, 1), torch.ones(B, To, dtype=torch.bool))
+        new = (torch.randn(B, Tn, H, generator=g), torch.randint(0, 49152, (B, Tn), generator=g),
+               torch.arange(To, To + Tn).repeat(B, 1), torch.ones(B, Tn, dtype=torch.bool))
+        cases.append((B, steps, old, new))
+    times = {(f, i): [] for f in heads for i in range(len(cases))}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for form, head in heads.items():
+                for i, (B, steps, old, new) in enumerate(cases):
+                    for _ in range(2):
+                        hd.kernel_draft(head, old, new, steps)
+                    for _ in range(reps):
+                        stream.mul_(1.0)
+                        t = time.perf_counter()
+                        hd.kernel_draft(head, old, new, steps)
+                        times[form, i].append(time.perf_counter() - t)
+    for i, (B, steps, _, _) in enumerate(cases):
+        cells = "  ".join(f"{f} {statistics.median(times[f, i]) * 1e3:5.2f}" for f in heads)
+        print(f"draft      {B} seq x {steps} tokens, 30 pairs kept + 2 new: {cells} ms", flush=True)
+    for f, head in heads.items():
+        print(f"draft      {f}: {sum(m.numel() * m.element_size() for m in head.kernel_mats()) / 1e6:.1f} MB of matrices")
 
 
 def _timed_set(calls, M: int, reps: int, warm: bool = False) -> float:
@@ -178,13 +212,14 @@ def main() -> None:
     ap.add_argument("--gemm-tokens", default="8,16,32,64,512")
     ap.add_argument("--contexts", default="200,800,1600")
     ap.add_argument("--reps", type=int, default=25)
+    ap.add_argument("--rounds", type=int, default=4, help="`draft`: rounds of the weight forms taking turns")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.only in (None, "attention"):
         attention([int(c) for c in args.contexts.split(",")], args.reps)
     if args.only in (None, "draft"):
-        draft(args.reps)
+        draft(args.reps, args.rounds)
     if args.only in (None, "packed"):
         packed([int(m) for m in args.tokens.split(",")], args.reps)
     if args.only in (None, "gemm"):

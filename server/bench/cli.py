@@ -156,6 +156,12 @@ def git_state() -> dict | None:
     return {"commit": commit or None, "dirty": bool(dirty)} if commit else None
 
 
+def via_sd_environment() -> dict[str, str]:
+    """The VIA_SD_* switches set for this run (they change what the engine does: kernels, weight
+    forms, pacing), so that a report says what ran beyond its command."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("VIA_SD_")}
+
+
 def runnable_others(samples: int = 10, interval_s: float = 0.1, path: str = "/proc/loadavg") -> float | None:
     """How many other tasks are ready to run right now: the median over about a second of the
     running count in /proc/loadavg, less this process (Linux; None where the file cannot be read).
@@ -355,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                      "interleaved": args.interleave, "kv_cache_dtype": args.kv_cache_dtype,
                      "prefill_dtype": "+".join(prefill_dtypes), "draft_head": args.draft_head},
         "git": git,
+        "environment": via_sd_environment(),
         "runs": runs,
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
     }

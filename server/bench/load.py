@@ -440,8 +440,8 @@ def main(argv: list[str]) -> int:
             return _die("--turns 2 needs --endpoint chat")
         prompts = conversations(args.prompts, args.categories.split(",") if args.categories else None) \
             if args.prompts else [[p, FOLLOW_UP] for p in prompts]
-    from server.bench.cli import git_state, machine_info
-    from server.bench.report import describe_cpu, describe_git
+    from server.bench.cli import git_state, machine_info, via_sd_environment
+    from server.bench.report import describe_cpu, describe_environment, describe_git
     from server.bench.runner import find_vllm_python
     from server.engine.model_files import prepare_model
 
@@ -538,6 +538,7 @@ def main(argv: list[str]) -> int:
     report = {"machine": machine_info(os.cpu_count() or 1), "model": str(folder),
               "command": "via-sd bench --load " + shlex.join(argv),
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git": git,
+              "environment": via_sd_environment(),
               "settings": {"concurrency": concs, "requests": args.requests, "rounds": args.rounds,
                            "round_requests": args.round_requests, "max_tokens": args.max_tokens,
                            "endpoint": args.endpoint, "prompts": len(prompts), "turns": args.turns,
@@ -549,7 +550,9 @@ def main(argv: list[str]) -> int:
     out.with_suffix(".md").write_text(
         f"# via-sd bench --load\n\n- date: {report['date']}\n- model: {report['model']}\n"
         f"- machine: {describe_cpu(report['machine'])}, {report['machine'].get('cores')} cores\n"
-        f"- command: `{report['command']}`\n{describe_git(report['git'])}\n\n```\n{table}\n```\n")
+        f"- command: `{report['command']}`\n"
+        + "\n".join([describe_git(report["git"]), *describe_environment(report["environment"])])
+        + f"\n\n```\n{table}\n```\n")
     print(table)
     for s in skipped:
         print(f"skipped {s['name']}: {s['reason'].splitlines()[0]}")

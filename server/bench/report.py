@@ -173,6 +173,11 @@ def describe_git(git: dict | None) -> str:
     return f"- commit: `{git['commit'][:12]}`" + (" (with local changes)" if git.get("dirty") else "")
 
 
+def describe_environment(env: dict | None) -> list[str]:
+    """The report's environment line, where VIA_SD_* switches were set: none, no line."""
+    return [f"- environment: {' '.join(f'`{k}={v}`' for k, v in env.items())}"] if env else []
+
+
 def render_markdown(report: dict, plots: list[str] | None = None) -> str:
     runs = report["runs"]
     m = report["machine"]
@@ -193,6 +198,7 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
                report["settings"].get("prefill_dtype", "auto"), ""),
         f"- command: `{report['command']}`",
         describe_git(report.get("git")),
+        *describe_environment(report.get("environment")),
         "",
         "## Overall",
         "",

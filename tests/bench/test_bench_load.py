@@ -98,7 +98,8 @@ def test_bad_arguments(argv, msg, capsys):
 
 
 @pytest.mark.slow
-def test_load_against_a_live_tiny_server(tiny_model_dir, tmp_path):
+def test_load_against_a_live_tiny_server(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("VIA_SD_HEAD_MIN_GAIN", "0.3")  # the default's value: recorded, changes nothing
     out = tmp_path / "load.json"
     rc = load.main(["--model", str(tiny_model_dir), "--concurrency", "1,2", "--requests", "2", "--max-tokens", "4",
                     "--modes", "off,three_tier", "--rounds", "2", "--round-requests", "2", "--start-timeout", "120",
@@ -112,6 +113,8 @@ def test_load_against_a_live_tiny_server(tiny_model_dir, tmp_path):
     assert rep["load"][1]["extra"]["via_sd"]["steps"] > 0  # three_tier at concurrency 1 speculated
     assert len(rep["git"]["commit"]) == 40 and isinstance(rep["git"]["dirty"], bool)  # what the servers ran
     assert f"- commit: `{rep['git']['commit'][:12]}`" in out.with_suffix(".md").read_text()
+    assert rep["environment"]["VIA_SD_HEAD_MIN_GAIN"] == "0.3"
+    assert "- environment: " in out.with_suffix(".md").read_text() and "`VIA_SD_HEAD_MIN_GAIN=0.3`" in out.with_suffix(".md").read_text()
     # the same requests in turns of one: four turns a mode, each point still pools all of them
     rc = load.main(["--model", str(tiny_model_dir), "--concurrency", "1", "--requests", "2", "--max-tokens", "4",
                     "--modes", "off,three_tier", "--rounds", "2", "--round-requests", "1", "--start-timeout", "120",

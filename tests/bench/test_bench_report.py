@@ -81,6 +81,20 @@ def test_render_table_and_markdown():
     report["git"] = {"commit": "0123456789abcdef" * 2 + "01234567", "dirty": True}
     assert "- commit: `0123456789ab` (with local changes)\n" in R.render_markdown(report)
     assert R.describe_git({"commit": "f" * 40, "dirty": False}) == "- commit: `ffffffffffff`"
+    assert "- environment" not in R.render_markdown({**report, "environment": {}})
+    md = R.render_markdown({**report, "environment": {"VIA_SD_HEAD_WEIGHTS": "fp16", "VIA_SD_ONEDNN": "0"}})
+    assert "(with local changes)\n- environment: `VIA_SD_HEAD_WEIGHTS=fp16` `VIA_SD_ONEDNN=0`\n" in md
+
+
+def test_reports_record_the_via_sd_switches_set(monkeypatch):
+    from server.bench import cli
+
+    for k in [k for k in __import__("os").environ if k.startswith("VIA_SD_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("VIA_SD_ONEDNN", "0")
+    monkeypatch.setenv("VIA_SD_HEAD_WEIGHTS", "fp16")
+    monkeypatch.setenv("OTHER_SETTING", "1")
+    assert cli.via_sd_environment() == {"VIA_SD_HEAD_WEIGHTS": "fp16", "VIA_SD_ONEDNN": "0"}
 
 
 def test_machine_line_names_the_cpu_generation_and_its_vector_extensions():
