@@ -17,6 +17,9 @@ engine steps, every draft verified.
 
     python benchmarks/head_context.py --prompts 1000 --epochs 5 --out benchmarks/results/head_context.json
 
+`--layers N` trains the `window` head with N decoder layers instead of one (an experiment on the
+head's capacity; the engine drafts with one-layer heads only).
+
 `--head FILE.safetensors` trains nothing: it evaluates a saved head (`via-sd train-head`'s output)
 on the Spec-Bench answers the same way, so that heads trained on other data compare with these.
 """
@@ -34,10 +37,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from server.engine.drafters import head as hd  # noqa: E402
 from server.engine.drafters import train_head as th  # noqa: E402
+from server.engine.drafters.head import DraftHead  # noqa: E402
 from server.engine.model import ForwardOutput  # noqa: E402
 
 CATEGORIES = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
@@ -141,15 +147,108 @@ def pad(seqs: list[dict]) -> dict[str, torch.Tensor]:
     return d
 
 
+class _Layer(torch.nn.Module):
+    """One more decoder layer of a `MultiLayerHead` (the first is the `DraftHead`'s own)."""
+
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.qkv = torch.nn.Linear(hidden, 3 * hidden, bias=False)
+        self.o = torch.nn.Linear(hidden, hidden, bias=False)
+        self.gate_up = torch.nn.Linear(hidden, 2 * ffn, bias=False)
+        self.down = torch.nn.Linear(ffn, hidden, bias=False)
+        self.w_attn = torch.nn.Parameter(torch.ones(hidden))
+        self.w_ffn = torch.nn.Parameter(torch.ones(hidden))
+
+
+class MultiLayerHead(DraftHead):
+    """The draft head with `layers` decoder layers between the fusion and the output norm, each
+    attending over its own keys and values of the window (torch ops only; `multi_outputs` is its
+    `th.unrolled_outputs`)."""
+
+    def __init__(self, *args, layers: int = 2, **kw):
+        super().__init__(*args, **kw)
+        self.extra = torch.nn.ModuleList([_Layer(self.hidden, self.ffn) for _ in range(layers - 1)])
+
+    def _layer(self, i: int):
+        return self if i == 0 else self.extra[i - 1]
+
+    def project_layer(self, i: int, z: torch.Tensor, pos: torch.Tensor):
+        m = self._layer(i)
+        B, T, _ = z.shape
+        qkv = F.linear(hd._rms(z, m.w_attn), m.qkv.weight).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        p = pos[:, None, :]
+        return hd._rope(qkv[0], p), hd._rope(qkv[1], p), qkv[2]
+
+    def block(self, i: int, z: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The residual stream after layer i (no output norm)."""
+        m = self._layer(i)
+        B, T, _ = z.shape
+        z = z + F.linear(attn.transpose(1, 2).reshape(B, T, self.hidden), m.o.weight)
+        g, u = F.linear(hd._rms(z, m.w_ffn), m.gate_up.weight).chunk(2, dim=-1)
+        a = F.silu(g) * u
+        if self.training and self.dropout:
+            a = F.dropout(a, self.dropout)
+        return z + F.linear(a, m.down.weight)
+
+
+def multi_outputs(head, h: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, unroll: int) -> list[torch.Tensor]:
+    """`th.unrolled_outputs` for a head of any number of layers (a `DraftHead` counts as one):
+    the same levels and masks, each layer keeping its own keys and values across levels."""
+    B, T, _ = h.shape
+    pos = torch.arange(T).expand(B, T)
+    d = pos[0][:, None] - pos[0][None, :]
+    W = head.window
+    n = 1 + len(getattr(head, "extra", ()))
+    outs, ks, vs = [], [[] for _ in range(n)], [[] for _ in range(n)]
+    feat = h
+    for u in range(unroll):
+        blocks = [(d >= u) & (d < W) & (valid[:, None, :] | (d == 0)) if u == 0 else
+                  ((d >= u) & (d < W))[None] & valid[:, None, :]]
+        blocks += [(d == u - lvl)[None].expand(B, T, T) for lvl in range(1, u + 1)]
+        mask = torch.cat([m.expand(B, T, T) for m in blocks], dim=2)[:, None]
+        z = head.fuse(feat, x)
+        for i in range(n):
+            if isinstance(head, MultiLayerHead):
+                q, k, v = head.project_layer(i, z, pos)
+            else:
+                q, k, v = head.project(z, pos)
+            ks[i].append(k)
+            vs[i].append(v)
+            attn = hd._attend(q, torch.cat(ks[i], 2), torch.cat(vs[i], 2), mask)
+            z = head.block(i, z, attn) if isinstance(head, MultiLayerHead) else head.finish(z, attn)
+        out = hd._rms(z, head.w_out) if isinstance(head, MultiLayerHead) else z
+        outs.append(out)
+        feat = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
+    return outs
+
+
+def new_multi_head(model, reduced: torch.Tensor, *, layers: int, ffn: int, heads: int, window: int, dropout: float):
+    """`th.new_head`'s initialisation for a `MultiLayerHead`."""
+    head = MultiLayerHead(model.cfg.hidden_size, ffn, reduced, heads=heads, window=window, layers=layers)
+    head.attach(model.embed, model.lm_head)
+    head.dropout = dropout
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, std=0.02)
+        head.w_out.copy_(model.norm.float())
+    return head
+
+
 def train(model, seqs: list[dict], reduced: torch.Tensor, window: int, epochs: int, seed: int,
           unroll: int = 3, lr: float = 1.5e-3, batch_size: int = 8, ffn: int = 1536, heads: int = 9,
-          taps: tuple[int, ...] = (), name: str = "", feature_weight: float = 1.0, bf16: bool = False):
+          taps: tuple[int, ...] = (), name: str = "", feature_weight: float = 1.0, bf16: bool = False,
+          layers: int = 1):
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     d = pad(seqs)
     d["scale"] = model.norm.float().abs().mean()
-    head = th.new_head(model, reduced, ffn=ffn, heads=heads, window=window, dropout=0.1, taps=taps)
+    if layers > 1:
+        head = new_multi_head(model, reduced, layers=layers, ffn=ffn, heads=heads, window=window, dropout=0.1)
+    else:
+        head = th.new_head(model, reduced, ffn=ffn, heads=heads, window=window, dropout=0.1, taps=taps)
+    outputs = multi_outputs if layers > 1 else None
     N = len(d["h"])
     spe = math.ceil(N / batch_size)
     opt, sched = th.training_schedule(head, lr, 0.05, spe * epochs)
@@ -161,7 +260,7 @@ def train(model, seqs: list[dict], reduced: torch.Tensor, window: int, epochs: i
         perm = torch.randperm(N, generator=g)
         for b in range(spe):
             loss, _ = th.unrolled_loss(head, d, perm[b * batch_size:(b + 1) * batch_size], unroll, feature_weight,
-                                       bf16=bf16)
+                                       bf16=bf16, outputs=outputs)
             th.optimizer_step(head, opt, sched, loss)
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
@@ -180,7 +279,8 @@ def evaluate(head, seqs: list[dict], reduced: torch.Tensor, gamma: int) -> dict:
     kept_all, first = [], []
     for s in seqs:
         d = th.pad_answers([s])
-        outs = th.unrolled_outputs(head, d["h"].float(), d["x"], d["valid"], gamma)
+        outs = (multi_outputs if isinstance(head, MultiLayerHead) else th.unrolled_outputs)(
+            head, d["h"].float(), d["x"], d["valid"], gamma)
         preds = [reduced[head.logits(o[0]).argmax(-1)] for o in outs]  # [T] each: token at p+1
         y = d["y"][0]
         T = len(y)
@@ -256,6 +356,8 @@ def main() -> int:
                    help="evaluate this saved head on the Spec-Bench answers instead of training (repeatable)")
     p.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature regression loss")
     p.add_argument("--bf16", action="store_true", help="train under bf16 autocast (the matrix products in bf16)")
+    p.add_argument("--ffn", type=int, default=1536, help="the head's MLP width (the shipped head: 1536)")
+    p.add_argument("--layers", type=int, default=1, help="decoder layers of the `window` head (the shipped head: 1)")
     p.add_argument("--out", default="benchmarks/results/head_context.json")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -304,9 +406,11 @@ def main() -> int:
         if only and name not in only:
             continue
         head, secs = train(model, [view(s) for s in train_all], reduced, window, args.epochs, args.seed,
-                           taps=head_taps, name=name, feature_weight=args.feature_weight, bf16=args.bf16)
+                           taps=head_taps, name=name, feature_weight=args.feature_weight, bf16=args.bf16,
+                           ffn=args.ffn, layers=args.layers if name == "window" else 1)
         r = {"window": args.window if name != "context" else "all", "taps": list(head_taps),
-             "feature_weight": args.feature_weight, "bf16": args.bf16,
+             "feature_weight": args.feature_weight, "bf16": args.bf16, "ffn": args.ffn,
+             "layers": args.layers if name == "window" else 1,
              "train_seconds": round(secs, 1),
              "heldout": evaluate(head, [view(s) for s in held], reduced, args.gamma),
              "spec_bench": spec_bench(head, data["bench"], reduced, args.gamma, view)}

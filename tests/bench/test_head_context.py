@@ -144,3 +144,38 @@ def test_a_saved_head_is_evaluated_per_task_as_a_trained_one(hc, answers, tiny_m
     assert got["spec_bench"][first] == hc.evaluate(
         loaded, [hc.answer_only(a) for a in bench if a["category"] == first], loaded.reduced_ids, 3)
     assert got["spec_bench"][first]["answers"] == 2 and got["spec_bench"]["all"]["answers"] == 4
+
+
+def test_a_one_layer_multi_layer_head_is_the_draft_head(hc):
+    """`multi_outputs` computes `th.unrolled_outputs` for a one-layer head, and a two-layer head's
+    second layer changes the predictions; its training loss is the recipe's with those outputs."""
+    torch.manual_seed(0)
+    V, H = 300, 64
+    ids = torch.randperm(V)[:128].sort().values
+    emb = torch.randn(V, H)
+    h, x = torch.randn(2, 10, H), torch.randint(0, V, (2, 10))
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, :3] = False
+    one = hc.MultiLayerHead(H, 96, ids, heads=4, window=6, layers=1).attach(emb, emb).eval()
+    two = hc.MultiLayerHead(H, 96, ids, heads=4, window=6, layers=2).attach(emb, emb).eval()
+    with torch.no_grad():
+        for head in (one, two):
+            for p in head.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.3)
+        a, b = hc.multi_outputs(one, h, x, valid, 3), th.unrolled_outputs(one, h, x, valid, 3)
+        plain = DraftHead(H, 96, ids, heads=4, window=6).attach(emb, emb).eval()
+        plain.load_state_dict(one.state_dict())
+        c = hc.multi_outputs(plain, h, x, valid, 3)
+        two.load_state_dict(one.state_dict(), strict=False)  # the same first layer
+        d2 = hc.multi_outputs(two, h, x, valid, 3)
+    assert len(a) == 3 and all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a, b))
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(c, b))
+    assert all(not torch.allclose(p, q, atol=1e-3) for p, q in zip(d2, b))
+    assert sum(p.numel() for p in two.parameters()) > sum(p.numel() for p in one.parameters())
+    data = th.pad_answers([{"tokens": torch.randint(0, V, (9,)), "hidden": torch.randn(8, H),
+                            "greedy": torch.randint(0, V, (8,))}])
+    data["scale"] = torch.tensor(1.0)
+    loss, _ = th.unrolled_loss(two, data, torch.tensor([0]), 2, 1.0, outputs=hc.multi_outputs)
+    loss.backward()
+    assert two.extra[0].down.weight.grad is not None and two.extra[0].down.weight.grad.abs().sum() > 0

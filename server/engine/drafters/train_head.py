@@ -302,21 +302,22 @@ def unrolled_outputs(head, h: torch.Tensor, x: torch.Tensor, valid: torch.Tensor
 
 
 def unrolled_loss(head, d: dict[str, torch.Tensor], idx: torch.Tensor, unroll: int, feature_weight: float,
-                  bf16: bool = False):
+                  bf16: bool = False, outputs=None):
     """Feature regression (smooth L1, in units of the final norm's mean weight) plus cross-entropy
     against the target's own distribution over the reduced vocabulary, at every chained level;
     deeper levels count a little less. With `d["loss"]` [N, T], only the positions it marks are
     scored (the others are context only). With `bf16`, under bf16 autocast (the matrix products
-    in bf16, the weights, gradients and optimizer state fp32). Returns (loss, level-0 cross-entropy)."""
+    in bf16, the weights, gradients and optimizer state fp32). `outputs` replaces `unrolled_outputs`
+    (an experiment's other head shape). Returns (loss, level-0 cross-entropy)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        return _unrolled_loss(head, d, idx, unroll, feature_weight)
+        return _unrolled_loss(head, d, idx, unroll, feature_weight, outputs or unrolled_outputs)
 
 
-def _unrolled_loss(head, d, idx, unroll, feature_weight):
+def _unrolled_loss(head, d, idx, unroll, feature_weight, outputs):
     h, x, valid = d["h"][idx].float(), d["x"][idx], d["valid"][idx]
     scored = valid if "loss" not in d else valid & d["loss"][idx]
     B, T, _ = h.shape
-    outs = unrolled_outputs(head, h, x, valid, unroll)
+    outs = outputs(head, h, x, valid, unroll)
     tgt = h[:, 1:, -head.hidden:]  # h_{p+1} for p < T-1 (the final-norm state, the last H of a tapped feature)
     with torch.no_grad():
         p_tgt = torch.softmax(head.logits(tgt), -1)  # [B, T-1, R]
