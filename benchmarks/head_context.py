@@ -137,6 +137,21 @@ def top_only(s: dict, hidden: int) -> dict:
     return {**s, "hidden": s["hidden"][:, -hidden:]}
 
 
+def segments(s: dict, hidden: int, length: int = 128, context: int = 32) -> list[dict]:
+    """A whole sequence (prompt and answer pairs, the final-norm state) as pieces of at most
+    `length` pairs for `pad`, every pair a training target once: each piece after the first
+    starts `context` pairs early, and those pairs (marked by `answer_start`) are context only."""
+    T = len(s["hidden"])
+    out, start = [], 0
+    while True:
+        end = min(T, start + length)
+        out.append({**s, "tokens": s["tokens"][start:end + 1], "hidden": s["hidden"][start:end, -hidden:],
+                    "greedy": s["greedy"][start:end], "answer_start": 0 if start == 0 else context})
+        if end == T:
+            return out
+        start = end - context
+
+
 def pad(seqs: list[dict]) -> dict[str, torch.Tensor]:
     """`th.pad_answers` plus `loss [N, T]`: the positions whose prediction is an answer token
     (`th.unrolled_loss` scores only those; prompt pairs are context)."""
@@ -347,7 +362,8 @@ def main() -> int:
                    help="train on the instructions of this JSONL ({id, category, prompt}) instead of the builtin set")
     p.add_argument("--train-answers", type=int, default=None, help="train on the first N training answers only")
     p.add_argument("--only", default=None,
-                   help="train only these heads (comma-separated: window, context, taps)")
+                   help="train only these heads (comma-separated: window, context, taps, window_prompt; "
+                        "default: window, context and, with --taps, taps)")
     p.add_argument("--taps", default="",
                    help="layer indices (comma-separated) whose outputs are recorded with the final-norm state; "
                         "head `taps` fuses them (EAGLE-3's low- and mid-level features), `window` reads the "
@@ -398,19 +414,25 @@ def main() -> int:
               "train_answer_positions": sum(len(s["greedy"]) - s["answer_start"] for s in train_all),
               "train_prompt_positions": sum(s["answer_start"] for s in train_all), "heads": {}}
     heads = [("window", args.window, top, ()),
-             ("context", 1 << 30, lambda s: {**s, "hidden": s["hidden"][:, -H:]}, ())]
+             ("context", 1 << 30, lambda s: {**s, "hidden": s["hidden"][:, -H:]}, ()),
+             # the `window` head trained on the prompts' pairs as well as the answers' (evaluated
+             # on answers, as the others)
+             ("window_prompt", args.window, top, ())]
     if taps:
         heads.append(("taps", args.window, answer_only, taps))
-    only = set(args.only.split(",")) if args.only else None
+    only = set(args.only.split(",")) if args.only else {"window", "context", *(["taps"] if taps else [])}
     for name, window, view, head_taps in heads:
-        if only and name not in only:
+        if name not in only:
             continue
-        head, secs = train(model, [view(s) for s in train_all], reduced, window, args.epochs, args.seed,
+        seqs = [p for s in train_all for p in segments(s, H, context=window)] if name == "window_prompt" \
+            else [view(s) for s in train_all]
+        head, secs = train(model, seqs, reduced, window, args.epochs, args.seed,
                            taps=head_taps, name=name, feature_weight=args.feature_weight, bf16=args.bf16,
                            ffn=args.ffn, layers=args.layers if name == "window" else 1)
         r = {"window": args.window if name != "context" else "all", "taps": list(head_taps),
              "feature_weight": args.feature_weight, "bf16": args.bf16, "ffn": args.ffn,
              "layers": args.layers if name == "window" else 1,
+             "train_positions": sum(len(q["hidden"]) - q["answer_start"] for q in seqs),
              "train_seconds": round(secs, 1),
              "heldout": evaluate(head, [view(s) for s in held], reduced, args.gamma),
              "spec_bench": spec_bench(head, data["bench"], reduced, args.gamma, view)}

@@ -179,3 +179,23 @@ def test_a_one_layer_multi_layer_head_is_the_draft_head(hc):
     loss, _ = th.unrolled_loss(two, data, torch.tensor([0]), 2, 1.0, outputs=hc.multi_outputs)
     loss.backward()
     assert two.extra[0].down.weight.grad is not None and two.extra[0].down.weight.grad.abs().sum() > 0
+
+
+def test_segments_cover_every_pair_once_as_a_target_with_a_window_of_context(hc):
+    T, H = 300, 8
+    s = {"tokens": torch.arange(T + 1), "hidden": torch.randn(T, 2 * H), "greedy": torch.arange(T) + 1000,
+         "answer_start": 57, "prompt_id": 1, "kind": "greedy"}
+    segs = hc.segments(s, H, length=128, context=32)
+    assert [len(p["hidden"]) for p in segs] == [128, 128, 108]
+    targets = []
+    for p in segs:
+        first = int(p["tokens"][0])  # the absolute position of the piece's first pair
+        assert p["hidden"].shape[1] == H and torch.equal(p["hidden"], s["hidden"][first:first + len(p["hidden"]), -H:])
+        assert torch.equal(p["tokens"], s["tokens"][first:first + len(p["hidden"]) + 1])
+        assert torch.equal(p["greedy"], s["greedy"][first:first + len(p["hidden"])])
+        d = hc.pad([p])
+        targets += [first + j for j in range(1, len(p["hidden"])) if d["loss"][0, j]]
+    assert targets == list(range(1, T))  # the prompt's pairs too, each once
+    assert [p["answer_start"] for p in segs] == [0, 32, 32]
+    assert len(hc.segments({**s, "hidden": s["hidden"][:50], "tokens": s["tokens"][:51], "greedy": s["greedy"][:50]},
+                           H)) == 1
