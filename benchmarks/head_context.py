@@ -238,16 +238,9 @@ def multi_outputs(head, h: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, u
 
 
 def new_multi_head(model, reduced: torch.Tensor, *, layers: int, ffn: int, heads: int, window: int, dropout: float):
-    """`th.new_head`'s initialisation for a `MultiLayerHead`."""
-    head = MultiLayerHead(model.cfg.hidden_size, ffn, reduced, heads=heads, window=window, layers=layers)
-    head.attach(model.embed, model.lm_head)
-    head.dropout = dropout
-    with torch.no_grad():
-        for p in head.parameters():
-            if p.dim() == 2:
-                torch.nn.init.normal_(p, std=0.02)
-        head.w_out.copy_(model.norm.float())
-    return head
+    """`th.new_head` for a `MultiLayerHead`."""
+    return th.init_head(MultiLayerHead(model.cfg.hidden_size, ffn, reduced, heads=heads, window=window, layers=layers),
+                        model, dropout)
 
 
 def train(model, seqs: list[dict], reduced: torch.Tensor, window: int, epochs: int, seed: int,

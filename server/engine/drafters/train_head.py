@@ -342,7 +342,13 @@ def new_head(model, reduced: torch.Tensor, *, ffn: int, heads: int, window: int,
     from the target's final norm."""
     from server.engine.drafters.head import DraftHead
 
-    head = DraftHead(model.cfg.hidden_size, ffn, reduced, heads=heads, window=window, taps=taps)
+    return init_head(DraftHead(model.cfg.hidden_size, ffn, reduced, heads=heads, window=window, taps=taps), model,
+                     dropout)
+
+
+def init_head(head, model, dropout: float):
+    """`head` attached to `model`'s embeddings and initialised for training: matrices N(0, 0.02),
+    the output norm's weight from the target's final norm."""
     head.attach(model.embed, model.lm_head)
     head.dropout = dropout
     with torch.no_grad():
