@@ -211,16 +211,11 @@ def multi_outputs(head, h: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, u
     the same levels and masks, each layer keeping its own keys and values across levels."""
     B, T, _ = h.shape
     pos = torch.arange(T).expand(B, T)
-    d = pos[0][:, None] - pos[0][None, :]
-    W = head.window
     n = 1 + len(getattr(head, "extra", ()))
     outs, ks, vs = [], [[] for _ in range(n)], [[] for _ in range(n)]
     feat = h
     for u in range(unroll):
-        blocks = [(d >= u) & (d < W) & (valid[:, None, :] | (d == 0)) if u == 0 else
-                  ((d >= u) & (d < W))[None] & valid[:, None, :]]
-        blocks += [(d == u - lvl)[None].expand(B, T, T) for lvl in range(1, u + 1)]
-        mask = torch.cat([m.expand(B, T, T) for m in blocks], dim=2)[:, None]
+        mask = th.level_mask(valid, u, head.window)
         z = head.fuse(feat, x)
         for i in range(n):
             if isinstance(head, MultiLayerHead):

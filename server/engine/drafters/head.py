@@ -449,10 +449,11 @@ class HeadDrafter(Drafter):
         h = self.head
         mods = [h.fc, h.qkv, h.o, h.gate_up, h.down]
         mats = [m.weight.data for m in mods] + [h.out_embed]
-        if cpu_kernels.available() and HEAD_WEIGHTS == "fp16":
-            mats = [t.to(torch.float16) for t in mats]
-        elif cpu_kernels.available() and HEAD_WEIGHTS == "q8_0" and all(t.shape[1] % 32 == 0 for t in mats):
-            mats = [quantize_q8_0(t.float()) for t in mats]
+        if cpu_kernels.available():
+            if HEAD_WEIGHTS == "fp16":
+                mats = [t.to(torch.float16) for t in mats]
+            elif HEAD_WEIGHTS == "q8_0" and all(t.shape[1] % 32 == 0 for t in mats):
+                mats = [quantize_q8_0(t.float()) for t in mats]
         moved = host_memory.move_to_huge_pages(mats)
         for m, t in zip(mods, moved):
             if t.is_floating_point():

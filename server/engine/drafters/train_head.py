@@ -281,8 +281,6 @@ def unrolled_outputs(head, h: torch.Tensor, x: torch.Tensor, valid: torch.Tensor
 
     B, T, _ = h.shape
     pos = torch.arange(T).expand(B, T)
-    d = pos[0][:, None] - pos[0][None, :]  # [T, T] query minus key position
-    W = head.window
     outs, ks, vs = [], [], []
     feat = h
     for u in range(unroll):
@@ -290,15 +288,23 @@ def unrolled_outputs(head, h: torch.Tensor, x: torch.Tensor, valid: torch.Tensor
         q, k, v = head.project(z, pos)
         ks.append(k)
         vs.append(v)
-        blocks = [(d >= u) & (d < W) & (valid[:, None, :] | (d == 0))[:, :, :] if u == 0 else
-                  ((d >= u) & (d < W))[None] & valid[:, None, :]]
-        for lvl in range(1, u + 1):
-            blocks.append((d == u - lvl)[None].expand(B, T, T))
-        mask = torch.cat([m.expand(B, T, T) for m in blocks], dim=2)[:, None]  # [B, 1, T, (u+1)T]
-        out = head.finish(z, _attend(q, torch.cat(ks, 2), torch.cat(vs, 2), mask))
+        out = head.finish(z, _attend(q, torch.cat(ks, 2), torch.cat(vs, 2), level_mask(valid, u, head.window)))
         outs.append(out)
         feat = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
     return outs
+
+
+def level_mask(valid: torch.Tensor, u: int, window: int) -> torch.Tensor:
+    """`unrolled_outputs`' attention mask at level u, [B, 1, T, (u+1)T]: the true pairs at
+    positions <= p-u inside the window (valid ones, and the pair itself at level 0), then the
+    level-k pair at p-u+k for k = 1..u."""
+    B, T = valid.shape
+    pos = torch.arange(T)
+    d = pos[:, None] - pos[None, :]  # [T, T] query minus key position
+    blocks = [(d >= u) & (d < window) & (valid[:, None, :] | (d == 0)) if u == 0 else
+              ((d >= u) & (d < window))[None] & valid[:, None, :]]
+    blocks += [(d == u - lvl)[None].expand(B, T, T) for lvl in range(1, u + 1)]
+    return torch.cat([m.expand(B, T, T) for m in blocks], dim=2)[:, None]
 
 
 def unrolled_loss(head, d: dict[str, torch.Tensor], idx: torch.Tensor, unroll: int, feature_weight: float,
