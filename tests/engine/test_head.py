@@ -488,6 +488,70 @@ def test_adding_a_set_of_prompts_keeps_the_earlier_held_out_split():
     assert {s["prompt_id"] for s in split_by_prompt(first + second, 0.1, 1)[1]} != ids
 
 
+def test_third_prompts_are_new_deterministic_and_named_sets_join():
+    from server.engine.drafters.train_head import THIRD_START, builtin_prompts, named_prompts, split_by_prompt
+    from server.engine.drafters.train_prompts import third_prompts
+
+    a = third_prompts(0, start_id=THIRD_START)
+    assert a == third_prompts(0, start_id=THIRD_START) and a != third_prompts(1, start_id=THIRD_START)
+    assert [r["id"] for r in a] == list(range(THIRD_START, THIRD_START + len(a))) and len(a) > 1400
+    assert len({r["prompt"] for r in a}) == len(a)
+    builtin = builtin_prompts(0)
+    assert not {r["prompt"] for r in a} & {r["prompt"] for r in builtin}  # new instructions, not the shipped ones
+    if SPEC_BENCH.exists():
+        questions = {t for line in SPEC_BENCH.read_text().splitlines() if line.strip()
+                     for t in json.loads(line)["turns"]}
+        assert not questions & {r["prompt"] for r in a}
+    assert named_prompts("third", 0) == a and named_prompts("builtin", 0) == builtin
+    assert named_prompts("builtin+third", 0) == builtin + a
+    assert named_prompts("prompts.jsonl", 0) is None and named_prompts("builtin+nope", 0) is None
+    _, held_first = split_by_prompt([{"prompt_id": r["id"]} for r in builtin], 0.1, 0)
+    _, held = split_by_prompt([{"prompt_id": r["id"]} for r in builtin + a], 0.1, 0)
+    assert {s["prompt_id"] for s in held if s["prompt_id"] < THIRD_START} == {s["prompt_id"] for s in held_first}
+    assert sum(s["prompt_id"] >= THIRD_START for s in held) == round(len(a) * 0.1)
+
+
+def test_paper_prompts_are_deterministic_passages_of_the_aclsum_papers():
+    from server.engine.drafters.train_head import PAPERS_START, split_by_prompt
+    from server.engine.drafters.train_prompts import paper_passages, paper_prompts
+
+    passages = paper_passages()
+    if not passages:
+        pytest.skip("the aclsum package is not installed (make install puts it in)")
+    assert len(passages) > 2500
+    assert all(150 <= len(p.split()) <= 550 for _, p in passages)
+    assert {k for k, _ in passages} == {"introduction", "method", "results", "other"}
+    a = paper_prompts(0)
+    assert a == paper_prompts(0) and a != paper_prompts(1) and len(a) == len(passages)
+    assert [r["id"] for r in a] == list(range(PAPERS_START, PAPERS_START + len(a)))
+    # each instruction holds one passage, whole (a sample of 40 against every passage)
+    texts = [p for _, p in passages]
+    found = [[i for i, p in enumerate(texts) if p in r["prompt"]] for r in a[::72][:40]]
+    assert all(len(f) == 1 for f in found) and len({f[0] for f in found}) == len(found)
+    assert {r["category"] for r in a} == {"summarization", "rag", "explain", "extraction", "writing"}
+    if SPEC_BENCH.exists():
+        questions = {t for line in SPEC_BENCH.read_text().splitlines() if line.strip()
+                     for t in json.loads(line)["turns"]}
+        assert not questions & {r["prompt"] for r in a}
+    # a set of its own: adding it leaves the earlier sets' held-out prompts where they were
+    first = [{"prompt_id": i} for i in list(range(10_000, 10_500)) + list(range(20_000, 20_300))]
+    _, held_first = split_by_prompt(first, 0.1, 0)
+    _, held = split_by_prompt(first + [{"prompt_id": r["id"]} for r in a], 0.1, 0)
+    assert {s["prompt_id"] for s in held if s["prompt_id"] < PAPERS_START} == {s["prompt_id"] for s in held_first}
+    assert sum(s["prompt_id"] >= PAPERS_START for s in held) == round(len(a) * 0.1)
+
+
+def test_paper_prompts_without_the_package_are_refused(monkeypatch):
+    import importlib.util
+
+    from server.engine.drafters import train_head
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "aclsum" else real(name, *a))
+    with pytest.raises(SystemExit, match="aclsum"):
+        train_head.papers_or_exit(0)
+
+
 # ------------------------------------------------------------------ training, end to end
 def test_train_head_command_on_tiny_model(tiny_dir, tmp_path, monkeypatch):
     from server.engine.drafters.train_head import main

@@ -6,7 +6,9 @@ Three stages, one command (a fixed seed makes it reproducible):
    Spec-Bench questions: by default (`--prompts builtin`) the 226 hand-written ones of
    `assets/train_prompts.jsonl` and the 1,318 + 1,113 templated ones of `train_prompts.py` (two
    sets), plus, with `--self-instructions N`, N instructions the model writes itself (user turns
-   sampled from its own chat template, `self_instructions`; `--prompts self` takes only those);
+   sampled from its own chat template, `self_instructions`; `--prompts self` takes only those;
+   `--prompts third` a third templated set, `papers` passages of research papers of the PyPI
+   package `aclsum` to summarize and answer from; names join with '+', as `builtin+third`);
    once greedy and `--sampled` more times at `--temperature`. While it decodes, a recording runner keeps the
    target's final-norm hidden state and greedy next token at every generated position, so the
    features cost no second forward: `h_p` [H] is what `lm_head` sees at position p, `y_p` =
@@ -163,7 +165,33 @@ def builtin_prompts(seed: int) -> list[dict]:
 
 # ---------------------------------------------------------------------------- data
 SELF_START = 30_000  # ids of the instructions the model writes itself (`--self-instructions`)
-SET_STARTS = (20_000, SELF_START)  # prompt ids where a later set of instructions begins
+PAPERS_START = 40_000  # ids of the papers' set (`train_prompts.paper_prompts`, `--prompts papers`)
+THIRD_START = 50_000  # ids of the third templated set (`train_prompts.third_prompts`, `--prompts third`)
+SET_STARTS = (20_000, SELF_START, PAPERS_START, THIRD_START)  # prompt ids where a later set begins
+
+
+def papers_or_exit(seed: int) -> list[dict]:
+    """The papers' set (`train_prompts.paper_prompts`), or exit 2 when the `aclsum` package is absent."""
+    from server.engine.drafters.train_prompts import paper_prompts
+
+    rows = paper_prompts(seed, start_id=PAPERS_START)
+    if not rows:
+        raise SystemExit("via-sd train-head: --prompts papers needs the aclsum package "
+                         "(make install puts it in; pip install --no-deps aclsum==0.1.2)")
+    return rows
+
+
+def named_prompts(names: str, seed: int) -> list[dict] | None:
+    """The instructions of named sets joined by '+' ('builtin', 'papers', 'third'; e.g.
+    'builtin+third'), in that order; None when `names` is not such a name (a file's path)."""
+    from server.engine.drafters.train_prompts import third_prompts
+
+    sets = {"builtin": builtin_prompts, "papers": papers_or_exit,
+            "third": lambda sd: third_prompts(sd, start_id=THIRD_START)}
+    parts = names.split("+")
+    if not all(p in sets for p in parts):
+        return None
+    return [r for p in parts for r in sets[p](seed)]
 
 
 def self_instructions(model_dir: str, n: int, *, seed: int, batch: int, threads: int | None,
@@ -205,9 +233,10 @@ def self_instructions(model_dir: str, n: int, *, seed: int, batch: int, threads:
 
 
 def split_by_prompt(seqs: list[dict], heldout: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out a `heldout` share of the prompts of each set (ids below 20,000, from 20,000, and the
-    model's own from `SELF_START`) on its own, so that adding a set leaves the earlier sets'
-    held-out prompts where they were."""
+    """Hold out a `heldout` share of the prompts of each set (ids below 20,000, from 20,000, the
+    model's own from `SELF_START`, the papers' from `PAPERS_START`, the third templated set's from
+    `THIRD_START`) on its own, so that adding a set leaves the earlier sets' held-out prompts where
+    they were."""
     held: set[int] = set()
     all_ids = {s["prompt_id"] for s in seqs}
     for k in range(len(SET_STARTS) + 1):
@@ -577,7 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", default="builtin",
                    help="a JSONL of {id, category, prompt}; 'builtin' (default) = assets/train_prompts.jsonl plus "
-                        "the templated sets of train_prompts.py; 'self' = only the --self-instructions")
+                        "the first two templated sets of train_prompts.py; 'third' = its third templated set "
+                        "(train_prompts.third_prompts); 'papers' = passages of the aclsum package's papers to "
+                        "summarize and answer from (train_prompts.paper_prompts); names join with '+' "
+                        "(e.g. 'builtin+third'); 'self' = only the --self-instructions")
     p.add_argument("--limit-prompts", type=int, default=None)
     p.add_argument("--self-instructions", type=int, default=0,
                    help="also N instructions the model writes itself (user turns sampled from its chat template), "
@@ -677,8 +709,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts == "self" and not args.self_instructions:
         print("via-sd train-head: --prompts self needs --self-instructions N", file=sys.stderr)
         return 2
-    prompts = {"builtin": lambda: builtin_prompts(args.seed), "self": list}.get(
-        args.prompts, lambda: load_prompts(Path(args.prompts), None))()
+    prompts = [] if args.prompts == "self" else named_prompts(args.prompts, args.seed)
+    if prompts is None:
+        prompts = load_prompts(Path(args.prompts), None)
     if args.limit_prompts:
         prompts = prompts[: args.limit_prompts]
     if args.self_instructions:

@@ -8,7 +8,9 @@ instructions) is widened here by crossing task templates with topics, by word pr
 seeded random numbers, by sentences written in German, French and Spanish for the translation
 templates, and by passages of the Python documentation that ships with the interpreter
 (`pydoc_data.topics`) for summaries and passage questions. `generated_prompts(seed)` is
-deterministic, so `via-sd train-head` reproduces the same set.
+deterministic, so `via-sd train-head` reproduces the same set. `more_prompts(seed)` is the
+second templated set, and `paper_prompts(seed)` an opt-in third one: passages of research papers
+from the PyPI package `aclsum`, of the length of Spec-Bench's summaries and retrieval questions.
 """
 
 from __future__ import annotations
@@ -308,7 +310,7 @@ GERMAN = [
     "Die Software enthält eine Sicherheitslücke, die schnell geschlossen werden muss.",
     "Das Gericht gab der Klage der Anwohner gegen den Bau der Fabrik statt.",
     "Die Mannschaft verlor zum dritten Mal in Folge und steht nun auf dem letzten Platz.",
-    "Die Zahl der Geburten ist im vergangenen Jahr gesunken.",
+    "Die Zahl der Geburten ist in der Region zum ersten Mal seit Jahren gestiegen.",
     "Der Hersteller ruft wegen defekter Bremsen mehrere Tausend Fahrräder zurück.",
     "Auf dem Weihnachtsmarkt werden in diesem Jahr mehr Besucher erwartet.",
     "Die Kommission legte einen Plan zur Reform des Rentensystems vor.",
@@ -395,6 +397,309 @@ def more_prompts(seed: int = 0, start_id: int = 20_000) -> list[dict]:
             rows.append(("qa", form.format(x=x)))
     for _ in range(160):
         rows.append(("math", _word_problem_2(rng)))
+    rows = list({text: (cat, text) for cat, text in rows}.values())  # a word problem may come twice
+    rng.shuffle(rows)
+    return [{"id": start_id + i, "category": cat, "prompt": text} for i, (cat, text) in enumerate(rows)]
+
+
+# ---------------------------------------------------------------------------- the papers' set
+# Spec-Bench's copy-heavy tasks (summarization, retrieval-augmented QA) give the model a passage of
+# some 500 words and ask for a summary or an answer from it; the first two sets' passages are the
+# Python documentation's, 60-220 words. The PyPI package `aclsum` (installed with `--no-deps`; its
+# data is read without importing it) ships the full text of 250 ACL papers. This set cuts their
+# body text into passages of 150-550 words (consecutive paragraphs of one section) and asks for
+# summaries, answers and explanations of them. Ids from 40,000; opt-in (`--prompts papers`).
+
+PAPER_TEMPLATES = [
+    ("summarization", "Summarize: {p}"),
+    ("summarization", "Summarize the following text in a few sentences:\n\n{p}"),
+    ("summarization", "{p}\n\nWrite a short summary of the passage above."),
+    ("summarization", "Give the main points of this excerpt from a research paper as a short paragraph:\n\n{p}"),
+    ("rag", "{p}\n\n{q}"),
+    ("rag", "Answer the question using the text below.\n\nText: {p}\n\nQuestion: {q}"),
+    ("rag", "{p} {q}"),
+    ("explain", "Explain the following passage to someone who is not an expert:\n\n{p}"),
+    ("extraction", "{p}\n\nList the technical terms used in this passage and say what each means."),
+    ("writing", "{p}\n\nWrite a title for this passage and explain your choice."),
+]
+
+PAPER_QUESTIONS = {
+    "introduction": ["What problem does this text describe?", "Why is this problem hard, according to the text?",
+                     "What do the authors propose?", "What are the contributions listed here?"],
+    "method": ["How does the method described here work?", "What are the inputs and outputs of the model described?",
+               "What is the main idea of this approach?", "Which steps does the procedure have?"],
+    "results": ["What were the results?", "Which system performed best, according to the text?",
+                "What do the authors conclude from their experiments?", "How was the evaluation done?"],
+    "other": ["What is the main point of this passage?", "What does the passage say about previous work?",
+              "Which datasets or resources are mentioned?", "What limitation is mentioned in the text?"],
+}
+
+
+def _section_kind(name: str) -> str:
+    n = name.lower()
+    if "intro" in n or "motivation" in n:
+        return "introduction"
+    if any(w in n for w in ("result", "experiment", "evaluat", "analysis", "conclusion", "discussion")):
+        return "results"
+    if any(w in n for w in ("method", "model", "approach", "framework", "architecture", "algorithm")):
+        return "method"
+    return "other"
+
+
+def paper_passages(min_words: int = 150, max_words: int = 550) -> list[tuple[str, str]]:
+    """(section kind, passage) from the `aclsum` package's papers, in file order; [] if it is absent."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("aclsum")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folder = Path(list(spec.submodule_search_locations)[0]) / "dataset" / "paper_jsons"
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        body = json.loads(path.read_text())["pdf_parse"]["body_text"]
+        chunk: list[str] = []
+        section = None
+        for para in body + [{"text": "", "section": None}]:  # a sentinel flushes the last chunk
+            text = " ".join(para["text"].split())
+            if chunk and (para["section"] != section or
+                          len(" ".join(chunk).split()) + len(text.split()) > max_words):
+                joined = " ".join(chunk)
+                if len(joined.split()) >= min_words:
+                    out.append((_section_kind(section or ""), joined))
+                chunk = []
+            section = para["section"]
+            if text and len(text.split()) <= max_words:
+                chunk.append(text)
+    return out
+
+
+def paper_prompts(seed: int = 0, start_id: int = 40_000) -> list[dict]:
+    """The papers' set: one instruction per passage of `paper_passages`, deterministic in `seed`."""
+    rng = random.Random(seed + 2)
+    rows = []
+    for kind, p in paper_passages():
+        cat, tpl = rng.choice(PAPER_TEMPLATES)
+        rows.append((cat, tpl.format(p=p, q=rng.choice(PAPER_QUESTIONS[kind]))))
+    rng.shuffle(rows)
+    return [{"id": start_id + i, "category": cat, "prompt": text} for i, (cat, text) in enumerate(rows)]
+
+
+# ---------------------------------------------------------------------------- the third set
+# Per answer, instructions shaped like Spec-Bench's tasks teach the head most about them (1,000 of
+# the first sets' instructions: teacher-forced Spec-Bench top-1 0.272; 1,000 the model wrote
+# itself: 0.237; 1,000 about research papers' passages: 0.194). So a third set of the same kinds,
+# all new: topics and MT-Bench-like tasks, German news sentences, short factual questions in the
+# style of search queries, and multi-step word problems. Ids from 50,000; opt-in (`--prompts third`).
+
+TOPICS_3 = [
+    "the Hanseatic League", "the Ming dynasty", "the Maya civilization", "the Reformation", "the Enlightenment",
+    "the abolition of slavery", "the women's suffrage movement", "the Marshall Plan", "the space race",
+    "the history of the bicycle", "the history of chocolate", "the telegraph", "public libraries in small towns",
+    "the postal service", "time zones", "calendars", "lighthouses", "canals", "high-speed rail", "container ships",
+    "electric scooters", "traffic lights", "roundabouts", "air quality", "drinking water", "droughts",
+    "wildfires", "floods", "landslides", "the ozone layer", "heat pumps", "home insulation", "carbon capture",
+    "tidal energy", "geothermal energy", "the carbon cycle", "cell division", "proteins", "enzymes", "viruses",
+    "bacteria in the gut", "hearing", "eyesight", "dreams", "human memory", "habits", "procrastination",
+    "motivation", "loneliness", "grandparents", "siblings", "cats", "parrots", "horses", "whales", "frogs",
+    "butterflies", "spiders", "owls", "salmon", "tea", "olive oil", "food waste", "home cooking", "soup",
+    "breakfast", "houseplants", "minimalism", "second-hand shopping", "saving money", "index funds", "banks",
+    "small shops", "farmers' markets", "job promotions", "feedback at work", "meetings", "email overload",
+    "mentoring", "volunteering abroad", "learning to swim", "learning to drive", "reading habits", "audiobooks",
+    "podcasts", "novels", "short stories", "theatre", "ballet", "folk music", "rock music", "choirs",
+    "street art", "sculpture", "pottery", "origami", "crossword puzzles", "card games", "table tennis",
+    "golf", "skiing", "surfing", "rowing", "hiking", "birdwatching", "stargazing", "the Moon", "Jupiter",
+    "the Sun", "meteor showers", "rockets", "space stations", "telescopes", "microscopes", "thermometers",
+    "clocks", "the history of the calendar", "keyboards", "touch screens", "spam filters", "web accessibility",
+    "password reset emails", "backups", "file formats", "text editors", "pair programming", "technical debt",
+    "stacks and queues", "graphs in computer science", "caching", "error messages", "software licenses",
+]
+
+TEMPLATES_3 = [
+    ("writing", "Write a persuasive essay of about 200 words on why people should care about {t}."),
+    ("writing", "Compose a short poem about {t}."),
+    ("writing", "Write a blog post introduction about {t} that makes readers want to keep reading."),
+    ("writing", "Write a short story in which {t} plays an important part."),
+    ("stem", "Explain {t} as if I were ten years old."),
+    ("stem", "What are the three most important facts about {t}? Explain each briefly."),
+    ("humanities", "Compare {t} with {u}. How are they similar and how are they different?"),
+    ("humanities", "Why do people disagree about {t}? Describe the main points of view."),
+    ("reasoning", "Imagine the world in fifty years. How might {t} be different, and why?"),
+    ("reasoning", "A friend says {t} is overrated. How would you respond? Give reasons."),
+    ("qa", "What is {t}? Answer in two or three sentences."),
+    ("extraction", "List five key terms related to {t} and define each in one sentence."),
+    ("coding", "Write a Python function that could be useful in a program about {t}, and explain how it works."),
+    ("summarization", "Summarize what a beginner should know about {t} in one paragraph."),
+    ("roleplay", "You are a teacher. Give a short lesson about {t} to a class of teenagers."),
+    ("advice", "I want to get better at understanding {t}. Where should I start?"),
+    ("chat", "Tell me something surprising about {t}."),
+    ("math", "Create a word problem involving {t} that needs two steps to solve, then solve it."),
+]
+
+GERMAN_3 = [
+    "Die Stadtverwaltung will bis Ende des Jahres hundert neue Bäume pflanzen.",
+    "Nach dem Unwetter waren mehrere Straßen in der Innenstadt gesperrt.",
+    "Der Bundestag hat am Donnerstag ein neues Gesetz zum Klimaschutz beschlossen.",
+    "Die Zahl der Touristen ist im Sommer deutlich gestiegen.",
+    "Der Verein feiert in diesem Jahr sein hundertjähriges Bestehen.",
+    "Die Preise für Lebensmittel sind im Vergleich zum Vorjahr gestiegen.",
+    "Ein Sprecher des Unternehmens wollte sich zu den Vorwürfen nicht äußern.",
+    "Die Schule bekommt eine neue Turnhalle, die im Herbst eröffnet werden soll.",
+    "Die Feuerwehr konnte den Brand nach zwei Stunden löschen.",
+    "Der Trainer zeigte sich nach dem Spiel zufrieden mit seiner Mannschaft.",
+    "Die Ausstellung zeigt Werke von Künstlern aus ganz Europa.",
+    "Viele Pendler mussten wegen des Streiks auf das Auto umsteigen.",
+    "Die Forscher haben eine neue Art von Schmetterlingen entdeckt.",
+    "Der Bürgermeister eröffnete am Samstag den Weihnachtsmarkt.",
+    "Die Regierung plant, die Steuern für kleine Unternehmen zu senken.",
+    "Im Krankenhaus fehlen seit Monaten Pflegekräfte.",
+    "Die Bahn kündigte an, mehr Züge auf der Strecke einzusetzen.",
+    "Das Konzert musste wegen des schlechten Wetters abgesagt werden.",
+    "Die Studie zeigt, dass Kinder zu wenig Zeit im Freien verbringen.",
+    "Der neue Flughafen wird voraussichtlich im nächsten Frühjahr eröffnet.",
+    "Die Polizei sucht nach Zeugen des Unfalls.",
+    "Der Autor liest am Freitagabend in der Stadtbibliothek aus seinem neuen Roman.",
+    "Die Arbeitslosigkeit ist im vergangenen Monat leicht gesunken.",
+    "Die beiden Länder haben ein Abkommen über den Handel unterzeichnet.",
+    "Der Fluss trat nach tagelangem Regen über die Ufer.",
+    "Die Universität bietet ab dem Wintersemester einen neuen Studiengang an.",
+    "Das Unternehmen will in den nächsten drei Jahren tausend neue Stellen schaffen.",
+    "Die Bürger wurden gebeten, Wasser zu sparen.",
+    "Der Film gewann beim Festival den Preis für die beste Regie.",
+    "Die Mieten in den großen Städten steigen weiter.",
+    "Die Gemeinde diskutiert über den Bau eines neuen Schwimmbads.",
+    "Der Präsident traf sich mit Vertretern der Gewerkschaften.",
+    "Die Wissenschaftler warnen vor den Folgen der Erderwärmung.",
+    "Nach langen Verhandlungen einigten sich die Parteien auf einen Kompromiss.",
+    "Die Sängerin beginnt im März ihre Tournee durch Deutschland.",
+    "Die Brücke muss wegen Bauarbeiten für sechs Monate gesperrt werden.",
+    "Das Museum ist am Montag wegen einer Veranstaltung geschlossen.",
+    "Immer mehr Menschen fahren mit dem Fahrrad zur Arbeit.",
+    "Der Verkehrsminister stellte am Mittwoch seine Pläne vor.",
+    "Die Mannschaft verlor das Spiel in der letzten Minute.",
+    "Die Ärzte raten, sich gegen Grippe impfen zu lassen.",
+    "Die Firma hat einen neuen Geschäftsführer ernannt.",
+    "Der Schnee sorgte am Morgen für Chaos auf den Straßen.",
+    "Die Kinder sammelten Spenden für ein Tierheim.",
+    "Die Ernte fiel wegen der Trockenheit geringer aus als erwartet.",
+    "Das Theater zeigt in dieser Saison fünf neue Stücke.",
+    "Die Polizei kontrollierte am Wochenende mehr als tausend Fahrzeuge.",
+    "Die Verhandlungen über den neuen Vertrag sollen nächste Woche fortgesetzt werden.",
+    "Der Minister kündigte weitere Hilfen für die Landwirte an.",
+    "Die Kosten für das Projekt sind höher als geplant.",
+    "Die Stadt hat ein neues System für den Nahverkehr eingeführt.",
+    "Das Gericht wies die Klage des Unternehmens ab.",
+    "Der Weltmeister gewann auch das Rennen am Sonntag.",
+    "Die Zahl der Geburten ist im vergangenen Jahr gesunken.",
+    "Eine Umfrage zeigt, dass viele Menschen mit ihrer Arbeit zufrieden sind.",
+    "Die Straße wird ab Montag in beide Richtungen gesperrt.",
+    "Die Bank erhöhte die Zinsen zum dritten Mal in diesem Jahr.",
+    "Die Schüler protestierten vor dem Rathaus für mehr Klimaschutz.",
+    "Der Hafen ist einer der wichtigsten Umschlagplätze in Europa.",
+    "Die Regierung will mehr Geld in die Bildung investieren.",
+    "Die Ausstellung war bereits am ersten Tag ausverkauft.",
+    "Der Sturm hat in der Nacht zahlreiche Bäume entwurzelt.",
+    "Die Ärztin erklärte, wie man sich vor der Hitze schützen kann.",
+    "Die Partei hat ihren Kandidaten für die Wahl bestimmt.",
+    "Die Zahl der Elektroautos auf deutschen Straßen hat sich verdoppelt.",
+    "Der Zoo freut sich über den Nachwuchs bei den Elefanten.",
+    "Die Opposition kritisierte den Haushaltsplan scharf.",
+    "Die Forscher untersuchen, wie sich der Meeresspiegel verändert.",
+    "Die Veranstalter rechnen mit mehr als zwanzigtausend Besuchern.",
+    "Das neue Gesetz tritt am ersten Januar in Kraft.",
+    "Die Feuerwehr rettete eine Katze von einem Baum.",
+    "Der Konzern meldete für das dritte Quartal einen Gewinn.",
+    "Die Stadt plant einen neuen Radweg entlang des Flusses.",
+    "Die Lehrer fordern kleinere Klassen und mehr Personal.",
+    "Der Flug nach Berlin hatte wegen Nebels drei Stunden Verspätung.",
+    "Die Regierung hat die Grenzkontrollen vorübergehend verschärft.",
+    "Die Band veröffentlichte nach zehn Jahren ein neues Album.",
+    "Die Bauarbeiten am Bahnhof sollen im Sommer abgeschlossen sein.",
+    "Die Polizei warnt vor betrügerischen Anrufen.",
+    "Der Hersteller ruft mehrere tausend Autos in die Werkstätten zurück.",
+]
+GERMAN_TEMPLATES_3 = [
+    "Translate German to English: {s}",
+    "Translate this German sentence into English: {s}",
+    "Please translate from German into English: {s}",
+]
+
+SEARCH_QUESTIONS = [
+    "who wrote the song imagine", "who painted the mona lisa", "who discovered penicillin",
+    "who was the first person to walk on the moon", "who invented the bicycle", "who wrote the harry potter books",
+    "who composed the four seasons", "who built the great wall of china", "who was the first president of the united states",
+    "who discovered gravity", "who sang thriller", "who directed jurassic park", "who wrote romeo and juliet",
+    "who founded microsoft", "who developed the theory of relativity", "who was the first woman to win a nobel prize",
+    "when was the eiffel tower built", "when did the titanic sink", "when was the first iphone released",
+    "when did world war 1 start", "when was the declaration of independence signed", "when did the berlin wall fall",
+    "when was the internet invented", "when did the first man go to space", "when was the euro introduced",
+    "when was the statue of liberty built", "when did the roman empire fall", "when was the first olympic games held",
+    "where is mount everest", "where is the amazon river", "where was the first world cup held",
+    "where is the largest desert in the world", "where do penguins live", "where is the great barrier reef",
+    "where was pizza invented", "where is the statue of liberty", "where is the headquarters of the united nations",
+    "where was shakespeare born", "where is the sahara desert", "where do kangaroos live",
+    "how many continents are there", "how many states are in the united states", "how many bones does a baby have",
+    "how many players are on a football team", "how many hearts does an octopus have", "how many countries are in europe",
+    "how many moons does mars have", "how many oceans are there", "how many languages are spoken in india",
+    "how many chambers does the human heart have", "how long is the great wall of china", "how tall is mount everest",
+    "how deep is the pacific ocean", "how old is the universe", "how far is the moon from the earth",
+    "how long does it take light from the sun to reach earth", "what is the largest planet in the solar system",
+    "what is the smallest country in the world", "what is the longest river in the world",
+    "what is the capital of australia", "what is the boiling point of water", "what is the speed of light",
+    "what is the chemical symbol for gold", "what language is spoken in brazil", "what is the currency of japan",
+    "what is the tallest building in the world", "what is the hardest natural substance",
+    "what is the largest mammal", "what is the main ingredient in guacamole", "what does a thermometer measure",
+    "what is the largest organ of the human body", "what causes the seasons", "what is the fastest land animal",
+    "what is the national animal of scotland", "what is the most spoken language in the world",
+    "which planet is known as the red planet", "which country has the largest population",
+    "which ocean is the largest", "which element has the atomic number 1", "which animal is the tallest",
+    "which city hosted the 2012 olympics", "which country gifted the statue of liberty", "which bird cannot fly",
+    "which is the coldest place on earth", "which metal is liquid at room temperature",
+    "why is the sky blue", "why do leaves change color in autumn", "why do we have leap years",
+    "why is the ocean salty", "why do cats purr", "why does the moon change shape",
+]
+
+QUESTION_TEMPLATES_3 = ["{q}", "{q}?", "Question: {q}?", "Answer briefly: {q}?"]
+
+
+def _word_problem_3(rng: random.Random) -> str:
+    n, m = rng.sample(NAMES, 2)
+    a, b, c, d = rng.randint(10, 80), rng.randint(2, 15), rng.randint(2, 9), rng.randint(3, 30)
+    pct = rng.choice([5, 10, 12, 20, 25, 50])
+    forms = [
+        f"{n} bakes {a} cookies. {n} eats {c} of them and packs the rest into boxes of {b}. How many full boxes does {n} have?",
+        f"A bus has {a} passengers. At the first stop {d} get off and {c} get on. At the second stop half of the passengers get off. How many are left?",
+        f"{n} runs {c} kilometers every weekday and twice as far on Saturday. How many kilometers does {n} run in a week?",
+        f"A shirt costs ${d} and a pair of shoes costs {c} times as much. {n} buys two shirts and one pair of shoes. How much does {n} spend?",
+        f"{n} has ${a * 10}. {n} spends {pct}% of it on a gift and ${d} on lunch. How much money is left?",
+        f"A garden is {b} meters long and {c} meters wide. Fence costs ${d} per meter. How much does it cost to fence the whole garden?",
+        f"{n} is reading a book with {a * 5} pages. {n} read {b} pages on Monday and twice as many on Tuesday. How many pages are left?",
+        f"A factory makes {a} toys an hour and works {c} hours a day. How many toys does it make in {b} days?",
+        f"{n} and {m} collect stamps. {n} has {a} stamps and {m} has {d} more than {n}. How many stamps do they have together?",
+        f"A class of {a} students goes on a trip. Each van holds {c} students. How many vans are needed?",
+        f"{n} buys {b} kilograms of apples at ${c} per kilogram and {c} kilograms of pears at ${b} per kilogram. What is the total cost?",
+        f"A movie starts at 7:{10 + c * 5} pm and lasts {90 + d} minutes. At what time does it end?",
+    ]
+    return rng.choice(forms) + rng.choice(["", " Explain your answer.", " Solve it step by step.",
+                                           " Give the final answer as a number."])
+
+
+def third_prompts(seed: int = 0, start_id: int = 50_000) -> list[dict]:
+    """The third templated set, deterministic in `seed`; ids from `start_id` on."""
+    rng = random.Random(seed + 3)
+    rows: list[tuple[str, str]] = []
+    for t in TOPICS_3:
+        for cat, tpl in rng.sample(TEMPLATES_3, 6):
+            rows.append((cat, tpl.format(t=t, u=rng.choice([x for x in TOPICS_3 if x != t]))))
+    for s in GERMAN_3:
+        for tpl in GERMAN_TEMPLATES_3:
+            rows.append(("translation", tpl.format(s=s)))
+    for q in SEARCH_QUESTIONS:
+        for tpl in rng.sample(QUESTION_TEMPLATES_3, 2):
+            rows.append(("qa", tpl.format(q=q)))
+    for _ in range(300):
+        rows.append(("math", _word_problem_3(rng)))
     rows = list({text: (cat, text) for cat, text in rows}.values())  # a word problem may come twice
     rng.shuffle(rows)
     return [{"id": start_id + i, "category": cat, "prompt": text} for i, (cat, text) in enumerate(rows)]
