@@ -88,3 +88,66 @@ def test_cuda_graphs_replay_and_match_eager(tiny_model_dir):
     assert _run(graphs, greedy_requests(PROMPTS, 24, ignore_eos=True)) == ref
     assert graphs.runner.graphs.num_captures > 0
     assert graphs.runner.graphs.num_replays > graphs.runner.graphs.num_captures
+
+
+@needs_cuda
+def test_train_head_on_cuda_collects_the_cpu_answers_and_saves_a_host_head(tiny_model_dir, tmp_path):
+    """`via-sd train-head --device cuda`: the greedy answers are the CPU's tokens, the features
+    land on the host, training runs on the GPU, and the saved head drafts on the host as it does
+    on the GPU."""
+    import json
+    from pathlib import Path
+
+    from server.engine.drafters.head import DraftHead, draft, pack_windows
+    from server.engine.drafters.train_head import main
+    from server.engine.model import LlamaModel
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "category": "t", "prompt": f"say {w}"}) + "\n"
+                               for i, w in enumerate(["a", "bb", "ccc", "dddd", "e", "ff"])))
+    common = ["--model", str(tiny_model_dir), "--prompts", str(prompts), "--max-tokens", "12", "--sampled", "1",
+              "--vocab", "64", "--ffn", "32", "--heads", "4", "--window", "8", "--epochs", "2", "--batch-size", "4",
+              "--heldout", "0.34", "--bf16"]
+    assert main(common + ["--data", str(tmp_path / "cpu.pt"), "--collect-only"]) == 0
+    out = tmp_path / "gpu.head"
+    assert main(common + ["--data", str(tmp_path / "gpu.pt"), "--device", "cuda", "--out", str(out)]) == 0
+    cpu, gpu = torch.load(tmp_path / "cpu.pt")["seqs"], torch.load(tmp_path / "gpu.pt")["seqs"]
+    assert all(s["hidden"].device.type == "cpu" for s in gpu)
+    greedy = {s["prompt_id"]: s for s in cpu if s["kind"] == "greedy"}
+    for s in gpu:
+        if s["kind"] == "greedy":
+            assert torch.equal(s["tokens"], greedy[s["prompt_id"]]["tokens"])
+            assert torch.allclose(s["hidden"].float(), greedy[s["prompt_id"]]["hidden"].float(), atol=2e-2)
+    rec = json.loads(Path(str(out) + ".json").read_text())
+    assert rec["training"]["device"] == "cuda" and 0.0 <= rec["heldout"]["top1"] <= 1.0
+    head, _ = DraftHead.load(Path(str(out) + ".safetensors"))
+    model = LlamaModel.from_folder(tiny_model_dir)
+    head.attach(model.embed, model.lm_head)
+    s = gpu[0]
+    n = min(6, len(s["hidden"]))
+    h, tok, pos, valid = pack_windows([(s["hidden"][:n].float(), s["tokens"][1:n + 1], n - 1)], 8)
+    ids_cpu, p_cpu = draft(head, h, tok, pos, valid, 4)
+    head.to_device("cuda")
+    ids_gpu, p_gpu = draft(head, *(t.cuda() for t in (h, tok, pos, valid)), 4)
+    assert torch.equal(ids_gpu.cpu(), ids_cpu) and torch.allclose(p_gpu.cpu(), p_cpu, atol=1e-4)
+
+
+def test_gpu_head_benchmark_runs_on_the_cpu(tmp_path):
+    """`benchmarks/gpu_head.py --device cpu --presets tiny`: the GPU script's smoke test, every
+    stage measured and scaled to the shipped recipe."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_head.py"
+    spec = importlib.util.spec_from_file_location("gpu_head", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "gh.json"
+    assert mod.main(["--device", "cpu", "--presets", "tiny", "--prompts", "6", "--batches", "8", "--train-steps", "3",
+                     "--max-tokens", "12", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    tiny = res["models"]["tiny"]
+    assert tiny["collect"][0]["answers"] == 24 and tiny["collect"][0]["positions"] > 24
+    assert tiny["train"]["ms_per_step"] > 0 and tiny["draft"]["host_ms"] > 0 and tiny["draft"]["decode_ms"] > 0
+    assert res["shipped_recipe_on_cpu"]["answers"] > 10_000 and tiny["scaled"]["shipped_train_minutes"] > 0

@@ -705,3 +705,32 @@ def test_shipped_head_binary_is_lossless(real_model_dir):
     binary = run_greedy(eng, prompts, 40, "binary")
     assert [o.token_ids for o in off] == [b.token_ids for b in binary]
     assert sum(b.via_sd.accepted for b in binary) > 0  # the trained head gets some drafts right
+
+
+def test_collect_on_a_given_engine_restores_its_runner_and_keeps_features_on_the_host(tiny_dir):
+    """`collect(engine=...)`: the recording wrapper comes off afterwards (a second collection on
+    the same engine records once), the features are fp16 host tensors, one per generated token
+    but the last, and greedy answers repeat."""
+    from server.engine.drafters.train_head import collect
+
+    eng = LLMEngine(EngineConfig(model=str(tiny_dir), spec=SpecConfig(mode="off"), max_num_seqs=4))
+    runner = eng.runner
+    rows = [{"id": i, "category": "t", "prompt": f"say {w}"} for i, w in enumerate(["a", "bb", "ccc"])]
+    kw = dict(max_tokens=10, sampled=1, temperature=0.7, seed=0, batch=4, threads=None, engine=eng)
+    first = collect("", rows, **kw)
+    assert eng.runner is runner
+    again = collect("", rows, **kw)
+    assert eng.runner is runner and len(first) == len(again) == 6
+    for a, b in zip(first, again):
+        assert a["hidden"].device.type == "cpu" and a["hidden"].dtype == torch.float16
+        assert a["hidden"].shape == (len(a["greedy"]), 64) and len(a["tokens"]) == len(a["greedy"]) + 1
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["hidden"], b["hidden"])
+    assert eng.cache.pool.num_free == eng.cache.pool.num_usable
+
+
+def test_head_to_device_moves_the_attached_embeddings():
+    V, H = 300, 64
+    embed = torch.randn(V, H)
+    head = random_head(H, V).attach(embed, embed)
+    assert head.to_device("cpu") is head and head.embed.device.type == head.out_embed.device.type == "cpu"
+    assert torch.equal(head.out_embed, embed[head.reduced_ids])

@@ -103,15 +103,16 @@ def _linear(x: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
     return _matmul(x2, lin.weight).view(*x.shape[:-1], -1)
 
 
-_INV_FREQ: dict[int, torch.Tensor] = {}
+_INV_FREQ: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float = ROPE_THETA) -> torch.Tensor:
     """Rotary embedding (half-split) of x [..., T, hd] at integer positions pos [..., T]."""
     hd = x.shape[-1]
-    inv = _INV_FREQ.get(hd)
+    inv = _INV_FREQ.get((hd, pos.device))
     if inv is None:
-        inv = _INV_FREQ[hd] = theta ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)  # [hd/2]
+        inv = _INV_FREQ[(hd, pos.device)] = theta ** (-torch.arange(0, hd, 2, dtype=torch.float32,
+                                                                    device=pos.device) / hd)  # [hd/2]
     ang = pos.to(torch.float32)[..., None] * inv  # [..., T, hd/2]
     cos, sin = ang.cos(), ang.sin()
     x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
@@ -151,6 +152,15 @@ class DraftHead(torch.nn.Module):
         """Take the target's input embedding [V, H] and output embedding [V, H] (fp32 views)."""
         self.embed = embed.float()
         self.out_embed = lm_head.float()[self.reduced_ids].contiguous()
+        return self
+
+    def to_device(self, device: str | torch.device) -> "DraftHead":
+        """Parameters, the reduced-vocabulary map and the attached embeddings on `device`."""
+        self.to(device)
+        if self.embed is not None:
+            tied = self.embed.data_ptr() == self.out_embed.data_ptr()
+            self.embed = self.embed.to(device)
+            self.out_embed = self.embed if tied else self.out_embed.to(device)
         return self
 
     # ------------------------------------------------------------------ the layer, in pieces
@@ -230,8 +240,8 @@ class DraftHead(torch.nn.Module):
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path, meta: dict) -> None:
-        tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in self.state_dict().items()}
-        tensors["reduced_ids"] = self.reduced_ids.to(torch.int32).contiguous()
+        tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.state_dict().items()}
+        tensors["reduced_ids"] = self.reduced_ids.to("cpu", torch.int32).contiguous()
         info = {"arch": "eagle-window", "hidden": self.hidden, "ffn": self.ffn, "heads": self.heads,
                 "window": self.window, **({"taps": list(self.taps)} if self.taps else {}), **meta}
         save_file(tensors, str(path), metadata={"via_sd_head": json.dumps(info)})
@@ -306,7 +316,7 @@ def draft(head: DraftHead, h: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor
     hn = head.finish(z[:, -1:], attn)  # [B, 1, H]
     kpos, kvalid = pos, valid
     ids, probs = [], []
-    alive = torch.ones(h.shape[0], dtype=torch.bool)
+    alive = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
     for s in range(steps):
         p = torch.softmax(head.logits(hn[:, 0]), dim=-1)  # [B, R]
         top_p, top_i = p.max(-1)

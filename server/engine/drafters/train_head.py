@@ -70,31 +70,44 @@ class _RecordingRunner:
         out = self.inner.forward(chunks, route, **kw)
         row = 0
         greedy = out.logits.argmax(-1).tolist()
+        hidden = out.hidden.to("cpu", torch.float16)  # one copy per forward (from the GPU, or a graph's buffer)
         for c in chunks:
             for j in range(c.num_logits):
                 pos = c.start + len(c.token_ids) - c.num_logits + j
-                self.records.setdefault(id(c.table), []).append((pos, out.hidden[row].to(torch.float16).clone(), greedy[row]))
+                self.records.setdefault(id(c.table), []).append((pos, hidden[row].clone(), greedy[row]))
                 row += 1
         return out
 
 
 def collect(model_dir: str, prompts: list[dict], *, max_tokens: int, sampled: int, temperature: float, seed: int,
             batch: int, threads: int | None, done: list[dict] | None = None, checkpoint=None,
-            taps: tuple[int, ...] = ()) -> list[dict]:
+            taps: tuple[int, ...] = (), device: str = "cpu", engine=None) -> list[dict]:
     """Generate answers with the engine (mode off) and record per-position features. Answers in
     `done` (a checkpoint) are kept, not regenerated; `checkpoint(answers)` runs after each batch.
-    With `taps`, each position's feature is those layers' outputs and then the final-norm state."""
-    from tqdm import tqdm
-
-    from server.engine.api import GenerationRequest
-    from server.engine.config import EngineConfig, SamplingParams, SpecConfig
+    With `taps`, each position's feature is those layers' outputs and then the final-norm state.
+    On `device` (CUDA: the engine's graphs) the features still land on the host. `engine`: an
+    `LLMEngine` (mode off) to use instead of one built from `model_dir`."""
+    from server.engine.config import EngineConfig, SpecConfig
     from server.engine.engine import LLMEngine
 
-    eng = LLMEngine(EngineConfig(model=model_dir, spec=SpecConfig(mode="off"), max_num_seqs=batch,
-                                 max_num_batched_tokens=8192, num_threads=threads))
+    eng = engine or LLMEngine(EngineConfig(model=model_dir, spec=SpecConfig(mode="off"), max_num_seqs=batch,
+                                           max_num_batched_tokens=8192, num_threads=threads, device=device))
     eng.runner.taps = tuple(taps)
     rec = _RecordingRunner(eng.runner)
     eng.runner = rec
+    try:
+        return _collect_with(eng, rec, prompts, max_tokens=max_tokens, sampled=sampled, temperature=temperature,
+                            seed=seed, batch=batch, done=done, checkpoint=checkpoint)
+    finally:
+        eng.runner = rec.inner
+
+
+def _collect_with(eng, rec, prompts, *, max_tokens, sampled, temperature, seed, batch, done, checkpoint):
+    from tqdm import tqdm
+
+    from server.engine.api import GenerationRequest
+    from server.engine.config import SamplingParams
+
     jobs = []
     for r in prompts:
         ids = tuple(eng.tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}]))
@@ -207,8 +220,8 @@ def self_instructions(model_dir: str, n: int, *, seed: int, batch: int, threads:
     from server.engine.config import EngineConfig, SamplingParams, SpecConfig
     from server.engine.engine import LLMEngine
 
-    eng = LLMEngine(EngineConfig(model=model_dir, spec=SpecConfig(mode="off"), max_num_seqs=batch,
-                                 max_num_batched_tokens=8192, num_threads=threads))
+    eng = engine or LLMEngine(EngineConfig(model=model_dir, spec=SpecConfig(mode="off"), max_num_seqs=batch,
+                                           max_num_batched_tokens=8192, num_threads=threads, device=device))
     prefix = tuple(eng.tokenizer.user_turn_prefix())
     rows: list[dict] = []
     seen: set[str] = set()
@@ -309,7 +322,7 @@ def unrolled_outputs(head, h: torch.Tensor, x: torch.Tensor, valid: torch.Tensor
     from server.engine.drafters.head import _attend
 
     B, T, _ = h.shape
-    pos = torch.arange(T).expand(B, T)
+    pos = torch.arange(T, device=h.device).expand(B, T)
     outs, ks, vs = [], [], []
     feat = h
     for u in range(unroll):
@@ -328,7 +341,7 @@ def level_mask(valid: torch.Tensor, u: int, window: int) -> torch.Tensor:
     positions <= p-u inside the window (valid ones, and the pair itself at level 0), then the
     level-k pair at p-u+k for k = 1..u."""
     B, T = valid.shape
-    pos = torch.arange(T)
+    pos = torch.arange(T, device=valid.device)
     d = pos[:, None] - pos[None, :]  # [T, T] query minus key position
     blocks = [(d >= u) & (d < window) & (valid[:, None, :] | (d == 0)) if u == 0 else
               ((d >= u) & (d < window))[None] & valid[:, None, :]]
@@ -344,7 +357,7 @@ def unrolled_loss(head, d: dict[str, torch.Tensor], idx: torch.Tensor, unroll: i
     scored (the others are context only). With `bf16`, under bf16 autocast (the matrix products
     in bf16, the weights, gradients and optimizer state fp32). `outputs` replaces `unrolled_outputs`
     (an experiment's other head shape). Returns (loss, level-0 cross-entropy)."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(d["h"].device.type, dtype=torch.bfloat16, enabled=bf16):
         return _unrolled_loss(head, d, idx, unroll, feature_weight, outputs or unrolled_outputs)
 
 
@@ -358,7 +371,7 @@ def _unrolled_loss(head, d, idx, unroll, feature_weight, outputs):
         p_tgt = torch.softmax(head.logits(tgt), -1)  # [B, T-1, R]
     total, ce0 = 0.0, 0.0
     for u, out in enumerate(outs):
-        m = (scored[:, 1:] & (torch.arange(T - 1) >= u)[None]).float()  # target exists, chain starts at p-u >= 0
+        m = (scored[:, 1:] & (torch.arange(T - 1, device=h.device) >= u)[None]).float()  # target exists, chain starts at p-u >= 0
         if m.sum() == 0:
             break
         o = out[:, :-1]
@@ -426,14 +439,16 @@ def evaluate(head, seqs: list[dict], reduced: torch.Tensor, gamma: int = 5, thre
     ranks thresholds."""
     from server.engine.drafters.head import accepted_lengths, draft, pack_windows
 
+    dev = head.fc.weight.device  # the data stays on the host; each slice goes where the head is
     d = pad_answers(seqs)
     hit, tot = 0, 0
     for b in range(0, len(d["h"]), 64):
         sl = slice(b, b + 64)
-        out = unrolled_outputs(head, d["h"][sl].float(), d["x"][sl], d["valid"][sl], 1)[0][:, :-1]
-        pred = reduced[head.logits(out).argmax(-1)]
-        m = d["valid"][sl][:, 1:]
-        hit += int(((pred == d["y"][sl][:, 1:]) & m).sum())
+        valid = d["valid"][sl].to(dev)
+        out = unrolled_outputs(head, d["h"][sl].to(dev).float(), d["x"][sl].to(dev), valid, 1)[0][:, :-1]
+        pred = reduced.to(dev)[head.logits(out).argmax(-1)]
+        m = valid[:, 1:]
+        hit += int(((pred == d["y"][sl][:, 1:].to(dev)) & m).sum())
         tot += int(m.sum())
     res = {"top1": hit / max(tot, 1), "positions": tot, "gamma": gamma}
     W = head.window
@@ -456,10 +471,10 @@ def evaluate(head, seqs: list[dict], reduced: torch.Tensor, gamma: int = 5, thre
             packed.append((s["hidden"][lo:t + 1].float(), s["tokens"][lo + 1:t + 2], t))
             c = s["tokens"][t + 2:t + 2 + gamma]
             conts.append(torch.cat([c, torch.full((gamma - len(c),), -1, dtype=c.dtype)]))
-        h, tok, pos, valid = pack_windows(packed, W)
+        h, tok, pos, valid = (t.to(dev) for t in pack_windows(packed, W))
         ids, probs = draft(head, h, tok, pos, valid, gamma)
-        ids_all.append(ids)
-        probs_all.append(probs)
+        ids_all.append(ids.cpu())
+        probs_all.append(probs.cpu())
     ids, probs, cont = torch.cat(ids_all), torch.cat(probs_all), torch.stack(conts)
     match = (ids == cont).long().cumprod(1)  # leading matches
     res["chain_positions"] = int(len(cont))
@@ -506,6 +521,7 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
 
     torch.manual_seed(args.seed)
     t0 = time.monotonic()
+    device = torch.device(args.device)
     model = LlamaModel.from_folder(model_dir)
     taps = parse_taps(args.taps)
     train, held = split_by_prompt(data["seqs"], args.heldout, args.seed)
@@ -539,6 +555,9 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
         head = new_head(model, reduced, ffn=args.ffn, heads=args.heads, window=args.window, dropout=args.dropout,
                         taps=taps)
     del model
+    if device.type != "cpu":  # the answers (fp16 features) and the head go to the device whole
+        d = {k: v.to(device) for k, v in d.items()}
+        head.to_device(device)
     steps_per_epoch = math.ceil(N / args.batch_size)
     total = steps_per_epoch * args.epochs
     opt, sched = training_schedule(head, args.lr, args.weight_decay, total)
@@ -548,7 +567,7 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
     for epoch in range(args.epochs):
         perm = torch.randperm(N, generator=g)
         for b in range(steps_per_epoch):
-            idx = perm[b * args.batch_size:(b + 1) * args.batch_size]
+            idx = perm[b * args.batch_size:(b + 1) * args.batch_size].to(device)
             loss, ce = unrolled_loss(head, d, idx, args.unroll, args.feature_weight, bf16=args.bf16)
             optimizer_step(head, opt, sched, loss)
             bar.update(1)
@@ -561,6 +580,7 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
     head.eval()
     train_seconds = time.monotonic() - t0
     ev = evaluate(head, held, reduced, gamma=args.gamma)
+    head.to_device("cpu")
     best = max(ev["per_threshold"], key=lambda r: (r["est_speedup"], r["threshold"]))
     print(f"held-out top-1 acceptance {ev['top1']:.3f} over {ev['positions']} positions")
     print(f"held-out chained (γ={args.gamma}, own features): per position {ev['chained_accept_per_position']}, "
@@ -585,7 +605,7 @@ def train_and_save(args, model_dir: Path, data: dict, argv) -> int:
                  "reduced_vocab_coverage_train": round(coverage, 4)},
         "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "unroll": args.unroll,
                      "feature_weight": args.feature_weight, "dropout": args.dropout, "weight_decay": args.weight_decay,
-                     "bf16": args.bf16,
+                     "bf16": args.bf16, "device": str(device),
                      "seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads()},
         "init": init,
         "heldout": ev,
@@ -640,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true",
                    help="train under bf16 autocast: the matrix products in bf16 (1.5-1.8x faster measured on AMD EPYC "
                         "CPUs with AVX-512 bf16), weights and optimizer state fp32")
+    p.add_argument("--device", default="cpu",
+                   help="where the answers are generated and the head trained: cpu (default), cuda or cuda:N; the "
+                        "features stay on the host, the head is saved from the host")
     p.add_argument("--heldout", type=float, default=0.1, help="share of prompts held out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None,
@@ -701,6 +724,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from server.engine.model_files import prepare_model
 
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print(f"via-sd train-head: --device {args.device}, but torch sees no CUDA device here", file=sys.stderr)
+        return 2
+
     model_dir = Path(args.model) if args.model else prepare_model()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -752,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
 
         collect(str(model_dir), prompts, max_tokens=args.max_tokens, sampled=args.sampled, temperature=args.temperature,
                 seed=args.seed, batch=args.batch, threads=args.threads, done=data["seqs"], checkpoint=checkpoint,
-                taps=taps)
+                taps=taps, device=args.device)
         checkpoint(data["seqs"], final=True)
         print(f"collected {len(data['seqs'])} answers, {sum(len(s['hidden']) for s in data['seqs'])} positions "
               f"in {data['collect_seconds']:.0f}s -> {data_path}")
