@@ -7,7 +7,7 @@
 any length), one after another, one token each, prefix cache off: prompt tokens/s and mean time
 to first token.
 
-Greedy, fp32, the bundled model, Spec-Bench first turns (chat template), `ignore_eos` so every
+Greedy (or `--temperature T`, request i seeded i), fp32, the bundled model, Spec-Bench first turns (chat template), `ignore_eos` so every
 request decodes exactly --max-tokens tokens; a warm-up request is excluded. With --profile, a
 torch profiler table of one batch-1 request shows where the time goes. --out's JSON keeps every
 request's token ids (`outputs`), so two runs (say, the two K/V cache types) can be compared.
@@ -49,6 +49,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sample at this temperature (request i seeded i) instead of greedy decoding")
     ap.add_argument("--mode", default="off")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--profile", action="store_true")
@@ -66,7 +68,8 @@ def main() -> None:
     ps = prompts(eng.tokenizer, max(levels))
 
     def run(batch: list[list[int]], tag: str):
-        reqs = [GenerationRequest(f"{tag}{i}", tuple(p), SamplingParams(max_tokens=args.max_tokens, temperature=0,
+        reqs = [GenerationRequest(f"{tag}{i}", tuple(p), SamplingParams(max_tokens=args.max_tokens,
+                                                                         temperature=args.temperature, seed=i,
                                                                          ignore_eos=True), SpecParams(mode=args.mode))
                 for i, p in enumerate(batch)]
         t = time.perf_counter()
@@ -91,7 +94,7 @@ def main() -> None:
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["vs_batch1"] = round(r["tokens_per_s"] / base, 2)
-    report = {**header(args, folder), "mode": args.mode, "max_tokens": args.max_tokens,
+    report = {**header(args, folder), "mode": args.mode, "max_tokens": args.max_tokens, "temperature": args.temperature,
               "kv_cache_dtype": args.kv_cache_dtype, "rows": rows}
     print(json.dumps(report, indent=1))
     report["outputs"] = outputs  # after the print: token ids, to compare runs (e.g. the cache types)

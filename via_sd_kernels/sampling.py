@@ -7,6 +7,14 @@ argmax, so greedy and sampled rows share one code path downstream.
 Randomness comes from a `torch.Generator` per request, so a request with a seed is reproducible
 whatever else is in the batch. `sample_from_probs` uses the exponential race
 (argmax p / E, E ~ Exp(1)), which is exact and needs one noise vector per row.
+
+The embedded engine draws its noise per *position* instead (`position_noise`: the row that
+samples token j of a sequence comes from a generator seeded by the request's seed and j), and
+verifies deterministic drafts with `coupled_uniforms`: then every token it emits is the race's
+sample of its own row, whether a plain step, an accepted draft, a recovered token or a bonus
+produced it. So a seeded request's output does not depend on how its drafts were cut (the
+lengths follow measured pass costs and engine-wide acceptance) or verified, and `binary`
+samples the tokens `off` samples.
 """
 
 from __future__ import annotations
@@ -74,3 +82,45 @@ def uniforms_and_noise(
     if not uniforms:
         return torch.empty(0, device=device), torch.empty(0, vocab, device=device)
     return torch.cat(uniforms), torch.cat(noise)
+
+
+_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads (seed, position) over the generator's seeds
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The generator seed of the row that samples token `position` of a request seeded `seed`."""
+    return (seed * _MIX + (position + 1) * 0xBF58476D1CE4E5B9) % (1 << 63)
+
+
+def position_noise(
+    seeds: list[int | None], starts: list[int], counts: list[int], vocab: int
+) -> torch.Tensor:  # [sum(counts), V] on the host
+    """Exp(1) noise for `counts[i]` rows of request i, row k sampling its token at position
+    `starts[i] + k`, each row drawn from its own generator (`position_seed`). A request with seed
+    None (greedy) gets rows of ones: a one-hot row ignores its noise."""
+    rows = []
+    for seed, start, n in zip(seeds, starts, counts):
+        if seed is None:
+            rows.append(torch.ones(n, vocab))
+            continue
+        for k in range(n):
+            g = torch.Generator().manual_seed(position_seed(seed, start + k))
+            rows.append(torch.empty(1, vocab).exponential_(generator=g))
+    if not rows:
+        return torch.empty(0, vocab)
+    return torch.cat(rows)
+
+
+def coupled_uniforms(
+    drafts: torch.Tensor,  # [T] deterministic draft tokens
+    targets: torch.Tensor,  # [T, V] the distribution that tests each draft (q, or q' for tier B)
+    noise: torch.Tensor,  # [T, V] the noise rows of those positions
+) -> torch.Tensor:  # [T] float32, 0 or 1
+    """Uniforms that make verification keep a deterministic draft d exactly when the exponential
+    race of its row picks it: 0 where argmax(t / E) == d, else 1. The rule `u p(d) < t(d)` (p
+    one-hot) then keeps d with probability t(d), as uniform u would, and a rejected d is
+    recovered from the residual t without d by the same race, whose winner is argmax(t / E)
+    (the winner was not d, so taking d out leaves it first). Every emitted token is thus the
+    race's sample of its row, the token a plain step with that noise samples."""
+    hit = (targets.float() / noise).argmax(-1) == drafts
+    return torch.where(hit, 0.0, 1.0).to(torch.float32)

@@ -81,11 +81,12 @@ class SlimController:
         self.far_explore_every = far_explore_every
         self.since_slim = 0  # three-tier steps of any request since the slim tier last ran
 
-    def new_state(self) -> ControllerState:
+    def new_state(self, own: bool = False) -> ControllerState:
         """A new request's state: from the engine-wide estimate once it has seen enough steps of
-        each kind, else empty (the request warms up on its own)."""
+        each kind, else (or with `own`: a request whose choices must follow its own steps alone)
+        empty (the request warms up on its own)."""
         p = self.prior
-        if not self.enabled or p.n_three < self.prior_steps or p.n_binary < self.prior_steps:
+        if own or not self.enabled or p.n_three < self.prior_steps or p.n_binary < self.prior_steps:
             return ControllerState()
         return ControllerState(value_three=p.value_three, value_binary=p.value_binary, n_three=self.warmup,
                                n_binary=self.warmup, explore_every=max(self.explore_every, self.max_explore_every // 2),

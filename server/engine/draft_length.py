@@ -39,6 +39,12 @@ PRIOR_SLOPE = 0.1
 MIN_SAMPLES = 3  # passes of a size before its EWMA enters the fit
 
 
+def prior_relative(tokens: int) -> float:
+    """The prior cost line, in plain decode steps: what `PassCosts.relative` gives before any
+    measurement (for requests whose steps must not depend on timings)."""
+    return 1.0 + PRIOR_SLOPE * (tokens - 1)
+
+
 class PassCosts:
     def __init__(self, max_tokens: int = 64, keep: int = 15, prior_slope: float = PRIOR_SLOPE):
         self.prior_slope = prior_slope

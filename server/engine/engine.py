@@ -31,7 +31,7 @@ from server.engine.runner import ModelRunner
 from server.engine.scheduler import ScheduledSeq, Scheduler
 from server.engine.sequence import Sequence, Status
 from server.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from via_sd_kernels.sampling import exponential_noise, logits_to_probs, sample_from_probs
+from via_sd_kernels.sampling import logits_to_probs, position_noise, sample_from_probs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -129,10 +129,9 @@ class LLMEngine:
         spec = self.config.spec.resolve(spec_req)
         if spec.num_draft_tokens == 0 and spec.mode != "off":
             spec = replace(spec, mode="off")
-        gen = None
+        seed = None
         if not sampling.greedy:
-            gen = torch.Generator()
-            gen.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+            seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         seq = Sequence(
             request=replace(request, sampling=sampling),
             spec=spec,
@@ -140,7 +139,7 @@ class LLMEngine:
             detok=IncrementalDetokenizer(self.tokenizer, sampling.stop),
             token_ids=list(request.prompt_token_ids),
             num_prompt=n_prompt,
-            generator=gen,
+            seed=seed,
         )
         self.seqs[request.request_id] = seq
         self.scheduler.add(seq)
@@ -259,8 +258,10 @@ class LLMEngine:
                 torch.tensor([p.top_k for p in sp], device=dev),
                 torch.tensor([p.top_p for p in sp], device=dev),
             )
-            # drawn from each request's own (host) generator, so a seed gives the same text anywhere
-            noise = exponential_noise([1] * len(seqs), logits.shape[-1], [s.generator for s in seqs]).to(dev)
+            # drawn per request and position (host generators), so a seed gives the same text anywhere,
+            # whatever the batch and however speculation cut the steps
+            noise = position_noise([s.seed for s in seqs], [s.num_tokens for s in seqs], [1] * len(seqs),
+                                   logits.shape[-1]).to(dev)
             toks = sample_from_probs(probs, noise)
         lps = self.logprobs_for(seqs, logits, toks)
         return toks.tolist(), lps

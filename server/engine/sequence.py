@@ -45,7 +45,9 @@ class Sequence:
     detok: IncrementalDetokenizer
     token_ids: list[int]
     num_prompt: int
-    generator: torch.Generator | None
+    # the sampling seed (the request's, or drawn at random), None for greedy: the row that samples
+    # token j draws its noise from a generator seeded by (seed, j) (`position_noise`)
+    seed: int | None
     arrival: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     full_frontier: int = 0
@@ -62,6 +64,7 @@ class Sequence:
     controller: object | None = None  # per-request slim-tier controller state
     drafter_state: object | None = None
     draft_accept: object | None = None  # draft_length.AcceptanceEstimate of its lookup drafts
+    lookup_accept: object | None = None  # its own draft_length.LookupAcceptance (spec_step._fixed_path)
     block_serials: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
 

@@ -32,7 +32,7 @@ import torch
 
 from server.engine.api import SpecUsage, TokenLogprob
 from server.engine.controller import SlimController
-from server.engine.draft_length import AcceptanceEstimate, LookupAcceptance, best_lengths
+from server.engine.draft_length import AcceptanceEstimate, LookupAcceptance, best_length, best_lengths, prior_relative
 from server.engine.drafters import DraftBatch, make_drafter
 from server.engine.kv_cache import Chunk
 from server.engine.scheduler import ScheduledSeq
@@ -40,7 +40,7 @@ from server.engine.sequence import Sequence
 from via_sd_kernels import SpecMetadata, gate, verify_binary, verify_binary_greedy_host, verify_three_tier
 from via_sd_kernels import lenient as lenient_rule
 from via_sd_kernels.routes import Route, SublayerCosts
-from via_sd_kernels.sampling import exponential_noise, logits_to_probs
+from via_sd_kernels.sampling import coupled_uniforms, logits_to_probs, position_noise, position_seed
 
 INF = 2.0  # a threshold above every possible ratio
 
@@ -76,6 +76,18 @@ _COUNT_FIELDS = ("draft_tokens", "accepted", "tier_accept", "tier_slim", "tier_f
 def _counts(vo, i: int) -> dict[str, int]:
     """Sequence i's counts from a host-side VerifyOutput."""
     return {k: int(getattr(vo.counts, k)[i]) for k in _COUNT_FIELDS}
+
+
+def _fixed_path(seq: Sequence) -> bool:
+    """A seeded three-tier request that samples steps by its own history alone. Its tiers A and B
+    keep drafts on the slim verifier's word, so the tokens it emits depend on which drafts it
+    verified and on which steps ran the slim tier; elsewhere those follow measured pass costs and
+    engine-wide estimates (lookup keep rates, the controller's prior), and a seed would not repeat
+    its text. So its drafts are cut by its own keep rates against the prior cost line
+    (`draft_length.prior_relative`) and its controller starts from nothing. (Binary verification
+    needs no such care: with the coupled randoms every token it emits is its row's sample,
+    whatever the drafts.)"""
+    return seq.seed is not None and seq.request.sampling.seed is not None and seq.spec.mode == "three_tier"
 
 
 @dataclass
@@ -149,7 +161,12 @@ class SpecDecoder:
         self.no_repeat = cfg.lenient_no_repeat
 
     def lookup_table(self, seq: Sequence) -> LookupAcceptance:
-        """The lookup keep rates `seq`'s drafts are trimmed by and update (see __init__)."""
+        """The lookup keep rates `seq`'s drafts are trimmed by and update (see __init__); a
+        seeded three-tier request's own (`_fixed_path`)."""
+        if _fixed_path(seq):
+            if seq.lookup_accept is None:
+                seq.lookup_accept = LookupAcceptance()
+            return seq.lookup_accept
         return self.lookup_accepts[seq.spec.lenient]
 
     # ------------------------------------------------------------------ begin
@@ -169,7 +186,7 @@ class SpecDecoder:
         for i, (s, d) in enumerate(zip(scheduled, drafts.tokens)):
             seq = s.seq
             if seq.controller is None:
-                seq.controller = self.controller.new_state()
+                seq.controller = self.controller.new_state(own=_fixed_path(seq))
             backlog = seq.num_tokens - 1 - seq.full_frontier
             # the full model reads the prompt first: a step that ends it (its last chunk, or a
             # short prompt whole) is a full pass, as is one with a full backlog; otherwise the
@@ -260,7 +277,13 @@ class SpecDecoder:
             else:
                 chances.append(list(conf[: len(d)]))
                 explore.append(None)
-        keep = best_lengths(chances, self.engine.pass_costs.relative)
+        # a seeded three-tier request's drafts are cut by its own estimates and the prior cost
+        # line, alone (`_fixed_path`); the others' by measured costs, the batch together
+        fixed = [_fixed_path(s.seq) for s in scheduled]
+        shared = [i for i, f in enumerate(fixed) if not f]
+        keep = [best_length(c, prior_relative) if f else 0 for c, f in zip(chances, fixed)]
+        for i, n in zip(shared, best_lengths([chances[i] for i in shared], self.engine.pass_costs.relative)):
+            keep[i] = n
         for i, (d, n) in enumerate(zip(drafts.tokens, keep)):
             if explore[i] is not None:
                 n = explore[i](n, len(d))
@@ -333,13 +356,34 @@ class SpecDecoder:
             torch.tensor([p.top_p for p in sp], device=dev).repeat_interleave(rep),
         )
 
-    def _randoms(self, seqs: list[Sequence], n_drafts: list[int], vocab: int, device: torch.device):
-        """Uniforms and noise from each request's own (host) generator, moved to `device`."""
+    @staticmethod
+    def _randoms(seqs: list[Sequence], drafts: list[list[int]], vocab: int, device: torch.device, targets,
+                 draft_probs: torch.Tensor | None):
+        """Uniforms [T] and noise [T+B, V] for verification, on `device`. The noise is drawn per
+        request and position (`position_noise`: row k of a sequence samples its token at
+        position num_tokens + k). Deterministic drafts get `coupled_uniforms` against `targets`
+        (a function of the draft rows' indices [T] giving the distribution each draft is tested
+        against), so every emitted token is its row's race sample, as in a plain step; drafts with
+        a distribution get uniforms drawn per position from a stream of their own."""
+        n_d = [len(d) for d in drafts]
+        noise = position_noise([s.seed for s in seqs], [s.num_tokens for s in seqs], [n + 1 for n in n_d],
+                               vocab).to(device)
+        starts = [0]
+        for n in n_d:
+            starts.append(starts[-1] + n + 1)
+        rows = torch.tensor([starts[i] + j for i, n in enumerate(n_d) for j in range(n)], dtype=torch.int64,
+                            device=device)
+        if draft_probs is None:
+            ids = torch.tensor([t for d in drafts for t in d], dtype=torch.int64, device=device)
+            return coupled_uniforms(ids, targets(rows), noise[rows]), noise
         uniforms = []
-        for s, n in zip(seqs, n_drafts):
-            uniforms.append(torch.rand(n, generator=s.generator))
-        noise = exponential_noise([n + 1 for n in n_drafts], vocab, [s.generator for s in seqs])
-        return (torch.cat(uniforms) if uniforms else torch.empty(0)).to(device), noise.to(device)
+        for s, n in zip(seqs, n_d):
+            if s.seed is None:  # greedy rows: any uniform below 1 keeps exactly the argmax
+                uniforms.append(torch.full((n,), 0.5))
+            else:
+                uniforms += [torch.rand(1, generator=torch.Generator().manual_seed(position_seed(~s.seed, s.num_tokens + j)))
+                             for j in range(n)]
+        return (torch.cat(uniforms) if uniforms else torch.empty(0)).to(device), noise
 
     @staticmethod
     def _lenient(plans_rows: list[tuple[_SeqPlan, int]], logits: torch.Tensor, no_repeat: int = 0):
@@ -427,13 +471,16 @@ class SpecDecoder:
                                          full_rows, self.no_repeat)
             if lenient_slim is not None:
                 full_scaled = self._force(full_scaled, lenient_slim)
-            if greedy:
-                uni = noise = None
-            else:
-                uni, noise = self._randoms(seqs, n_d, vocab, slim_scaled.device)
             draft_probs = None
             if job.draft_probs:
                 draft_probs = torch.cat([job.draft_probs[plans.index(p)] for p in slim_plans if p.drafts]).to(slim_scaled.device)
+            if greedy:
+                uni = noise = None
+            else:  # a tier-B draft is tested against q', the others against q
+                tier_b = (job.gate_out.tiers == 1)[:, None]
+                uni, noise = self._randoms(
+                    seqs, [p.drafts for p in slim_plans], vocab, slim_scaled.device,
+                    lambda rows: torch.where(tier_b, slim_scaled[rows], full_scaled[rows]), draft_probs)
             vo = verify_three_tier(job.slim_meta, job.gate_out, slim_scaled, full_scaled, draft_probs, uni, noise).cpu()
             drop = job.drop_bonus.tolist() if job.drop_bonus is not None else [False] * len(slim_plans)
             for i, p in enumerate(slim_plans):
@@ -485,11 +532,12 @@ class SpecDecoder:
             lenient = self._lenient(list(zip(bin_plans, bin_rows)), logits, self.no_repeat)
             if lenient is not None:
                 probs = self._force(probs, lenient)
-            uni, noise = (None, None) if greedy else self._randoms(seqs, n_d, vocab, logits.device)
             meta = SpecMetadata.from_lists([p.drafts for p in bin_plans], device=logits.device)
             draft_probs = None
             if job.draft_probs:
                 draft_probs = torch.cat([job.draft_probs[plans.index(p)] for p in bin_plans if p.drafts]).to(probs.device)
+            uni, noise = (None, None) if greedy else self._randoms(
+                seqs, [p.drafts for p in bin_plans], vocab, logits.device, lambda rows: probs[rows], draft_probs)
             vo = verify_binary(meta, probs, draft_probs, uni, noise).cpu()
             for i, p in enumerate(bin_plans):
                 m = int(vo.num_output[i])

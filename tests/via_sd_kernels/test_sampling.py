@@ -29,3 +29,51 @@ def test_a_seeded_request_verifies_the_same_whatever_shares_its_batch():
         return out.output_token_ids[0, : out.num_output[0]].tolist()
 
     assert run(False) == run(True)
+
+
+def test_coupled_uniforms_make_every_emitted_token_its_rows_race_sample():
+    """With deterministic drafts and `coupled_uniforms`, verification emits at each row the
+    exponential race's sample argmax(q / E) of that row: accepted drafts, recovered tokens and
+    the bonus alike, so the output is what plain sampling with the same noise gives, however the
+    drafts were cut. Drafts here are half the rows' race winners, half other tokens, so both
+    branches of the rule run."""
+    from via_sd_kernels.sampling import coupled_uniforms, position_noise
+
+    v, g = 12, torch.Generator().manual_seed(5)
+    for trial in range(40):
+        n = [int(x) for x in torch.randint(0, 5, (3,), generator=g)]
+        rows = sum(n) + len(n)
+        q = torch.softmax(torch.randn(rows, v, generator=g) * 1.5, -1)
+        noise = position_noise([trial, trial + 100, None], [10, 20, 30], [k + 1 for k in n], v)
+        assert noise.shape == (rows, v) and torch.equal(noise[rows - n[2] - 1:], torch.ones(n[2] + 1, v))
+        q[rows - n[2] - 1:] = torch.nn.functional.one_hot(q[rows - n[2] - 1:].argmax(-1), v).float()  # greedy request
+        race = sample_from_probs(q, noise)
+        drafts, r = [], 0
+        for k in n:
+            d = []
+            for j in range(k):
+                win = int(race[r + j])
+                d.append(win if torch.rand(1, generator=g) < 0.5 else int(torch.randint(0, v, (1,), generator=g)))
+            drafts.append(d)
+            r += k + 1
+        starts = [sum(k + 1 for k in n[:i]) for i in range(len(n))]
+        idx = torch.tensor([s + j for s, k in zip(starts, n) for j in range(k)], dtype=torch.int64)
+        flat = torch.tensor([t for d in drafts for t in d], dtype=torch.int64)
+        u = coupled_uniforms(flat, q[idx], noise[idx])
+        out = verify_binary(SpecMetadata.from_lists(drafts), q, None, u, noise, backend="torch")
+        for i, (s, k) in enumerate(zip(starts, n)):
+            m = int(out.num_output[i])
+            want = race[s:s + k + 1].tolist()
+            # the emitted tokens are the race winners up to and including the first draft that lost
+            cut = next((j for j in range(k) if drafts[i][j] != want[j]), k)
+            assert out.output_token_ids[i, :m].tolist() == want[:cut + 1]
+
+
+def test_position_noise_depends_on_the_seed_and_position_only():
+    from via_sd_kernels.sampling import position_noise
+
+    a = position_noise([7], [40], [3], 50)
+    b = position_noise([1, 7], [0, 41], [2, 1], 50)  # another request first, then row 41 of seed 7 alone
+    assert torch.equal(a[1], b[2]) and not torch.equal(a[0], a[1])
+    assert not torch.equal(position_noise([8], [40], [1], 50)[0], a[0])
+    assert (a > 0).all()

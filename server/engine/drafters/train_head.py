@@ -220,8 +220,8 @@ def self_instructions(model_dir: str, n: int, *, seed: int, batch: int, threads:
     from server.engine.config import EngineConfig, SamplingParams, SpecConfig
     from server.engine.engine import LLMEngine
 
-    eng = engine or LLMEngine(EngineConfig(model=model_dir, spec=SpecConfig(mode="off"), max_num_seqs=batch,
-                                           max_num_batched_tokens=8192, num_threads=threads, device=device))
+    eng = LLMEngine(EngineConfig(model=model_dir, spec=SpecConfig(mode="off"), max_num_seqs=batch,
+                                 max_num_batched_tokens=8192, num_threads=threads))
     prefix = tuple(eng.tokenizer.user_turn_prefix())
     rows: list[dict] = []
     seen: set[str] = set()
