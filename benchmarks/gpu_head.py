@@ -34,7 +34,6 @@ import datetime as dt
 import json
 import platform
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_engine import PRESETS, random_model, sync  # noqa: E402
+from gpu_engine import PRESETS, median_ms, random_model, sync  # noqa: E402
 
 from server.engine.api import GenerationRequest  # noqa: E402
 from server.engine.config import EngineConfig, SamplingParams, SpecConfig  # noqa: E402
@@ -72,19 +71,6 @@ def prompts(n: int, seed: int) -> list[dict]:
     words = ["explain", "write", "list", "the", "a", "short", "poem", "about", "rivers", "how", "why", "summarize",
              "code", "sort", "numbers", "history", "of", "tea", "compare", "two", "cities", "plan", "trip"]
     return [{"id": i, "category": "bench", "prompt": " ".join(rng.choice(words) for _ in range(10))} for i in range(n)]
-
-
-def median_ms(fn, device, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def engine_for(model, folder: Path, device, dtype_name: str, batch: int) -> LLMEngine:

@@ -8,13 +8,17 @@ Randomness comes from a `torch.Generator` per request, so a request with a seed 
 whatever else is in the batch. `sample_from_probs` uses the exponential race
 (argmax p / E, E ~ Exp(1)), which is exact and needs one noise vector per row.
 
-The embedded engine draws its noise per *position* instead (`position_noise`: the row that
-samples token j of a sequence comes from a generator seeded by the request's seed and j), and
-verifies deterministic drafts with `coupled_uniforms`: then every token it emits is the race's
-sample of its own row, whether a plain step, an accepted draft, a recovered token or a bonus
-produced it. So a seeded request's output does not depend on how its drafts were cut (the
-lengths follow measured pass costs and engine-wide acceptance) or verified, and `binary`
-samples the tokens `off` samples.
+The embedded engine samples by *position* instead: the row that samples token j of a sequence
+takes one uniform, a hash of the request's seed and j (`position_uniforms`), and draws its token
+by inverse CDF (`sample_by_uniform`: one random number per row, where the race reads V). To
+verify deterministic drafts it samples every row of the pass so, keeps a draft exactly where its
+row's sample is that draft (uniform 0, else 1: the rule `u p(d) < t(d)` keeps it with the
+probability t(d), as before) and hands verification noise rows that its sample wins
+(`winning_noise`), so recovered tokens and bonuses are those samples too. Every emitted token is
+then its row's sample, whether a plain step, an accepted draft, a recovered token or a bonus
+produced it: a seeded request's output does not depend on how its drafts were cut (the lengths
+follow measured pass costs and engine-wide acceptance), and `binary` samples the tokens `off`
+samples.
 """
 
 from __future__ import annotations
@@ -111,16 +115,48 @@ def position_noise(
     return torch.cat(rows)
 
 
-def coupled_uniforms(
-    drafts: torch.Tensor,  # [T] deterministic draft tokens
-    targets: torch.Tensor,  # [T, V] the distribution that tests each draft (q, or q' for tier B)
-    noise: torch.Tensor,  # [T, V] the noise rows of those positions
-) -> torch.Tensor:  # [T] float32, 0 or 1
-    """Uniforms that make verification keep a deterministic draft d exactly when the exponential
-    race of its row picks it: 0 where argmax(t / E) == d, else 1. The rule `u p(d) < t(d)` (p
-    one-hot) then keeps d with probability t(d), as uniform u would, and a rejected d is
-    recovered from the residual t without d by the same race, whose winner is argmax(t / E)
-    (the winner was not d, so taking d out leaves it first). Every emitted token is thus the
-    race's sample of its row, the token a plain step with that noise samples."""
-    hit = (targets.float() / noise).argmax(-1) == drafts
-    return torch.where(hit, 0.0, 1.0).to(torch.float32)
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def position_uniforms(seeds: list[int | None], starts: list[int], counts: list[int]) -> torch.Tensor:
+    """One uniform in [0, 1) per row (float64, on the host): row k of request i is a hash
+    (splitmix64) of `position_seed(seeds[i], starts[i] + k)`, the row that samples token
+    starts[i] + k. A request with seed None (greedy) gets 0.5: a one-hot row takes its argmax
+    whatever the uniform."""
+    vals: list[float] = []
+    for seed, start, n in zip(seeds, starts, counts):
+        if seed is None:
+            vals += [0.5] * n
+        else:
+            vals += [(_splitmix64(position_seed(seed, start + k)) >> 11) / float(1 << 53) for k in range(n)]
+    return torch.tensor(vals, dtype=torch.float64)
+
+
+def sample_by_uniform(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # [N] int64
+    """Inverse-CDF sampling: in each row of `probs` [N, V], the first token whose running sum
+    exceeds u times the row's total (u [N] in [0, 1)). Exact up to float32 rounding of the running
+    sum, with one uniform per row where the exponential race needs V draws; a token of probability
+    0 is never taken."""
+    c = probs.float().cumsum(-1)
+    x = (u.to(c.device, torch.float32) * c[:, -1]).unsqueeze(1)
+    idx = torch.searchsorted(c, x, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+    ok = probs.gather(1, idx[:, None]).squeeze(1) > 0
+    return torch.where(ok, idx, probs.argmax(-1))
+
+
+def winning_noise(tokens: torch.Tensor, vocab: int) -> torch.Tensor:  # [N, V]
+    """Noise rows whose exponential race `tokens` [N] win: ones, and 2^-60 at the token, so
+    argmax(t / E) is the token for any distribution t that gives it more than 2^-60 of its
+    largest probability, as one it was drawn from does (up to chances below 1e-18). Verification
+    (`verify.py`) races these rows for a recovered token or a bonus; with `tokens` sampled from the
+    rows' own distributions it emits exactly those samples (a rejected draft is another token, so
+    taking it out of the residual leaves the winner first)."""
+    noise = torch.ones(len(tokens), vocab, device=tokens.device)
+    return noise.scatter_(1, tokens[:, None], 2.0 ** -60)

@@ -31,7 +31,7 @@ from server.engine.runner import ModelRunner
 from server.engine.scheduler import ScheduledSeq, Scheduler
 from server.engine.sequence import Sequence, Status
 from server.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from via_sd_kernels.sampling import logits_to_probs, position_noise, sample_from_probs
+from via_sd_kernels.sampling import logits_to_probs, position_uniforms, sample_by_uniform
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -258,11 +258,10 @@ class LLMEngine:
                 torch.tensor([p.top_k for p in sp], device=dev),
                 torch.tensor([p.top_p for p in sp], device=dev),
             )
-            # drawn per request and position (host generators), so a seed gives the same text anywhere,
-            # whatever the batch and however speculation cut the steps
-            noise = position_noise([s.seed for s in seqs], [s.num_tokens for s in seqs], [1] * len(seqs),
-                                   logits.shape[-1]).to(dev)
-            toks = sample_from_probs(probs, noise)
+            # one uniform per request and position, so a seed gives the same text anywhere, whatever
+            # the batch and however speculation cut the steps
+            u = position_uniforms([s.seed for s in seqs], [s.num_tokens for s in seqs], [1] * len(seqs))
+            toks = sample_by_uniform(probs, u)
         lps = self.logprobs_for(seqs, logits, toks)
         return toks.tolist(), lps
 

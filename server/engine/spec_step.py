@@ -40,7 +40,7 @@ from server.engine.sequence import Sequence
 from via_sd_kernels import SpecMetadata, gate, verify_binary, verify_binary_greedy_host, verify_three_tier
 from via_sd_kernels import lenient as lenient_rule
 from via_sd_kernels.routes import Route, SublayerCosts
-from via_sd_kernels.sampling import coupled_uniforms, logits_to_probs, position_noise, position_seed
+from via_sd_kernels.sampling import logits_to_probs, position_noise, position_uniforms, sample_by_uniform, winning_noise
 
 INF = 2.0  # a threshold above every possible ratio
 
@@ -359,31 +359,40 @@ class SpecDecoder:
     @staticmethod
     def _randoms(seqs: list[Sequence], drafts: list[list[int]], vocab: int, device: torch.device, targets,
                  draft_probs: torch.Tensor | None):
-        """Uniforms [T] and noise [T+B, V] for verification, on `device`. The noise is drawn per
-        request and position (`position_noise`: row k of a sequence samples its token at
-        position num_tokens + k). Deterministic drafts get `coupled_uniforms` against `targets`
-        (a function of the draft rows' indices [T] giving the distribution each draft is tested
-        against), so every emitted token is its row's race sample, as in a plain step; drafts with
-        a distribution get uniforms drawn per position from a stream of their own."""
+        """Uniforms [T] and noise [T+B, V] for verification, on `device`. Row k of a sequence samples
+        its token at position num_tokens + k, from one uniform of that position
+        (`position_uniforms`). Deterministic drafts: `targets()` gives the distribution each row
+        is sampled from [T+B, V]; every row is sampled by inverse CDF, a draft gets uniform 0
+        where its row's sample is the draft (kept) and 1 elsewhere, and the noise rows are won by
+        the samples (`winning_noise`), so verification emits exactly the rows' samples. Drafts
+        with a distribution: Exp(1) noise and uniforms drawn per position (`position_noise`)."""
         n_d = [len(d) for d in drafts]
-        noise = position_noise([s.seed for s in seqs], [s.num_tokens for s in seqs], [n + 1 for n in n_d],
-                               vocab).to(device)
-        starts = [0]
+        seeds, starts = [s.seed for s in seqs], [s.num_tokens for s in seqs]
+        first = [0]
         for n in n_d:
-            starts.append(starts[-1] + n + 1)
-        rows = torch.tensor([starts[i] + j for i, n in enumerate(n_d) for j in range(n)], dtype=torch.int64,
+            first.append(first[-1] + n + 1)
+        rows = torch.tensor([first[i] + j for i, n in enumerate(n_d) for j in range(n)], dtype=torch.int64,
                             device=device)
         if draft_probs is None:
+            u = position_uniforms(seeds, starts, [n + 1 for n in n_d])
+            sample = sample_by_uniform(targets(), u)
             ids = torch.tensor([t for d in drafts for t in d], dtype=torch.int64, device=device)
-            return coupled_uniforms(ids, targets(rows), noise[rows]), noise
-        uniforms = []
-        for s, n in zip(seqs, n_d):
-            if s.seed is None:  # greedy rows: any uniform below 1 keeps exactly the argmax
-                uniforms.append(torch.full((n,), 0.5))
-            else:
-                uniforms += [torch.rand(1, generator=torch.Generator().manual_seed(position_seed(~s.seed, s.num_tokens + j)))
-                             for j in range(n)]
-        return (torch.cat(uniforms) if uniforms else torch.empty(0)).to(device), noise
+            uniforms = torch.where(sample[rows] == ids, 0.0, 1.0).to(torch.float32)
+            return uniforms, winning_noise(sample, vocab)
+        noise = position_noise(seeds, starts, [n + 1 for n in n_d], vocab).to(device)
+        uniforms = position_uniforms([None if s is None else ~s for s in seeds], starts, n_d)  # a stream of their own
+        return uniforms.to(device, torch.float32), noise
+
+    @staticmethod
+    def _slim_rows(job: SpecJob, n_drafts: list[int]) -> torch.Tensor:
+        """[T+B] bool, in `SpecMetadata` layout: the rows the slim verifier samples (a tier-B
+        draft position; the bonus row where the gate lets the slim verifier emit it)."""
+        out = job.gate_out.tiers == 1  # [T], draft positions
+        parts, at = [], 0
+        for i, n in enumerate(n_drafts):
+            parts += [out[at:at + n], job.gate_out.bonus_from_slim[i:i + 1]]
+            at += n
+        return torch.cat(parts)
 
     @staticmethod
     def _lenient(plans_rows: list[tuple[_SeqPlan, int]], logits: torch.Tensor, no_repeat: int = 0):
@@ -476,11 +485,10 @@ class SpecDecoder:
                 draft_probs = torch.cat([job.draft_probs[plans.index(p)] for p in slim_plans if p.drafts]).to(slim_scaled.device)
             if greedy:
                 uni = noise = None
-            else:  # a tier-B draft is tested against q', the others against q
-                tier_b = (job.gate_out.tiers == 1)[:, None]
-                uni, noise = self._randoms(
-                    seqs, [p.drafts for p in slim_plans], vocab, slim_scaled.device,
-                    lambda rows: torch.where(tier_b, slim_scaled[rows], full_scaled[rows]), draft_probs)
+            else:  # a tier-B draft and a slim bonus are drawn from q', the other rows from q
+                uni, noise = self._randoms(seqs, [p.drafts for p in slim_plans], vocab, slim_scaled.device,
+                                           lambda: torch.where(self._slim_rows(job, n_d)[:, None], slim_scaled,
+                                                               full_scaled), draft_probs)
             vo = verify_three_tier(job.slim_meta, job.gate_out, slim_scaled, full_scaled, draft_probs, uni, noise).cpu()
             drop = job.drop_bonus.tolist() if job.drop_bonus is not None else [False] * len(slim_plans)
             for i, p in enumerate(slim_plans):
@@ -537,7 +545,7 @@ class SpecDecoder:
             if job.draft_probs:
                 draft_probs = torch.cat([job.draft_probs[plans.index(p)] for p in bin_plans if p.drafts]).to(probs.device)
             uni, noise = (None, None) if greedy else self._randoms(
-                seqs, [p.drafts for p in bin_plans], vocab, logits.device, lambda rows: probs[rows], draft_probs)
+                seqs, [p.drafts for p in bin_plans], vocab, logits.device, lambda: probs, draft_probs)
             vo = verify_binary(meta, probs, draft_probs, uni, noise).cpu()
             for i, p in enumerate(bin_plans):
                 m = int(vo.num_output[i])

@@ -31,42 +31,63 @@ def test_a_seeded_request_verifies_the_same_whatever_shares_its_batch():
     assert run(False) == run(True)
 
 
-def test_coupled_uniforms_make_every_emitted_token_its_rows_race_sample():
-    """With deterministic drafts and `coupled_uniforms`, verification emits at each row the
-    exponential race's sample argmax(q / E) of that row: accepted drafts, recovered tokens and
-    the bonus alike, so the output is what plain sampling with the same noise gives, however the
-    drafts were cut. Drafts here are half the rows' race winners, half other tokens, so both
-    branches of the rule run."""
-    from via_sd_kernels.sampling import coupled_uniforms, position_noise
+def test_sampled_rows_with_winning_noise_make_verification_emit_each_rows_sample():
+    """Deterministic drafts verified with uniform 0 where the row's own sample is the draft, 1
+    elsewhere, and noise rows the samples win: verification emits at each row that row's sample
+    (accepted drafts, the recovered token, the bonus), so the output is what plain sampling with
+    the same uniforms gives, however the drafts were cut. Drafts here are half the rows' samples,
+    half other tokens, so both branches of the rule run; the third request is greedy."""
+    from via_sd_kernels.sampling import position_uniforms, sample_by_uniform, winning_noise
 
     v, g = 12, torch.Generator().manual_seed(5)
     for trial in range(40):
         n = [int(x) for x in torch.randint(0, 5, (3,), generator=g)]
         rows = sum(n) + len(n)
         q = torch.softmax(torch.randn(rows, v, generator=g) * 1.5, -1)
-        noise = position_noise([trial, trial + 100, None], [10, 20, 30], [k + 1 for k in n], v)
-        assert noise.shape == (rows, v) and torch.equal(noise[rows - n[2] - 1:], torch.ones(n[2] + 1, v))
-        q[rows - n[2] - 1:] = torch.nn.functional.one_hot(q[rows - n[2] - 1:].argmax(-1), v).float()  # greedy request
-        race = sample_from_probs(q, noise)
+        greedy = slice(rows - n[2] - 1, rows)
+        q[greedy] = torch.nn.functional.one_hot(q[greedy].argmax(-1), v).float()
+        u = position_uniforms([trial, trial + 100, None], [10, 20, 30], [k + 1 for k in n])
+        sample = sample_by_uniform(q, u)
+        assert torch.equal(sample[greedy], q[greedy].argmax(-1))
         drafts, r = [], 0
         for k in n:
-            d = []
-            for j in range(k):
-                win = int(race[r + j])
-                d.append(win if torch.rand(1, generator=g) < 0.5 else int(torch.randint(0, v, (1,), generator=g)))
-            drafts.append(d)
+            drafts.append([int(sample[r + j]) if torch.rand(1, generator=g) < 0.5
+                           else int(torch.randint(0, v, (1,), generator=g)) for j in range(k)])
             r += k + 1
         starts = [sum(k + 1 for k in n[:i]) for i in range(len(n))]
         idx = torch.tensor([s + j for s, k in zip(starts, n) for j in range(k)], dtype=torch.int64)
         flat = torch.tensor([t for d in drafts for t in d], dtype=torch.int64)
-        u = coupled_uniforms(flat, q[idx], noise[idx])
-        out = verify_binary(SpecMetadata.from_lists(drafts), q, None, u, noise, backend="torch")
+        uniforms = torch.where(sample[idx] == flat, 0.0, 1.0)
+        out = verify_binary(SpecMetadata.from_lists(drafts), q, None, uniforms, winning_noise(sample, v),
+                            backend="torch")
         for i, (s, k) in enumerate(zip(starts, n)):
             m = int(out.num_output[i])
-            want = race[s:s + k + 1].tolist()
-            # the emitted tokens are the race winners up to and including the first draft that lost
-            cut = next((j for j in range(k) if drafts[i][j] != want[j]), k)
+            want = sample[s:s + k + 1].tolist()
+            cut = next((j for j in range(k) if drafts[i][j] != want[j]), k)  # the first draft that lost
             assert out.output_token_ids[i, :m].tolist() == want[:cut + 1]
+
+
+def test_sampling_by_uniform_follows_the_distribution_and_never_takes_a_zero():
+    from via_sd_kernels.sampling import sample_by_uniform
+
+    p = torch.tensor([0.5, 0.0, 0.2, 0.0, 0.3])
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    counts = torch.bincount(sample_by_uniform(p.expand(20000, 5), u), minlength=5).double() / 20000
+    assert counts[1] == counts[3] == 0
+    assert torch.allclose(counts, p.double(), atol=0.015)
+    # the ends: u = 0 takes the first token with mass, u just below 1 the last
+    edge = sample_by_uniform(p.expand(2, 5), torch.tensor([0.0, 1.0 - 2 ** -53], dtype=torch.float64))
+    assert edge.tolist() == [0, 4]
+
+
+def test_position_uniforms_depend_on_the_seed_and_position_only():
+    from via_sd_kernels.sampling import position_uniforms
+
+    a = position_uniforms([7], [40], [3])
+    b = position_uniforms([1, 7, None], [0, 41, 5], [2, 1, 2])  # another request first, then row 41 of seed 7
+    assert a[1] == b[2] and a[0] != a[1] and b[3:].tolist() == [0.5, 0.5]
+    assert position_uniforms([8], [40], [1])[0] != a[0]
+    assert ((a >= 0) & (a < 1)).all()
 
 
 def test_position_noise_depends_on_the_seed_and_position_only():
