@@ -139,16 +139,34 @@ def position_uniforms(seeds: list[int | None], starts: list[int], counts: list[i
     return torch.tensor(vals, dtype=torch.float64)
 
 
+SAMPLE_BLOCK = 256  # tokens per block of `sample_by_uniform`'s two-level search
+
+
 def sample_by_uniform(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # [N] int64
     """Inverse-CDF sampling: in each row of `probs` [N, V], the first token whose running sum
-    exceeds u times the row's total (u [N] in [0, 1)). Exact up to float32 rounding of the running
-    sum, with one uniform per row where the exponential race needs V draws; a token of probability
-    0 is never taken."""
-    c = probs.float().cumsum(-1)
-    x = (u.to(c.device, torch.float32) * c[:, -1]).unsqueeze(1)
-    idx = torch.searchsorted(c, x, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
-    ok = probs.gather(1, idx[:, None]).squeeze(1) > 0
-    return torch.where(ok, idx, probs.argmax(-1))
+    exceeds u times the row's total (u [N] in [0, 1)). Exact up to float32 rounding of the sums,
+    with one uniform per row where the exponential race needs V draws; a token of probability 0
+    is never taken. Two levels, since a running sum over a whole row is a serial scan: the sums of
+    blocks of `SAMPLE_BLOCK` tokens (a reduction), their running sum to find the block, and the
+    running sum of that block alone."""
+    n, v = probs.shape
+    p = probs.float()
+    nb = -(-v // SAMPLE_BLOCK)
+    if nb * SAMPLE_BLOCK != v:
+        p = torch.nn.functional.pad(p, (0, nb * SAMPLE_BLOCK - v))
+    blocks = p.view(n, nb, SAMPLE_BLOCK)
+    sums = blocks.sum(-1)  # [N, nb]
+    ends = sums.cumsum(-1)
+    x = u.to(p.device, torch.float32) * ends[:, -1]
+    b = torch.searchsorted(ends, x[:, None], right=True).squeeze(1).clamp_(max=nb - 1)
+    rows = torch.arange(n, device=p.device)
+    before = (ends[rows, b] - sums[rows, b])[:, None]
+    within = torch.searchsorted(blocks[rows, b].cumsum(-1) + before, x[:, None], right=True).squeeze(1)
+    idx = (b * SAMPLE_BLOCK + within.clamp_(max=SAMPLE_BLOCK - 1)).clamp_(max=v - 1)
+    bad = probs.gather(1, idx[:, None]).squeeze(1) <= 0  # float rounding at a block's edge: rare
+    if bool(bad.any()):
+        idx = torch.where(bad, probs.argmax(-1), idx)
+    return idx
 
 
 def winning_noise(tokens: torch.Tensor, vocab: int) -> torch.Tensor:  # [N, V]

@@ -98,3 +98,20 @@ def test_position_noise_depends_on_the_seed_and_position_only():
     assert torch.equal(a[1], b[2]) and not torch.equal(a[0], a[1])
     assert not torch.equal(position_noise([8], [40], [1], 50)[0], a[0])
     assert (a > 0).all()
+
+
+def test_sampling_by_uniform_in_blocks_is_the_whole_rows_inverse_cdf():
+    """The two-level search (block sums, then one block) takes the token a running sum over the
+    whole row takes, vocabularies that fill their last block or not, top-k-like zeros included."""
+    from via_sd_kernels.sampling import SAMPLE_BLOCK, sample_by_uniform
+
+    g = torch.Generator().manual_seed(2)
+    for v in (SAMPLE_BLOCK * 3, 1000, 7):
+        p = torch.softmax(torch.randn(4000, v, generator=g) * 2, -1)
+        p[:, ::3] = 0  # holes, as top-k and top-p leave
+        u = torch.rand(4000, generator=g, dtype=torch.float64)
+        c = p.double().cumsum(-1)
+        flat = torch.searchsorted(c, (u * c[:, -1])[:, None], right=True).squeeze(1)
+        got = sample_by_uniform(p, u)
+        assert (p.gather(1, got[:, None]) > 0).all()
+        assert (got == flat).float().mean() > 0.999
