@@ -540,19 +540,32 @@ class SpecDecoder:
             lenient = self._lenient(list(zip(bin_plans, bin_rows)), logits, self.no_repeat)
             if lenient is not None:
                 probs = self._force(probs, lenient)
-            meta = SpecMetadata.from_lists([p.drafts for p in bin_plans], device=logits.device)
-            draft_probs = None
-            if job.draft_probs:
-                draft_probs = torch.cat([job.draft_probs[plans.index(p)] for p in bin_plans if p.drafts]).to(probs.device)
-            uni, noise = (None, None) if greedy else self._randoms(
-                seqs, [p.drafts for p in bin_plans], vocab, logits.device, lambda: probs, draft_probs)
-            vo = verify_binary(meta, probs, draft_probs, uni, noise).cpu()
-            for i, p in enumerate(bin_plans):
-                m = int(vo.num_output[i])
-                toks = vo.output_token_ids[i, :m].tolist()
-                results[plans.index(p)] = (toks, _counts(vo, i))
+            if not job.draft_probs and not greedy:
+                # sampled rows, deterministic drafts: with the coupled randoms (`_randoms`) every
+                # emitted token is its row's sample, so the host compares the drafts with the rows'
+                # samples as it does with greedy rows' argmaxes (verify_binary with those randoms
+                # gives the same tokens, in some thirty small tensor ops)
+                u = position_uniforms([s.seed for s in seqs], [s.num_tokens for s in seqs], [n + 1 for n in n_d])
+                target = sample_by_uniform(probs, u).tolist()
+                for p, r in zip(bin_plans, verify_binary_greedy_host([p.drafts for p in bin_plans], target)):
+                    results[plans.index(p)] = r
+                accepted = [results[plans.index(p)][1]["accepted"] for p in bin_plans]
+            else:
+                meta = SpecMetadata.from_lists([p.drafts for p in bin_plans], device=logits.device)
+                draft_probs = None
+                if job.draft_probs:
+                    draft_probs = torch.cat([job.draft_probs[plans.index(p)] for p in bin_plans
+                                             if p.drafts]).to(probs.device)
+                uni, noise = (None, None) if greedy else self._randoms(
+                    seqs, [p.drafts for p in bin_plans], vocab, logits.device, lambda: probs, draft_probs)
+                vo = verify_binary(meta, probs, draft_probs, uni, noise).cpu()
+                for i, p in enumerate(bin_plans):
+                    m = int(vo.num_output[i])
+                    toks = vo.output_token_ids[i, :m].tolist()
+                    results[plans.index(p)] = (toks, _counts(vo, i))
+                accepted = [int(vo.counts.accepted[i]) for i in range(len(bin_plans))]
             if lenient is not None:
-                spans = {plans.index(p): (bin_rows[i], 0, int(vo.counts.accepted[i])) for i, p in enumerate(bin_plans)}
+                spans = {plans.index(p): (bin_rows[i], 0, accepted[i]) for i, p in enumerate(bin_plans)}
                 for i, f in self._forced_counts(lenient, spans).items():
                     results[i][1]["lenient"] = f
         # --- bookkeeping
