@@ -55,18 +55,6 @@ def logits_to_probs(
     return probs
 
 
-def exponential_noise(
-    num_rows_per_request: list[int], vocab: int, generators: list[torch.Generator | None], device=None
-) -> torch.Tensor:  # [sum(num_rows_per_request), V]
-    """Exp(1) noise, each request's rows drawn from its own generator."""
-    chunks = []
-    for n, g in zip(num_rows_per_request, generators):
-        chunks.append(torch.empty(n, vocab, device=device).exponential_(generator=g))
-    if not chunks:
-        return torch.empty(0, vocab, device=device)
-    return torch.cat(chunks)
-
-
 def sample_from_probs(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:  # [N] int64
     """Exact sampling by the exponential race: argmax(probs / noise). A one-hot row returns its
     argmax whatever the noise."""

@@ -27,7 +27,9 @@ result on one-hot rows, and no noise to draw).
 Randomness is explicit so a request's seed reproduces its output whatever shares the batch: the
 caller draws `uniforms [T]` (one per draft position) and `noise [T+B, V]` (Exp(1), one row per
 distribution row) from each request's generator; sampling a row t uses the exponential race
-argmax(t / noise) (see `sampling.py`), which needs no normalisation.
+argmax(t / noise) (see `sampling.py`), which needs no normalisation. The embedded engine draws
+them per token position instead and, for deterministic drafts, couples them to each row's own
+sample (`sampling.winning_noise`), so that every emitted token is that sample.
 
 Worked example (binary, sampling, V = 3), one sequence, drafts d = [2, 0], p = one-hot:
 

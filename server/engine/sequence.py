@@ -23,8 +23,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from server.engine.api import GenerationRequest, SpecUsage, TokenLogprob
 from server.engine.block_pool import BlockTable
 from server.engine.config import ResolvedSpec

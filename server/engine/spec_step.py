@@ -361,7 +361,7 @@ class SpecDecoder:
                  draft_probs: torch.Tensor | None):
         """Uniforms [T] and noise [T+B, V] for verification, on `device`. Row k of a sequence samples
         its token at position num_tokens + k, from one uniform of that position
-        (`position_uniforms`). Deterministic drafts: `targets()` gives the distribution each row
+        (`position_uniforms`). Deterministic drafts (`draft_probs` None): `targets()` gives the distribution each row
         is sampled from [T+B, V]; every row is sampled by inverse CDF, a draft gets uniform 0
         where its row's sample is the draft (kept) and 1 elsewhere, and the noise rows are won by
         the samples (`winning_noise`), so verification emits exactly the rows' samples. Drafts
@@ -556,8 +556,9 @@ class SpecDecoder:
                 if job.draft_probs:
                     draft_probs = torch.cat([job.draft_probs[plans.index(p)] for p in bin_plans
                                              if p.drafts]).to(probs.device)
+                # here the drafts carry distributions or every row is greedy (the host took the rest)
                 uni, noise = (None, None) if greedy else self._randoms(
-                    seqs, [p.drafts for p in bin_plans], vocab, logits.device, lambda: probs, draft_probs)
+                    seqs, [p.drafts for p in bin_plans], vocab, logits.device, None, draft_probs)
                 vo = verify_binary(meta, probs, draft_probs, uni, noise).cpu()
                 for i, p in enumerate(bin_plans):
                     m = int(vo.num_output[i])
