@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-per-category", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampled request i of our rows carries seed + i")
+    p.add_argument("--unseeded", action="store_true",
+                   help="our rows' sampled requests carry no seed, as most API clients send them (peers keep theirs)")
     p.add_argument("--modes", default="off,binary,three_tier", help=f"of {', '.join(SPEC_MODES)}")
     p.add_argument("--drafters", default=None, help=f"of {', '.join(DRAFTERS)}; default: the engine's default drafter")
     p.add_argument("--peers", default="hf,hf_pld,vllm,vllm_ngram,vllm_three_tier", help=f"of {', '.join(PEERS)}; '' for none")
@@ -275,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         return _die(f"the longest prompt has {longest} tokens; with --max-tokens {args.max_tokens} it exceeds the model's "
                     f"{model_max}; lower --max-tokens or drop that category")
     job = {"model": str(folder), "prompts": token_prompts, "max_tokens": args.max_tokens,
-           "temperature": args.temperature, "seed": args.seed, "threads": threads, "eos_token_ids": eos,
+           "temperature": args.temperature, "seed": args.seed, "unseeded": args.unseeded, "threads": threads,
+           "eos_token_ids": eos,
            "warmup_tokens": min(16, args.max_tokens), "progress": not args.no_progress,
            # the rows' setting when one is asked for; with both, the +bf16 rows carry their own
            "kv_cache_dtype": args.kv_cache_dtype, "prefill_dtype": prefill_dtypes[0], "head_path": args.draft_head,
@@ -355,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "via-sd bench " + shlex.join(argv),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": {"prompts": len(prompts), "categories": list(dict.fromkeys(p.category for p in prompts)),
-                     "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
+                     "max_tokens": args.max_tokens, "temperature": args.temperature,
+                     "seed": None if args.unseeded and args.temperature else args.seed,
                      "batch_size": 1, "threads": threads, "repeats": args.repeats,
                      "peer_repeats": args.peer_repeats, "prompt_file": str(args.prompts),
                      "interleaved": args.interleave, "kv_cache_dtype": args.kv_cache_dtype,

@@ -61,7 +61,7 @@ def _request(job: dict, i: int, ids: list[int], max_tokens: int):
     from server.engine.config import SamplingParams, SpecParams
 
     temp = job["temperature"]
-    seed = None if temp == 0 else job["seed"] + i
+    seed = None if temp == 0 or job.get("unseeded") else job["seed"] + i
     return GenerationRequest(f"bench-{i}", tuple(ids), SamplingParams(max_tokens=max_tokens, temperature=temp, seed=seed),
                              SpecParams())
 
