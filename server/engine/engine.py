@@ -193,8 +193,14 @@ class LLMEngine:
         committed: dict[Sequence, tuple[list[int], list[TokenLogprob] | None]] = {}
         # speculative sequences decide which of them need the full pass; the rest are done
         full_chunks: list[Chunk] = [Chunk(s.seq.table, s.seq.full_frontier, s.seq.token_ids[s.seq.full_frontier:s.seq.full_frontier + s.num_new], 0) for s in prefills]
-        plain_chunks = [Chunk(s.seq.table, s.seq.full_frontier, s.seq.token_ids[s.seq.full_frontier:], 1) for s in plain]
         spec_job = self.spec.begin(specs) if specs else None
+        undrafted: list[ScheduledSeq] = []
+        if spec_job is not None:  # sequences without a draft this step decode plainly
+            undrafted = spec_job.undrafted
+            plain = plain + undrafted
+            if not spec_job.plans:
+                spec_job = None
+        plain_chunks = [Chunk(s.seq.table, s.seq.full_frontier, s.seq.token_ids[s.seq.full_frontier:], 1) for s in plain]
         extra = spec_job.full_chunks if spec_job else []
         all_chunks = full_chunks + plain_chunks + extra
         out = None
@@ -230,6 +236,8 @@ class LLMEngine:
                 committed[s.seq] = ([t], lp)
                 if hidden is not None and s.seq.spec.mode != "off":
                     self.spec.drafter.observe(s.seq, hidden[r:r + 1], [t])
+            for s in undrafted:
+                self.spec.count_plain(s.seq)
         if spec_job:
             logits = out.logits[len(plain):] if out is not None else None
             hidden = out.hidden[len(plain):] if out is not None and out.hidden.numel() else None

@@ -122,6 +122,9 @@ class SpecJob:
     slim_token_rows: list[tuple[int, int]] = field(default_factory=list)
     slim_row_starts: list[int] = field(default_factory=list)  # first logits row of each slim sequence (host copy)
     drop_bonus: torch.Tensor | None = None  # [slim seqs] bool: the slim bonus is not emitted
+    # the sequences left without a draft this step: the engine decodes them plainly (a one-token
+    # full pass either way; the plain path skips verification's bookkeeping)
+    undrafted: list[ScheduledSeq] = field(default_factory=list)
 
     def prefix_start(self, rows_before: int):
         """(start_sublayer, hidden, taps or None) when the whole full pass can start from the slim prefix."""
@@ -183,8 +186,12 @@ class SpecDecoder:
         drafts: DraftBatch = self.drafter.propose([s.seq for s in scheduled], max_tokens)
         self._trim(scheduled, drafts)
         plans: list[_SeqPlan] = []
+        undrafted: list[ScheduledSeq] = []
         for i, (s, d) in enumerate(zip(scheduled, drafts.tokens)):
             seq = s.seq
+            if not d:
+                undrafted.append(s)
+                continue
             if seq.controller is None:
                 seq.controller = self.controller.new_state(own=_fixed_path(seq))
             backlog = seq.num_tokens - 1 - seq.full_frontier
@@ -197,7 +204,7 @@ class SpecDecoder:
             lookup = drafts.confidence is None or drafts.confidence[i] is None
             span = drafts.spans[i] if lookup and drafts.spans is not None else None
             plans.append(_SeqPlan(s, list(d), slim, bypassed=eligible and not slim, lookup=lookup, span=span))
-        job = SpecJob(self, plans, [], wants_hidden=self.drafter.wants_hidden)
+        job = SpecJob(self, plans, [], wants_hidden=self.drafter.wants_hidden, undrafted=undrafted)
         if drafts.draft_probs is not None:
             off = 0
             for i, p in enumerate(plans):
@@ -237,6 +244,13 @@ class SpecDecoder:
             idx = torch.cat(rows).to(job.slim_hidden_prefix.device)
             job.prefix = (self.prefix_sublayers, job.slim_hidden_prefix[idx], self._slim_taps(job, full_plans))
         return job
+
+    def count_plain(self, seq: Sequence) -> None:
+        """A step of a speculative request that had no draft to verify and decoded plainly: what a
+        verification step without drafts would have counted."""
+        seq.usage.steps += 1
+        seq.usage.full_passes += 1
+        self.engine.stats_.full_passes += 1
 
     def _slim_taps(self, job: SpecJob, full_plans: list[_SeqPlan]) -> torch.Tensor | None:
         """[full-pass logits rows, len(taps), H]: the slim pass's taps at the rows of the full

@@ -210,3 +210,33 @@ def test_lenient_requests_keep_lookup_rates_of_their_own(tiny_model_dir):
     eng.generate(greedy_requests(PROMPTS, 32, mode="binary", ignore_eos=True, prefix="b"))
     assert exact.checked != fresh.checked
     assert_pool_full(eng)
+
+
+@pytest.mark.parametrize("mode", ["binary", "three_tier"])
+def test_steps_without_a_draft_decode_plainly_and_count_their_passes(tiny_model_dir, mode):
+    """Where no draft is left to verify, the step is a plain decode (no verification's
+    bookkeeping), counted in the request's usage as one step and one full pass per token."""
+    eng = make_engine(tiny_model_dir, spec={"mode": mode, "drafter": "ngram"})
+    off = eng.generate(greedy_requests(PROMPTS, 32, mode="off", ignore_eos=True, prefix="o"))
+    eng.pass_costs.prior_slope = 100.0  # every draft token would cost a hundred plain steps
+    for s in eng.pass_costs.samples:
+        s.clear()
+    eng.pass_costs.count = [0] * len(eng.pass_costs.count)
+    eng.pass_costs.observe = lambda n, s: None
+    for table in eng.spec.lookup_accepts:
+        table.explore_every = 10**9
+    finished = []
+    verify = eng.spec.finish
+    eng.spec.finish = lambda *a, **k: finished.append(1) or verify(*a, **k)
+    res = eng.generate(greedy_requests(PROMPTS, 32, mode=mode, ignore_eos=True, prefix="p"))
+    assert [r.token_ids for r in res] == [r.token_ids for r in off]
+    assert eng.spec.trimmed > 0 and not finished
+    for r in res:
+        assert r.via_sd.steps == r.via_sd.full_passes == len(r.token_ids) and r.via_sd.draft_tokens == 0
+    assert_pool_full(eng)
+    eng.pass_costs.prior_slope = 0.0  # free width: drafts are verified again
+    res = eng.generate(greedy_requests(PROMPTS, 32, mode=mode, ignore_eos=True, prefix="q"))
+    assert [r.token_ids for r in res] == [r.token_ids for r in off] and finished
+    assert all(r.via_sd.steps <= len(r.token_ids) for r in res)
+    assert sum(r.via_sd.steps for r in res) < sum(len(r.token_ids) for r in res)
+    assert_pool_full(eng)
