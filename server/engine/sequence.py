@@ -63,6 +63,7 @@ class Sequence:
     drafter_state: object | None = None
     draft_accept: object | None = None  # draft_length.AcceptanceEstimate of its lookup drafts
     lookup_accept: object | None = None  # its own draft_length.LookupAcceptance (spec_step._fixed_path)
+    lookup_index: object | None = None  # drafters.ngram.LookupIndex of its committed tokens
     block_serials: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
 

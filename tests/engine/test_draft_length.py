@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server.engine.draft_length import AcceptanceEstimate, LookupAcceptance, PassCosts, best_length, best_lengths
-from server.engine.drafters.ngram import MAX_SPAN, ngram_lookup, ngram_match
+from server.engine.drafters.ngram import MAX_SPAN, LookupIndex, ngram_lookup, ngram_match
 from tests.engine.helpers import assert_pool_full, greedy_requests, make_engine
 from tests.engine.test_spec import PROMPTS
 
@@ -146,6 +146,28 @@ def test_ngram_match_reports_the_span_of_the_match_it_copies():
     toks, span = ngram_match(torch.tensor(run + run[:30]), 1, 4, 5)
     assert toks == [30, 31, 32, 33, 34] and span == MAX_SPAN
     assert ngram_lookup(ids(1, 2, 3, 4, 5, 0, 1, 2, 3, 4), 1, 2, 3) == [5, 0, 1]
+
+
+def test_lookup_index_answers_as_ngram_match_while_the_tokens_grow():
+    """The per-sequence index, fed the committed tokens step by step (one or several at a time,
+    as speculative steps commit them), finds the same continuation and span as scanning the
+    whole context: repetitive and random texts, every n range, spans up to MAX_SPAN and beyond."""
+    import random
+
+    rng = random.Random(0)
+    texts = [[rng.randrange(6) for _ in range(300)], [rng.randrange(500) for _ in range(300)],
+             list(range(40)) * 3 + [rng.randrange(50) for _ in range(100)]]
+    for text in texts:
+        for n_min, n_max in ((1, 4), (2, 4), (1, 1), (3, 6)):
+            index, L = LookupIndex(n_max), 5
+            while L <= len(text):
+                ids = text[:L]
+                want = ngram_match(torch.tensor(ids), n_min, n_max, 5)
+                assert index.match(ids, n_min, 5) == want, (L, n_min, n_max)
+                L += rng.choice([1, 1, 2, 4])
+    index = LookupIndex(4)
+    index.match(texts[0][:200], 1, 5)
+    assert index.match(texts[0][:50], 1, 5) == ngram_match(torch.tensor(texts[0][:50]), 1, 4, 5)  # went back: rebuilt
 
 
 def test_lookup_acceptance_learns_per_span_and_position():

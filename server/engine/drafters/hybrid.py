@@ -24,7 +24,7 @@ import torch
 
 from server.engine.drafters.base import DraftBatch, Drafter
 from server.engine.drafters.head import HeadDrafter
-from server.engine.drafters.ngram import ngram_match
+from server.engine.drafters.ngram import lookup
 
 log = logging.getLogger("via_sd.engine")
 
@@ -58,8 +58,7 @@ class HybridDrafter(Drafter):
         for i, (seq, k) in enumerate(zip(seqs, max_tokens)):
             if k <= 0:
                 continue
-            ids = torch.tensor(seq.token_ids, dtype=torch.int64)
-            out[i], span = ngram_match(ids, self.n_min, self.n_max, k)
+            out[i], span = lookup(seq, self.n_min, self.n_max, k)
             if out[i]:
                 spans[i] = span
                 self.lookups += 1

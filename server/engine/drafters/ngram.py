@@ -37,6 +37,46 @@ def ngram_match(ids: torch.Tensor, n_min: int, n_max: int, k: int) -> tuple[list
     return [], 0
 
 
+class LookupIndex:
+    """One sequence's n-grams (n = 1 .. n_max), each with the start of its latest occurrence that
+    ends before the context's last token, kept up to date as tokens are committed: a step's
+    lookup is a few dictionary reads instead of `ngram_match`'s scan of the whole context (about
+    60 us at 200 tokens, 240 at 2,000 on this project's CPU). Same answers (test)."""
+
+    def __init__(self, n_max: int):
+        self.n_max = n_max
+        self.starts: list[dict[tuple[int, ...], int]] = [{} for _ in range(n_max + 1)]
+        self.end = 0  # the n-grams ending before this position are indexed
+
+    def match(self, ids: list[int], n_min: int, k: int) -> tuple[list[int], int]:
+        """`ngram_match` of the committed tokens `ids` (n <= this index's n_max)."""
+        L = len(ids)
+        if self.end > L - 1:  # the tokens went back (not a thing the engine does): start over
+            self.__init__(self.n_max)
+        for e in range(self.end + 1, L):  # windows ids[e - n:e], e <= L - 1
+            for n in range(1, min(self.n_max, e) + 1):
+                self.starts[n][tuple(ids[e - n:e])] = e - n
+        self.end = max(self.end, L - 1)
+        for n in range(min(self.n_max, L - 1), n_min - 1, -1):
+            s = self.starts[n].get(tuple(ids[L - n:]))
+            if s is None:
+                continue
+            span = n
+            back = min(MAX_SPAN - n, s)
+            while span - n < back and ids[s - 1 - (span - n)] == ids[L - n - 1 - (span - n)]:
+                span += 1
+            return ids[s + n: s + n + k], span
+        return [], 0
+
+
+def lookup(seq, n_min: int, n_max: int, k: int) -> tuple[list[int], int]:
+    """`ngram_match` of `seq`'s committed tokens, through the sequence's own `LookupIndex`."""
+    index = seq.lookup_index
+    if index is None or index.n_max != n_max:
+        index = seq.lookup_index = LookupIndex(n_max)
+    return index.match(seq.token_ids, n_min, k)
+
+
 def ngram_lookup(ids: torch.Tensor, n_min: int, n_max: int, k: int) -> list[int]:
     """The continuation alone (`ngram_match`)."""
     return ngram_match(ids, n_min, n_max, k)[0]
@@ -57,8 +97,7 @@ class NgramDrafter(Drafter):
                 out.append([])
                 spans.append(None)
                 continue
-            ids = torch.tensor(seq.token_ids, dtype=torch.int64)
-            toks, span = ngram_match(ids, self.n_min, self.n_max, k)
+            toks, span = lookup(seq, self.n_min, self.n_max, k)
             out.append(toks)
             spans.append(span or None)
         return DraftBatch(out, spans=spans)
