@@ -27,7 +27,8 @@ from pathlib import Path
 
 from server.bench import report as R
 from server.bench.prompts import PromptFileError, read_questions, select_prompts
-from server.bench.rows import BF16_PREFILL, PEERS, Row, RowError, build_rows, parse_list, with_prefill_dtypes
+from server.bench.rows import (BF16_PREFILL, PEERS, Row, RowError, build_rows, parse_list, with_draft_heads,
+                               with_prefill_dtypes)
 from server.bench.sweep import best_setting, pareto, parse_sweep, sweep_points, sweep_row
 from server.bench.runner import Skipped, find_vllm_python, run_interleaved, run_row
 from server.engine.config import DRAFTERS, KV_CACHE_DTYPES, PREFILL_DTYPES, SPEC_MODES
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "bfloat16 (lossy), or auto,bfloat16: every engine row in both, the bf16 ones named <row>+bf16")
     p.add_argument("--draft-head", default=None,
                    help="our head and hybrid rows' draft head (.safetensors from via-sd train-head); default: the one "
-                        "shipped for the model")
+                        "shipped for the model. Several, comma-separated: the head and hybrid rows run once per head, "
+                        "those of the second and later named <row>@<file name>")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--load", action="store_true", help="load test of `via-sd serve` instead (see --help with --load)")
@@ -229,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         return _die(f"--peer-repeats must be in [1, --repeats], got {args.peer_repeats}")
     if args.temperature < 0:
         return _die(f"--temperature must be >= 0, got {args.temperature}")
-    if args.draft_head and not Path(args.draft_head).is_file():
-        return _die(f"--draft-head: no such file {args.draft_head!r}")
+    heads = [h.strip() for h in (args.draft_head or "").split(",") if h.strip()]
+    for h in heads:
+        if not Path(h).is_file():
+            return _die(f"--draft-head: no such file {h!r}")
     try:
         modes = parse_list(args.modes, SPEC_MODES, "--modes")
         drafters = parse_list(args.drafters, DRAFTERS, "--drafters")
@@ -240,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             modes = ["off"] + modes  # the sweep's quality is agreement with off
         asked = parse_list(args.prefill_dtype, PREFILL_DTYPES, "--prefill-dtype")
         prefill_dtypes = [d for d in PREFILL_DTYPES if d in asked] or ["auto"]
-        rows = with_prefill_dtypes(build_rows(modes, drafters, peers, pld_tokens=args.pld_tokens), prefill_dtypes)
+        rows = with_prefill_dtypes(with_draft_heads(build_rows(modes, drafters, peers, pld_tokens=args.pld_tokens), heads),
+                                   prefill_dtypes)
         categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
         prompts = select_prompts(read_questions(args.prompts), categories, args.limit_per_category)
     except (RowError, PromptFileError) as e:
@@ -281,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
            "eos_token_ids": eos,
            "warmup_tokens": min(16, args.max_tokens), "progress": not args.no_progress,
            # the rows' setting when one is asked for; with both, the +bf16 rows carry their own
-           "kv_cache_dtype": args.kv_cache_dtype, "prefill_dtype": prefill_dtypes[0], "head_path": args.draft_head,
+           "kv_cache_dtype": args.kv_cache_dtype, "prefill_dtype": prefill_dtypes[0], "head_path": heads[0] if heads else None,
            "max_model_len": min(model_max, -(-(longest + args.max_tokens + 16) // 256) * 256)}
     vllm_python = find_vllm_python(args.vllm_python)
     out = Path(args.out)

@@ -9,6 +9,7 @@ drafts as `vllm_ngram` and the slim tier's skip schedule.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from server.engine.config import DRAFTERS, SPEC_MODES, SpecConfig
 
@@ -90,6 +91,33 @@ def with_prefill_dtypes(rows: list[Row], dtypes: list[str]) -> list[Row]:
         return rows
     engine = [r for r in rows if r.kind == "engine"]
     extra = [replace(r, name=r.name + BF16_PREFILL, engine={**r.engine, "prefill_dtype": "bfloat16"}) for r in engine]
+    return engine + extra + [r for r in rows if r.kind != "engine"]
+
+
+# drafters whose rows read the draft head, and so run once per `--draft-head` given
+HEAD_DRAFTERS = ("head", "hybrid")
+
+
+def head_labels(paths: list[str]) -> list[str]:
+    """A short, distinct name per head file: its name less `.safetensors` (and `.head`), numbered
+    where two read alike."""
+    labels: list[str] = []
+    for i, path in enumerate(paths):
+        name = Path(path).name.removesuffix(".safetensors").removesuffix(".head") or f"head{i}"
+        labels.append(name if name not in labels else f"{name}{i}")
+    return labels
+
+
+def with_draft_heads(rows: list[Row], heads: list[str]) -> list[Row]:
+    """`--draft-head A,B,...`: the rows of the drafters that read a head (`HEAD_DRAFTERS`) draft
+    with A (the job carries it); each further head adds those rows again as `<name>@<label>`, right
+    after the engine rows, so that two heads are compared in one run on the same prompts."""
+    if len(heads) < 2:
+        return rows
+    engine = [r for r in rows if r.kind == "engine"]
+    extra = [replace(r, name=f"{r.name}@{label}", params={**r.params, "head_path": path})
+             for path, label in zip(heads[1:], head_labels(heads)[1:])
+             for r in engine if r.drafter in HEAD_DRAFTERS]
     return engine + extra + [r for r in rows if r.kind != "engine"]
 
 

@@ -39,9 +39,9 @@ def _engine(job: dict, row: dict, model=None, tokenizer=None):
     spec_kw = {"mode": row["mode"]}
     if row.get("drafter"):
         spec_kw["drafter"] = row["drafter"]
-    spec_kw.update(row.get("params") or {})
     if job.get("head_path"):
         spec_kw["head_path"] = job["head_path"]
+    spec_kw.update(row.get("params") or {})  # a row's own head (`--draft-head A,B`) wins
     # no prefix cache, as for the vLLM rows: the warm-up ran the first prompt, every chat prompt
     # shares its template, and a repeated prompt would be read from the cache, not computed.
     # The KV cache holds one request (batch 1: the longest prompt, max_tokens and up to 64 draft

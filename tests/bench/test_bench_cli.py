@@ -306,6 +306,61 @@ def test_draft_head_flag_reaches_the_head_rows(tiny_model_dir, tmp_path):
                      str(tmp_path / "missing.safetensors")]) == 2
 
 
+def _random_head(tiny_model_dir, path, seed):
+    import torch
+
+    from server.engine.drafters.head import DraftHead
+
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    torch.manual_seed(seed)
+    head = DraftHead(cfg["hidden_size"], 32, torch.arange(64), heads=4, window=6)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    head.save(path, {"threshold": 0.0, "min_tokens": 1})
+    return path
+
+
+def test_two_draft_heads_run_the_head_rows_once_each_on_the_same_prompts(tiny_model_dir, tmp_path):
+    """`--draft-head A,B`: the head and hybrid rows run with A under their own names and again
+    with B as `<row>@<B's name>`; rows without a head (off, ngram) run once. Each row's engine
+    drafts with its own head, and every one of them is lossless."""
+    from server.bench import worker
+
+    a = _random_head(tiny_model_dir, tmp_path / "a.head.safetensors", 0)
+    b = _random_head(tiny_model_dir, tmp_path / "b.head.safetensors", 1)
+    rc, rep = _run(tiny_model_dir, tmp_path, ["--modes", "off,binary", "--drafters", "ngram,head",
+                                              "--draft-head", f"{a},{b}"], "two")
+    assert rc == 0 and not rep["skipped"]
+    names = [r["name"] for r in rep["runs"]]
+    assert names == ["off", "binary", "binary_head", "binary_head@b"]
+    row = next(r for r in rep["runs"] if r["name"] == "binary_head@b")
+    assert row["params"] == {"head_path": str(b)}
+    lines = [json.loads(x) for x in (tmp_path / "two.outputs.jsonl").read_text().splitlines()]
+    by = {(x["run"], x["question_id"]): x["token_ids"] for x in lines}
+    assert {r for r, _ in by} == set(names)
+    assert all(by[(r, q)] == by[("off", q)] for r, q in by)
+    job = {"model": str(tiny_model_dir), "threads": 1, "head_path": str(a), "max_model_len": 256}
+    assert worker._engine(job, {"mode": "binary", "drafter": "head"}).config.spec.head_path == str(a)
+    assert worker._engine(job, {"mode": "binary", "drafter": "head", "params": {"head_path": str(b)}}
+                          ).config.spec.head_path == str(b)
+    assert cli.main(["--prompts", str(tmp_path / "q.jsonl"), "--modes", "off", "--draft-head",
+                     f"{a},{tmp_path / 'missing.safetensors'}"]) == 2
+
+
+def test_head_labels_are_distinct():
+    from server.bench.rows import Row, head_labels, with_draft_heads
+
+    assert head_labels(["/x/new.head.safetensors", "/y/new.head.safetensors", "/z/old.safetensors"]) == [
+        "new", "new1", "old"]
+    rows = [Row("off", "engine", mode="off"), Row("binary_hybrid", "engine", mode="binary", drafter="hybrid"),
+            Row("hf", "hf")]
+    assert with_draft_heads(rows, ["a.safetensors"]) == rows
+    assert [r.name for r in with_draft_heads(rows, ["a.safetensors", "b.safetensors"])] == [
+        "off", "binary_hybrid", "binary_hybrid@b", "hf"]
+
+
 def test_the_busy_warning_reads_tasks_running_now_not_the_lagging_load_average(tmp_path, monkeypatch):
     """Right after a benchmark ends the 1-minute load average still reads ~2 on an idle 2-core
     machine: the warning goes by the tasks running now (/proc/loadavg's running count, less the
