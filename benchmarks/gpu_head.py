@@ -172,11 +172,26 @@ def measure_draft(head, eng, device, gamma: int = 5, window: int = 32) -> dict:
     return row
 
 
+def recipe_steps(rec: dict) -> list[dict]:
+    """A head record's training steps, first first: a head continued from another (`--init`)
+    keeps that head's record under `init.record`."""
+    steps = []
+    while rec:
+        steps.append(rec)
+        rec = (rec.get("init") or {}).get("record")
+    return steps[::-1]
+
+
 def shipped_recipe() -> dict:
+    """What the shipped head cost on the CPU, over every step of its making (answers collected,
+    positions times epochs trained, seconds of each)."""
     rec = json.loads((ROOT / "server/engine/assets/SmolLM2-135M-Instruct.head.json").read_text())
-    return {"answers": rec["data"]["answers"], "train_positions": rec["data"]["train_positions"],
-            "epochs": rec["training"]["epochs"], "cpu_collect_seconds": rec["data"]["collect_seconds"],
-            "cpu_train_seconds": rec["training"]["seconds"], "cpu_train_bf16": rec["training"].get("bf16", False)}
+    steps = recipe_steps(rec)
+    return {"steps": len(steps), "answers": sum(r["data"]["answers"] for r in steps),
+            "position_epochs": sum(r["data"]["train_positions"] * r["training"]["epochs"] for r in steps),
+            "cpu_collect_seconds": round(sum(r["data"]["collect_seconds"] for r in steps), 1),
+            "cpu_train_seconds": round(sum(r["training"]["seconds"] for r in steps), 1),
+            "cpu_train_bf16": [bool(r["training"].get("bf16", False)) for r in steps]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             scaled = {
                 "shipped_collect_minutes": round(ship["answers"] / best["answers_per_s"] / 60, 1),
                 "builtin_third_collect_minutes": round(BUILTIN_THIRD_ANSWERS / best["answers_per_s"] / 60, 1),
-                "shipped_train_minutes": round(ship["train_positions"] * ship["epochs"] / train["positions_per_s"] / 60,
-                                               1),
+                "shipped_train_minutes": round(ship["position_epochs"] / train["positions_per_s"] / 60, 1),
                 "feature_gb_builtin_third": round(BUILTIN_THIRD_ANSWERS * pos_per_answer * model.cfg.hidden_size * 2
                                                   / 1e9, 2),
             }

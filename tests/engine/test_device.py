@@ -5,6 +5,7 @@ The CUDA tests skip where torch sees no GPU (CI); `benchmarks/gpu_engine.py` run
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -150,4 +151,11 @@ def test_gpu_head_benchmark_runs_on_the_cpu(tmp_path):
     tiny = res["models"]["tiny"]
     assert tiny["collect"][0]["answers"] == 24 and tiny["collect"][0]["positions"] > 24
     assert tiny["train"]["ms_per_step"] > 0 and tiny["draft"]["host_ms"] > 0 and tiny["draft"]["decode_ms"] > 0
-    assert res["shipped_recipe_on_cpu"]["answers"] > 10_000 and tiny["scaled"]["shipped_train_minutes"] > 0
+    # the shipped head's cost sums every step of its making (a continued head keeps its init's record)
+    rec = json.loads((path.parents[1] / "server/engine/assets/SmolLM2-135M-Instruct.head.json").read_text())
+    steps = mod.recipe_steps(rec)
+    assert steps[-1] is rec and res["shipped_recipe_on_cpu"]["steps"] == len(steps)
+    assert res["shipped_recipe_on_cpu"]["answers"] == sum(r["data"]["answers"] for r in steps)
+    assert res["shipped_recipe_on_cpu"]["position_epochs"] >= rec["data"]["train_positions"] * rec["training"]["epochs"]
+    assert tiny["scaled"]["shipped_train_minutes"] > 0
+    assert mod.recipe_steps({"data": {}, "init": {"record": {"data": {"x": 1}}}})[0] == {"data": {"x": 1}}
