@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             modes = ["off"] + modes  # the sweep's quality is agreement with off
         asked = parse_list(args.prefill_dtype, PREFILL_DTYPES, "--prefill-dtype")
         prefill_dtypes = [d for d in PREFILL_DTYPES if d in asked] or ["auto"]
-        rows = with_prefill_dtypes(with_draft_heads(build_rows(modes, drafters, peers, pld_tokens=args.pld_tokens), heads),
-                                   prefill_dtypes)
+        rows = build_rows(modes, drafters, peers, pld_tokens=args.pld_tokens)
+        rows = with_prefill_dtypes(with_draft_heads(rows, heads), prefill_dtypes)
         categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
         prompts = select_prompts(read_questions(args.prompts), categories, args.limit_per_category)
     except (RowError, PromptFileError) as e:
@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
            "eos_token_ids": eos,
            "warmup_tokens": min(16, args.max_tokens), "progress": not args.no_progress,
            # the rows' setting when one is asked for; with both, the +bf16 rows carry their own
-           "kv_cache_dtype": args.kv_cache_dtype, "prefill_dtype": prefill_dtypes[0], "head_path": heads[0] if heads else None,
+           "kv_cache_dtype": args.kv_cache_dtype, "prefill_dtype": prefill_dtypes[0],
+           "head_path": heads[0] if heads else None,
            "max_model_len": min(model_max, -(-(longest + args.max_tokens + 16) // 256) * 256)}
     vllm_python = find_vllm_python(args.vllm_python)
     out = Path(args.out)

@@ -90,8 +90,13 @@ def with_prefill_dtypes(rows: list[Row], dtypes: list[str]) -> list[Row]:
     if len(dtypes) < 2:
         return rows
     engine = [r for r in rows if r.kind == "engine"]
-    extra = [replace(r, name=r.name + BF16_PREFILL, engine={**r.engine, "prefill_dtype": "bfloat16"}) for r in engine]
-    return engine + extra + [r for r in rows if r.kind != "engine"]
+    return _after_engine_rows(rows, [replace(r, name=r.name + BF16_PREFILL,
+                                             engine={**r.engine, "prefill_dtype": "bfloat16"}) for r in engine])
+
+
+def _after_engine_rows(rows: list[Row], extra: list[Row]) -> list[Row]:
+    """`rows` with `extra` placed after the engine rows, before the peers."""
+    return [r for r in rows if r.kind == "engine"] + extra + [r for r in rows if r.kind != "engine"]
 
 
 # drafters whose rows read the draft head, and so run once per `--draft-head` given
@@ -114,11 +119,9 @@ def with_draft_heads(rows: list[Row], heads: list[str]) -> list[Row]:
     after the engine rows, so that two heads are compared in one run on the same prompts."""
     if len(heads) < 2:
         return rows
-    engine = [r for r in rows if r.kind == "engine"]
-    extra = [replace(r, name=f"{r.name}@{label}", params={**r.params, "head_path": path})
-             for path, label in zip(heads[1:], head_labels(heads)[1:])
-             for r in engine if r.drafter in HEAD_DRAFTERS]
-    return engine + extra + [r for r in rows if r.kind != "engine"]
+    return _after_engine_rows(rows, [replace(r, name=f"{r.name}@{label}", params={**r.params, "head_path": path})
+                                     for path, label in zip(heads[1:], head_labels(heads)[1:])
+                                     for r in rows if r.kind == "engine" and r.drafter in HEAD_DRAFTERS])
 
 
 def build_rows(modes: list[str], drafters: list[str], peers: list[str], *,
