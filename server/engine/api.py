@@ -104,6 +104,9 @@ class RequestOutput:
     via_sd: SpecUsage = field(default_factory=SpecUsage)
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
+    # with `SamplingParams.prompt_logprobs`, on the first delta only: one entry per prompt token,
+    # None for the first (nothing before it predicts it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -181,3 +184,4 @@ class CompletionResult:
     first_token_time: float | None = None  # seconds after the request was added
     finish_time: float | None = None
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    prompt_logprobs: list[TokenLogprob | None] | None = None

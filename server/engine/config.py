@@ -39,6 +39,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus top k
+    # None: off; k >= 0: each prompt token's logprob given the ones before it, plus the top k
+    # there (vLLM's `prompt_logprobs`; the first prompt token has none). Such a request skips the
+    # prefix cache and verifies no draft until its prompt is read.
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -67,6 +71,8 @@ class SamplingParams:
             raise ConfigError(f"seed must be a 64-bit signed integer, got {self.seed}", "seed")
         if self.logprobs is not None and not (0 <= self.logprobs <= 20):
             raise ConfigError(f"top_logprobs must be in [0, 20], got {self.logprobs}", "top_logprobs")
+        if self.prompt_logprobs is not None and not (0 <= self.prompt_logprobs <= 20):
+            raise ConfigError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}", "prompt_logprobs")
         return self
 
 

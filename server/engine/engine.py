@@ -8,6 +8,7 @@ Each step reads the device once for its decisions (the host sync).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from server.engine.api import (
 from server.engine.config import PREFILL_DTYPES, ConfigError, EngineConfig
 from server.engine.draft_length import PassCosts
 from server.engine.kv_cache import Chunk, KVCache
-from server.engine.model import LlamaModel
+from server.engine.model import ForwardOutput, LlamaModel
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import ScheduledSeq, Scheduler
 from server.engine.sequence import Sequence, Status
@@ -140,6 +141,7 @@ class LLMEngine:
             token_ids=list(request.prompt_token_ids),
             num_prompt=n_prompt,
             seed=seed,
+            prompt_logprobs=None if sampling.prompt_logprobs is None else [None],
         )
         self.seqs[request.request_id] = seq
         self.scheduler.add(seq)
@@ -184,15 +186,18 @@ class LLMEngine:
         prefills = [s for s in scheduled if not s.decode]
         decodes = [s for s in scheduled if s.decode]
         # a sequence speculates only where the scheduler reserved its draft slots
-        plain = [s for s in decodes if s.seq.spec.mode == "off" or s.lookahead == 0]
-        specs = [s for s in decodes if s.seq.spec.mode != "off" and s.lookahead > 0]
+        # (a sequence still reading its prompt's logprobs decodes plainly: its chunk returns them)
+        speculates = [s.seq.spec.mode != "off" and s.lookahead > 0 and not s.seq.reads_prompt_logprobs for s in decodes]
+        plain = [s for s, sp in zip(decodes, speculates) if not sp]
+        specs = [s for s, sp in zip(decodes, speculates) if sp]
         if len(decodes) > self.config.spec.spec_max_batch:
             # a wide batch is compute-bound: verifying drafts costs more than it saves, so every
             # sequence decodes plainly (the plain chunk also catches up a three-tier slim backlog)
             plain, specs = decodes, []
         committed: dict[Sequence, tuple[list[int], list[TokenLogprob] | None]] = {}
         # speculative sequences decide which of them need the full pass; the rest are done
-        full_chunks: list[Chunk] = [Chunk(s.seq.table, s.seq.full_frontier, s.seq.token_ids[s.seq.full_frontier:s.seq.full_frontier + s.num_new], 0) for s in prefills]
+        full_chunks: list[Chunk] = [Chunk(s.seq.table, s.seq.full_frontier, s.seq.token_ids[s.seq.full_frontier:s.seq.full_frontier + s.num_new],
+                                          s.num_new if s.seq.reads_prompt_logprobs else 0) for s in prefills]
         spec_job = self.spec.begin(specs) if specs else None
         undrafted: list[ScheduledSeq] = []
         if spec_job is not None:  # sequences without a draft this step decode plainly
@@ -200,14 +205,16 @@ class LLMEngine:
             plain = plain + undrafted
             if not spec_job.plans:
                 spec_job = None
-        plain_chunks = [Chunk(s.seq.table, s.seq.full_frontier, s.seq.token_ids[s.seq.full_frontier:], 1) for s in plain]
+        plain_chunks = [Chunk(s.seq.table, s.seq.full_frontier, s.seq.token_ids[s.seq.full_frontier:],
+                              s.seq.uncomputed if s.seq.reads_prompt_logprobs else 1) for s in plain]
         extra = spec_job.full_chunks if spec_job else []
         all_chunks = full_chunks + plain_chunks + extra
         out = None
         if all_chunks:
             start = spec_job.prefix_start(len(full_chunks) + len(plain_chunks)) if spec_job else None
             # greedy requests without logprobs read only the argmax of the full pass's logits
-            argmax_only = all(s.seq.request.sampling.argmax_only for s in plain + specs)
+            argmax_only = all(s.seq.request.sampling.argmax_only for s in plain + specs) and not any(
+                s.seq.reads_prompt_logprobs for s in prefills)
             if start is not None:
                 taps = {} if start[2] is None else {"start_taps": start[2]}
                 out = self.runner.forward(all_chunks, start_sublayer=start[0], start_hidden=start[1], want_hidden=True,
@@ -223,6 +230,8 @@ class LLMEngine:
                         torch.cuda.synchronize(out.logits.device)
                     # one sequence's decode-sized pass: what a draft token adds to it (draft_length)
                     self.pass_costs.observe(len(all_chunks[0].token_ids), time.perf_counter() - t0)
+        if any(c.num_logits for c in full_chunks) or any(c.num_logits > 1 for c in plain_chunks):
+            out = self._take_prompt_logprobs(prefills + plain, full_chunks + plain_chunks, out)
         for s in prefills:
             s.seq.full_frontier += s.num_new
             s.seq.slim_frontier = max(s.seq.slim_frontier, s.seq.full_frontier)
@@ -251,6 +260,44 @@ class LLMEngine:
             if seq.pending_ids or seq.finished:
                 outputs.append(self._delta(seq))
         return outputs
+
+    def _take_prompt_logprobs(self, scheduled: list[ScheduledSeq], chunks: list[Chunk], out: ForwardOutput) -> ForwardOutput:
+        """Record the prompt logprobs of the sequences that asked for them from their chunks'
+        logits rows (prefill chunks: every row; a plain chunk: every row, its last one samples),
+        and return `out` with the rows the rest of the step reads: one per plain chunk, then the
+        speculative sequences' rows, as when no chunk asked for more."""
+        keep: list[int] = []
+        at = 0
+        for s, c in zip(scheduled, chunks):
+            n = c.num_logits
+            seq = s.seq
+            if seq.reads_prompt_logprobs and n:
+                # row j predicts the token at position c.start + j + 1
+                # (after a preemption the recompute reads positions it has again: only new ones count)
+                first = c.start + 1
+                lo = max(first, len(seq.prompt_logprobs))
+                upto = min(c.start + n + 1, seq.num_prompt)  # positions [lo, upto) are prompt tokens
+                if upto > lo and len(seq.prompt_logprobs) >= first:
+                    ids = torch.tensor(seq.token_ids[lo:upto], device=out.logits.device)
+                    rows = out.logits[at + lo - first: at + upto - first]
+                    seq.prompt_logprobs.extend(self._logprobs_of(rows, ids, seq.request.sampling.prompt_logprobs))
+            if s.decode:
+                keep.append(at + n - 1)
+            at += n
+        keep.extend(range(at, out.logits.shape[0]))
+        idx = torch.tensor(keep, dtype=torch.long, device=out.logits.device)
+        hidden = out.hidden[idx] if out.hidden.numel() else out.hidden
+        return dataclasses.replace(out, logits=out.logits[idx], hidden=hidden)
+
+    @staticmethod
+    def _logprobs_of(logits: torch.Tensor, ids: torch.Tensor, k: int) -> list[TokenLogprob]:
+        """Each row's log-probability of its token in `ids`, with the row's top k."""
+        lsm = torch.log_softmax(logits.float(), -1)
+        chosen = lsm.gather(-1, ids.view(-1, 1)).squeeze(-1).tolist()
+        top_v, top_i = lsm.topk(max(k, 1), -1)
+        top_v, top_i = top_v[:, :k].tolist(), top_i[:, :k].tolist()
+        return [TokenLogprob(int(t), float(c), tuple(zip(ti, tv)))
+                for t, c, ti, tv in zip(ids.tolist(), chosen, top_i, top_v)]
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor):  # logits [B, V]
         """One new token per sequence; the per-step host sync happens here."""
@@ -346,6 +393,10 @@ class LLMEngine:
             logprobs=list(lps) if lps is not None else None,
             error=seq.error,
         )
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent and (
+                len(seq.prompt_logprobs) == seq.num_prompt or seq.finished):
+            out.prompt_logprobs = list(seq.prompt_logprobs)
+            seq.prompt_logprobs_sent = True
         seq.pending_ids = []
         seq.pending_text = ""
         seq.pending_logprobs = []
@@ -367,6 +418,8 @@ class LLMEngine:
                 c.text += o.text
                 if o.logprobs is not None:
                     c.logprobs = (c.logprobs or []) + o.logprobs
+                if o.prompt_logprobs is not None:
+                    c.prompt_logprobs = o.prompt_logprobs
                 if o.token_ids and c.first_token_time is None:
                     c.first_token_time = time.monotonic() - t0
                 if o.finished:

@@ -85,8 +85,8 @@ class Scheduler:
     def _match(self, seq: Sequence) -> int:
         """Take the cached blocks `seq`'s tokens start with; its frontiers move past them. Returns
         the number of tokens found."""
-        if not self.prefix_caching or seq.table.blocks or seq.full_frontier:
-            return 0
+        if not self.prefix_caching or seq.table.blocks or seq.full_frontier or seq.reads_prompt_logprobs:
+            return 0  # (a cached block has no logits to give prompt logprobs from)
         bs, toks, parent = seq.table.block_size, seq.token_ids, self.pool.ROOT
         for i in range((len(toks) - 1) // bs):
             hit = self.pool.lookup(parent, tuple(toks[i * bs:(i + 1) * bs]))

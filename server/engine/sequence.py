@@ -66,6 +66,15 @@ class Sequence:
     lookup_index: object | None = None  # drafters.ngram.LookupIndex of its committed tokens
     block_serials: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    # SamplingParams.prompt_logprobs: entry i for prompt token i (None for the first), filled as
+    # the full passes read the prompt; handed out once, with the first delta
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def reads_prompt_logprobs(self) -> bool:
+        """Its next full pass must return logits at every prompt position it feeds."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt
 
     @property
     def request_id(self) -> str:

@@ -122,3 +122,68 @@ def test_spec_usage_to_dict_is_every_field_in_order_and_a_copy():
     copy = SpecUsage(**d)
     u.add(u)
     assert copy != u and copy.to_dict() == d  # an output's counts do not move with the request's
+
+
+@pytest.fixture(scope="module")
+def hf_prompt_logprobs(tiny_model_dir):
+    """Each PROMPTS prompt's token logprobs (positions 1..) and top-3, from transformers' forward."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    out = []
+    for p in PROMPTS:
+        with torch.inference_mode():
+            lsm = torch.log_softmax(m(torch.tensor([p])).logits[0].float(), -1)
+        out.append((lsm[:-1].gather(-1, torch.tensor(p[1:]).view(-1, 1)).squeeze(-1), lsm[:-1].topk(3, -1)))
+    return out
+
+
+def _check_prompt_logprobs(result, prompt, ref):
+    chosen, (top_v, top_i) = ref
+    lps = result.prompt_logprobs
+    assert lps is not None and len(lps) == len(prompt) and lps[0] is None
+    assert [lp.token_id for lp in lps[1:]] == list(prompt[1:])
+    got = torch.tensor([lp.logprob for lp in lps[1:]])
+    assert torch.allclose(got, chosen, atol=1e-4), (got - chosen).abs().max()
+    for j, lp in enumerate(lps[1:]):
+        assert [t for t, _ in lp.top] == top_i[j].tolist()
+        assert torch.allclose(torch.tensor([v for _, v in lp.top]), top_v[j], atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["off", "three_tier"])
+def test_prompt_logprobs_match_the_model_and_leave_the_output_alone(tiny_model_dir, reference, hf_prompt_logprobs, mode):
+    # chunked prefill (8 tokens), a small pool that preempts, a prefix cache holding the prompts
+    # already, speculating neighbours: each prompt's logprobs are the model's, every output the greedy one
+    eng = make_engine(tiny_model_dir, spec={"mode": mode}, block_size=4, num_blocks=24 if mode == "off" else 30,
+                      prefill_chunk=8, max_num_batched_tokens=32, enable_prefix_caching=True)
+    run(eng, greedy_requests(PROMPTS, 4, ignore_eos=True, prefix="warm"))
+    asks = [i % 2 == 0 for i in range(len(PROMPTS))]
+    reqs = [GenerationRequest(f"r{i}", tuple(p), SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                                                              prompt_logprobs=3 if a else None))
+            for i, (p, a) in enumerate(zip(PROMPTS, asks))]
+    res = generate_checked(eng, reqs)
+    assert [r.token_ids for r in res] == reference
+    assert eng.stats().preemptions > 0
+    for r, p, a, ref in zip(res, PROMPTS, asks, hf_prompt_logprobs):
+        if a:
+            _check_prompt_logprobs(r, p, ref)
+            assert r.cached_tokens == 0  # read, not found in the cache
+        else:
+            assert r.prompt_logprobs is None
+
+
+def test_prompt_logprobs_come_once_with_the_first_delta(tiny_model_dir, hf_prompt_logprobs):
+    eng = make_engine(tiny_model_dir, spec={"mode": "off"}, prefill_chunk=8)
+    p = PROMPTS[3]
+    eng.add_request(GenerationRequest("a", tuple(p), SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True,
+                                                                    prompt_logprobs=0)))
+    deltas = []
+    while eng.has_unfinished():
+        deltas += eng.step()
+    assert deltas[0].prompt_logprobs is not None and all(d.prompt_logprobs is None for d in deltas[1:])
+    assert all(lp.top == () for lp in deltas[0].prompt_logprobs[1:])
+    chosen = torch.tensor([lp.logprob for lp in deltas[0].prompt_logprobs[1:]])
+    assert torch.allclose(chosen, hf_prompt_logprobs[3][0], atol=1e-4)
+    assert_pool_full(eng)
+    with pytest.raises(RequestRejected):
+        eng.add_request(GenerationRequest("b", (1, 2), SamplingParams(max_tokens=1, prompt_logprobs=21)))
