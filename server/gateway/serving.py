@@ -64,8 +64,12 @@ class ChoiceState:
     via_sd: SpecUsage = field(default_factory=SpecUsage)
     finish_reason: str | None = None
     text_offset: int = 0  # completions' logprobs.text_offset runs across chunks
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    echoed: bool = False  # a stream has sent its echo
 
     def add(self, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.text.append(out.text)
         if out.logprobs:
             self.logprobs.extend(out.logprobs)
@@ -82,17 +86,22 @@ def check_failed(out: RequestOutput) -> None:
         raise APIError(500, f"the request failed inside the engine: {out.error or 'unknown error'}", code="engine_error")
 
 
-def usage_of(states: list[ChoiceState], prompt_len: int) -> Usage:
+def usage_of(states: list[ChoiceState], prep: PreparedRequest) -> Usage:
+    """A prompt counts once however many choices it has (OpenAI's rule); a batch of prompts
+    counts each. Choices that only score their prompt (echo, max_tokens 0) complete nothing."""
     via = SpecUsage()
     for s in states:
         via.add(s.via_sd)
-    prompt = max((s.prompt_tokens for s in states), default=0) or prompt_len
-    completion = sum(s.completion_tokens for s in states)
+    n = len(prep.sampling)
+    groups = [states[p * n:(p + 1) * n] for p in range(len(prep.prompts))]
+    prompt = sum(max((s.prompt_tokens for s in g), default=0) or len(ids) for g, ids in zip(groups, prep.prompts))
+    cached = sum(max((s.cached_tokens for s in g), default=0) for g in groups)
+    completion = 0 if prep.score_only else sum(s.completion_tokens for s in states)
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=max((s.cached_tokens for s in states), default=0)),
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         via_sd=ViaSDUsage(**via.to_dict()),
     )
 
@@ -118,8 +127,9 @@ class LogprobFormatter:
             )
         return ChatChoiceLogprobs(content=content)
 
-    def completion(self, items: list[TokenLogprob], state: ChoiceState) -> CompletionLogprobs:
-        out = CompletionLogprobs()
+    def completion(self, items: list[TokenLogprob], state: ChoiceState,
+                   out: CompletionLogprobs | None = None) -> CompletionLogprobs:
+        out = out if out is not None else CompletionLogprobs()
         for lp in items:
             text = self._text(lp.token_id)
             out.tokens.append(text)
@@ -128,6 +138,20 @@ class LogprobFormatter:
             out.text_offset.append(state.text_offset)
             state.text_offset += len(text)
         return out
+
+    def prompt(self, ids: tuple[int, ...], items: list[TokenLogprob | None] | None,
+               state: ChoiceState) -> CompletionLogprobs:
+        """An echoed prompt's tokens: the first has no logprob (null, as OpenAI and vLLM show it)."""
+        out = CompletionLogprobs()
+        if not ids:
+            return out
+        text = self._text(ids[0])
+        out.tokens.append(text)
+        out.token_logprobs.append(None)
+        out.top_logprobs.append(None)
+        out.text_offset.append(state.text_offset)
+        state.text_offset += len(text)
+        return self.completion([lp for lp in (items or [])[1:] if lp is not None], state, out)
 
 
 class Serving:
@@ -139,13 +163,15 @@ class Serving:
     async def handle(self, kind: Kind, prep: PreparedRequest, receive: Receive):
         call_id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         created = now()
+        n = len(prep.sampling)
         requests = [
             GenerationRequest(
-                request_id=f"{call_id}-{i}",
-                prompt_token_ids=prep.prompt_token_ids,
+                request_id=f"{call_id}-{p * n + i}",
+                prompt_token_ids=ids,
                 sampling=sp,
                 spec=prep.spec,
             )
+            for p, ids in enumerate(prep.prompts)
             for i, sp in enumerate(prep.sampling)
         ]
         deadline = time.monotonic() + self.timeout_s
@@ -174,7 +200,7 @@ class Serving:
         states = await until_disconnect(collect(), receive)
         if states is None:
             return None
-        usage = usage_of(states, len(prep.prompt_token_ids))
+        usage = usage_of(states, prep)
         if kind == "chat":
             return ChatCompletionResponse(
                 id=call_id,
@@ -191,21 +217,24 @@ class Serving:
                 ],
                 usage=usage,
             )
-        return CompletionResponse(
-            id=call_id,
-            created=created,
-            model=prep.model,
-            choices=[
-                CompletionChoice(
-                    index=i,
-                    text="".join(s.text),
-                    logprobs=fmt.completion(s.logprobs, s) if fmt else None,
-                    finish_reason=s.finish_reason,
-                )
-                for i, s in enumerate(states)
-            ],
-            usage=usage,
-        )
+        choices = []
+        for i, s in enumerate(states):
+            text, logprobs = self._echo(prep, i // n, s, fmt)
+            if not prep.score_only:
+                text += "".join(s.text)
+                if fmt:
+                    logprobs = fmt.completion(s.logprobs, s, logprobs)
+            choices.append(CompletionChoice(index=i, text=text, logprobs=logprobs,
+                                            finish_reason="length" if prep.score_only else s.finish_reason))
+        return CompletionResponse(id=call_id, created=created, model=prep.model, choices=choices, usage=usage)
+
+    @staticmethod
+    def _echo(prep: PreparedRequest, p: int, state: ChoiceState, fmt) -> tuple[str, CompletionLogprobs | None]:
+        """What a completion choice starts with: with echo, its prompt's text and, with logprobs,
+        its prompt tokens' logprobs; else nothing."""
+        if not prep.echo:
+            return "", (CompletionLogprobs() if fmt else None)
+        return prep.prompt_texts[p], (fmt.prompt(prep.prompts[p], state.prompt_logprobs, state) if fmt else None)
 
     async def _stream(
         self, kind: Kind, prep: PreparedRequest, runs, deadline: float, call_id: str, created: int, fmt
@@ -220,10 +249,26 @@ class Serving:
                         {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                               "logprobs": None, "finish_reason": None}]}
                     )
+            n = len(prep.sampling)
             async for index, out in merged(runs, deadline):
                 check_failed(out)
                 state = states[index]
                 state.add(out)
+                if kind == "completion" and (prep.echo and not state.echoed or prep.score_only):
+                    # the prompt goes first, in this choice's first frame (a scored prompt's only one)
+                    text, lp = "", None
+                    if not state.echoed:
+                        text, lp = self._echo(prep, index // n, state, fmt)
+                        state.echoed = True
+                    if not prep.score_only:
+                        text += out.text
+                        if fmt is not None:
+                            lp = fmt.completion(out.logprobs or [], state, lp)
+                    if text or lp is not None and lp.tokens or out.finished:
+                        finish = ("length" if prep.score_only else out.finish_reason) if out.finished else None
+                        yield frame({**head, "choices": [{"index": index, "text": text, "finish_reason": finish,
+                                                          "logprobs": lp.model_dump(mode="json") if lp else None}]})
+                    continue
                 if not (out.text or out.logprobs or out.finished):
                     continue
                 logprobs = None
@@ -240,7 +285,7 @@ class Serving:
                     choice = {"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": finish}
                 yield frame({**head, "choices": [choice]})
             if prep.include_usage:
-                usage = usage_of(states, len(prep.prompt_token_ids))
+                usage = usage_of(states, prep)
                 yield frame({**head, "choices": [], "usage": usage.model_dump(mode="json")})
         except APIError as e:
             yield e.sse_bytes()

@@ -29,12 +29,24 @@ CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assist
 @dataclass(frozen=True)
 class PreparedRequest:
     model: str
-    prompt_token_ids: tuple[int, ...]
-    sampling: tuple[SamplingParams, ...]  # one per choice; len == n
+    # one per prompt: a completion may send a batch of them (choice p * n + i is prompt p's
+    # choice i, as vLLM and OpenAI number them); chat has one
+    prompts: tuple[tuple[int, ...], ...]
+    sampling: tuple[SamplingParams, ...]  # one per choice of a prompt; len == n
     spec: SpecParams
     stream: bool
     include_usage: bool
     logprobs: int | None  # None: off; k: the chosen token plus the top k
+    # completions' `echo`: each choice starts with its prompt's text (and, with logprobs, the
+    # prompt tokens' logprobs); `prompt_texts[p]` is that text
+    echo: bool = False
+    prompt_texts: tuple[str, ...] = ()
+    # echo with max_tokens 0: the prompt alone (scored); the engine runs one token, not shown
+    score_only: bool = False
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
 
 
 def log_unknown_fields(body: LenientModel, where: str = "") -> None:
@@ -146,43 +158,75 @@ def _check_token_ids(ids: list[int], vocab_size: int | None, param: str) -> None
         raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param=param)
 
 
+MAX_PROMPTS = 64  # prompts in one completions request
+MAX_CHOICES = 256  # prompts x n
+
+
+def _prompt_list(prompt) -> list:
+    """`prompt` as a list of prompts: a string, a list of token ids, or a list of either."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, (str, list)) for p in prompt):
+        return list(prompt)
+    if any(isinstance(p, (str, list)) for p in prompt):
+        raise APIError(400, "prompt must be a string, a list of token ids, or a list of either; not a mix",
+                       param="prompt")
+    return [prompt]
+
+
 def prepare_completion(req: CompletionRequest, tokenizer, max_model_len: int, model: str) -> PreparedRequest:
     log_unknown_fields(req)
     _reject_unsupported(req)
-    if req.echo:
-        raise APIError(400, "echo is not supported by this server; omit it", param="echo")
     if req.best_of not in (None, 1):
         raise APIError(400, "best_of is not supported by this server; use n instead", param="best_of")
     if req.suffix:
         raise APIError(400, "suffix is not supported by this server; omit it", param="suffix")
-
-    prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise APIError(
-                400,
-                f"batched prompts are not supported: got {len(prompt)} prompts; send one prompt per request",
-                param="prompt",
-            )
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
-    else:
-        ids = list(prompt)
-        _check_token_ids(ids, getattr(tokenizer, "vocab_size", None), "prompt")
-
+    prompts = _prompt_list(req.prompt)
+    if len(prompts) > MAX_PROMPTS or len(prompts) * req.n > MAX_CHOICES:
+        raise APIError(400, f"a request takes at most {MAX_PROMPTS} prompts and {MAX_CHOICES} choices in all "
+                            f"(prompts x n); got {len(prompts)} prompts and n = {req.n}", param="prompt")
     if req.logprobs is not None and not (0 <= req.logprobs <= 20):
         raise APIError(400, f"logprobs must be in [0, 20], got {req.logprobs}", param="logprobs")
-    remaining = _check_context(len(ids), req.max_tokens, max_model_len, "prompt")
-    max_tokens = req.max_tokens if req.max_tokens is not None else min(COMPLETION_DEFAULT_MAX_TOKENS, remaining)
+    if req.max_tokens == 0 and not req.echo:
+        raise APIError(400, "max_tokens must be a positive integer, got 0 (0 is allowed with echo: the prompt "
+                            "alone, scored)", param="max_tokens")
+    score_only = req.echo and req.max_tokens == 0
+
+    ids_list, texts = [], []
+    limit = None
+    for j, prompt in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt.{j}"
+        if isinstance(prompt, str):
+            ids = tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
+            text = prompt
+        else:
+            ids = list(prompt)
+            _check_token_ids(ids, getattr(tokenizer, "vocab_size", None), param)
+            text = tokenizer.decode(ids, skip_special_tokens=False) if req.echo and ids else ""
+        remaining = _check_context(len(ids), 1 if score_only else req.max_tokens, max_model_len, param)
+        limit = remaining if limit is None else min(limit, remaining)
+        ids_list.append(tuple(ids))
+        texts.append(text)
+    if score_only:
+        max_tokens = 1
+    elif req.max_tokens is not None:
+        max_tokens = req.max_tokens
+    else:  # OpenAI's legacy 16, cut to the room the longest prompt leaves
+        max_tokens = min(COMPLETION_DEFAULT_MAX_TOKENS, limit)
+    sampling = _sampling(req, max_tokens, "max_tokens", req.logprobs, "logprobs")
+    if req.echo and req.logprobs is not None:
+        sampling = tuple(replace(sp, prompt_logprobs=req.logprobs) for sp in sampling)
     return PreparedRequest(
         model=model,
-        prompt_token_ids=tuple(ids),
-        sampling=_sampling(req, max_tokens, "max_tokens", req.logprobs, "logprobs"),
+        prompts=tuple(ids_list),
+        sampling=sampling,
         spec=_validated_spec(req),
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         logprobs=req.logprobs,
+        echo=req.echo,
+        prompt_texts=tuple(texts) if req.echo else (),
+        score_only=score_only,
     )
 
 
@@ -249,7 +293,7 @@ def prepare_chat(req: ChatCompletionRequest, tokenizer, max_model_len: int, mode
     max_tokens = requested if requested is not None else remaining
     return PreparedRequest(
         model=model,
-        prompt_token_ids=tuple(ids),
+        prompts=(tuple(ids),),
         sampling=_sampling(req, max_tokens, max_param, logprobs, "top_logprobs"),
         spec=_validated_spec(req),
         stream=req.stream,

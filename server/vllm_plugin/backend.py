@@ -133,6 +133,7 @@ def to_vllm_sampling(sp: SamplingParams, spec_extra: dict, logprobs: int | None)
         stop_token_ids=list(sp.stop_token_ids) or None,
         ignore_eos=sp.ignore_eos,
         logprobs=logprobs,
+        prompt_logprobs=sp.prompt_logprobs,
         output_kind=RequestOutputKind.DELTA,
         extra_args={"via_sd": spec_extra},
     )
@@ -275,6 +276,7 @@ class VLLMAsyncEngine(AsyncEngineClient):
         self._inflight.add(rid)
         finished = False
         completion = 0
+        first = True  # vLLM's prompt logprobs come with the first output
         try:
             from vllm.inputs import TokensPrompt
 
@@ -295,7 +297,9 @@ class VLLMAsyncEngine(AsyncEngineClient):
                     cached_tokens=int(getattr(out, "num_cached_tokens", None) or 0),
                     via_sd=usage,
                     logprobs=_logprobs(ids, c.logprobs) if sp.logprobs is not None else None,
+                    prompt_logprobs=_prompt_logprobs(prompt, out) if first and sp.prompt_logprobs is not None else None,
                 )
+                first = False
         finally:
             self._inflight.discard(rid)
             self._live_usage.pop(rid, None)
@@ -375,6 +379,15 @@ class VLLMAsyncEngine(AsyncEngineClient):
 
 def _finish_reason(r: str | None) -> str:
     return {"stop": "stop", "length": "length", "abort": "abort"}.get(r or "", "error" if r else "stop")
+
+
+def _prompt_logprobs(prompt: list[int], out) -> list[TokenLogprob | None] | None:
+    """vLLM's `RequestOutput.prompt_logprobs` (None, then one {token id: Logprob} per prompt
+    token) as the engine's list."""
+    lps = getattr(out, "prompt_logprobs", None)
+    if lps is None:
+        return None
+    return [None] + (_logprobs(list(prompt[1:]), list(lps[1:])) or [])
 
 
 def _logprobs(ids: list[int], lps) -> list[TokenLogprob] | None:

@@ -232,7 +232,11 @@ class FakeEngine(AsyncEngineClient):
                     text += detok.flush()
                 logprobs = self._logprobs(ids, sp.logprobs) if sp.logprobs is not None else None
                 finished = reason is not None
-                yield self._out(rid, ids, text, seq, usage, reason, logprobs=logprobs)
+                out = self._out(rid, ids, text, seq, usage, reason, logprobs=logprobs)
+                if sp.prompt_logprobs is not None and step == 1:  # with the first delta, as the engine
+                    ids_p = list(request.prompt_token_ids)
+                    out.prompt_logprobs = [None] + self._logprobs(ids_p[1:], sp.prompt_logprobs)
+                yield out
                 if finished:
                     return
         finally:

@@ -79,12 +79,16 @@ async def test_chat_validation_400(engine, body, param):
 @pytest.mark.parametrize(
     "body, param",
     [
-        ({"prompt": ["one", "two"]}, "prompt"),
-        ({"prompt": [[1, 2], [3]]}, "prompt"),
+        ({"prompt": ["one", ""]}, "prompt.1"),
+        ({"prompt": [[1, 2], [3, 999999]]}, "prompt.1"),
+        ({"prompt": ["one", [1, 2], 3]}, "prompt"),
+        ({"prompt": ["x"] * 65}, "prompt"),
+        ({"prompt": ["x"] * 20, "n": 16}, "prompt"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": [1, 999999]}, "prompt"),
         ({"prompt": "x", "logprobs": 30}, "logprobs"),
-        ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "echo": True, "max_tokens": -1}, "max_tokens"),
         ({"prompt": "x", "best_of": 3}, "best_of"),
         ({"max_tokens": 3}, "prompt"),
     ],
@@ -95,10 +99,11 @@ async def test_completion_validation_400(engine, body, param):
         assert_error(r, 400, param=param)
 
 
-async def test_batched_prompt_message_says_so(engine):
+async def test_a_bad_prompt_in_a_batch_sends_none_of_them(engine):
     async with client_for(engine) as c:
-        r = await c.post("/v1/completions", json={"prompt": ["a", "b"]})
-        assert "batched prompts are not supported" in r.json()["error"]["message"]
+        r = await c.post("/v1/completions", json={"prompt": ["a", "b" * 10_000], "max_tokens": 4})
+        assert_error(r, 400, param="prompt.1", code="context_length_exceeded")
+    assert engine.requests == []
 
 
 async def test_tools_message_says_unsupported(engine):

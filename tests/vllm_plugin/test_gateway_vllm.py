@@ -154,6 +154,29 @@ def test_stop_strings_and_finish_reason(server):
     wait_idle(url, engine)
 
 
+def test_a_batch_scored_with_echo_reads_vllms_prompt_logprobs(server):
+    # lm-eval-harness's loglikelihood request: token-id prompts in a batch, echo, logprobs, max_tokens 0
+    url, engine = server
+    tok = engine.tokenizer
+    prompts = [tok.encode("The capital of France is Paris"), tok.encode("One, two, three, four")]
+    body = {"model": MODEL, "prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 0, "temperature": 0}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [ch["index"] for ch in out["choices"]] == [0, 1]
+    assert out["usage"]["prompt_tokens"] == sum(map(len, prompts)) and out["usage"]["completion_tokens"] == 0
+    for p, ch in zip(prompts, out["choices"]):
+        lp = ch["logprobs"]
+        assert ch["text"] == tok.decode(p, skip_special_tokens=False) and ch["finish_reason"] == "length"
+        assert len(lp["tokens"]) == len(p) and lp["token_logprobs"][0] is None
+        assert all(v is not None and v <= 0 for v in lp["token_logprobs"][1:])
+        # each top entry is at least as likely as the prompt's own token there
+        assert all(max(top.values()) >= v - 1e-4 for top, v in zip(lp["top_logprobs"][1:], lp["token_logprobs"][1:]))
+    # the counting sequence's last tokens are easy: "four" after "One, two, three," is likely
+    assert out["choices"][1]["logprobs"]["token_logprobs"][-1] > -3
+    wait_idle(url, engine)
+
+
 def test_context_length_exceeded_is_400(server):
     url, engine = server
     r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": MAX_MODEL_LEN + 8},
