@@ -43,6 +43,12 @@ class SamplingParams:
     # there (vLLM's `prompt_logprobs`; the first prompt token has none). Such a request skips the
     # prefix cache and verifies no draft until its prompt is read.
     prompt_logprobs: int | None = None
+    # OpenAI's penalties and logit_bias ((token id, bias) pairs), applied to the logits a token is
+    # sampled from (logprobs stay the model's, as vLLM reports them by default). A request with
+    # any of them decodes without speculation: each draft position would need its own counts.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -52,7 +58,12 @@ class SamplingParams:
     def argmax_only(self) -> bool:
         """Only the argmax of each position's logits is read: greedy, without logprobs (a pass
         of such requests may read the LM head in fp16, model.GreedyHead)."""
-        return self.greedy and self.logprobs is None
+        return self.greedy and self.logprobs is None and not self.adjusts_logits
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties or a logit bias move the logits this request samples from."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -71,6 +82,13 @@ class SamplingParams:
             raise ConfigError(f"seed must be a 64-bit signed integer, got {self.seed}", "seed")
         if self.logprobs is not None and not (0 <= self.logprobs <= 20):
             raise ConfigError(f"top_logprobs must be in [0, 20], got {self.logprobs}", "top_logprobs")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ConfigError(f"{name} must be in [-2, 2], got {getattr(self, name)}", name)
+        if len(self.logit_bias) > 300:
+            raise ConfigError(f"logit_bias takes at most 300 tokens, got {len(self.logit_bias)}", "logit_bias")
+        if any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):
+            raise ConfigError("logit_bias values must be in [-100, 100]", "logit_bias")
         if self.prompt_logprobs is not None and not (0 <= self.prompt_logprobs <= 20):
             raise ConfigError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}", "prompt_logprobs")
         return self

@@ -99,6 +99,8 @@ class LLMEngine:
         vocab = self.model.cfg.vocab_size
         if any(not (0 <= t < vocab) for t in request.prompt_token_ids):
             raise RequestRejected(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if any(not (0 <= t < vocab) for t, _ in sampling.logit_bias):
+            raise RequestRejected(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
         if n_prompt + sampling.max_tokens > self.max_model_len:
             raise RequestRejected(
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
@@ -107,7 +109,8 @@ class LLMEngine:
                 "context_length_exceeded",
             )
         # a sequence that cannot fit in the whole KV cache alone would be preempted for ever
-        lookahead = self.max_lookahead if self.config.spec.resolve(spec_req).mode != "off" else 0
+        speculates = self.config.spec.resolve(spec_req).mode != "off" and not sampling.adjusts_logits
+        lookahead = self.max_lookahead if speculates else 0
         bs = self.cache.block_size
         capacity = self.cache.pool.num_usable * bs
         need = -(-(n_prompt + sampling.max_tokens + lookahead) // bs) * bs
@@ -128,8 +131,8 @@ class LLMEngine:
         sampling, spec_req = request.sampling, request.spec
         n_prompt = len(request.prompt_token_ids)
         spec = self.config.spec.resolve(spec_req)
-        if spec.num_draft_tokens == 0 and spec.mode != "off":
-            spec = replace(spec, mode="off")
+        if (spec.num_draft_tokens == 0 or sampling.adjusts_logits) and spec.mode != "off":
+            spec = replace(spec, mode="off")  # (penalties: see SamplingParams)
         seed = None
         if not sampling.greedy:
             seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
@@ -301,6 +304,9 @@ class LLMEngine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor):  # logits [B, V]
         """One new token per sequence; the per-step host sync happens here."""
+        raw = logits
+        if any(s.request.sampling.adjusts_logits for s in seqs):
+            logits = self._adjusted(seqs, logits)
         greedy = all(s.request.sampling.greedy for s in seqs)
         if greedy:
             toks = logits.argmax(-1)
@@ -317,8 +323,26 @@ class LLMEngine:
             # the batch and however speculation cut the steps
             u = position_uniforms([s.seed for s in seqs], [s.num_tokens for s in seqs], [1] * len(seqs))
             toks = sample_by_uniform(probs, u)
-        lps = self.logprobs_for(seqs, logits, toks)
+        lps = self.logprobs_for(seqs, raw, toks)
         return toks.tolist(), lps
+
+    @staticmethod
+    def _adjusted(seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """The logits with each request's penalties (OpenAI's: minus frequency x the token's count
+        in the output so far, minus presence where it is at least 1) and logit bias added."""
+        logits = logits.clone()
+        V = logits.shape[-1]
+        for b, seq in enumerate(seqs):
+            sp = seq.request.sampling
+            if not sp.adjusts_logits:
+                continue
+            if (sp.presence_penalty or sp.frequency_penalty) and seq.num_output:
+                counts = torch.bincount(torch.tensor(seq.output_ids, device=logits.device), minlength=V)[:V]
+                logits[b] -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0)
+            if sp.logit_bias:
+                ids = torch.tensor([t for t, _ in sp.logit_bias], device=logits.device)
+                logits[b, ids] += torch.tensor([v for _, v in sp.logit_bias], device=logits.device)
+        return logits
 
     def logprobs_for(self, seqs: list[Sequence], logits: torch.Tensor, toks: torch.Tensor):
         """Log-probabilities of the chosen tokens (raw model distribution, as vLLM reports)."""

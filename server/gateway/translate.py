@@ -61,11 +61,6 @@ def _reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
         raise APIError(400, f"n must be between 1 and {MAX_N}, got {req.n}", param="n")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise APIError(400, f"{name} is not supported by this server; omit it or set it to 0", param=name)
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported by this server; omit it", param="logit_bias")
 
 
 def _check_context(
@@ -113,6 +108,17 @@ def _spec(req: CompletionRequest | ChatCompletionRequest) -> SpecParams:
     )
 
 
+def _logit_bias(req: CompletionRequest | ChatCompletionRequest) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `{"token id": bias}` as (id, bias) pairs; the range checks are SamplingParams'."""
+    out = []
+    for key, bias in (req.logit_bias or {}).items():
+        try:
+            out.append((int(key), float(bias)))
+        except (TypeError, ValueError):
+            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+    return tuple(out)
+
+
 def _sampling(
     req: CompletionRequest | ChatCompletionRequest,
     max_tokens: int,
@@ -131,6 +137,9 @@ def _sampling(
         stop_token_ids=tuple(req.stop_token_ids or ()),
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
+        presence_penalty=float(req.presence_penalty or 0.0),
+        frequency_penalty=float(req.frequency_penalty or 0.0),
+        logit_bias=_logit_bias(req),
     )
     if req.seed is not None and not (-(1 << 63) <= req.seed and req.seed + req.n - 1 < (1 << 63)):
         raise APIError(400, "seed must be a 64-bit signed integer", param="seed", code="invalid_value")

@@ -134,6 +134,9 @@ def to_vllm_sampling(sp: SamplingParams, spec_extra: dict, logprobs: int | None)
         ignore_eos=sp.ignore_eos,
         logprobs=logprobs,
         prompt_logprobs=sp.prompt_logprobs,
+        presence_penalty=sp.presence_penalty,
+        frequency_penalty=sp.frequency_penalty,
+        logit_bias=dict(sp.logit_bias) or None,
         output_kind=RequestOutputKind.DELTA,
         extra_args={"via_sd": spec_extra},
     )

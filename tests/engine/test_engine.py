@@ -187,3 +187,60 @@ def test_prompt_logprobs_come_once_with_the_first_delta(tiny_model_dir, hf_promp
     assert_pool_full(eng)
     with pytest.raises(RequestRejected):
         eng.add_request(GenerationRequest("b", (1, 2), SamplingParams(max_tokens=1, prompt_logprobs=21)))
+
+
+def _hf_penalized_greedy(model_dir, prompt, n, presence, frequency, bias=()):
+    """Greedy decoding with OpenAI's penalties and a logit bias, one full forward per token."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    toks, out = list(prompt), []
+    for _ in range(n):
+        with torch.inference_mode():
+            logits = m(torch.tensor([toks])).logits[0, -1].float()
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.numel())[: logits.numel()]
+        logits = logits - frequency * counts - presence * (counts > 0)
+        for t, b in bias:
+            logits[t] += b
+        t = int(logits.argmax())
+        toks.append(t)
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["off", "three_tier"])
+def test_penalties_and_logit_bias_follow_openais_rule_and_turn_speculation_off(tiny_model_dir, reference, mode):
+    eng = make_engine(tiny_model_dir, spec={"mode": mode})
+    p = PROMPTS[1]
+    bias = ((reference[1][0], -5.0), (65, 2.0))
+    want = _hf_penalized_greedy(tiny_model_dir, p, 20, 0.5, 1.5, bias)
+    assert want != reference[1][:20]  # the penalties change this greedy text
+    (r,) = generate_checked(eng, [GenerationRequest("p", tuple(p), SamplingParams(
+        max_tokens=20, temperature=0.0, ignore_eos=True, presence_penalty=0.5, frequency_penalty=1.5,
+        logit_bias=bias, logprobs=0), SpecParams(mode=mode))])
+    assert r.token_ids == want
+    assert r.via_sd.draft_tokens == 0  # decoded plainly
+    # logprobs stay the model's: the chosen token's raw logprob, which the bias does not move
+    (plain,) = generate_checked(eng, greedy_requests([p], 1, ignore_eos=True, logprobs=0, prefix="q"))
+    (biased,) = generate_checked(eng, [GenerationRequest("b", tuple(p), SamplingParams(
+        max_tokens=1, temperature=0.0, logprobs=0, logit_bias=((plain.token_ids[0], 50.0),)))])
+    assert biased.logprobs[0].logprob == pytest.approx(plain.logprobs[0].logprob, abs=1e-5)
+    # a large bias decides every token, greedy or sampled
+    for temperature in (0.0, 1.0):
+        (forced,) = generate_checked(eng, [GenerationRequest(f"f{temperature}", tuple(p), SamplingParams(
+            max_tokens=8, temperature=temperature, ignore_eos=True, logit_bias=((65, 100.0),)))])
+        assert forced.token_ids == [65] * 8
+
+
+@pytest.mark.parametrize("bad,param", [
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3.0), "frequency_penalty"),
+    (dict(logit_bias=((1, 101.0),)), "logit_bias"),
+    (dict(logit_bias=((999999, 1.0),)), "logit_bias"),
+])
+def test_bad_penalties_are_rejected(tiny_model_dir, bad, param):
+    eng = make_engine(tiny_model_dir, spec={"mode": "off"})
+    with pytest.raises(RequestRejected) as e:
+        eng.add_request(GenerationRequest("bad", (1, 2, 3), SamplingParams(max_tokens=4, **bad)))
+    assert e.value.param == param
+    assert_pool_full(eng)

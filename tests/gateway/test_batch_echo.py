@@ -156,3 +156,16 @@ async def test_scoring_a_continuation_as_lm_eval_does_reads_the_models_logprobs(
         assert s.requests_running == 0 and s.kv_cache_usage == 0
     finally:
         await engine.shutdown(grace_s=1)
+
+
+async def test_penalties_and_logit_bias_reach_the_engine(engine):
+    async with client_for(engine) as c:
+        r = await c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "presence_penalty": 0.5,
+            "frequency_penalty": -1.25, "logit_bias": {"65": 3, "7": -100}})
+        assert r.status_code == 200, r.text
+        r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "frequency_penalty": 2})
+        assert r.status_code == 200, r.text
+    a, b = (q.sampling for q in engine.requests)
+    assert (a.presence_penalty, a.frequency_penalty, a.logit_bias) == (0.5, -1.25, ((65, 3.0), (7, -100.0)))
+    assert (b.presence_penalty, b.frequency_penalty, b.logit_bias) == (0.0, 2.0, ())
