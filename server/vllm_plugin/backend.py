@@ -281,9 +281,26 @@ class VLLMAsyncEngine(AsyncEngineClient):
         completion = 0
         first = True  # vLLM's prompt logprobs come with the first output
         try:
+            from vllm.exceptions import VLLMValidationError
             from vllm.inputs import TokensPrompt
 
-            async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt), vsp, rid):
+            try:
+                outs = aiter(self._llm.generate(TokensPrompt(prompt_token_ids=prompt), vsp, rid))
+                head = await anext(outs)
+            except VLLMValidationError as e:
+                # vLLM's own checks, before any output: a 400 with its words (e.g. logit_bias and
+                # min_p, which its speculative decoding does not take)
+                param = e.parameter or next((p for p in ("logit_bias", "min_p") if p in str(e)), None)
+                raise RequestRejected(f"vLLM rejected the request: {e}", param) from None
+            except StopAsyncIteration:
+                return
+
+            async def rest():
+                yield head
+                async for o in outs:
+                    yield o
+
+            async for out in rest():
                 c = out.outputs[0]
                 ids = list(c.token_ids)
                 completion += len(ids)

@@ -177,6 +177,22 @@ def test_a_batch_scored_with_echo_reads_vllms_prompt_logprobs(server):
     wait_idle(url, engine)
 
 
+def test_penalties_reach_vllm_and_logit_bias_is_a_400_there(server):
+    url, engine = server
+    body = {"model": MODEL, "prompt": "Say yes, yes, yes, yes, yes, yes:", "max_tokens": 16, "temperature": 0,
+            "ignore_eos": True}
+    plain = httpx.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    r = httpx.post(url + "/v1/completions", json={**body, "frequency_penalty": 2.0}, timeout=120)
+    assert r.status_code == 200, r.text
+    penalized = r.json()["choices"][0]["text"]
+    assert penalized != plain  # the penalty moved the greedy text
+    # vLLM's speculative decoding does not take logit_bias: its own words, as a 400, nothing left running
+    r = httpx.post(url + "/v1/completions", json={**body, "logit_bias": {"28": 5}}, timeout=120)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "logit_bias" and "speculative" in r.json()["error"]["message"]
+    wait_idle(url, engine)
+
+
 def test_context_length_exceeded_is_400(server):
     url, engine = server
     r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": MAX_MODEL_LEN + 8},
