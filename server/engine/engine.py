@@ -190,7 +190,8 @@ class LLMEngine:
         decodes = [s for s in scheduled if s.decode]
         # a sequence speculates only where the scheduler reserved its draft slots
         # (a sequence still reading its prompt's logprobs decodes plainly: its chunk returns them)
-        speculates = [s.seq.spec.mode != "off" and s.lookahead > 0 and not s.seq.reads_prompt_logprobs for s in decodes]
+        speculates = [s.seq.spec.mode != "off" and s.lookahead > 0 and not s.seq.reads_prompt_logprobs
+                      for s in decodes]
         plain = [s for s, sp in zip(decodes, speculates) if not sp]
         specs = [s for s, sp in zip(decodes, speculates) if sp]
         if len(decodes) > self.config.spec.spec_max_batch:
@@ -264,7 +265,8 @@ class LLMEngine:
                 outputs.append(self._delta(seq))
         return outputs
 
-    def _take_prompt_logprobs(self, scheduled: list[ScheduledSeq], chunks: list[Chunk], out: ForwardOutput) -> ForwardOutput:
+    def _take_prompt_logprobs(self, scheduled: list[ScheduledSeq], chunks: list[Chunk],
+                              out: ForwardOutput) -> ForwardOutput:
         """Record the prompt logprobs of the sequences that asked for them from their chunks'
         logits rows (prefill chunks: every row; a plain chunk: every row, its last one samples),
         and return `out` with the rows the rest of the step reads: one per plain chunk, then the
@@ -349,18 +351,8 @@ class LLMEngine:
         ks = [s.request.sampling.logprobs for s in seqs]
         if all(k is None for k in ks):
             return [None] * len(seqs)
-        lsm = torch.log_softmax(logits.float(), -1)
-        kmax = max(k or 0 for k in ks)
-        top_v, top_i = lsm.topk(max(kmax, 1), -1)
-        chosen = lsm.gather(-1, toks.view(-1, 1)).squeeze(-1)
-        res = []
-        for b, k in enumerate(ks):
-            if k is None:
-                res.append(None)
-                continue
-            top = tuple(zip(top_i[b, :k].tolist(), top_v[b, :k].tolist()))
-            res.append([TokenLogprob(int(toks[b]), float(chosen[b]), top)])
-        return res
+        lps = self._logprobs_of(logits, toks, max(k or 0 for k in ks))
+        return [None if k is None else [replace(lp, top=lp.top[:k])] for lp, k in zip(lps, ks)]
 
     # ------------------------------------------------------------------ commit
     def _commit(self, seq: Sequence, toks: list[int], lps) -> None:

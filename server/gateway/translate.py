@@ -44,10 +44,6 @@ class PreparedRequest:
     # echo with max_tokens 0: the prompt alone (scored); the engine runs one token, not shown
     score_only: bool = False
 
-    @property
-    def num_prompt_tokens(self) -> int:
-        return sum(len(p) for p in self.prompts)
-
 
 def log_unknown_fields(body: LenientModel, where: str = "") -> None:
     """Unknown fields are ignored, with their names (never their values) in the log."""

@@ -279,7 +279,6 @@ class VLLMAsyncEngine(AsyncEngineClient):
         self._inflight.add(rid)
         finished = False
         completion = 0
-        first = True  # vLLM's prompt logprobs come with the first output
         try:
             from vllm.exceptions import VLLMValidationError
             from vllm.inputs import TokensPrompt
@@ -317,9 +316,10 @@ class VLLMAsyncEngine(AsyncEngineClient):
                     cached_tokens=int(getattr(out, "num_cached_tokens", None) or 0),
                     via_sd=usage,
                     logprobs=_logprobs(ids, c.logprobs) if sp.logprobs is not None else None,
-                    prompt_logprobs=_prompt_logprobs(prompt, out) if first and sp.prompt_logprobs is not None else None,
+                    # vLLM's prompt logprobs come with the first output
+                    prompt_logprobs=(_prompt_logprobs(prompt, out)
+                                     if out is head and sp.prompt_logprobs is not None else None),
                 )
-                first = False
         finally:
             self._inflight.discard(rid)
             self._live_usage.pop(rid, None)
