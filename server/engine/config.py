@@ -27,6 +27,41 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on the output's text (vLLM's `StructuredOutputsParams`), exactly one of: a JSON
+    schema (its JSON text), any JSON object, a regular expression, one of a list of strings, or a
+    grammar in Lark syntax. `server.engine.structured` turns it into a mask on the logits."""
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    # JSON without whitespace between tokens (vLLM's option): a small model cannot loop on spaces
+    disable_any_whitespace: bool = False
+
+    @property
+    def kind(self) -> str:
+        """The field that is set (the first one, before `validate`)."""
+        return next((k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None),
+                    "json_object")
+
+    def validate(self) -> "StructuredOutputs":
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ConfigError("structured_outputs takes exactly one of json, json_object, regex, choice, grammar; "
+                              f"got {', '.join(given) or 'none'}", "structured_outputs")
+        if self.choice is not None and (not self.choice or any(not isinstance(c, str) or not c for c in self.choice)):
+            raise ConfigError("structured_outputs.choice must be a non-empty list of non-empty strings",
+                              "structured_outputs.choice")
+        from server.engine.structured import check
+
+        check(self)
+        return self
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How one request samples. `temperature == 0` means greedy."""
 
@@ -49,6 +84,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # the output must follow this grammar (masked logits; logprobs stay the model's); such a
+    # request decodes without speculation too
+    structured_outputs: StructuredOutputs | None = None
 
     @property
     def greedy(self) -> bool:
@@ -62,8 +100,10 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Penalties or a logit bias move the logits this request samples from."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        """Penalties, a logit bias or a structured-output constraint move the logits this request
+        samples from."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.structured_outputs is not None)
 
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -91,6 +131,8 @@ class SamplingParams:
             raise ConfigError("logit_bias values must be in [-100, 100]", "logit_bias")
         if self.prompt_logprobs is not None and not (0 <= self.prompt_logprobs <= 20):
             raise ConfigError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}", "prompt_logprobs")
+        if self.structured_outputs is not None:
+            self.structured_outputs.validate()
         return self
 
 

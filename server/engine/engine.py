@@ -31,6 +31,7 @@ from server.engine.model import ForwardOutput, LlamaModel
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import ScheduledSeq, Scheduler
 from server.engine.sequence import Sequence, Status
+from server.engine.structured import GrammarMasks
 from server.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from via_sd_kernels.sampling import logits_to_probs, position_uniforms, sample_by_uniform
 
@@ -48,6 +49,7 @@ class LLMEngine:
         mcfg = self.model.cfg
         self.tokenizer = tokenizer or Tokenizer.from_folder(path, extra_eos=mcfg.eos_token_ids)
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mcfg.eos_token_ids)
+        self.grammars = GrammarMasks(self.tokenizer, mcfg.vocab_size)
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
         dtype = DTYPES[config.dtype] if config.kv_cache_dtype == "auto" else torch.float16
         num_blocks = config.num_blocks or KVCache.num_blocks_for_memory(mcfg, config.block_size, config.kv_cache_memory_gb, dtype)
@@ -133,6 +135,12 @@ class LLMEngine:
         spec = self.config.spec.resolve(spec_req)
         if (spec.num_draft_tokens == 0 or sampling.adjusts_logits) and spec.mode != "off":
             spec = replace(spec, mode="off")  # (penalties: see SamplingParams)
+        matcher = None
+        if sampling.structured_outputs is not None:
+            try:
+                matcher = self.grammars.matcher(sampling.structured_outputs)
+            except ConfigError as e:
+                raise RequestRejected(str(e), e.param) from e
         seed = None
         if not sampling.greedy:
             seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
@@ -145,6 +153,7 @@ class LLMEngine:
             num_prompt=n_prompt,
             seed=seed,
             prompt_logprobs=None if sampling.prompt_logprobs is None else [None],
+            matcher=matcher,
         )
         self.seqs[request.request_id] = seq
         self.scheduler.add(seq)
@@ -309,6 +318,8 @@ class LLMEngine:
         raw = logits
         if any(s.request.sampling.adjusts_logits for s in seqs):
             logits = self._adjusted(seqs, logits)
+            if any(s.matcher is not None for s in seqs):
+                self.grammars.apply(seqs, logits)
         greedy = all(s.request.sampling.greedy for s in seqs)
         if greedy:
             toks = logits.argmax(-1)
@@ -372,6 +383,13 @@ class LLMEngine:
             if seq.num_output + len(kept) >= sp.max_tokens:
                 reason = "length"
                 break
+        if seq.matcher is not None and reason != "stop":
+            if not seq.matcher.consume_tokens(kept):
+                seq.error = f"the output left its grammar: {seq.matcher.get_error()}"
+                self._finish(seq, "error")
+                return
+            if seq.matcher.is_stopped():
+                reason = "stop"  # the text is complete: the grammar allows nothing more
         seq.token_ids.extend(kept)
         seq.pending_ids.extend(kept)
         if lps:

@@ -70,6 +70,8 @@ class Sequence:
     # the full passes read the prompt; handed out once, with the first delta
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
+    # SamplingParams.structured_outputs: an llguidance matcher over the committed output
+    matcher: object | None = None
 
     @property
     def reads_prompt_logprobs(self) -> bool:

@@ -30,6 +30,11 @@ class Tokenizer:
         return cls(tok, tuple(sorted(eos)))
 
     @property
+    def hf(self):
+        """The transformers tokenizer underneath."""
+        return self._tok
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self._tok, "chat_template", None))
 
@@ -39,9 +44,12 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a chat (`[{"role": ..., "content": ...}]`) ready for generation."""
-        text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a chat (`[{"role": ..., "content": ...}]`) ready for generation; `tools`
+        (OpenAI's function definitions) go to templates that show them."""
+        text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             tools=tools)
         return self.encode(text)
 
     def user_turn_prefix(self) -> list[int]:

@@ -59,14 +59,68 @@ class TextPart(LenientModel):
     text: str | None = None
 
 
+class FunctionCall(LenientModel):
+    name: str
+    arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+
+class ToolCall(LenientModel):
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatMessage(LenientModel):
     role: str
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool's answer
+
+
+class FunctionDefinition(LenientModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(LenientModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(LenientModel):
+    name: str
+
+
+class NamedToolChoice(LenientModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class JSONSchemaFormat(LenientModel):
+    name: str | None = None
+    description: str | None = None
+    # `schema` would shadow a pydantic method
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
 
 
 class ResponseFormat(LenientModel):
     type: str = "text"
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsField(LenientModel):
+    """vLLM's `structured_outputs` request field: exactly one constraint."""
+
+    json_: Union[dict[str, Any], str, None] = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
 
 
 class _SamplingFields(LenientModel):
@@ -86,6 +140,8 @@ class _SamplingFields(LenientModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None  # vLLM extension
     via_sd: ViaSDOptions | None = None
 
 
@@ -102,11 +158,11 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool | None = None  # false: at most one call
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: ResponseFormat | None = None
 
 
 # ----------------------------------------------------------------------------- usage
@@ -166,7 +222,7 @@ class CompletionLogprobs(OpenAIModel):
 
 # ----------------------------------------------------------------------------- responses
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class CompletionChoice(OpenAIModel):
@@ -195,9 +251,21 @@ class CompletionStreamResponse(OpenAIModel):
     usage: Usage | None = None
 
 
+class ResponseFunctionCall(OpenAIModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class AssistantMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ResponseToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(OpenAIModel):

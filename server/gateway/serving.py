@@ -34,6 +34,7 @@ from server.gateway.protocol import (
     ViaSDUsage,
 )
 from server.gateway.streaming import SSEResponse, merged, open_runs, until_disconnect
+from server.gateway.structured import StreamedToolCalls, calls_of
 from server.gateway.translate import PreparedRequest
 
 Kind = Literal["chat", "completion"]
@@ -207,12 +208,7 @@ class Serving:
                 created=created,
                 model=prep.model,
                 choices=[
-                    ChatChoice(
-                        index=i,
-                        message=AssistantMessage(content="".join(s.text)),
-                        logprobs=fmt.chat(s.logprobs) if fmt else None,
-                        finish_reason=s.finish_reason,
-                    )
+                    self._chat_choice(prep, i, s, fmt.chat(s.logprobs) if fmt else None)
                     for i, s in enumerate(states)
                 ],
                 usage=usage,
@@ -229,6 +225,18 @@ class Serving:
         return CompletionResponse(id=call_id, created=created, model=prep.model, choices=choices, usage=usage)
 
     @staticmethod
+    def _chat_choice(prep: PreparedRequest, i: int, state: ChoiceState, logprobs) -> ChatChoice:
+        text = "".join(state.text)
+        calls = None
+        if prep.tool_mode is not None and state.finish_reason == "stop":
+            calls = calls_of(prep.tool_mode, text)
+        if calls is None:
+            return ChatChoice(index=i, message=AssistantMessage(content=text), logprobs=logprobs,
+                              finish_reason=state.finish_reason)
+        return ChatChoice(index=i, message=AssistantMessage(content=None, tool_calls=calls), logprobs=logprobs,
+                          finish_reason="tool_calls")
+
+    @staticmethod
     def _echo(prep: PreparedRequest, p: int, state: ChoiceState, fmt) -> tuple[str, CompletionLogprobs | None]:
         """What a completion choice starts with: with echo, its prompt's text and, with logprobs,
         its prompt tokens' logprobs; else nothing."""
@@ -242,6 +250,7 @@ class Serving:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         head = {"id": call_id, "object": obj, "created": created, "model": prep.model}
         states = [ChoiceState() for _ in runs]
+        tools = [StreamedToolCalls(prep.tool_mode) for _ in runs] if prep.tool_mode is not None else None
         try:
             if kind == "chat":
                 for i in range(len(runs)):
@@ -280,6 +289,10 @@ class Serving:
                 finish = out.finish_reason if out.finished else None
                 if kind == "chat":
                     delta = {"content": out.text} if out.text else {}
+                    if tools is not None:
+                        delta, finish = tools[index].delta(out.text, out.finished, finish)
+                        if not delta and finish is None and logprobs is None:
+                            continue
                     choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
                 else:
                     choice = {"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": finish}

@@ -12,18 +12,20 @@ and completions to OpenAI's legacy 16 (cut to the remaining context).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, replace
 
 from server.engine.config import ConfigError, SamplingParams, SpecParams
 from server.gateway.errors import APIError
 from server.gateway.protocol import ChatCompletionRequest, CompletionRequest, LenientModel
+from server.gateway.structured import ToolMode, constraint, tool_constraint
 
 log = logging.getLogger("via_sd.gateway")
 
 MAX_N = 16
 COMPLETION_DEFAULT_MAX_TOKENS = 16
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class PreparedRequest:
     prompt_texts: tuple[str, ...] = ()
     # echo with max_tokens 0: the prompt alone (scored); the engine runs one token, not shown
     score_only: bool = False
+    # chat with a forcing tool_choice: the answer is returned as tool calls
+    tool_mode: ToolMode | None = None
 
 
 def log_unknown_fields(body: LenientModel, where: str = "") -> None:
@@ -121,6 +125,7 @@ def _sampling(
     max_tokens_param: str,
     logprobs: int | None,
     logprobs_param: str,
+    structured=None,
 ) -> tuple[SamplingParams, ...]:
     top_k = req.top_k if req.top_k is not None else 0
     base = SamplingParams(
@@ -136,6 +141,7 @@ def _sampling(
         presence_penalty=float(req.presence_penalty or 0.0),
         frequency_penalty=float(req.frequency_penalty or 0.0),
         logit_bias=_logit_bias(req),
+        structured_outputs=structured,
     )
     if req.seed is not None and not (-(1 << 63) <= req.seed and req.seed + req.n - 1 < (1 << 63)):
         raise APIError(400, "seed must be a 64-bit signed integer", param="seed", code="invalid_value")
@@ -143,6 +149,10 @@ def _sampling(
         base.validate()
     except ConfigError as e:
         param = {"max_tokens": max_tokens_param, "top_logprobs": logprobs_param}.get(e.param or "", e.param)
+        if (param or "").startswith("structured_outputs") and req.structured_outputs is None:
+            # the constraint came from response_format or from the tools
+            rf = req.response_format
+            param = "response_format" if rf is not None and rf.type != "text" else "tools"
         raise APIError(400, str(e), param=param, code=e.code) from None
     # n > 1: n engine requests; a given seed s gives choice i the seed s + i
     return tuple(
@@ -218,7 +228,7 @@ def prepare_completion(req: CompletionRequest, tokenizer, max_model_len: int, mo
         max_tokens = req.max_tokens
     else:  # OpenAI's legacy 16, cut to the room the longest prompt leaves
         max_tokens = min(COMPLETION_DEFAULT_MAX_TOKENS, limit)
-    sampling = _sampling(req, max_tokens, "max_tokens", req.logprobs, "logprobs")
+    sampling = _sampling(req, max_tokens, "max_tokens", req.logprobs, "logprobs", constraint(req))
     if req.echo and req.logprobs is not None:
         sampling = tuple(replace(sp, prompt_logprobs=req.logprobs) for sp in sampling)
     return PreparedRequest(
@@ -243,10 +253,9 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict]:
     for i, m in enumerate(req.messages):
         role = CHAT_ROLES.get(m.role)
         if role is None:
-            hint = " (tools are not supported)" if m.role in ("tool", "function") else ""
             raise APIError(
                 400,
-                f"messages[{i}].role {m.role!r} is not supported{hint}; use one of system, developer, user, assistant",
+                f"messages[{i}].role {m.role!r} is not supported; use one of system, developer, user, assistant, tool",
                 param=f"messages.{i}.role",
             )
         content = m.content
@@ -265,21 +274,37 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict]:
                     )
                 pieces.append(part.text)
             text = "".join(pieces)
-        out.append({"role": role, "content": text})
+        msg = {"role": role, "content": text}
+        if m.tool_calls and role == "assistant":
+            calls = [{"id": c.id, "type": "function",
+                      "function": {"name": c.function.name, "arguments": c.function.arguments}} for c in m.tool_calls]
+            msg["tool_calls"] = calls
+            if not text:  # for templates that show only content: the calls as the model wrote them
+                msg["content"] = json.dumps([{"name": c["function"]["name"], "parameters": _arguments(c, i)}
+                                             for c in calls], ensure_ascii=False)
+        if m.tool_call_id is not None and role == "tool":
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
     return out
+
+
+def _arguments(call: dict, i: int):
+    try:
+        return json.loads(call["function"]["arguments"])
+    except ValueError:
+        raise APIError(400, f"messages[{i}].tool_calls has arguments that are not JSON",
+                       param=f"messages.{i}.tool_calls") from None
 
 
 def prepare_chat(req: ChatCompletionRequest, tokenizer, max_model_len: int, model: str) -> PreparedRequest:
     log_unknown_fields(req)
-    for name in ("tools", "tool_choice", "functions", "function_call"):
-        if getattr(req, name) not in (None, [], "none"):
-            raise APIError(400, f"{name} is not supported by this server (no tool calling); omit it", param=name)
-    if req.response_format is not None and req.response_format.type != "text":
-        raise APIError(
-            400,
-            f"response_format type {req.response_format.type!r} is not supported; only 'text' is",
-            param="response_format",
-        )
+    structured = constraint(req)
+    tool_structured, tool_mode = tool_constraint(req)
+    if tool_structured is not None:
+        if structured is not None:
+            raise APIError(400, "a forced tool call already constrains the output; drop response_format or "
+                                "structured_outputs, or set tool_choice to \"none\"", param="tool_choice")
+        structured = tool_structured
     _reject_unsupported(req)
     messages = chat_messages(req)
 
@@ -288,7 +313,8 @@ def prepare_chat(req: ChatCompletionRequest, tokenizer, max_model_len: int, mode
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
 
     try:
-        ids = tokenizer.apply_chat_template(messages)
+        tools = [t.model_dump(mode="json", exclude_none=True) for t in req.tools] if req.tools else None
+        ids = tokenizer.apply_chat_template(messages, tools=tools) if tools else tokenizer.apply_chat_template(messages)
     except Exception as e:  # a template that rejects the conversation (e.g. role order)
         raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
 
@@ -299,9 +325,10 @@ def prepare_chat(req: ChatCompletionRequest, tokenizer, max_model_len: int, mode
     return PreparedRequest(
         model=model,
         prompts=(tuple(ids),),
-        sampling=_sampling(req, max_tokens, max_param, logprobs, "top_logprobs"),
+        sampling=_sampling(req, max_tokens, max_param, logprobs, "top_logprobs", structured),
         spec=_validated_spec(req),
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         logprobs=logprobs,
+        tool_mode=tool_mode,
     )

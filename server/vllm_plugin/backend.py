@@ -98,6 +98,10 @@ def engine_kwargs(config: EngineConfig, folder: Path, max_model_len: int, schedu
         pipeline_parallel_size=config.pipeline_parallel_size,
         enable_prefix_caching=config.enable_prefix_caching,
     )
+    from vllm.config import StructuredOutputsConfig
+
+    # the embedded engine's library (llguidance): the same grammars (Lark) and the same masks
+    kw["structured_outputs_config"] = StructuredOutputsConfig(backend="guidance")
     if s.mode != "off":
         from vllm.platforms import current_platform
 
@@ -120,7 +124,14 @@ def engine_kwargs(config: EngineConfig, folder: Path, max_model_len: int, schedu
 
 def to_vllm_sampling(sp: SamplingParams, spec_extra: dict, logprobs: int | None):
     from vllm import SamplingParams as VSP
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    so, structured = sp.structured_outputs, None
+    if so is not None:
+        structured = StructuredOutputsParams(
+            json=so.json, regex=so.regex, choice=None if so.choice is None else list(so.choice), grammar=so.grammar,
+            json_object=True if so.json_object else None, disable_any_whitespace=so.disable_any_whitespace)
+        spec_extra = {**spec_extra, "mode": "off"}  # as in the embedded engine: no drafts under a grammar
 
     return VSP(
         n=1,
@@ -137,6 +148,7 @@ def to_vllm_sampling(sp: SamplingParams, spec_extra: dict, logprobs: int | None)
         presence_penalty=sp.presence_penalty,
         frequency_penalty=sp.frequency_penalty,
         logit_bias=dict(sp.logit_bias) or None,
+        structured_outputs=structured,
         output_kind=RequestOutputKind.DELTA,
         extra_args={"via_sd": spec_extra},
     )

@@ -43,7 +43,7 @@ async def test_invalid_json_is_400(engine):
         ({"messages": []}, "messages"),
         ({}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "function", "content": "x"}]}, "messages.0.role"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages.0.content.0.type"),
         ({**CHAT, "max_tokens": "many"}, "max_tokens"),
         ({**CHAT, "max_tokens": 0}, "max_tokens"),
@@ -54,10 +54,11 @@ async def test_invalid_json_is_400(engine):
         ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({**CHAT, "n": 0}, "n"),
         ({**CHAT, "n": 17}, "n"),
-        ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+        ({**CHAT, "tools": [{"type": "function"}], "tool_choice": "required"}, "tools.0.function"),
         ({**CHAT, "tool_choice": "auto"}, "tool_choice"),
         ({**CHAT, "functions": [{"name": "f"}]}, "functions"),
-        ({**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+        ({**CHAT, "response_format": {"type": "xml"}}, "response_format.type"),
         ({**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
         ({**CHAT, "top_logprobs": 2}, "top_logprobs"),
         ({**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
@@ -109,10 +110,11 @@ async def test_a_bad_prompt_in_a_batch_sends_none_of_them(engine):
     assert engine.requests == []
 
 
-async def test_tools_message_says_unsupported(engine):
+async def test_tools_without_a_forcing_tool_choice_say_what_to_send(engine):
     async with client_for(engine) as c:
-        r = await c.post("/v1/chat/completions", json={**CHAT, "tools": [{"type": "function"}]})
-        assert "not supported" in r.json()["error"]["message"]
+        r = await c.post("/v1/chat/completions", json={**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]})
+        message = r.json()["error"]["message"]
+        assert '"auto"' in message and '"required"' in message and '"none"' in message
 
 
 async def test_unknown_fields_are_ignored_and_logged(engine, caplog):

@@ -193,6 +193,44 @@ def test_penalties_reach_vllm_and_logit_bias_is_a_400_there(server):
     wait_idle(url, engine)
 
 
+def test_structured_outputs_and_a_forced_tool_call_on_vllm(server):
+    """vLLM applies the constraint (its guidance backend, the embedded engine's library) with the
+    plugin drafting nothing for such a request; the gateway shapes the tool call the same way."""
+    import json
+    import re
+
+    url, engine = server
+    c = client(url)
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+              "required": ["name", "age"], "additionalProperties": False}
+    msgs = [{"role": "user", "content": "Describe a fictional person as JSON with a name and an age."}]
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=80, temperature=0,
+                                  response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": person}})
+    value = json.loads(r.choices[0].message.content)
+    assert r.choices[0].finish_reason == "stop" and set(value) == {"name", "age"}
+    for so, ok in [({"choice": ["yes", "no"]}, lambda t: t in ("yes", "no")),
+                   ({"regex": "[A-Z][a-z]+ [0-9]{4}"}, lambda t: re.fullmatch("[A-Z][a-z]+ [0-9]{4}", t)),
+                   ({"grammar": 'start: answer "."\nanswer: "Yes" | "No"'}, lambda t: t in ("Yes.", "No."))]:
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Is the sky blue?"}],
+                                      max_tokens=30, temperature=0, extra_body={"structured_outputs": so})
+        assert r.choices[0].finish_reason == "stop" and ok(r.choices[0].message.content), (so, r.choices[0])
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                         "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                  tools=[weather], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                  max_tokens=60, temperature=0)
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert set(json.loads(call.function.arguments)) == {"city", "unit"}
+    r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": msgs,
+                                                       "structured_outputs": {"regex": "([a-z"}}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs.regex"
+    wait_idle(url, engine)
+
+
 def test_context_length_exceeded_is_400(server):
     url, engine = server
     r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": MAX_MODEL_LEN + 8},
