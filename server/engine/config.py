@@ -84,8 +84,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
-    # the output must follow this grammar (masked logits; logprobs stay the model's); such a
-    # request decodes without speculation too
+    # the output must follow this grammar (masked logits; logprobs stay the model's); drafts are
+    # cut to what the grammar allows and verified against masked rows (server/engine/structured.py)
     structured_outputs: StructuredOutputs | None = None
 
     @property
@@ -99,11 +99,15 @@ class SamplingParams:
         return self.greedy and self.logprobs is None and not self.adjusts_logits
 
     @property
+    def penalized(self) -> bool:
+        """Penalties or a logit bias: such a request decodes without speculation."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+    @property
     def adjusts_logits(self) -> bool:
         """Penalties, a logit bias or a structured-output constraint move the logits this request
         samples from."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
-                    or self.structured_outputs is not None)
+        return self.penalized or self.structured_outputs is not None
 
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:

@@ -111,7 +111,7 @@ class LLMEngine:
                 "context_length_exceeded",
             )
         # a sequence that cannot fit in the whole KV cache alone would be preempted for ever
-        speculates = self.config.spec.resolve(spec_req).mode != "off" and not sampling.adjusts_logits
+        speculates = self.config.spec.resolve(spec_req).mode != "off" and not sampling.penalized
         lookahead = self.max_lookahead if speculates else 0
         bs = self.cache.block_size
         capacity = self.cache.pool.num_usable * bs
@@ -133,7 +133,7 @@ class LLMEngine:
         sampling, spec_req = request.sampling, request.spec
         n_prompt = len(request.prompt_token_ids)
         spec = self.config.spec.resolve(spec_req)
-        if (spec.num_draft_tokens == 0 or sampling.adjusts_logits) and spec.mode != "off":
+        if (spec.num_draft_tokens == 0 or sampling.penalized) and spec.mode != "off":
             spec = replace(spec, mode="off")  # (penalties: see SamplingParams)
         matcher = None
         if sampling.structured_outputs is not None:
@@ -380,16 +380,17 @@ class LLMEngine:
             if (t in self.eos_ids and not sp.ignore_eos) or t in sp.stop_token_ids:
                 reason = "stop"
                 break
+            if seq.matcher is not None:
+                if not seq.matcher.consume_token(t):
+                    seq.error = f"the output left its grammar: {seq.matcher.get_error()}"
+                    self._finish(seq, "error")
+                    return
+                if seq.matcher.is_stopped():  # the text is complete: the grammar allows nothing more
+                    reason = "stop"
+                    break
             if seq.num_output + len(kept) >= sp.max_tokens:
                 reason = "length"
                 break
-        if seq.matcher is not None and reason != "stop":
-            if not seq.matcher.consume_tokens(kept):
-                seq.error = f"the output left its grammar: {seq.matcher.get_error()}"
-                self._finish(seq, "error")
-                return
-            if seq.matcher.is_stopped():
-                reason = "stop"  # the text is complete: the grammar allows nothing more
         seq.token_ids.extend(kept)
         seq.pending_ids.extend(kept)
         if lps:

@@ -184,6 +184,7 @@ class SpecDecoder:
             room = eng.max_model_len - seq.num_tokens - 1
             max_tokens.append(max(0, min(seq.spec.num_draft_tokens, left, room, s.lookahead, share)))
         drafts: DraftBatch = self.drafter.propose([s.seq for s in scheduled], max_tokens)
+        self._fit_grammars(scheduled, drafts)
         self._trim(scheduled, drafts)
         plans: list[_SeqPlan] = []
         undrafted: list[ScheduledSeq] = []
@@ -198,8 +199,9 @@ class SpecDecoder:
             # the full model reads the prompt first: a step that ends it (its last chunk, or a
             # short prompt whole) is a full pass, as is one with a full backlog; otherwise the
             # controller decides, and only its "no" counts as the slim tier bypassed
+            # (a sequence under a grammar verifies against masked full rows only: structured.py)
             eligible = (seq.spec.mode == "three_tier" and len(d) > 0 and seq.full_frontier >= seq.num_prompt
-                        and backlog < cfg.max_slim_backlog)
+                        and backlog < cfg.max_slim_backlog and seq.matcher is None)
             slim = eligible and self.controller.want_slim(seq.controller)
             lookup = drafts.confidence is None or drafts.confidence[i] is None
             span = drafts.spans[i] if lookup and drafts.spans is not None else None
@@ -264,6 +266,21 @@ class SpecDecoder:
                 for p in full_plans]
         idx = torch.cat(rows).to(job.slim_hidden.device)
         return job.slim_hidden[idx, : len(taps) * H].reshape(len(idx), len(taps), H)
+
+    @staticmethod
+    def _fit_grammars(scheduled: list[ScheduledSeq], drafts: DraftBatch) -> None:
+        """A sequence under a grammar keeps the leading drafts the grammar accepts."""
+        if all(s.seq.matcher is None for s in scheduled):
+            return
+        rows, off = [], 0
+        for i, s in enumerate(scheduled):
+            d = drafts.tokens[i]
+            n = s.seq.matcher.validate_tokens(d) if s.seq.matcher is not None and d else len(d)
+            rows.extend(range(off, off + n))
+            off += len(d)
+            drafts.tokens[i] = d[:n]
+        if drafts.draft_probs is not None:
+            drafts.draft_probs = drafts.draft_probs[torch.tensor(rows, dtype=torch.long)]
 
     def _trim(self, scheduled: list[ScheduledSeq], drafts: DraftBatch) -> None:
         """Keep each sequence's leading drafts that pay for their place in the full pass, the
@@ -475,6 +492,14 @@ class SpecDecoder:
             off += len(p.drafts) + 1
         results: dict[int, tuple[list[int], dict]] = {}  # plan index -> (tokens, counts)
         vocab = eng.model.cfg.vocab_size
+        raw_full = full_logits  # logprobs are the model's
+        constrained = [p for p in full_plans if p.sched.seq.matcher is not None]
+        if constrained:  # each row keeps what the grammar allows after the drafts before it
+            full_logits = full_logits.clone()
+            for p in constrained:
+                a, n = full_offsets[p.full_row], len(p.drafts) + 1
+                allowed = eng.grammars.draft_rows(p.sched.seq.matcher, p.drafts, full_logits.shape[-1])
+                full_logits[a:a + n] = full_logits[a:a + n].masked_fill(~allowed.to(full_logits.device), float("-inf"))
         # --- three-tier sequences (ran the slim pass)
         slim_plans = [p for p in plans if p.slim]
         if slim_plans:
@@ -636,7 +661,7 @@ class SpecDecoder:
             r0 = full_offsets[p.full_row] if p.full else job.slim_row_starts[p.slim_row]
             lps = None
             if seq.request.sampling.logprobs is not None:
-                lg = (full_logits if p.full else job.slim_logits)[r0:r0 + m]
+                lg = (raw_full if p.full else job.slim_logits)[r0:r0 + m]
                 lps = [eng.logprobs_for([seq], lg[j:j + 1], torch.tensor([toks[j]], device=lg.device))[0][0] for j in range(m)]
             if self.drafter.wants_hidden:
                 hid = full_hidden if p.full else job.slim_hidden

@@ -7,8 +7,10 @@ gives a bitmask of the tokens that keep the text inside the grammar, and every o
 becomes -inf (the logprobs a request reports stay the model's, as with penalties). After the
 text completes the grammar, the sequence finishes with reason "stop".
 
-Such a request decodes without speculation (as with penalties, each draft position would need
-its own mask): the engine forces its mode to `off`.
+Such a request speculates as any other (`binary`; a three-tier one skips the slim tier, whose
+regenerated tokens would need masks too): its drafts are cut to the longest prefix the grammar
+accepts, and each verification row gets the mask of the grammar after the drafts before it
+(`draft_rows`), so what is accepted is what masked plain decoding would have produced.
 """
 
 from __future__ import annotations
@@ -103,9 +105,26 @@ class GrammarMasks:
         for b in rows:
             llt.fill_next_token_bitmask(seqs[b].matcher, mask, b)
         idx = torch.tensor(rows, dtype=torch.long)
-        # bit j of word w allows token 32 w + j (llguidance's layout); unpacked with plain torch ops
-        # (its own helper compiles a kernel on first use)
-        bits = (mask[idx].unsqueeze(-1) >> self._shifts) & 1
-        allowed = bits.view(len(rows), -1)[:, : logits.shape[-1]].bool().to(logits.device)
+        allowed = self._unpack(mask[idx], logits.shape[-1]).to(logits.device)
         idx = idx.to(logits.device)
         logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+
+    def draft_rows(self, matcher, drafts: list[int], width: int) -> torch.Tensor:
+        """[len(drafts) + 1, width] bool: the tokens the grammar allows after each prefix of
+        `drafts` (which it must accept); the matcher is left where it was."""
+        import llguidance.torch as llt
+
+        n = len(drafts)
+        mask = llt.allocate_token_bitmask(n + 1, self.vocab_size)
+        for j in range(n + 1):
+            llt.fill_next_token_bitmask(matcher, mask, j)
+            if j < n and not matcher.consume_token(drafts[j]):
+                raise AssertionError(f"a draft the grammar refused reached verification: {matcher.get_error()}")
+        matcher.rollback(n)
+        return self._unpack(mask, width)
+
+    def _unpack(self, mask: torch.Tensor, width: int) -> torch.Tensor:
+        """llguidance's bitmask (bit j of word w allows token 32 w + j) as bools, with plain torch
+        ops (its own helper compiles a kernel on first use)."""
+        bits = (mask.unsqueeze(-1) >> self._shifts) & 1
+        return bits.view(mask.shape[0], -1)[:, :width].bool()

@@ -118,7 +118,13 @@ def test_response_format_json_schema_and_json_object(server):
             response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
         assert r.choices[0].finish_reason == "stop"
         follows_person(r.choices[0].message.content)
-        assert r.usage.via_sd["draft_tokens"] == 0  # decoded without speculation
+        # it speculated (the server's three_tier), and gave what plain decoding gives
+        off = client.chat.completions.create(
+            model="smol", messages=msgs, max_tokens=80, temperature=temperature, seed=3,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}},
+            extra_body={"via_sd": {"mode": "off"}})
+        assert off.choices[0].message.content == r.choices[0].message.content
+        assert off.usage.via_sd["draft_tokens"] == 0 < r.usage.via_sd["draft_tokens"]
     r = client.chat.completions.create(model="smol", messages=msgs, max_tokens=120, temperature=0,
                                        response_format={"type": "json_object"})
     assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
