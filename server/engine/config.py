@@ -79,13 +79,14 @@ class SamplingParams:
     # prefix cache and verifies no draft until its prompt is read.
     prompt_logprobs: int | None = None
     # OpenAI's penalties and logit_bias ((token id, bias) pairs), applied to the logits a token is
-    # sampled from (logprobs stay the model's, as vLLM reports them by default). A request with
-    # any of them decodes without speculation: each draft position would need its own counts.
+    # sampled from (logprobs stay the model's, as vLLM reports them by default). Verification
+    # applies them to each draft position with the counts the drafts before it make.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     # the output must follow this grammar (masked logits; logprobs stay the model's); drafts are
-    # cut to what the grammar allows and verified against masked rows (server/engine/structured.py)
+    # cut to what the grammar allows and verified against masked rows (server/engine/structured.py).
+    # A request with any of these verifies against the full model's rows only (no slim tier).
     structured_outputs: StructuredOutputs | None = None
 
     @property
@@ -99,15 +100,11 @@ class SamplingParams:
         return self.greedy and self.logprobs is None and not self.adjusts_logits
 
     @property
-    def penalized(self) -> bool:
-        """Penalties or a logit bias: such a request decodes without speculation."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
-
-    @property
     def adjusts_logits(self) -> bool:
         """Penalties, a logit bias or a structured-output constraint move the logits this request
-        samples from."""
-        return self.penalized or self.structured_outputs is not None
+        samples from (`LLMEngine.adjusted_rows`)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.structured_outputs is not None)
 
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:

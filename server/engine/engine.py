@@ -111,7 +111,7 @@ class LLMEngine:
                 "context_length_exceeded",
             )
         # a sequence that cannot fit in the whole KV cache alone would be preempted for ever
-        speculates = self.config.spec.resolve(spec_req).mode != "off" and not sampling.penalized
+        speculates = self.config.spec.resolve(spec_req).mode != "off"
         lookahead = self.max_lookahead if speculates else 0
         bs = self.cache.block_size
         capacity = self.cache.pool.num_usable * bs
@@ -133,8 +133,8 @@ class LLMEngine:
         sampling, spec_req = request.sampling, request.spec
         n_prompt = len(request.prompt_token_ids)
         spec = self.config.spec.resolve(spec_req)
-        if (spec.num_draft_tokens == 0 or sampling.penalized) and spec.mode != "off":
-            spec = replace(spec, mode="off")  # (penalties: see SamplingParams)
+        if spec.num_draft_tokens == 0 and spec.mode != "off":
+            spec = replace(spec, mode="off")
         matcher = None
         if sampling.structured_outputs is not None:
             try:
@@ -318,8 +318,6 @@ class LLMEngine:
         raw = logits
         if any(s.request.sampling.adjusts_logits for s in seqs):
             logits = self._adjusted(seqs, logits)
-            if any(s.matcher is not None for s in seqs):
-                self.grammars.apply(seqs, logits)
         greedy = all(s.request.sampling.greedy for s in seqs)
         if greedy:
             toks = logits.argmax(-1)
@@ -339,23 +337,41 @@ class LLMEngine:
         lps = self.logprobs_for(seqs, raw, toks)
         return toks.tolist(), lps
 
-    @staticmethod
-    def _adjusted(seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        """The logits with each request's penalties (OpenAI's: minus frequency x the token's count
-        in the output so far, minus presence where it is at least 1) and logit bias added."""
+    def _adjusted(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """The logits (one row per sequence) with each request's penalties, bias and grammar."""
         logits = logits.clone()
-        V = logits.shape[-1]
         for b, seq in enumerate(seqs):
-            sp = seq.request.sampling
-            if not sp.adjusts_logits:
-                continue
-            if (sp.presence_penalty or sp.frequency_penalty) and seq.num_output:
-                counts = torch.bincount(torch.tensor(seq.output_ids, device=logits.device), minlength=V)[:V]
-                logits[b] -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0)
-            if sp.logit_bias:
-                ids = torch.tensor([t for t, _ in sp.logit_bias], device=logits.device)
-                logits[b, ids] += torch.tensor([v for _, v in sp.logit_bias], device=logits.device)
+            if seq.request.sampling.adjusts_logits:
+                logits[b:b + 1] = self.adjusted_rows(seq, [], logits[b:b + 1])
         return logits
+
+    def adjusted_rows(self, seq: Sequence, drafts: list[int], rows: torch.Tensor) -> torch.Tensor:
+        """One sequence's rows [len(drafts) + 1, V] of logits, row j as its request samples from
+        them once `drafts[:j]` are committed: OpenAI's penalties (minus frequency x the token's
+        count in the output, minus presence where it is at least 1), the logit bias added, and
+        the tokens its grammar forbids at -inf. Plain sampling passes no drafts; verification
+        passes the drafts it checks, so that what it accepts is what plain decoding would sample."""
+        sp = seq.request.sampling
+        rows = rows.clone()
+        V, dev = rows.shape[-1], rows.device
+        if sp.presence_penalty or sp.frequency_penalty:
+            ids = torch.tensor(seq.output_ids + drafts, dtype=torch.long, device=dev)
+            counts = torch.zeros(len(drafts) + 1, V, device=dev)
+            if len(ids):
+                # row j counts the output and drafts[:j]: the cumulative sum of one-hot rows
+                steps = torch.zeros(len(ids), V, device=dev).scatter_(1, ids[:, None], 1.0).cumsum(0)
+                n_out = len(seq.output_ids)
+                if n_out:
+                    counts[0] = steps[n_out - 1]
+                counts[1:] = steps[n_out:]
+            rows -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0)
+        if sp.logit_bias:
+            ids = torch.tensor([t for t, _ in sp.logit_bias], device=dev)
+            rows[:, ids] += torch.tensor([v for _, v in sp.logit_bias], device=dev)
+        if seq.matcher is not None:
+            allowed = self.grammars.draft_rows(seq.matcher, drafts, V).to(dev)
+            rows = rows.masked_fill(~allowed, float("-inf"))
+        return rows
 
     def logprobs_for(self, seqs: list[Sequence], logits: torch.Tensor, toks: torch.Tensor):
         """Log-probabilities of the chosen tokens (raw model distribution, as vLLM reports)."""

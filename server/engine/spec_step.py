@@ -199,9 +199,9 @@ class SpecDecoder:
             # the full model reads the prompt first: a step that ends it (its last chunk, or a
             # short prompt whole) is a full pass, as is one with a full backlog; otherwise the
             # controller decides, and only its "no" counts as the slim tier bypassed
-            # (a sequence under a grammar verifies against masked full rows only: structured.py)
+            # (penalties, a bias or a grammar adjust the full model's rows only: `adjusted_rows`)
             eligible = (seq.spec.mode == "three_tier" and len(d) > 0 and seq.full_frontier >= seq.num_prompt
-                        and backlog < cfg.max_slim_backlog and seq.matcher is None)
+                        and backlog < cfg.max_slim_backlog and not seq.request.sampling.adjusts_logits)
             slim = eligible and self.controller.want_slim(seq.controller)
             lookup = drafts.confidence is None or drafts.confidence[i] is None
             span = drafts.spans[i] if lookup and drafts.spans is not None else None
@@ -493,13 +493,12 @@ class SpecDecoder:
         results: dict[int, tuple[list[int], dict]] = {}  # plan index -> (tokens, counts)
         vocab = eng.model.cfg.vocab_size
         raw_full = full_logits  # logprobs are the model's
-        constrained = [p for p in full_plans if p.sched.seq.matcher is not None]
-        if constrained:  # each row keeps what the grammar allows after the drafts before it
+        adjusted = [p for p in full_plans if p.sched.seq.request.sampling.adjusts_logits]
+        if adjusted:  # penalties, bias, grammar: each row as if the drafts before it were committed
             full_logits = full_logits.clone()
-            for p in constrained:
+            for p in adjusted:
                 a, n = full_offsets[p.full_row], len(p.drafts) + 1
-                allowed = eng.grammars.draft_rows(p.sched.seq.matcher, p.drafts, full_logits.shape[-1])
-                full_logits[a:a + n] = full_logits[a:a + n].masked_fill(~allowed.to(full_logits.device), float("-inf"))
+                full_logits[a:a + n] = eng.adjusted_rows(p.sched.seq, p.drafts, full_logits[a:a + n])
         # --- three-tier sequences (ran the slim pass)
         slim_plans = [p for p in plans if p.slim]
         if slim_plans:

@@ -10,7 +10,8 @@ text completes the grammar, the sequence finishes with reason "stop".
 Such a request speculates as any other (`binary`; a three-tier one skips the slim tier, whose
 regenerated tokens would need masks too): its drafts are cut to the longest prefix the grammar
 accepts, and each verification row gets the mask of the grammar after the drafts before it
-(`draft_rows`), so what is accepted is what masked plain decoding would have produced.
+(`draft_rows`, through `LLMEngine.adjusted_rows`), so what is accepted is what masked plain
+decoding would have produced.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import torch
 from server.engine.config import ConfigError, StructuredOutputs
 
 if TYPE_CHECKING:
-    from server.engine.sequence import Sequence
     from server.engine.tokenizer import Tokenizer
 
 
@@ -73,7 +73,6 @@ class GrammarMasks:
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._ll = None
-        self._bitmask: torch.Tensor | None = None
         self._shifts = torch.arange(32, dtype=torch.int32)
 
     @property
@@ -93,21 +92,6 @@ class GrammarMasks:
             raise ConfigError(f"the {so.kind} constraint does not compile: {m.get_error()}",
                               f"structured_outputs.{so.kind}")
         return m
-
-    def apply(self, seqs: list["Sequence"], logits: torch.Tensor) -> None:
-        """In place: each constrained sequence's row keeps only the tokens its grammar allows next."""
-        import llguidance.torch as llt
-
-        rows = [b for b, s in enumerate(seqs) if s.matcher is not None]
-        if self._bitmask is None or self._bitmask.shape[0] < len(seqs):
-            self._bitmask = llt.allocate_token_bitmask(max(len(seqs), 8), self.vocab_size)
-        mask = self._bitmask
-        for b in rows:
-            llt.fill_next_token_bitmask(seqs[b].matcher, mask, b)
-        idx = torch.tensor(rows, dtype=torch.long)
-        allowed = self._unpack(mask[idx], logits.shape[-1]).to(logits.device)
-        idx = idx.to(logits.device)
-        logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
 
     def draft_rows(self, matcher, drafts: list[int], width: int) -> torch.Tensor:
         """[len(drafts) + 1, width] bool: the tokens the grammar allows after each prefix of

@@ -92,6 +92,28 @@ def test_logprobs_match_the_model(tiny_model_dir):
         assert abs(lp.top[0][1] - lp.logprob) < 1e-5 and len(lp.top) == 3 and lp.logprob <= 0
 
 
+@pytest.mark.parametrize("mode", ["binary", "three_tier"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_speculating_with_penalties_gives_what_plain_decoding_with_them_gives(tiny_model_dir, mode, temperature):
+    """Verification applies the penalties at each draft position with the counts the drafts
+    before it make: the tokens equal `off`'s, greedy and seeded, while drafts are verified (every
+    draft: on the random model the adaptive length would verify few of the sampled ones)."""
+    eng = make_engine(tiny_model_dir, spec={"mode": mode, "adaptive_draft": False})
+
+    def reqs(m):
+        return [GenerationRequest(f"{m}{i}", tuple(p), SamplingParams(
+            max_tokens=40, temperature=temperature, seed=i, ignore_eos=True, presence_penalty=0.2,
+            frequency_penalty=0.3 * (i % 3), logit_bias=((65, 1.5),) if i % 2 else ()), SpecParams(mode=m))
+            for i, p in enumerate(PROMPTS)]
+
+    off = generate_checked(eng, reqs("off"))
+    spec = generate_checked(eng, reqs(mode))
+    assert [r.token_ids for r in spec] == [r.token_ids for r in off]
+    assert sum(r.via_sd.draft_tokens for r in spec) > 0
+    if temperature == 0.0:  # (sampled from the random model, drafts are refused: the rows still decide)
+        assert sum(r.via_sd.accepted for r in spec) > 0
+
+
 @pytest.mark.parametrize("bad,param", [
     (dict(prompt=()), "prompt"),
     (dict(max_tokens=0), "max_tokens"),
@@ -208,8 +230,8 @@ def _hf_penalized_greedy(model_dir, prompt, n, presence, frequency, bias=()):
     return out
 
 
-@pytest.mark.parametrize("mode", ["off", "three_tier"])
-def test_penalties_and_logit_bias_follow_openais_rule_and_turn_speculation_off(tiny_model_dir, reference, mode):
+@pytest.mark.parametrize("mode", ["off", "binary", "three_tier"])
+def test_penalties_and_logit_bias_follow_openais_rule_with_or_without_speculation(tiny_model_dir, reference, mode):
     eng = make_engine(tiny_model_dir, spec={"mode": mode})
     p = PROMPTS[1]
     bias = ((reference[1][0], -5.0), (65, 2.0))
@@ -219,7 +241,7 @@ def test_penalties_and_logit_bias_follow_openais_rule_and_turn_speculation_off(t
         max_tokens=20, temperature=0.0, ignore_eos=True, presence_penalty=0.5, frequency_penalty=1.5,
         logit_bias=bias, logprobs=0), SpecParams(mode=mode))])
     assert r.token_ids == want
-    assert r.via_sd.draft_tokens == 0  # decoded plainly
+    assert r.via_sd.slim_passes == 0  # adjusted logits come from the full model's rows
     # logprobs stay the model's: the chosen token's raw logprob, which the bias does not move
     (plain,) = generate_checked(eng, greedy_requests([p], 1, ignore_eos=True, logprobs=0, prefix="q"))
     (biased,) = generate_checked(eng, [GenerationRequest("b", tuple(p), SamplingParams(
