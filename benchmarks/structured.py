@@ -9,6 +9,10 @@ tokens/s (wall time of the request, prompt included), mean accepted tokens per s
 identical to `off`, outputs that parse and follow the schema, mean output tokens.
 
     python benchmarks/structured.py --limit 10 --max-tokens 128 --out benchmarks/results/structured.json
+
+`--no-schema` sends the same prompts unconstrained (what speculation buys on them anyway), and
+`--frequency-penalty` / `--presence-penalty` add OpenAI's penalties (which verification applies
+per draft position).
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=10, help="prompts per task")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--modes", default="off,binary,three_tier")
+    ap.add_argument("--no-schema", action="store_true", help="the same prompts without a constraint")
+    ap.add_argument("--frequency-penalty", type=float, default=0.0)
+    ap.add_argument("--presence-penalty", type=float, default=0.0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -80,12 +87,13 @@ def main() -> None:
     rows = {m: [] for m in modes}
     for i, (task, schema, text) in enumerate(items):
         ids = tuple(tok.apply_chat_template([{"role": "user", "content": text}]))
-        so = StructuredOutputs(json=json.dumps(schema))
+        so = None if args.no_schema else StructuredOutputs(json=json.dumps(schema))
         order = modes[i % len(modes):] + modes[: i % len(modes)]
         for m in order:
             t0 = time.perf_counter()
             (r,) = engine.generate([GenerationRequest(f"{m}{i}", ids, SamplingParams(
-                max_tokens=args.max_tokens, temperature=0.0, structured_outputs=so), SpecParams(mode=m))])
+                max_tokens=args.max_tokens, temperature=0.0, structured_outputs=so,
+                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty), SpecParams(mode=m))])
             dt = time.perf_counter() - t0
             rows[m].append({"task": task, "tokens": len(r.token_ids), "seconds": dt, "text": r.text,
                             "steps": r.via_sd.steps or len(r.token_ids), "accepted": r.via_sd.accepted,

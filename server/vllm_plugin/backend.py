@@ -98,10 +98,6 @@ def engine_kwargs(config: EngineConfig, folder: Path, max_model_len: int, schedu
         pipeline_parallel_size=config.pipeline_parallel_size,
         enable_prefix_caching=config.enable_prefix_caching,
     )
-    from vllm.config import StructuredOutputsConfig
-
-    # the embedded engine's library (llguidance): the same grammars (Lark) and the same masks
-    kw["structured_outputs_config"] = StructuredOutputsConfig(backend="guidance")
     if s.mode != "off":
         from vllm.platforms import current_platform
 
@@ -234,7 +230,11 @@ class VLLMAsyncEngine(AsyncEngineClient):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from vllm.config import StructuredOutputsConfig
+
         kw = engine_kwargs(self.config, self.folder, self.max_model_len, self.schedule)
+        # the embedded engine's library (llguidance): the same grammars (Lark) and the same masks
+        kw["structured_outputs_config"] = StructuredOutputsConfig(backend="guidance")
         self._uses_plugin = "worker_cls" in kw
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw), stat_loggers=[_StatLogger(self)])
         self._ready = True
