@@ -355,15 +355,13 @@ class LLMEngine:
         rows = rows.clone()
         V, dev = rows.shape[-1], rows.device
         if sp.presence_penalty or sp.frequency_penalty:
-            ids = torch.tensor(seq.output_ids + drafts, dtype=torch.long, device=dev)
-            counts = torch.zeros(len(drafts) + 1, V, device=dev)
-            if len(ids):
-                # row j counts the output and drafts[:j]: the cumulative sum of one-hot rows
-                steps = torch.zeros(len(ids), V, device=dev).scatter_(1, ids[:, None], 1.0).cumsum(0)
-                n_out = len(seq.output_ids)
-                if n_out:
-                    counts[0] = steps[n_out - 1]
-                counts[1:] = steps[n_out:]
+            # row j counts the output and drafts[:j]
+            counts = torch.zeros(V, device=dev)
+            if seq.num_output:
+                counts += torch.bincount(torch.tensor(seq.output_ids, device=dev), minlength=V)[:V]
+            counts = counts.expand(len(drafts) + 1, V).clone()
+            for j, d in enumerate(drafts):
+                counts[j + 1:, d] += 1
             rows -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0)
         if sp.logit_bias:
             ids = torch.tensor([t for t, _ in sp.logit_bias], device=dev)
