@@ -218,3 +218,16 @@ def test_tool_choice_required_returns_calls_among_the_tools_and_a_conversation_g
     assert r.choices[0].message.content and not r.choices[0].message.tool_calls
     stats = engine.stats()
     assert stats.requests_running == 0 and stats.kv_cache_usage == 0.0
+
+
+@pytest.mark.real_model
+def test_penalties_and_a_bias_speculate_and_give_what_plain_decoding_gives(server):
+    client, engine = server
+    msgs = [{"role": "user", "content": "Write the days of the week, one per line, then write them again."}]
+    kw = dict(model="smol", messages=msgs, max_tokens=60, temperature=0, frequency_penalty=0.3,
+              presence_penalty=0.2, logit_bias={"28": -2})
+    spec = client.chat.completions.create(**kw)
+    off = client.chat.completions.create(**kw, extra_body={"via_sd": {"mode": "off"}})
+    assert spec.choices[0].message.content == off.choices[0].message.content
+    assert spec.usage.via_sd["draft_tokens"] > 0 and spec.usage.via_sd["accepted"] > 0
+    assert off.usage.via_sd["draft_tokens"] == 0
