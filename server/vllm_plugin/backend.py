@@ -127,7 +127,6 @@ def to_vllm_sampling(sp: SamplingParams, spec_extra: dict, logprobs: int | None)
         structured = StructuredOutputsParams(
             json=so.json, regex=so.regex, choice=None if so.choice is None else list(so.choice), grammar=so.grammar,
             json_object=True if so.json_object else None, disable_any_whitespace=so.disable_any_whitespace)
-        spec_extra = {**spec_extra, "mode": "off"}  # as in the embedded engine: no drafts under a grammar
 
     return VSP(
         n=1,

@@ -349,6 +349,10 @@ class ViaSDRunnerMixin:
             # no three-tier request has drafts this step; `binary` requests are not the slim
             # tier bypassed (the plugin has no controller: `controller_slim_off` stays 0)
             return None
+        if self.via_sd.schedule == "skip" and getattr(self._vs_sched, "has_structured_output_requests", False):
+            # a grammar in the batch: no row may skip the full forward (`_slim_rows`), so the slim
+            # pass could decide nothing; vLLM verifies the drafts under the grammar's masks
+            return None
 
         n_tok = self._vs_sched.total_num_scheduled_tokens
         hidden = slim_forward(self.model, input_ids[:n_tok], positions[:n_tok], self._vs_route)  # [n_tok, H]

@@ -209,6 +209,13 @@ def test_structured_outputs_and_a_forced_tool_call_on_vllm(server):
                                   response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": person}})
     value = json.loads(r.choices[0].message.content)
     assert r.choices[0].finish_reason == "stop" and set(value) == {"name", "age"}
+    # drafts are verified under the grammar (vLLM's masks on every row; the plugin keeps such a
+    # batch off the slim tier) and the text is plain decoding's
+    off = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=80, temperature=0,
+                                    response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": person}},
+                                    extra_body={"via_sd": {"mode": "off"}})
+    assert off.choices[0].message.content == r.choices[0].message.content
+    assert r.usage.via_sd["draft_tokens"] > 0 and r.usage.via_sd["slim_passes"] == 0
     for so, ok in [({"choice": ["yes", "no"]}, lambda t: t in ("yes", "no")),
                    ({"regex": "[A-Z][a-z]+ [0-9]{4}"}, lambda t: re.fullmatch("[A-Z][a-z]+ [0-9]{4}", t)),
                    ({"grammar": 'start: answer "."\nanswer: "Yes" | "No"'}, lambda t: t in ("Yes.", "No."))]:
