@@ -40,15 +40,18 @@ class StructuredOutputs:
     # JSON without whitespace between tokens (vLLM's option): a small model cannot loop on spaces
     disable_any_whitespace: bool = False
 
+    def _given(self) -> list[str]:
+        """The constraint fields that are set, in the order `kind` prefers them."""
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        return given + (["json_object"] if self.json_object else [])
+
     @property
     def kind(self) -> str:
         """The field that is set (the first one, before `validate`)."""
-        return next((k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None),
-                    "json_object")
+        return next(iter(self._given()), "json_object")
 
     def validate(self) -> "StructuredOutputs":
-        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
-        given += ["json_object"] if self.json_object else []
+        given = self._given()
         if len(given) != 1:
             raise ConfigError("structured_outputs takes exactly one of json, json_object, regex, choice, grammar; "
                               f"got {', '.join(given) or 'none'}", "structured_outputs")

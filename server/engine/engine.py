@@ -356,9 +356,8 @@ class LLMEngine:
         V, dev = rows.shape[-1], rows.device
         if sp.presence_penalty or sp.frequency_penalty:
             # row j counts the output and drafts[:j]
-            counts = torch.zeros(V, device=dev)
-            if seq.num_output:
-                counts += torch.bincount(torch.tensor(seq.output_ids, device=dev), minlength=V)[:V]
+            out = torch.tensor(seq.output_ids, dtype=torch.long, device=dev)
+            counts = torch.bincount(out, minlength=V)[:V].to(rows.dtype)
             counts = counts.expand(len(drafts) + 1, V).clone()
             for j, d in enumerate(drafts):
                 counts[j + 1:, d] += 1
