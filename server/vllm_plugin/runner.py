@@ -349,9 +349,9 @@ class ViaSDRunnerMixin:
             # no three-tier request has drafts this step; `binary` requests are not the slim
             # tier bypassed (the plugin has no controller: `controller_slim_off` stays 0)
             return None
-        if self.via_sd.schedule == "skip" and getattr(self._vs_sched, "has_structured_output_requests", False):
-            # a grammar in the batch: no row may skip the full forward (`_slim_rows`), so the slim
-            # pass could decide nothing; vLLM verifies the drafts under the grammar's masks
+        if self.via_sd.schedule == "skip" and not self._batch_allows_slim():
+            # sampling, logprobs, penalties or a grammar in the batch: no row may skip the full
+            # forward, so the slim pass could decide nothing; vLLM verifies the drafts
             return None
 
         n_tok = self._vs_sched.total_num_scheduled_tokens
@@ -397,12 +397,7 @@ class ViaSDRunnerMixin:
     def _slim_rows(self, req_ids, num_draft, slim_on, needs_full) -> list[int]:
         """Batch rows that may emit the gate's tokens without the full forward (empty when the
         batch as a whole does not allow it: sampling, logprobs, penalties, grammars)."""
-        sm = self.input_batch.sampling_metadata
-        if not sm.all_greedy or sm.max_num_logprobs is not None or not sm.no_penalties:
-            return []
-        if getattr(self._vs_sched, "has_structured_output_requests", False):
-            return []
-        if len(self.kv_cache_config.kv_cache_groups) != 1:
+        if not self._batch_allows_slim():
             return []
         sched = self._vs_sched.num_scheduled_tokens
         nc = self.input_batch.num_computed_tokens_cpu
@@ -417,6 +412,17 @@ class ViaSDRunnerMixin:
         if not self.via_sd.sub_batch and len(rows) != len(req_ids):
             return []
         return rows
+
+    def _batch_allows_slim(self) -> bool:
+        """Whether any row of this batch may take the gate's tokens instead of the full model's:
+        only in an all-greedy batch without logprobs, penalties or grammars (whose tokens the
+        full model's adjusted logits decide), over one KV-cache group."""
+        sm = self.input_batch.sampling_metadata
+        if not sm.all_greedy or sm.max_num_logprobs is not None or not sm.no_penalties:
+            return False
+        if getattr(self._vs_sched, "has_structured_output_requests", False):
+            return False
+        return len(self.kv_cache_config.kv_cache_groups) == 1
 
     def _emit_slim(self, plan: _StepPlan):
         from vllm.v1.outputs import SamplerOutput

@@ -193,6 +193,23 @@ def test_penalties_reach_vllm_and_logit_bias_is_a_400_there(server):
     wait_idle(url, engine)
 
 
+@pytest.mark.parametrize("extra", [{"temperature": 0.8, "seed": 7}, {"logprobs": 2}, {"presence_penalty": 0.5}],
+                         ids=["sampled", "logprobs", "penalty"])
+def test_batches_the_slim_tier_cannot_decide_run_no_slim_pass(server, extra):
+    """Such a request speculates (vLLM verifies its drafts) but the plugin spends no slim pass
+    on it: no row of its batch may take the gate's tokens, so the slim pass would decide nothing."""
+    url, engine = server
+    body = {"model": MODEL, "prompt": "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox",
+            "max_tokens": 24, "temperature": 0, "via_sd": {"mode": "three_tier"}}
+    r = httpx.post(url + "/v1/completions", json={**body, **extra}, timeout=120)
+    assert r.status_code == 200, r.text
+    u = r.json()["usage"]["via_sd"]
+    assert u["draft_tokens"] > 0 and u["slim_passes"] == 0, u
+    greedy = httpx.post(url + "/v1/completions", json=body, timeout=120).json()["usage"]["via_sd"]
+    assert greedy["slim_passes"] > 0, greedy  # the same prompt alone and greedy does use the slim tier
+    wait_idle(url, engine)
+
+
 def test_structured_outputs_and_a_forced_tool_call_on_vllm(server):
     """vLLM applies the constraint (its guidance backend, the embedded engine's library) with the
     plugin drafting nothing for such a request; the gateway shapes the tool call the same way."""
