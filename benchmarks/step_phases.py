@@ -8,7 +8,8 @@ each, `ignore_eos`), after a warm-up round. Prints, per number of draft tokens l
 trimming ("plain" for `off`), the steps' count, median and mean time and tokens committed per
 step, and decoding's tokens/s (the steps that end a prompt left out). A third round times the
 phases (drafting, the speculative step's bookkeeping before and after the pass, the pass, plain
-sampling, the drafter's observe) in milliseconds per step, every step counted.
+sampling, the drafter's observe) in milliseconds per step, every step counted, and the median
+one-sequence pass by the tokens in it (the verification pass's cost per draft token).
 """
 
 from __future__ import annotations
@@ -108,12 +109,29 @@ def main() -> None:
         timed(eng.spec, "begin", "begin (drafting included)")
         timed(eng.spec, "finish", "after the pass")
     timed(eng.runner, "forward", "pass")
+    by_size = collections.defaultdict(list)  # one-sequence passes: tokens in the pass -> seconds
+    fwd = eng.runner.forward
+
+    @functools.wraps(fwd)
+    def sized(chunks, *a, **k):
+        t = time.perf_counter()
+        r = fwd(chunks, *a, **k)
+        if len(chunks) == 1:
+            by_size[len(chunks[0].token_ids)].append(time.perf_counter() - t)
+        return r
+
+    eng.runner.forward = sized
     timed(eng, "_sample", "plain sampling")
     t0 = time.perf_counter()
     run("x", False)
     total = time.perf_counter() - t0
     steps = calls["pass"]
     print("  ms per step:", {k: round(v / steps * 1e3, 3) for k, v in spent.items()}, "step", round(total / steps * 1e3, 2))
+    one = statistics.median(by_size[1]) if by_size[1] else None
+    for n in sorted(k for k in by_size if k <= 16 and len(by_size[k]) >= 5):
+        med = statistics.median(by_size[n])
+        rel = f"  {med / one:.2f}x one token" if one else ""
+        print(f"  pass over {n:2d} tokens: {len(by_size[n]):5d} passes  median {med * 1e3:6.2f} ms{rel}")
 
 
 if __name__ == "__main__":
