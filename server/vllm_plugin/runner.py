@@ -395,10 +395,8 @@ class ViaSDRunnerMixin:
         return plan
 
     def _slim_rows(self, req_ids, num_draft, slim_on, needs_full) -> list[int]:
-        """Batch rows that may emit the gate's tokens without the full forward (empty when the
-        batch as a whole does not allow it: sampling, logprobs, penalties, grammars)."""
-        if not self._batch_allows_slim():
-            return []
+        """Batch rows that may emit the gate's tokens without the full forward. Called for the
+        `skip` schedule only, after `_slim_and_gate` checked `_batch_allows_slim`."""
         sched = self._vs_sched.num_scheduled_tokens
         nc = self.input_batch.num_computed_tokens_cpu
         rows = []
