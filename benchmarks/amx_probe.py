@@ -85,22 +85,20 @@ def main() -> None:
     print(f"largest error / sum of |terms|: fp32 kernel {worst['fp32 kernel']:.2e}, amx {worst['amx']:.2e}; "
           f"amx rows independent of the pass's size: {invariant}")
 
-    def fwd_fp32(xs):
-        for q, d, m, blocks, tiles, dm in mats:
-            k.skinny_linear(xs[q.shape[1]], blocks)
+    kernels = {"fp32": lambda x, mat: k.skinny_linear(x, mat[3]), "amx": lambda x, mat: amx.linear(x, mat[4], mat[5])}
 
-    def fwd_amx(xs):
-        for q, d, m, blocks, tiles, dm in mats:
-            amx.linear(xs[q.shape[1]], tiles, dm)
+    def forward(name, xs):  # a forward's layer matrices, one kernel
+        for mat in mats:
+            kernels[name](xs[mat[0].shape[1]], mat)
 
     print(f"{'tokens':>6} {'fp32 kernel ms':>15} {'amx ms':>8} {'amx / fp32':>10}")
     for M in [int(t) for t in args.tokens.split(",")]:
         xs = [{K: torch.randn(M, K, generator=g) for K in (576, 1536)} for _ in range(2)]
         times = {"fp32": [], "amx": []}
         for r in range(args.reps + 1):
-            for name, f in (("fp32", fwd_fp32), ("amx", fwd_amx)) if r % 2 == 0 else (("amx", fwd_amx), ("fp32", fwd_fp32)):
+            for name in ("fp32", "amx") if r % 2 == 0 else ("amx", "fp32"):
                 t0 = time.perf_counter()
-                f(xs[r % 2])
+                forward(name, xs[r % 2])
                 if r:
                     times[name].append((time.perf_counter() - t0) * 1e3)
         a, b = statistics.median(times["fp32"]), statistics.median(times["amx"])
