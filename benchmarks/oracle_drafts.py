@@ -22,7 +22,6 @@ import argparse
 import json
 import platform
 import random
-import statistics
 import subprocess
 import time
 from pathlib import Path
