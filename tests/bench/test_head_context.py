@@ -3,7 +3,6 @@ chained evaluation against the drafting loop's."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,17 +10,14 @@ import pytest
 import torch
 
 from server.engine.drafters import train_head as th
+from tests.bench import load_script
 from server.engine.drafters.head import DraftHead
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "head_context.py"
 
 
 @pytest.fixture(scope="module")
 def hc():
-    spec = importlib.util.spec_from_file_location("head_context", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("head_context")
 
 
 @pytest.fixture(scope="module")

@@ -3,27 +3,22 @@ must draft the answer at the acceptance it is given and leave the output `off`'s
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
 from server.engine.api import GenerationRequest
 from server.engine.config import SamplingParams, SpecParams
+from tests.bench import load_script
 from tests.engine.helpers import assert_pool_full, greedy_requests, make_engine
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "oracle_drafts.py"
 PROMPTS = [list(b"count to nine"), list(b"hello there, tiny model"), list(b"x" * 30)]
 MAX_TOKENS = 25
 
 
 @pytest.fixture(scope="module")
 def od():
-    spec = importlib.util.spec_from_file_location("oracle_drafts", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("oracle_drafts")
 
 
 @pytest.fixture(scope="module")
