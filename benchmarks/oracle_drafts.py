@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from server.bench.cli import git_state, machine_info
 from server.bench.prompts import SPEC_BENCH_TASKS, read_questions, select_prompts
 from server.engine.api import GenerationRequest
 from server.engine.config import EngineConfig, SamplingParams, SpecConfig, SpecParams
@@ -64,14 +63,6 @@ class OracleDrafter(Drafter):
             self.proposed += len(draft)
             out.append(draft)
         return DraftBatch(out)
-
-
-def machine() -> str:
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor()
-    return f"{name}, {torch.get_num_threads()} threads, {platform.platform()}"
 
 
 def main() -> None:
@@ -163,12 +154,8 @@ def main() -> None:
               f"{t['decode_speedup']:6.2f} {t['tokens_per_step'] or 1.0:6.2f} {t['drafts_right'] if t['drafts_right'] is not None else '-':>6} "
               f"{t['identical_to_off']:>6s}")
     if args.out:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            commit = ""
         Path(args.out).write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "commit": commit,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(args.threads), "git": git_state(),
             "command": "python benchmarks/oracle_drafts.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
             "prompts": len(prompts), "max_tokens": args.max_tokens, "rows": table}, indent=1) + "\n")

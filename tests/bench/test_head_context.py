@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from server.engine.drafters import train_head as th
-from tests.bench import load_script
 from server.engine.drafters.head import DraftHead
-
+from tests.bench import load_script
 
 
 @pytest.fixture(scope="module")
