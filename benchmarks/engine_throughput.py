@@ -24,17 +24,17 @@ from pathlib import Path
 
 import torch
 
+from server.bench.prompts import SPEC_BENCH_FILE
 from server.engine.api import GenerationRequest
 from server.engine.config import KV_CACHE_DTYPES, EngineConfig, SamplingParams, SpecConfig, SpecParams
 from server.engine.engine import LLMEngine
 from server.engine.model_files import prepare_model
 
-SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
 def prompts(tok, n: int) -> list[list[int]]:
     out = []
-    with open(SPEC_BENCH) as f:
+    with open(SPEC_BENCH_FILE) as f:
         for line in f:
             q = json.loads(line)
             ids = tok.apply_chat_template([{"role": "user", "content": q["turns"][0]}])
@@ -119,7 +119,7 @@ def prefill(args) -> None:
     torch.set_num_threads(args.threads)
     folder = prepare_model(None, progress=False)
     eng = LLMEngine(EngineConfig(model=str(folder), spec=SpecConfig(mode="off"), enable_prefix_caching=False))
-    with open(SPEC_BENCH) as f:
+    with open(SPEC_BENCH_FILE) as f:
         qs = [json.loads(line) for line in f][::8][: args.prefill]
     ps = [eng.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}]) for q in qs]
 

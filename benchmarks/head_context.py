@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from server.bench.prompts import SPEC_BENCH_FILE  # noqa: E402
 from server.engine.drafters import head as hd  # noqa: E402
 from server.engine.drafters import train_head as th  # noqa: E402
 from server.engine.drafters.head import DraftHead  # noqa: E402
@@ -343,8 +343,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=str(Path.home() / ".cache" / "via-sd" / "head-context-data.pt"))
-    p.add_argument("--spec-bench", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-                                             / "spec_bench" / "question.jsonl"))
+    p.add_argument("--spec-bench", default=str(SPEC_BENCH_FILE))
     p.add_argument("--limit-per-category", type=int, default=10)
     p.add_argument("--prompt-file", default=None,
                    help="train on the instructions of this JSONL ({id, category, prompt}) instead of the builtin set; "

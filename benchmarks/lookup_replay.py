@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from server.bench.prompts import SPEC_BENCH_FILE  # noqa: E402
+
 
 def local_matches(ids: list[int], n_min: int, n_max: int, k: int, branches: int) -> tuple[list[list[int]], int]:
     """Continuations (up to k tokens) of the latest earlier occurrences of the longest suffix
@@ -88,8 +90,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--outputs", default="benchmarks/results/make_bench_7fff005.outputs.jsonl")
     p.add_argument("--run", default="off", help="whose answers to replay (a row of the outputs file)")
-    p.add_argument("--prompts", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-                                            / "spec_bench" / "question.jsonl"))
+    p.add_argument("--prompts", default=str(SPEC_BENCH_FILE))
     p.add_argument("--gamma", type=int, default=5)
     p.add_argument("--out", default=None, help="also write the figures as JSON")
     args = p.parse_args()

@@ -27,14 +27,13 @@ from pathlib import Path
 import torch
 
 from server.bench.cli import git_state, machine_info
-from server.bench.prompts import SPEC_BENCH_TASKS, read_questions, select_prompts
+from server.bench.prompts import SPEC_BENCH_FILE, SPEC_BENCH_TASKS, read_questions, select_prompts
 from server.engine.api import GenerationRequest
 from server.engine.config import EngineConfig, SamplingParams, SpecConfig, SpecParams
 from server.engine.drafters.base import Drafter, DraftBatch
 from server.engine.engine import LLMEngine
 from server.engine.model_files import prepare_model
 
-SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
 class OracleDrafter(Drafter):
@@ -86,7 +85,7 @@ def main() -> None:
     # the benchmark's prompts: the first `--per-category` of each Spec-Bench task, first turn, chat template
     prompts = [(f"q{p.question_id}", p.category, tuple(eng.tokenizer.apply_chat_template(
                     [{"role": "user", "content": p.text}])))
-               for p in select_prompts(read_questions(SPEC_BENCH), list(SPEC_BENCH_TASKS), args.per_category)]
+               for p in select_prompts(read_questions(SPEC_BENCH_FILE), list(SPEC_BENCH_TASKS), args.per_category)]
 
     def generate(rid: str, ids: tuple[int, ...], mode: str) -> tuple[list[int], float, float, int, int]:
         """One request alone: its output, its seconds in all and after the prompt's last step,

@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 from server.bench.cli import machine_info
+from server.bench.prompts import SPEC_BENCH_FILE
 from server.engine.api import GenerationRequest
 from server.engine.config import EngineConfig, SamplingParams, SpecConfig, SpecParams
 from server.engine.engine import LLMEngine
 from server.engine.model_files import prepare_model
 
-SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
 def conversations(path: Path, n: int) -> list[list[str]]:
@@ -64,7 +64,7 @@ def main() -> int:
     ap.add_argument("--mode", default="off")
     ap.add_argument("--drafter", default="hybrid")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompts", default=str(SPEC_BENCH))
+    ap.add_argument("--prompts", default=str(SPEC_BENCH_FILE))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     folder = prepare_model()

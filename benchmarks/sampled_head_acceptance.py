@@ -32,16 +32,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from server.bench.prompts import SPEC_BENCH_FILE
 from server.engine.drafters.head import DraftHead, shipped_head_path
 from server.engine.drafters.train_head import collect, pad_answers, unrolled_outputs
 from server.engine.model_files import prepare_model
 
-SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 CATEGORIES = ("translation", "summarization", "qa", "math_reasoning", "rag")  # Spec-Bench's own names
 
 
 def spec_bench_prompts(per_category: int) -> list[dict]:
-    qs = [json.loads(line) for line in open(SPEC_BENCH)]
+    qs = [json.loads(line) for line in open(SPEC_BENCH_FILE)]
     out = []
     for c in CATEGORIES:
         for q in [q for q in qs if q["category"] == c][:per_category]:

@@ -20,16 +20,15 @@ import functools
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from server.bench.prompts import SPEC_BENCH_FILE
 from server.engine.api import GenerationRequest
 from server.engine.config import EngineConfig, SamplingParams, SpecConfig, SpecParams
 from server.engine.engine import LLMEngine
 from server.engine.model_files import prepare_model
 
-SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
 def main() -> None:
@@ -45,7 +44,7 @@ def main() -> None:
     mode = args.mode
     eng = LLMEngine(EngineConfig(model=str(prepare_model(None, progress=False)),
                                  spec=SpecConfig(mode=mode, drafter=args.drafter)))
-    qs = [json.loads(line) for line in open(SPEC_BENCH)]
+    qs = [json.loads(line) for line in open(SPEC_BENCH_FILE)]
     ps = [eng.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}])
           for q in qs[::10][: args.prompts]]
     last: dict[str, object] = {"n": None}

@@ -10,8 +10,12 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from server.engine.config import DRAFTERS, SPEC_MODES
+
+if TYPE_CHECKING:
+    from server.engine.config import EngineConfig
 
 
 def _die(msg: str, code: int = 2) -> int:

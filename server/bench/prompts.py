@@ -14,6 +14,9 @@ from pathlib import Path
 
 MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 SPEC_BENCH_TASKS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
+# Where a checkout finds Spec-Bench: `shared/data/spec_bench/` beside the repository (DESIGN.md);
+# the benchmark scripts and the tests read it from here, `via-sd bench` takes `--prompts`.
+SPEC_BENCH_FILE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
 class PromptFileError(ValueError):

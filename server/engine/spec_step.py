@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from server.engine.api import SpecUsage, TokenLogprob
+from server.engine.api import TokenLogprob
 from server.engine.controller import SlimController
 from server.engine.draft_length import AcceptanceEstimate, LookupAcceptance, best_length, best_lengths, prior_relative
 from server.engine.drafters import DraftBatch, make_drafter

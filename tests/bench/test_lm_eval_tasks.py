@@ -13,7 +13,6 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC_BENCH = ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
 def test_task_files_name_their_data_and_the_reference_numbers(tmp_path):

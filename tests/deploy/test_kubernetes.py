@@ -8,7 +8,6 @@ and the autoscaler's metric and the prometheus-adapter rule."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml

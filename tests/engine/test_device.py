@@ -96,7 +96,6 @@ def test_train_head_on_cuda_collects_the_cpu_answers_and_saves_a_host_head(tiny_
     """`via-sd train-head --device cuda`: the greedy answers are the CPU's tokens, the features
     land on the host, training runs on the GPU, and the saved head drafts on the host as it does
     on the GPU."""
-    import json
     from pathlib import Path
 
     from server.engine.drafters.head import DraftHead, draft, pack_windows
@@ -137,7 +136,6 @@ def test_gpu_head_benchmark_runs_on_the_cpu(tmp_path):
     """`benchmarks/gpu_head.py --device cpu --presets tiny`: the GPU script's smoke test, every
     stage measured and scaled to the shipped recipe."""
     import importlib.util
-    import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_head.py"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from server.bench.prompts import SPEC_BENCH_FILE
 from server.engine.api import GenerationRequest
 from server.engine.config import EngineConfig, SamplingParams, SpecConfig, SpecParams
 import server.engine.drafters.head as head_mod
@@ -455,7 +456,6 @@ def test_walk_steps_through_an_answer_as_the_engine_does():
 
 
 # ------------------------------------------------------------------ training prompts
-SPEC_BENCH = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
 def test_builtin_prompts_are_deterministic_unique_and_not_spec_bench():
@@ -468,8 +468,8 @@ def test_builtin_prompts_are_deterministic_unique_and_not_spec_bench():
     assert len(first) == 1544 and a[:1544] == first  # `--limit-prompts 1544` is the first set alone
     second = {r["prompt"] for r in a[1544:]}
     assert len(second) == len(a) - 1544 > 1000 and not second & {r["prompt"] for r in first}
-    if SPEC_BENCH.exists():
-        questions = {t for line in SPEC_BENCH.read_text().splitlines() if line.strip()
+    if SPEC_BENCH_FILE.exists():
+        questions = {t for line in SPEC_BENCH_FILE.read_text().splitlines() if line.strip()
                      for t in json.loads(line)["turns"]}
         assert not questions & {r["prompt"] for r in a}
 
@@ -498,8 +498,8 @@ def test_third_prompts_are_new_deterministic_and_named_sets_join():
     assert len({r["prompt"] for r in a}) == len(a)
     builtin = builtin_prompts(0)
     assert not {r["prompt"] for r in a} & {r["prompt"] for r in builtin}  # new instructions, not the shipped ones
-    if SPEC_BENCH.exists():
-        questions = {t for line in SPEC_BENCH.read_text().splitlines() if line.strip()
+    if SPEC_BENCH_FILE.exists():
+        questions = {t for line in SPEC_BENCH_FILE.read_text().splitlines() if line.strip()
                      for t in json.loads(line)["turns"]}
         assert not questions & {r["prompt"] for r in a}
     assert named_prompts("third", 0) == a and named_prompts("builtin", 0) == builtin
@@ -529,8 +529,8 @@ def test_paper_prompts_are_deterministic_passages_of_the_aclsum_papers():
     found = [[i for i, p in enumerate(texts) if p in r["prompt"]] for r in a[::72][:40]]
     assert all(len(f) == 1 for f in found) and len({f[0] for f in found}) == len(found)
     assert {r["category"] for r in a} == {"summarization", "rag", "explain", "extraction", "writing"}
-    if SPEC_BENCH.exists():
-        questions = {t for line in SPEC_BENCH.read_text().splitlines() if line.strip()
+    if SPEC_BENCH_FILE.exists():
+        questions = {t for line in SPEC_BENCH_FILE.read_text().splitlines() if line.strip()
                      for t in json.loads(line)["turns"]}
         assert not questions & {r["prompt"] for r in a}
     # a set of its own: adding it leaves the earlier sets' held-out prompts where they were
@@ -660,8 +660,8 @@ def test_self_instructions_are_the_models_own_turns_deterministic_and_unique(rea
     assert "<|im" not in "".join(r["prompt"] for r in a)  # the model ended its turn; no template left in
     assert [r["prompt"] for r in self_instructions(str(real_model_dir), 6, seed=1, batch=8, threads=None)] != \
         [r["prompt"] for r in a]
-    if SPEC_BENCH.exists():
-        questions = {t for line in SPEC_BENCH.read_text().splitlines() if line.strip()
+    if SPEC_BENCH_FILE.exists():
+        questions = {t for line in SPEC_BENCH_FILE.read_text().splitlines() if line.strip()
                      for t in json.loads(line)["turns"]}
         assert not questions & {r["prompt"] for r in a}
     # the model's own set is held out on its own: the earlier sets' split does not move

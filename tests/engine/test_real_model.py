@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from server.bench.prompts import SPEC_BENCH_FILE
 from tests.engine.helpers import assert_pool_full, greedy_requests, hf_greedy, make_engine
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
-SPEC_BENCH = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 CATEGORIES = ("writing", "coding", "math_reasoning", "qa", "translation", "summarization", "rag", "extraction",
               "reasoning", "stem")
 MAX_TOKENS = 64
@@ -24,7 +23,7 @@ MAX_TOKENS = 64
 def spec_bench_prompts(tokenizer, n: int, max_prompt_tokens: int = 320) -> list[list[int]]:
     """The first turn of Spec-Bench questions, round-robin over categories, chat template applied."""
     by_cat: dict[str, list[list[int]]] = {c: [] for c in CATEGORIES}
-    with open(SPEC_BENCH) as f:
+    with open(SPEC_BENCH_FILE) as f:
         for line in f:
             q = json.loads(line)
             if q["category"] in by_cat and len(by_cat[q["category"]]) < n:

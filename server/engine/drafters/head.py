@@ -38,7 +38,6 @@ it sits the sequence out for 1, 2, 4 ... 16 steps (plain decoding), and tries ag
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from importlib import resources
