@@ -1,7 +1,7 @@
 """Turning logits into the distributions that sampling and verification use.
 
-`logits_to_probs` applies each row's temperature, top-k and top-p (in that order, as vLLM and
-Hugging Face do) and returns probabilities; a row with temperature 0 becomes the one-hot of its
+`logits_to_probs` applies each row's temperature, min-p, top-k and top-p (in that order, as vLLM
+does) and returns probabilities; a row with temperature 0 becomes the one-hot of its
 argmax, so greedy and sampled rows share one code path downstream.
 
 Randomness comes from a `torch.Generator` per request, so a request with a seed is reproducible
@@ -31,11 +31,16 @@ def logits_to_probs(
     temperature: torch.Tensor,  # [N] float; 0 = greedy
     top_k: torch.Tensor | None = None,  # [N] int; 0 = off
     top_p: torch.Tensor | None = None,  # [N] float; 1 = off
+    min_p: torch.Tensor | None = None,  # [N] float; 0 = off
 ) -> torch.Tensor:  # [N, V] float32
     logits = logits.float()
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
     scaled = logits / t[:, None]
+    if min_p is not None and bool((min_p > 0).any()):
+        # p(x) < min_p * max p  <=>  scaled(x) < max scaled + log(min_p)
+        floor = scaled.max(-1, keepdim=True).values + torch.log(min_p.float())[:, None]
+        scaled = scaled.masked_fill(scaled < floor, float("-inf"))
     if top_k is not None and bool((top_k > 0).any()):
         k = torch.where(top_k > 0, top_k, torch.full_like(top_k, logits.shape[-1])).clamp(max=logits.shape[-1])
         kth = torch.sort(scaled, dim=-1, descending=True).values.gather(-1, (k - 1).long()[:, None])

@@ -87,6 +87,14 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # vLLM's extensions, with its meaning: `repetition_penalty` divides the positive logits and
+    # multiplies the negative ones of every token in the prompt or the output (1: off);
+    # `min_tokens` keeps EOS and `stop_token_ids` out, and stop strings unmatched, until the output
+    # has that many tokens; `min_p` drops, after the temperature, the tokens whose probability is
+    # under min_p x the top token's (0: off).
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    min_p: float = 0.0
     # the output must follow this grammar (masked logits; logprobs stay the model's); drafts are
     # cut to what the grammar allows and verified against masked rows (server/engine/structured.py).
     # A request with any of these verifies against the full model's rows only (no slim tier).
@@ -107,6 +115,7 @@ class SamplingParams:
         """Penalties, a logit bias or a structured-output constraint move the logits this request
         samples from (`LLMEngine.adjusted_rows`)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.repetition_penalty != 1.0 or self.min_tokens
                     or self.structured_outputs is not None)
 
     def validate(self) -> "SamplingParams":
@@ -129,6 +138,13 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ConfigError(f"{name} must be in [-2, 2], got {getattr(self, name)}", name)
+        if not (isinstance(self.repetition_penalty, (int, float)) and 0.0 < self.repetition_penalty <= 100.0):
+            raise ConfigError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}", "repetition_penalty")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ConfigError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}",
+                              "min_tokens")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         if len(self.logit_bias) > 300:
             raise ConfigError(f"logit_bias takes at most 300 tokens, got {len(self.logit_bias)}", "logit_bias")
         if any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):

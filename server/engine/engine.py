@@ -148,7 +148,7 @@ class LLMEngine:
             request=replace(request, sampling=sampling),
             spec=spec,
             table=self.cache.new_table(),
-            detok=IncrementalDetokenizer(self.tokenizer, sampling.stop),
+            detok=IncrementalDetokenizer(self.tokenizer, sampling.stop, sampling.min_tokens),
             token_ids=list(request.prompt_token_ids),
             num_prompt=n_prompt,
             seed=seed,
@@ -329,6 +329,7 @@ class LLMEngine:
                 torch.tensor([p.temperature for p in sp], device=dev),
                 torch.tensor([p.top_k for p in sp], device=dev),
                 torch.tensor([p.top_p for p in sp], device=dev),
+                torch.tensor([p.min_p for p in sp], device=dev),
             )
             # one uniform per request and position, so a seed gives the same text anywhere, whatever
             # the batch and however speculation cut the steps
@@ -347,13 +348,32 @@ class LLMEngine:
 
     def adjusted_rows(self, seq: Sequence, drafts: list[int], rows: torch.Tensor) -> torch.Tensor:
         """One sequence's rows [len(drafts) + 1, V] of logits, row j as its request samples from
-        them once `drafts[:j]` are committed: OpenAI's penalties (minus frequency x the token's
-        count in the output, minus presence where it is at least 1), the logit bias added, and
-        the tokens its grammar forbids at -inf. Plain sampling passes no drafts; verification
-        passes the drafts it checks, so that what it accepts is what plain decoding would sample."""
+        them once `drafts[:j]` are committed, in vLLM's order: the logit bias added; EOS and the
+        stop token ids at -inf while the output is shorter than `min_tokens`; the repetition
+        penalty (positive logits divided by it, negative ones multiplied, for every token of the
+        prompt and the output); OpenAI's penalties (minus frequency x the token's count in the
+        output, minus presence where it is at least 1); and the tokens the grammar forbids at -inf.
+        Plain sampling passes no drafts; verification passes the drafts it checks, so that what it
+        accepts is what plain decoding would sample."""
         sp = seq.request.sampling
         rows = rows.clone()
         V, dev = rows.shape[-1], rows.device
+        if sp.logit_bias:
+            ids = torch.tensor([t for t, _ in sp.logit_bias], device=dev)
+            rows[:, ids] += torch.tensor([v for _, v in sp.logit_bias], device=dev)
+        short = sp.min_tokens - seq.num_output  # rows 0 .. short-1 may not end the output
+        if short > 0:
+            ends = [t for t in set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.eos_ids)) if t < V]
+            if ends:
+                rows[:short, torch.tensor(ends, device=dev)] = float("-inf")
+        if sp.repetition_penalty != 1.0:
+            # row j: the tokens of the prompt, the output and drafts[:j]
+            seen = torch.zeros(len(drafts) + 1, V, dtype=torch.bool, device=dev)
+            seen[:, torch.tensor(seq.token_ids, dtype=torch.long, device=dev)] = True
+            for j, d in enumerate(drafts):
+                seen[j + 1:, d] = True
+            p = sp.repetition_penalty
+            rows = torch.where(seen, torch.where(rows > 0, rows / p, rows * p), rows)
         if sp.presence_penalty or sp.frequency_penalty:
             # row j counts the output and drafts[:j]
             out = torch.tensor(seq.output_ids, dtype=torch.long, device=dev)
@@ -362,9 +382,6 @@ class LLMEngine:
             for j, d in enumerate(drafts):
                 counts[j + 1:, d] += 1
             rows -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0)
-        if sp.logit_bias:
-            ids = torch.tensor([t for t, _ in sp.logit_bias], device=dev)
-            rows[:, ids] += torch.tensor([v for _, v in sp.logit_bias], device=dev)
         if seq.matcher is not None:
             allowed = self.grammars.draft_rows(seq.matcher, drafts, V).to(dev)
             rows = rows.masked_fill(~allowed, float("-inf"))

@@ -71,11 +71,14 @@ class Tokenizer:
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, holding back bytes of an incomplete
     UTF-8 character, and finds stop strings (the text up to a stop string is kept, the stop
-    string itself is not, as OpenAI does)."""
+    string itself is not, as OpenAI does). With `min_tokens`, a stop string counts only where it
+    ends after the text of the first `min_tokens` tokens, as in vLLM."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), min_tokens: int = 0):
         self.tok = tokenizer
         self.stop = stop
+        self.min_tokens = min_tokens
+        self._stop_floor: int | None = None if min_tokens else 0  # stops must end after this character
         self.ids: list[int] = []
         self.text = ""  # text confirmed so far (emitted or ready to emit)
         self.emitted = 0  # characters of `text` already returned
@@ -91,14 +94,17 @@ class IncrementalDetokenizer:
         if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more tokens
             full = full.rstrip("\ufffd")
         self.text = full
-        if self.stop:
+        if self.stop and self._stop_floor is None and len(self.ids) > self.min_tokens:
+            self._stop_floor = len(self.tok.decode(self.ids[: self.min_tokens]).rstrip("\ufffd"))
+        if self.stop and self._stop_floor is not None:
             search_from = max(0, self.emitted - self._max_stop)
-            hits = [i for i in (full.find(s, search_from) for s in self.stop) if i >= 0]
+            hits = [i for i in (full.find(s, max(search_from, self._stop_floor - len(s) + 1)) for s in self.stop)
+                    if i >= 0]
             if hits:
                 self.text = full[: min(hits)]
                 self.stopped = True
                 return self._take(len(self.text))
-            # hold back a tail that could still become a stop string
+        if self.stop:  # hold back a tail that could still become a stop string
             return self._take(max(self.emitted, len(full) - (self._max_stop - 1)))
         return self._take(len(full))
 

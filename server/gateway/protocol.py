@@ -140,6 +140,9 @@ class _SamplingFields(LenientModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    repetition_penalty: float | None = None  # vLLM extension
+    min_p: float | None = None  # vLLM extension
+    min_tokens: int = 0  # vLLM extension
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None  # vLLM extension
     via_sd: ViaSDOptions | None = None

@@ -141,6 +141,9 @@ def _sampling(
         presence_penalty=float(req.presence_penalty or 0.0),
         frequency_penalty=float(req.frequency_penalty or 0.0),
         logit_bias=_logit_bias(req),
+        repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
+        min_p=float(req.min_p or 0.0),
+        min_tokens=req.min_tokens,
         structured_outputs=structured,
     )
     if req.seed is not None and not (-(1 << 63) <= req.seed and req.seed + req.n - 1 < (1 << 63)):

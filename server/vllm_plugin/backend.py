@@ -143,6 +143,9 @@ def to_vllm_sampling(sp: SamplingParams, spec_extra: dict, logprobs: int | None)
         presence_penalty=sp.presence_penalty,
         frequency_penalty=sp.frequency_penalty,
         logit_bias=dict(sp.logit_bias) or None,
+        repetition_penalty=sp.repetition_penalty,
+        min_p=sp.min_p,
+        min_tokens=sp.min_tokens,
         structured_outputs=structured,
         output_kind=RequestOutputKind.DELTA,
         extra_args={"via_sd": spec_extra},
@@ -299,8 +302,9 @@ class VLLMAsyncEngine(AsyncEngineClient):
                 head = await anext(outs)
             except VLLMValidationError as e:
                 # vLLM's own checks, before any output: a 400 with its words (e.g. logit_bias and
-                # min_p, which its speculative decoding does not take)
-                param = e.parameter or next((p for p in ("logit_bias", "min_p") if p in str(e)), None)
+                # min_p, which its speculative decoding does not take; its message names both)
+                named = [p for p, used in (("logit_bias", sp.logit_bias), ("min_p", sp.min_p)) if used and p in str(e)]
+                param = e.parameter or next(iter(named), None)
                 raise RequestRejected(f"vLLM rejected the request: {e}", param) from None
             except StopAsyncIteration:
                 return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -103,7 +104,8 @@ def test_speculating_with_penalties_gives_what_plain_decoding_with_them_gives(ti
     def reqs(m):
         return [GenerationRequest(f"{m}{i}", tuple(p), SamplingParams(
             max_tokens=40, temperature=temperature, seed=i, ignore_eos=True, presence_penalty=0.2,
-            frequency_penalty=0.3 * (i % 3), logit_bias=((65, 1.5),) if i % 2 else ()), SpecParams(mode=m))
+            frequency_penalty=0.3 * (i % 3), logit_bias=((65, 1.5),) if i % 2 else (),
+            repetition_penalty=1.3 if i % 2 == 0 else 1.0, min_p=0.05 * (i % 3)), SpecParams(mode=m))
             for i, p in enumerate(PROMPTS)]
 
     off = generate_checked(eng, reqs("off"))
@@ -259,6 +261,10 @@ def test_penalties_and_logit_bias_follow_openais_rule_with_or_without_speculatio
     (dict(frequency_penalty=-3.0), "frequency_penalty"),
     (dict(logit_bias=((1, 101.0),)), "logit_bias"),
     (dict(logit_bias=((999999, 1.0),)), "logit_bias"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(min_p=1.5), "min_p"),
+    (dict(min_tokens=-1), "min_tokens"),
+    (dict(min_tokens=5), "min_tokens"),  # more than max_tokens
 ])
 def test_bad_penalties_are_rejected(tiny_model_dir, bad, param):
     eng = make_engine(tiny_model_dir, spec={"mode": "off"})
@@ -266,3 +272,82 @@ def test_bad_penalties_are_rejected(tiny_model_dir, bad, param):
         eng.add_request(GenerationRequest("bad", (1, 2, 3), SamplingParams(max_tokens=4, **bad)))
     assert e.value.param == param
     assert_pool_full(eng)
+
+
+def _hf_generate(model_dir, prompt, n, **kw):
+    """transformers' own greedy `generate` with its logits processors (`repetition_penalty`)."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        o = m.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None, **kw)
+    return o[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("mode", ["off", "binary", "three_tier"])
+def test_repetition_penalty_follows_transformers_with_or_without_speculation(tiny_model_dir, reference, mode):
+    """vLLM's and transformers' rule: every token of the prompt and the output has its positive
+    logit divided by the penalty and its negative one multiplied; verification applies it per
+    draft position with the drafts before it counted."""
+    p = PROMPTS[1]
+    want = _hf_generate(tiny_model_dir, p, 24, repetition_penalty=1.8)
+    assert want != reference[1]  # the penalty changes this greedy text
+    eng = make_engine(tiny_model_dir, spec={"mode": mode, "adaptive_draft": False})
+    (r,) = generate_checked(eng, [GenerationRequest("r", tuple(p), SamplingParams(
+        max_tokens=24, temperature=0.0, ignore_eos=True, repetition_penalty=1.8), SpecParams(mode=mode))])
+    assert r.token_ids == want
+    assert r.via_sd.slim_passes == 0
+
+
+@pytest.mark.parametrize("mode", ["off", "binary"])
+def test_min_tokens_holds_back_eos_stop_token_ids_and_stop_strings(tiny_model_dir, mode):
+    eng = make_engine(tiny_model_dir, spec={"mode": mode, "adaptive_draft": False})
+    eos = min(eng.eos_ids)
+    (x,) = eng.tokenizer.encode("x")
+    n = iter(range(100))
+
+    def gen(**kw):
+        kw = {"max_tokens": 12, "temperature": 0.0, **kw}
+        (r,) = generate_checked(eng, [GenerationRequest(f"m{next(n)}", tuple(PROMPTS[2]), SamplingParams(**kw),
+                                                        SpecParams(mode=mode))])
+        return r
+
+    # EOS forced by a bias ends the output at once; min_tokens keeps it out of the first 5 tokens
+    r = gen(logit_bias=((eos, 100.0),))
+    assert (r.token_ids, r.finish_reason) == ([eos], "stop")
+    r = gen(logit_bias=((eos, 100.0),), min_tokens=5)
+    assert len(r.token_ids) == 6 and eos not in r.token_ids[:5] and r.token_ids[5] == eos and r.finish_reason == "stop"
+    # a stop token id, likewise (ignore_eos does not lift it)
+    r = gen(logit_bias=((65, 100.0),), stop_token_ids=(65,), ignore_eos=True, min_tokens=3)
+    assert len(r.token_ids) == 4 and 65 not in r.token_ids[:3] and r.token_ids[3] == 65
+    # a stop string counts only where it ends after the first min_tokens tokens' text
+    r = gen(logit_bias=((x, 100.0),), stop=("x",), ignore_eos=True)
+    assert (r.text, r.finish_reason) == ("", "stop")
+    r = gen(logit_bias=((x, 100.0),), stop=("x",), ignore_eos=True, min_tokens=3)
+    assert (r.text, r.finish_reason) == ("xxx", "stop")
+    r = gen(logit_bias=((x, 100.0),), stop=("xxxx",), ignore_eos=True, min_tokens=2)
+    assert (r.text, r.finish_reason) == ("", "stop")  # "xxxx" ends at the 4th token, after the 2nd
+    assert gen(max_tokens=4, min_tokens=4, ignore_eos=True).finish_reason == "length"
+
+
+def test_min_p_keeps_only_tokens_near_the_top(tiny_model_dir, reference):
+    eng = make_engine(tiny_model_dir, spec={"mode": "off"})
+    p = PROMPTS[1]
+
+    def sample(rid, **kw):
+        (r,) = generate_checked(eng, [GenerationRequest(rid, tuple(p), SamplingParams(
+            max_tokens=24, temperature=1.0, seed=3, ignore_eos=True, logprobs=1, **kw))])
+        return r
+
+    # min_p 1 keeps the top token alone: sampling becomes greedy
+    assert sample("top", min_p=1.0).token_ids == reference[1]
+    # at temperature 1 every sampled token is at least min_p x the top token's probability (the
+    # logprobs are the model's), and without min_p the same seed samples tokens below that
+    bound = math.log(0.6)
+    kept = sample("min", min_p=0.6).logprobs
+    assert all(lp.logprob >= lp.top[0][1] + bound - 1e-5 for lp in kept)
+    assert any(lp.logprob < lp.top[0][1] + bound for lp in sample("all").logprobs)
+    # greedy requests are not affected
+    (g,) = generate_checked(eng, [GenerationRequest("g", tuple(p), SamplingParams(
+        max_tokens=24, temperature=0.0, ignore_eos=True, min_p=0.5))])
+    assert g.token_ids == reference[1]

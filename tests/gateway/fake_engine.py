@@ -187,7 +187,7 @@ class FakeEngine(AsyncEngineClient):
             self._waiting -= 1
         seq = _Seq(rid, len(request.prompt_token_ids))
         self._seqs[rid] = seq
-        detok = IncrementalDetokenizer(self._tok, sp.stop)
+        detok = IncrementalDetokenizer(self._tok, sp.stop, sp.min_tokens)
         source = self._text_source(request)
         usage = SpecUsage()
         mode = request.spec.mode or "three_tier"

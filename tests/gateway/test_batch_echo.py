@@ -162,10 +162,13 @@ async def test_penalties_and_logit_bias_reach_the_engine(engine):
     async with client_for(engine) as c:
         r = await c.post("/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "presence_penalty": 0.5,
-            "frequency_penalty": -1.25, "logit_bias": {"65": 3, "7": -100}})
+            "frequency_penalty": -1.25, "logit_bias": {"65": 3, "7": -100}, "repetition_penalty": 1.2, "min_p": 0.1,
+            "min_tokens": 2})
         assert r.status_code == 200, r.text
         r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "frequency_penalty": 2})
         assert r.status_code == 200, r.text
     a, b = (q.sampling for q in engine.requests)
     assert (a.presence_penalty, a.frequency_penalty, a.logit_bias) == (0.5, -1.25, ((65, 3.0), (7, -100.0)))
     assert (b.presence_penalty, b.frequency_penalty, b.logit_bias) == (0.0, 2.0, ())
+    assert (a.repetition_penalty, a.min_p, a.min_tokens) == (1.2, 0.1, 2)
+    assert (b.repetition_penalty, b.min_p, b.min_tokens) == (1.0, 0.0, 0)

@@ -190,11 +190,33 @@ def test_penalties_reach_vllm_and_logit_bias_is_a_400_there(server):
     r = httpx.post(url + "/v1/completions", json={**body, "logit_bias": {"28": 5}}, timeout=120)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "logit_bias" and "speculative" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", json={**body, "temperature": 1.0, "min_p": 0.1}, timeout=120)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "min_p" and "speculative" in r.json()["error"]["message"]
     wait_idle(url, engine)
 
 
-@pytest.mark.parametrize("extra", [{"temperature": 0.8, "seed": 7}, {"logprobs": 2}, {"presence_penalty": 0.5}],
-                         ids=["sampled", "logprobs", "penalty"])
+def test_repetition_penalty_and_min_tokens_reach_vllm(server):
+    url, engine = server
+    body = {"model": MODEL, "prompt": "Say yes, yes, yes, yes, yes, yes:", "max_tokens": 16, "temperature": 0,
+            "ignore_eos": True}
+    plain = httpx.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    r = httpx.post(url + "/v1/completions", json={**body, "repetition_penalty": 1.8}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] != plain  # the penalty moved the greedy text
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Answer with one word: is water wet?"}],
+            "max_tokens": 40, "temperature": 0, "via_sd": {"mode": "three_tier"}}
+    short = httpx.post(url + "/v1/chat/completions", json=chat, timeout=120).json()
+    assert short["choices"][0]["finish_reason"] == "stop" and short["usage"]["completion_tokens"] < 20, short
+    r = httpx.post(url + "/v1/chat/completions", json={**chat, "min_tokens": 20}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 20, r.json()
+    wait_idle(url, engine)
+
+
+@pytest.mark.parametrize("extra", [{"temperature": 0.8, "seed": 7}, {"logprobs": 2}, {"presence_penalty": 0.5},
+                                   {"repetition_penalty": 0.9}, {"min_tokens": 8}],
+                         ids=["sampled", "logprobs", "penalty", "repetition_penalty", "min_tokens"])
 def test_batches_the_slim_tier_cannot_decide_run_no_slim_pass(server, extra):
     """Such a request speculates (vLLM verifies its drafts) but the plugin spends no slim pass
     on it: no row of its batch may take the gate's tokens, so the slim pass would decide nothing."""
