@@ -45,12 +45,17 @@ class Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None) -> list[int]:
+                            tools: list[dict] | None = None, add_special_tokens: bool = False) -> list[int]:
         """Token ids of a chat (`[{"role": ..., "content": ...}]`) ready for generation; `tools`
         (OpenAI's function definitions) go to templates that show them."""
         text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                              tools=tools)
-        return self.encode(text)
+        return self.encode(text, add_special_tokens=add_special_tokens)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        """The tokens' own strings in the vocabulary (byte-level marks included), as vLLM's
+        /tokenize returns them."""
+        return [str(t) for t in self._tok.convert_ids_to_tokens(ids)]
 
     def user_turn_prefix(self) -> list[int]:
         """Token ids of a new chat up to where the user's first message begins (the template's

@@ -1,10 +1,11 @@
 """The OpenAI-compatible FastAPI app over one `AsyncEngineClient`.
 
-Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE), GET /v1/models,
-GET /health (200 when the engine is ready, else 503), GET /metrics (Prometheus text).
+Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE), GET /v1/models and
+/v1/models/{model}, GET /health (200 when the engine is ready, else 503), GET /metrics (Prometheus
+text), and vLLM's POST /tokenize, POST /detokenize and GET /version.
 
-At the edge, before any route runs (`EdgeMiddleware`): `Authorization: Bearer <key>` on /v1/*
-and /metrics when an API key is set (compared in constant time; /health stays open, and /metrics
+At the edge, before any route runs (`EdgeMiddleware`): `Authorization: Bearer <key>` on /v1/*,
+/tokenize, /detokenize and /metrics when an API key is set (compared in constant time; /health stays open, and /metrics
 too with `metrics_public`, for a Prometheus that cannot send the key), 503 while draining, the
 header limit (431 when the request's headers together exceed `max_header_bytes`) and the body
 limit (413 on a Content-Length over the limit, or on a body that grows past it while it streams
@@ -31,9 +32,17 @@ from server.engine.api import AsyncEngineClient
 from server.gateway.errors import APIError, from_validation_error, install_error_handlers
 from server.gateway.metrics import GatewayMetrics
 from server.gateway.openapi import install_openapi
-from server.gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server import __version__
+from server.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
 from server.gateway.serving import Serving
-from server.gateway.translate import prepare_chat, prepare_completion
+from server.gateway.translate import detokenize, prepare_chat, prepare_completion, tokenize
 
 log = logging.getLogger("via_sd.gateway")
 
@@ -76,7 +85,8 @@ class EdgeMiddleware:
                            code="headers_too_large")
             return await err.response()(scope, receive, send)
         headers = {k.lower(): v for k, v in raw_headers}
-        protected = path.startswith("/v1") or (path == "/metrics" and not self.metrics_public)
+        protected = (path.startswith("/v1") or path in ("/tokenize", "/detokenize")
+                     or (path == "/metrics" and not self.metrics_public))
         if protected and self.api_key is not None and not self._authorized(headers.get(b"authorization", b"")):
             err = APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
@@ -218,18 +228,21 @@ def create_app(
             )
         return name
 
+    async def parsed(request: Request, model_cls):
+        """The JSON body as `model_cls` and the served model it names (else a 400 or a 404)."""
+        try:
+            body = model_cls.model_validate(await _json_body(request))
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        return body, resolve_model(body.model)
+
     async def run(
         request: Request,
         model_cls: type[CompletionRequest] | type[ChatCompletionRequest],
         prepare: Callable,
         kind: str,
     ):
-        data = await _json_body(request)
-        try:
-            body = model_cls.model_validate(data)
-        except ValidationError as e:
-            raise from_validation_error(e) from None
-        model = resolve_model(body.model)
+        body, model = await parsed(request, model_cls)
         prep = prepare(body, engine.tokenizer, engine.max_model_len, model)
         result = await serving.handle(kind, prep, request.receive)
         if result is None:  # the client disconnected; its request was aborted
@@ -246,10 +259,30 @@ def create_app(
     async def chat_completions(request: Request):
         return await run(request, ChatCompletionRequest, prepare_chat, "chat")
 
+    def card(name: str) -> ModelCard:
+        return ModelCard(id=name, created=created, max_model_len=engine.max_model_len)
+
     @app.get("/v1/models")
     async def models():
-        cards = [ModelCard(id=n, created=created, max_model_len=engine.max_model_len) for n in served_model_names]
-        return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
+        return JSONResponse(ModelList(data=[card(n) for n in served_model_names]).model_dump(mode="json"))
+
+    @app.get("/v1/models/{model:path}")
+    async def model_card(model: str):  # OpenAI's "retrieve model"
+        return JSONResponse(card(resolve_model(model)).model_dump(mode="json"))
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request):
+        body, _ = await parsed(request, TokenizeRequest)
+        return JSONResponse(tokenize(body, engine.tokenizer, engine.max_model_len).model_dump(mode="json"))
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request):
+        body, _ = await parsed(request, DetokenizeRequest)
+        return JSONResponse(detokenize(body, engine.tokenizer).model_dump(mode="json"))
+
+    @app.get("/version")
+    async def version():
+        return JSONResponse({"version": __version__})
 
     @app.get("/health")
     async def health():

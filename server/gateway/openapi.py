@@ -20,8 +20,13 @@ from server.gateway.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
+    ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 
 _REF = "#/components/schemas/{model}"
@@ -71,6 +76,18 @@ def build_openapi(app: FastAPI) -> dict:
     models = paths["/v1/models"]["get"]
     models["responses"] = {"200": _json(_schema(ModelList, components, "serialization"), "Served models"),
                            "401": errors["401"], "503": errors["503"]}
+    paths["/v1/models/{model}"]["get"]["responses"] = {
+        "200": _json(_schema(ModelCard, components, "serialization"), "The served model"),
+        "401": errors["401"], "404": errors["404"], "503": errors["503"]}
+    for path, (request_model, response_model) in {"/tokenize": (TokenizeRequest, TokenizeResponse),
+                                                   "/detokenize": (DetokenizeRequest, DetokenizeResponse)}.items():
+        op = paths[path]["post"]
+        op["requestBody"] = {"required": True, "content": {
+            "application/json": {"schema": _schema(request_model, components, "validation")}}}
+        op["responses"] = {"200": _json(_schema(response_model, components, "serialization"), "vLLM's shape"),
+                           **{k: errors[k] for k in ("400", "401", "404", "413", "431")}}
+    version = {"type": "object", "properties": {"version": {"type": "string"}}, "required": ["version"]}
+    paths["/version"]["get"]["responses"] = {"200": _json(version, "The server's version")}
     health = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}
     paths["/health"]["get"]["responses"] = {"200": _json(health, "Ready"), "503": _json(health, "Not ready")}
     paths["/metrics"]["get"]["responses"] = {

@@ -323,3 +323,35 @@ class ModelCard(OpenAIModel):
 class ModelList(OpenAIModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ----------------------------------------------------------------------------- vLLM's tokenizer routes
+
+
+class TokenizeRequest(LenientModel):
+    """vLLM's `POST /tokenize`: a completion `prompt`, or chat `messages` through the chat template,
+    to the ids the matching /v1 route would run."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = None
+    add_generation_prompt: bool = True  # messages only
+    add_special_tokens: bool | None = None  # default: true for a prompt (as /v1/completions), false for messages
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(OpenAIModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(LenientModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(OpenAIModel):
+    prompt: str

@@ -18,7 +18,15 @@ from dataclasses import dataclass, replace
 
 from server.engine.config import ConfigError, SamplingParams, SpecParams
 from server.gateway.errors import APIError
-from server.gateway.protocol import ChatCompletionRequest, CompletionRequest, LenientModel
+from server.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    LenientModel,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from server.gateway.structured import ToolMode, constraint, tool_constraint
 
 log = logging.getLogger("via_sd.gateway")
@@ -248,7 +256,7 @@ def prepare_completion(req: CompletionRequest, tokenizer, max_model_len: int, mo
     )
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict]:
+def chat_messages(req: ChatCompletionRequest | TokenizeRequest) -> list[dict]:
     """OpenAI messages -> the `[{"role", "content"}]` list a chat template takes."""
     if not req.messages:
         raise APIError(400, "messages must contain at least one message", param="messages")
@@ -335,3 +343,31 @@ def prepare_chat(req: ChatCompletionRequest, tokenizer, max_model_len: int, mode
         logprobs=logprobs,
         tool_mode=tool_mode,
     )
+
+
+def tokenize(req: TokenizeRequest, tokenizer, max_model_len: int) -> TokenizeResponse:
+    """vLLM's /tokenize: the ids /v1/completions runs for `prompt`, or /v1/chat/completions for
+    `messages` (the same chat template, tools and message checks)."""
+    log_unknown_fields(req)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "send either prompt (a string) or messages", param="prompt")
+    if req.prompt is not None:
+        add = True if req.add_special_tokens is None else req.add_special_tokens
+        ids = tokenizer.encode(req.prompt, add_special_tokens=add) if req.prompt else []
+    else:
+        messages = chat_messages(req)
+        tools = [t.model_dump(mode="json", exclude_none=True) for t in req.tools] if req.tools else None
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tools=tools,
+                                                add_special_tokens=bool(req.add_special_tokens))
+        except Exception as e:
+            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+    return TokenizeResponse(count=len(ids), max_model_len=max_model_len, tokens=ids,
+                            token_strs=tokenizer.token_strs(ids) if req.return_token_strs else None)
+
+
+def detokenize(req: DetokenizeRequest, tokenizer) -> DetokenizeResponse:
+    """vLLM's /detokenize: the text of `tokens`, special tokens included."""
+    log_unknown_fields(req)
+    _check_token_ids(req.tokens, tokenizer.vocab_size, "tokens")
+    return DetokenizeResponse(prompt=tokenizer.decode(req.tokens, skip_special_tokens=False))

@@ -61,7 +61,7 @@ class FakeTokenizer:
         return out.decode("utf-8", errors="replace")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None) -> list[int]:
+                            tools: list[dict] | None = None, add_special_tokens: bool = False) -> list[int]:
         ids: list[int] = []
         for m in messages:
             ids += [self.IM_START] + self.encode(f"{m['role']}\n{m['content']}") + [self.IM_END] + self.encode("\n")
@@ -71,6 +71,9 @@ class FakeTokenizer:
 
     def token_text(self, token_id: int) -> str:
         return self.decode([token_id], skip_special_tokens=False)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        return [self.SPECIAL.get(i) or f"<0x{i:02X}>" for i in ids]
 
 
 @dataclass

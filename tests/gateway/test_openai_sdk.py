@@ -75,6 +75,7 @@ def test_sdk_against_fake_engine(fake_server):
     url, engine = fake_server
     client = sdk(url)
     assert [m.id for m in client.models.list()] == ["fake"]
+    assert client.models.retrieve("fake").id == "fake"
     check_chat_and_completions(client, "fake")
     assert engine.stats().kv_cache_usage == 0
 

@@ -68,6 +68,21 @@ def test_sdk_on_real_engine_without_speculation(real_server):
     wait_idle(engine)
 
 
+def test_tokenize_counts_what_the_routes_run_on_the_real_tokenizer(real_server):
+    url, engine = real_server
+    msgs = [{"role": "user", "content": "Name a color."}]
+    chat = client(url).chat.completions.create(model=MODEL, messages=msgs, max_tokens=1, temperature=0)
+    tok = httpx.post(url + "/tokenize", json={"messages": msgs, "return_token_strs": True}, timeout=30).json()
+    assert tok["count"] == chat.usage.prompt_tokens and tok["max_model_len"] == engine.max_model_len
+    assert tok["token_strs"][0] == "<|im_start|>"
+    comp = client(url).completions.create(model=MODEL, prompt="The sky is", max_tokens=1, temperature=0)
+    ids = httpx.post(url + "/tokenize", json={"prompt": "The sky is"}, timeout=30).json()["tokens"]
+    assert len(ids) == comp.usage.prompt_tokens
+    back = httpx.post(url + "/detokenize", json={"tokens": tok["tokens"]}, timeout=30).json()["prompt"]
+    assert back.startswith("<|im_start|>") and "Name a color." in back
+    wait_idle(engine)
+
+
 @pytest.mark.parametrize("mode", ["binary", "three_tier"])
 def test_sdk_streams_join_on_real_engine(real_server, mode):
     url, engine = real_server
