@@ -95,6 +95,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     min_p: float = 0.0
+    # vLLM's too: only these tokens may be sampled (None: all)
+    allowed_token_ids: tuple[int, ...] | None = None
+    # the text: special tokens left out (True) or shown; the stop string, or the text of the EOS or
+    # stop token id that ended the output, kept at its end (False: left out, as OpenAI does)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
     # the output must follow this grammar (masked logits; logprobs stay the model's); drafts are
     # cut to what the grammar allows and verified against masked rows (server/engine/structured.py).
     # A request with any of these verifies against the full model's rows only (no slim tier).
@@ -115,7 +121,7 @@ class SamplingParams:
         """Penalties, a logit bias or a structured-output constraint move the logits this request
         samples from (`LLMEngine.adjusted_rows`)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
-                    or self.repetition_penalty != 1.0 or self.min_tokens
+                    or self.repetition_penalty != 1.0 or self.min_tokens or self.allowed_token_ids is not None
                     or self.structured_outputs is not None)
 
     def validate(self) -> "SamplingParams":
@@ -145,6 +151,8 @@ class SamplingParams:
                               "min_tokens")
         if not 0.0 <= self.min_p <= 1.0:
             raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ConfigError("allowed_token_ids must name at least one token", "allowed_token_ids")
         if len(self.logit_bias) > 300:
             raise ConfigError(f"logit_bias takes at most 300 tokens, got {len(self.logit_bias)}", "logit_bias")
         if any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):

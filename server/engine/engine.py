@@ -103,6 +103,8 @@ class LLMEngine:
             raise RequestRejected(f"prompt token ids must be in [0, {vocab})", "prompt")
         if any(not (0 <= t < vocab) for t, _ in sampling.logit_bias):
             raise RequestRejected(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
+        if any(not (0 <= t < vocab) for t in sampling.allowed_token_ids or ()):
+            raise RequestRejected(f"allowed_token_ids must be in [0, {vocab})", "allowed_token_ids")
         if n_prompt + sampling.max_tokens > self.max_model_len:
             raise RequestRejected(
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
@@ -148,7 +150,8 @@ class LLMEngine:
             request=replace(request, sampling=sampling),
             spec=spec,
             table=self.cache.new_table(),
-            detok=IncrementalDetokenizer(self.tokenizer, sampling.stop, sampling.min_tokens),
+            detok=IncrementalDetokenizer(self.tokenizer, sampling.stop, sampling.min_tokens, sampling.skip_special_tokens,
+                                        sampling.include_stop_str_in_output),
             token_ids=list(request.prompt_token_ids),
             num_prompt=n_prompt,
             seed=seed,
@@ -348,7 +351,8 @@ class LLMEngine:
 
     def adjusted_rows(self, seq: Sequence, drafts: list[int], rows: torch.Tensor) -> torch.Tensor:
         """One sequence's rows [len(drafts) + 1, V] of logits, row j as its request samples from
-        them once `drafts[:j]` are committed, in vLLM's order: the logit bias added; EOS and the
+        them once `drafts[:j]` are committed, in vLLM's order: every token but `allowed_token_ids`
+        at -inf; the logit bias added; EOS and the
         stop token ids at -inf while the output is shorter than `min_tokens`; the repetition
         penalty (positive logits divided by it, negative ones multiplied, for every token of the
         prompt and the output); OpenAI's penalties (minus frequency x the token's count in the
@@ -358,6 +362,10 @@ class LLMEngine:
         sp = seq.request.sampling
         rows = rows.clone()
         V, dev = rows.shape[-1], rows.device
+        if sp.allowed_token_ids is not None:
+            allowed = torch.zeros(V, dtype=torch.bool, device=dev)
+            allowed[torch.tensor(sp.allowed_token_ids, dtype=torch.long, device=dev)] = True
+            rows = rows.masked_fill(~allowed, float("-inf"))
         if sp.logit_bias:
             ids = torch.tensor([t for t, _ in sp.logit_bias], device=dev)
             rows[:, ids] += torch.tensor([v for _, v in sp.logit_bias], device=dev)
@@ -428,7 +436,14 @@ class LLMEngine:
         self.stats_.generation_tokens += len(kept)
         # whole tail blocks beyond what the committed tokens need go back to the pool
         seq.table.truncate(self.cache.pool, max(seq.num_tokens, seq.full_frontier, seq.slim_frontier))
-        seq.pending_text += seq.detok.add([t for t in kept if t not in self.eos_ids])
+        # the EOS or stop token id that ended the output shows in the text only with
+        # include_stop_str_in_output, as in vLLM; an EOS kept by ignore_eos only without skip_special_tokens
+        ended_by_token = reason == "stop" and ((kept[-1] in self.eos_ids and not sp.ignore_eos)
+                                               or kept[-1] in sp.stop_token_ids)
+        text_ids = kept[:-1] if ended_by_token and not sp.include_stop_str_in_output else kept
+        if sp.skip_special_tokens:
+            text_ids = [t for t in text_ids if t not in self.eos_ids]
+        seq.pending_text += seq.detok.add(text_ids)
         if reason is None and seq.detok.stopped:
             reason = "stop"
         if reason:

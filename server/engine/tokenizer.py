@@ -45,11 +45,15 @@ class Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None, add_special_tokens: bool = False) -> list[int]:
+                            tools: list[dict] | None = None, add_special_tokens: bool = False,
+                            continue_final_message: bool = False, template_kwargs: dict | None = None) -> list[int]:
         """Token ids of a chat (`[{"role": ..., "content": ...}]`) ready for generation; `tools`
-        (OpenAI's function definitions) go to templates that show them."""
+        (OpenAI's function definitions) go to templates that show them; `continue_final_message`
+        leaves the last message open for the model to continue; `template_kwargs` are the
+        template's own variables."""
         text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             tools=tools)
+                                             tools=tools, continue_final_message=continue_final_message,
+                                             **(template_kwargs or {}))
         return self.encode(text, add_special_tokens=add_special_tokens)
 
     def token_strs(self, ids: list[int]) -> list[str]:
@@ -76,13 +80,17 @@ class Tokenizer:
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, holding back bytes of an incomplete
     UTF-8 character, and finds stop strings (the text up to a stop string is kept, the stop
-    string itself is not, as OpenAI does). With `min_tokens`, a stop string counts only where it
-    ends after the text of the first `min_tokens` tokens, as in vLLM."""
+    string itself is not, as OpenAI does, unless `include_stop`). With `min_tokens`, a stop string
+    counts only where it ends after the text of the first `min_tokens` tokens, as in vLLM.
+    `skip_special_tokens` leaves the special tokens' text out."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), min_tokens: int = 0):
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), min_tokens: int = 0,
+                 skip_special_tokens: bool = True, include_stop: bool = False):
         self.tok = tokenizer
         self.stop = stop
         self.min_tokens = min_tokens
+        self.skip_special = skip_special_tokens
+        self.include_stop = include_stop
         self._stop_floor: int | None = None if min_tokens else 0  # stops must end after this character
         self.ids: list[int] = []
         self.text = ""  # text confirmed so far (emitted or ready to emit)
@@ -95,18 +103,20 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self.ids.extend(new_ids)
-        full = self.tok.decode(self.ids)
+        full = self.tok.decode(self.ids, skip_special_tokens=self.skip_special)
         if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more tokens
             full = full.rstrip("\ufffd")
         self.text = full
         if self.stop and self._stop_floor is None and len(self.ids) > self.min_tokens:
-            self._stop_floor = len(self.tok.decode(self.ids[: self.min_tokens]).rstrip("\ufffd"))
+            self._stop_floor = len(self.tok.decode(self.ids[: self.min_tokens], skip_special_tokens=self.skip_special)
+                                   .rstrip("\ufffd"))
         if self.stop and self._stop_floor is not None:
             search_from = max(0, self.emitted - self._max_stop)
-            hits = [i for i in (full.find(s, max(search_from, self._stop_floor - len(s) + 1)) for s in self.stop)
-                    if i >= 0]
+            hits = [(i, len(s)) for s in self.stop
+                    for i in [full.find(s, max(search_from, self._stop_floor - len(s) + 1))] if i >= 0]
             if hits:
-                self.text = full[: min(hits)]
+                at, n = min(hits)
+                self.text = full[: at + n] if self.include_stop else full[:at]
                 self.stopped = True
                 return self._take(len(self.text))
         if self.stop:  # hold back a tail that could still become a stop string

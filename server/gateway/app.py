@@ -4,9 +4,9 @@ Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE), GET /v1/m
 /v1/models/{model}, GET /health (200 when the engine is ready, else 503), GET /metrics (Prometheus
 text), and vLLM's POST /tokenize, POST /detokenize and GET /version.
 
-At the edge, before any route runs (`EdgeMiddleware`): `Authorization: Bearer <key>` on /v1/*,
-/tokenize, /detokenize and /metrics when an API key is set (compared in constant time; /health stays open, and /metrics
-too with `metrics_public`, for a Prometheus that cannot send the key), 503 while draining, the
+At the edge, before any route runs (`EdgeMiddleware`): `Authorization: Bearer <key>` on every
+route when an API key is set (compared in constant time; /health stays open, and /metrics too
+with `metrics_public`, for a Prometheus that cannot send the key), 503 on /v1 while draining, the
 header limit (431 when the request's headers together exceed `max_header_bytes`) and the body
 limit (413 on a Content-Length over the limit, or on a body that grows past it while it streams
 in). Prompt text and keys are never logged at the default level. No route reads or writes files
@@ -85,7 +85,7 @@ class EdgeMiddleware:
                            code="headers_too_large")
             return await err.response()(scope, receive, send)
         headers = {k.lower(): v for k, v in raw_headers}
-        protected = (path.startswith("/v1") or path in ("/tokenize", "/detokenize")
+        protected = (path.startswith("/v1") or path in ("/tokenize", "/detokenize", "/version")
                      or (path == "/metrics" and not self.metrics_public))
         if protected and self.api_key is not None and not self._authorized(headers.get(b"authorization", b"")):
             err = APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",

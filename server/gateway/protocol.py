@@ -143,6 +143,10 @@ class _SamplingFields(LenientModel):
     repetition_penalty: float | None = None  # vLLM extension
     min_p: float | None = None  # vLLM extension
     min_tokens: int = 0  # vLLM extension
+    allowed_token_ids: list[int] | None = None  # vLLM extension
+    skip_special_tokens: bool = True  # vLLM extension
+    include_stop_str_in_output: bool = False  # vLLM extension
+    truncate_prompt_tokens: int | None = None  # vLLM extension: keep the prompt's last k tokens (-1: the context)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None  # vLLM extension
     via_sd: ViaSDOptions | None = None
@@ -163,6 +167,10 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     tools: list[ChatTool] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    # vLLM's chat extensions: how the chat template renders the messages
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the last (assistant) message is continued, not closed
+    chat_template_kwargs: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # false: at most one call
     functions: list[Any] | None = None
     function_call: Any = None
@@ -337,6 +345,8 @@ class TokenizeRequest(LenientModel):
     messages: list[ChatMessage] | None = None
     tools: list[ChatTool] | None = None
     add_generation_prompt: bool = True  # messages only
+    continue_final_message: bool = False  # messages only
+    chat_template_kwargs: dict[str, Any] | None = None  # messages only
     add_special_tokens: bool | None = None  # default: true for a prompt (as /v1/completions), false for messages
     return_token_strs: bool = False
 

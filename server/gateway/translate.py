@@ -152,6 +152,9 @@ def _sampling(
         repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
         min_p=float(req.min_p or 0.0),
         min_tokens=req.min_tokens,
+        allowed_token_ids=None if req.allowed_token_ids is None else tuple(req.allowed_token_ids),
+        skip_special_tokens=req.skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
         structured_outputs=structured,
     )
     if req.seed is not None and not (-(1 << 63) <= req.seed and req.seed + req.n - 1 < (1 << 63)):
@@ -228,7 +231,11 @@ def prepare_completion(req: CompletionRequest, tokenizer, max_model_len: int, mo
         else:
             ids = list(prompt)
             _check_token_ids(ids, getattr(tokenizer, "vocab_size", None), param)
-            text = tokenizer.decode(ids, skip_special_tokens=False) if req.echo and ids else ""
+            text = None
+        kept = _truncated(ids, req.truncate_prompt_tokens, max_model_len)
+        if text is None or len(kept) < len(ids):
+            text = tokenizer.decode(kept, skip_special_tokens=False) if req.echo and kept else ""
+        ids = kept
         remaining = _check_context(len(ids), 1 if score_only else req.max_tokens, max_model_len, param)
         limit = remaining if limit is None else min(limit, remaining)
         ids_list.append(tuple(ids))
@@ -254,6 +261,44 @@ def prepare_completion(req: CompletionRequest, tokenizer, max_model_len: int, mo
         prompt_texts=tuple(texts) if req.echo else (),
         score_only=score_only,
     )
+
+
+def _truncated(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """vLLM's `truncate_prompt_tokens`: the prompt's last `keep` tokens (-1: as many as the
+    context holds)."""
+    if keep is None:
+        return ids
+    if keep != -1 and not 1 <= keep <= max_model_len:
+        raise APIError(400, f"truncate_prompt_tokens must be -1 or in [1, {max_model_len}], got {keep}",
+                       param="truncate_prompt_tokens")
+    keep = max_model_len if keep == -1 else keep
+    return ids[-keep:]
+
+
+def render_chat(req: ChatCompletionRequest | TokenizeRequest, tokenizer, add_special_tokens: bool = False) -> list[int]:
+    """The token ids of `req.messages` through the chat template, with vLLM's template options
+    (`add_generation_prompt`, `continue_final_message`, `chat_template_kwargs`) and the tools."""
+    messages = chat_messages(req)
+    if req.continue_final_message:
+        if req.add_generation_prompt:
+            raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true; "
+                                "set add_generation_prompt to false", param="continue_final_message")
+        if messages[-1]["role"] != "assistant":
+            raise APIError(400, "continue_final_message continues the last message, which must be the assistant's",
+                           param="continue_final_message")
+    kwargs = req.chat_template_kwargs or {}
+    clash = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt", "continue_final_message", "tokenize"})
+    if clash:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(clash)}; use the request's own fields",
+                       param="chat_template_kwargs")
+    tools = [t.model_dump(mode="json", exclude_none=True) for t in req.tools] if req.tools else None
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tools=tools,
+                                             add_special_tokens=add_special_tokens,
+                                             continue_final_message=req.continue_final_message,
+                                             template_kwargs=kwargs or None)
+    except Exception as e:  # a template that rejects the conversation (e.g. role order)
+        raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
 
 
 def chat_messages(req: ChatCompletionRequest | TokenizeRequest) -> list[dict]:
@@ -317,17 +362,10 @@ def prepare_chat(req: ChatCompletionRequest, tokenizer, max_model_len: int, mode
                                 "structured_outputs, or set tool_choice to \"none\"", param="tool_choice")
         structured = tool_structured
     _reject_unsupported(req)
-    messages = chat_messages(req)
-
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-
-    try:
-        tools = [t.model_dump(mode="json", exclude_none=True) for t in req.tools] if req.tools else None
-        ids = tokenizer.apply_chat_template(messages, tools=tools) if tools else tokenizer.apply_chat_template(messages)
-    except Exception as e:  # a template that rejects the conversation (e.g. role order)
-        raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+    ids = _truncated(render_chat(req, tokenizer), req.truncate_prompt_tokens, max_model_len)
 
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -355,13 +393,7 @@ def tokenize(req: TokenizeRequest, tokenizer, max_model_len: int) -> TokenizeRes
         add = True if req.add_special_tokens is None else req.add_special_tokens
         ids = tokenizer.encode(req.prompt, add_special_tokens=add) if req.prompt else []
     else:
-        messages = chat_messages(req)
-        tools = [t.model_dump(mode="json", exclude_none=True) for t in req.tools] if req.tools else None
-        try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tools=tools,
-                                                add_special_tokens=bool(req.add_special_tokens))
-        except Exception as e:
-            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+        ids = render_chat(req, tokenizer, add_special_tokens=bool(req.add_special_tokens))
     return TokenizeResponse(count=len(ids), max_model_len=max_model_len, tokens=ids,
                             token_strs=tokenizer.token_strs(ids) if req.return_token_strs else None)
 

@@ -413,10 +413,13 @@ class ViaSDRunnerMixin:
 
     def _batch_allows_slim(self) -> bool:
         """Whether any row of this batch may take the gate's tokens instead of the full model's:
-        only in an all-greedy batch without logprobs, penalties, `min_tokens` or grammars (whose
-        tokens the full model's adjusted logits decide), over one KV-cache group."""
+        only in an all-greedy batch without logprobs, penalties, `min_tokens`, `allowed_token_ids`,
+        bad words or grammars (whose tokens the full model's adjusted logits decide), over one
+        KV-cache group."""
         sm = self.input_batch.sampling_metadata
         if not sm.all_greedy or sm.max_num_logprobs is not None or not sm.no_penalties:
+            return False
+        if getattr(sm, "allowed_token_ids_mask", None) is not None or getattr(sm, "bad_words_token_ids", None):
             return False
         if any(getattr(getattr(self.requests.get(r), "sampling_params", None), "min_tokens", 0)
                for r in self.input_batch.req_ids):

@@ -351,3 +351,48 @@ def test_min_p_keeps_only_tokens_near_the_top(tiny_model_dir, reference):
     (g,) = generate_checked(eng, [GenerationRequest("g", tuple(p), SamplingParams(
         max_tokens=24, temperature=0.0, ignore_eos=True, min_p=0.5))])
     assert g.token_ids == reference[1]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_allowed_token_ids_bound_every_token_with_or_without_speculation(tiny_model_dir, temperature):
+    allowed = tuple(range(97, 123))  # the letters a-z
+    outs = {}
+    for mode in ("off", "binary"):
+        eng = make_engine(tiny_model_dir, spec={"mode": mode, "adaptive_draft": False})
+        (r,) = generate_checked(eng, [GenerationRequest(f"a{mode}", tuple(PROMPTS[3]), SamplingParams(
+            max_tokens=30, temperature=temperature, seed=5, ignore_eos=True, allowed_token_ids=allowed),
+            SpecParams(mode=mode))])
+        assert set(r.token_ids) <= set(allowed) and r.via_sd.slim_passes == 0
+        outs[mode] = r.token_ids
+    assert outs["binary"] == outs["off"]
+    eng = make_engine(tiny_model_dir, spec={"mode": "off"})
+    for bad in ((), (eng.model.cfg.vocab_size,)):
+        with pytest.raises(RequestRejected) as e:
+            eng.add_request(GenerationRequest("bad", (1, 2, 3), SamplingParams(max_tokens=4, allowed_token_ids=bad)))
+        assert e.value.param == "allowed_token_ids"
+    assert_pool_full(eng)
+
+
+def test_the_stop_string_or_token_in_the_text_only_when_asked(tiny_model_dir):
+    eng = make_engine(tiny_model_dir, spec={"mode": "off"})
+    eos = min(eng.eos_ids)
+    (x,) = eng.tokenizer.encode("x")
+    (y,) = eng.tokenizer.encode("y")
+    n = iter(range(100))
+
+    def text(**kw):
+        (r,) = generate_checked(eng, [GenerationRequest(f"s{next(n)}", tuple(PROMPTS[2]), SamplingParams(
+            **{"max_tokens": 6, "temperature": 0.0, **kw}))])
+        return r.text, r.finish_reason, r.token_ids
+
+    # a stop string: left out, or kept with include_stop_str_in_output
+    assert text(logit_bias=((x, 100.0),), stop=("xx",))[:2] == ("", "stop")
+    assert text(logit_bias=((x, 100.0),), stop=("xx",), include_stop_str_in_output=True)[:2] == ("xx", "stop")
+    # a stop token id: in the token ids either way, in the text only when asked (as vLLM)
+    t, reason, ids = text(logit_bias=((y, 100.0),), stop_token_ids=(y,))
+    assert (t, reason, ids) == ("", "stop", [y])
+    assert text(logit_bias=((y, 100.0),), stop_token_ids=(y,), include_stop_str_in_output=True)[0] == "y"
+    # EOS kept by ignore_eos shows only without skip_special_tokens
+    special = eng.tokenizer.decode([eos], skip_special_tokens=False)
+    assert text(logit_bias=((eos, 100.0),), ignore_eos=True, max_tokens=3)[0] == ""
+    assert text(logit_bias=((eos, 100.0),), ignore_eos=True, max_tokens=3, skip_special_tokens=False)[0] == special * 3

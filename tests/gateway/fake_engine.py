@@ -61,10 +61,13 @@ class FakeTokenizer:
         return out.decode("utf-8", errors="replace")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None, add_special_tokens: bool = False) -> list[int]:
+                            tools: list[dict] | None = None, add_special_tokens: bool = False,
+                            continue_final_message: bool = False, template_kwargs: dict | None = None) -> list[int]:
         ids: list[int] = []
-        for m in messages:
-            ids += [self.IM_START] + self.encode(f"{m['role']}\n{m['content']}") + [self.IM_END] + self.encode("\n")
+        for i, m in enumerate(messages):
+            ids += [self.IM_START] + self.encode(f"{m['role']}\n{m['content']}")
+            if not (continue_final_message and i == len(messages) - 1):
+                ids += [self.IM_END] + self.encode("\n")
         if add_generation_prompt:
             ids += [self.IM_START] + self.encode("assistant\n")
         return ids
@@ -190,7 +193,7 @@ class FakeEngine(AsyncEngineClient):
             self._waiting -= 1
         seq = _Seq(rid, len(request.prompt_token_ids))
         self._seqs[rid] = seq
-        detok = IncrementalDetokenizer(self._tok, sp.stop, sp.min_tokens)
+        detok = IncrementalDetokenizer(self._tok, sp.stop, sp.min_tokens, sp.skip_special_tokens, sp.include_stop_str_in_output)
         source = self._text_source(request)
         usage = SpecUsage()
         mode = request.spec.mode or "three_tier"

@@ -80,6 +80,14 @@ def test_tokenize_counts_what_the_routes_run_on_the_real_tokenizer(real_server):
     assert len(ids) == comp.usage.prompt_tokens
     back = httpx.post(url + "/detokenize", json={"tokens": tok["tokens"]}, timeout=30).json()["prompt"]
     assert back.startswith("<|im_start|>") and "Name a color." in back
+    # vLLM's continue_final_message through the model's own template: the answer is left open
+    msgs += [{"role": "assistant", "content": "My favourite color is"}]
+    opts = {"continue_final_message": True, "add_generation_prompt": False}
+    ids = httpx.post(url + "/tokenize", json={"messages": msgs, **opts}, timeout=30).json()["tokens"]
+    text = httpx.post(url + "/detokenize", json={"tokens": ids}, timeout=30).json()["prompt"]
+    assert text.endswith("<|im_start|>assistant\nMy favourite color is"), text
+    cont = client(url).chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, temperature=0, extra_body=opts)
+    assert cont.usage.prompt_tokens == len(ids) and cont.choices[0].message.content
     wait_idle(engine)
 
 

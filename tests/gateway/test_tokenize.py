@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from server import __version__
 from tests.gateway.conftest import client_for
 from tests.gateway.test_errors import assert_error
 
@@ -67,6 +68,6 @@ async def test_tokenizer_routes_need_the_key_and_version_and_model_card_answer(e
         r = await c.get("/v1/models/fake", headers=auth)
         assert r.status_code == 200 and r.json()["id"] == "fake" and r.json()["object"] == "model"
         assert_error(await c.get("/v1/models/other", headers=auth), 404, param="model", code="model_not_found")
-        r = await c.get("/version")
-        from server import __version__
+        assert_error(await c.get("/version"), 401, code="invalid_api_key")
+        r = await c.get("/version", headers=auth)
         assert r.status_code == 200 and r.json() == {"version": __version__}

@@ -214,9 +214,29 @@ def test_repetition_penalty_and_min_tokens_reach_vllm(server):
     wait_idle(url, engine)
 
 
+def test_allowed_token_ids_and_stop_strings_in_the_text_on_vllm(server):
+    """vLLM's own extensions pass through: every token from `allowed_token_ids` (the plugin runs no
+    slim pass for such a batch), and `include_stop_str_in_output` keeps the stop string."""
+    url, engine = server
+    prompt = "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox"
+    allowed = httpx.post(url + "/tokenize", json={"prompt": prompt}, timeout=30).json()["tokens"]
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0, "via_sd": {"mode": "three_tier"}}
+    r = httpx.post(url + "/v1/completions", json={**body, "allowed_token_ids": allowed, "logprobs": 0}, timeout=120)
+    assert r.status_code == 200, r.text
+    toks = r.json()["choices"][0]["logprobs"]["tokens"]
+    ids = httpx.post(url + "/tokenize", json={"prompt": "".join(toks), "add_special_tokens": False}, timeout=30).json()
+    assert set(ids["tokens"]) <= set(allowed)
+    plain = httpx.post(url + "/v1/completions", json={**body, "stop": [" dog"]}, timeout=120).json()
+    kept = httpx.post(url + "/v1/completions", json={**body, "stop": [" dog"], "include_stop_str_in_output": True},
+                      timeout=120).json()
+    assert kept["choices"][0]["text"] == plain["choices"][0]["text"] + " dog"
+    wait_idle(url, engine)
+
+
 @pytest.mark.parametrize("extra", [{"temperature": 0.8, "seed": 7}, {"logprobs": 2}, {"presence_penalty": 0.5},
-                                   {"repetition_penalty": 0.9}, {"min_tokens": 8}],
-                         ids=["sampled", "logprobs", "penalty", "repetition_penalty", "min_tokens"])
+                                   {"repetition_penalty": 0.9}, {"min_tokens": 8},
+                                   {"allowed_token_ids": list(range(49152))}],
+                         ids=["sampled", "logprobs", "penalty", "repetition_penalty", "min_tokens", "allowed_token_ids"])
 def test_batches_the_slim_tier_cannot_decide_run_no_slim_pass(server, extra):
     """Such a request speculates (vLLM verifies its drafts) but the plugin spends no slim pass
     on it: no row of its batch may take the gate's tokens, so the slim pass would decide nothing."""
