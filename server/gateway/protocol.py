@@ -52,6 +52,7 @@ class ViaSDOptions(LenientModel):
 
 class StreamOptions(LenientModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM extension: with include_usage, `usage` in every chunk too
 
 
 class TextPart(LenientModel):

@@ -3,7 +3,8 @@
 Non-streamed calls collect every choice and answer one JSON body; streamed calls answer SSE
 frames `data: {json}\\n\\n` and end with `data: [DONE]\\n\\n`. Chat streams start with one chunk
 per choice carrying `delta.role`; with `stream_options.include_usage` one last chunk carries
-`usage` and empty `choices` (no other chunk has a `usage` key).
+`usage` and empty `choices` (with vLLM's `continuous_usage_stats` too, every chunk carries the
+usage so far; otherwise no other chunk has a `usage` key).
 """
 
 from __future__ import annotations
@@ -251,13 +252,17 @@ class Serving:
         head = {"id": call_id, "object": obj, "created": created, "model": prep.model}
         states = [ChoiceState() for _ in runs]
         tools = [StreamedToolCalls(prep.tool_mode) for _ in runs] if prep.tool_mode is not None else None
+
+        def chunk(choices: list[dict]) -> bytes:
+            body = {**head, "choices": choices}
+            if prep.continuous_usage:
+                body["usage"] = usage_of(states, prep).model_dump(mode="json")
+            return frame(body)
         try:
             if kind == "chat":
                 for i in range(len(runs)):
-                    yield frame(
-                        {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                              "logprobs": None, "finish_reason": None}]}
-                    )
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}])
             n = len(prep.sampling)
             async for index, out in merged(runs, deadline):
                 check_failed(out)
@@ -275,8 +280,8 @@ class Serving:
                             lp = fmt.completion(out.logprobs or [], state, lp)
                     if text or lp is not None and lp.tokens or out.finished:
                         finish = ("length" if prep.score_only else out.finish_reason) if out.finished else None
-                        yield frame({**head, "choices": [{"index": index, "text": text, "finish_reason": finish,
-                                                          "logprobs": lp.model_dump(mode="json") if lp else None}]})
+                        yield chunk([{"index": index, "text": text, "finish_reason": finish,
+                                      "logprobs": lp.model_dump(mode="json") if lp else None}])
                     continue
                 if not (out.text or out.logprobs or out.finished):
                     continue
@@ -296,7 +301,7 @@ class Serving:
                     choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
                 else:
                     choice = {"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": finish}
-                yield frame({**head, "choices": [choice]})
+                yield chunk([choice])
             if prep.include_usage:
                 usage = usage_of(states, prep)
                 yield frame({**head, "choices": [], "usage": usage.model_dump(mode="json")})

@@ -47,6 +47,7 @@ class PreparedRequest:
     stream: bool
     include_usage: bool
     logprobs: int | None  # None: off; k: the chosen token plus the top k
+    continuous_usage: bool = False  # `usage` (so far) in every chunk, as vLLM's continuous_usage_stats
     # completions' `echo`: each choice starts with its prompt's text (and, with logprobs, the
     # prompt tokens' logprobs); `prompt_texts[p]` is that text
     echo: bool = False
@@ -256,6 +257,8 @@ def prepare_completion(req: CompletionRequest, tokenizer, max_model_len: int, mo
         spec=_validated_spec(req),
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        continuous_usage=bool(req.stream_options and req.stream_options.include_usage
+                              and req.stream_options.continuous_usage_stats),
         logprobs=req.logprobs,
         echo=req.echo,
         prompt_texts=tuple(texts) if req.echo else (),
@@ -378,6 +381,8 @@ def prepare_chat(req: ChatCompletionRequest, tokenizer, max_model_len: int, mode
         spec=_validated_spec(req),
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        continuous_usage=bool(req.stream_options and req.stream_options.include_usage
+                              and req.stream_options.continuous_usage_stats),
         logprobs=logprobs,
         tool_mode=tool_mode,
     )

@@ -70,6 +70,24 @@ async def test_usage_only_in_final_chunk(engine):
                 assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+async def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(engine):
+    """vLLM's `stream_options.continuous_usage_stats`: with include_usage, every chunk carries the
+    usage so far (the prompt from the first one, completion tokens growing), then the final one."""
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    async with client_for(engine) as c:
+        for endpoint, body in (("/v1/chat/completions", HI), ("/v1/completions", {"prompt": "hello", "max_tokens": 7})):
+            r = await c.post(endpoint, json={**body, "stream": True, "stream_options": opts})
+            chunks = [json.loads(f) for f in frames(r.content)[:-1]]
+            assert all("usage" in ch for ch in chunks) and chunks[-1]["choices"] == []
+            done = [ch["usage"]["completion_tokens"] for ch in chunks]
+            assert done == sorted(done) and done[-1] == body["max_tokens"] and done[-2] == done[-1]
+            assert len({ch["usage"]["prompt_tokens"] for ch in chunks}) == 1
+            assert all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] for u in (ch["usage"] for ch in chunks))
+            # without include_usage it does nothing, as in vLLM
+            r = await c.post(endpoint, json={**body, "stream": True, "stream_options": {"continuous_usage_stats": True}})
+            assert all("usage" not in json.loads(f) for f in frames(r.content)[:-1])
+
+
 async def test_stream_joins_to_non_stream_text(engine):
     async with client_for(engine) as c:
         for stop in (None, "x", ["ump", "lazy"]):
