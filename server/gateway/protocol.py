@@ -148,6 +148,7 @@ class _SamplingFields(LenientModel):
     skip_special_tokens: bool = True  # vLLM extension
     include_stop_str_in_output: bool = False  # vLLM extension
     truncate_prompt_tokens: int | None = None  # vLLM extension: keep the prompt's last k tokens (-1: the context)
+    return_tokens_as_token_ids: bool = False  # vLLM extension: logprobs name tokens "token_id:{id}"
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None  # vLLM extension
     via_sd: ViaSDOptions | None = None

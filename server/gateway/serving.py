@@ -109,12 +109,16 @@ def usage_of(states: list[ChoiceState], prep: PreparedRequest) -> Usage:
 
 
 class LogprobFormatter:
-    def __init__(self, tokenizer, top_k: int):
+    """Logprobs in OpenAI's shapes; a token is its text, or `token_id:{id}` with `as_ids` (vLLM's
+    `return_tokens_as_token_ids`, for tokens whose text alone does not say which they are)."""
+
+    def __init__(self, tokenizer, top_k: int, as_ids: bool = False):
         self.tok = tokenizer
         self.k = top_k
+        self.as_ids = as_ids
 
     def _text(self, token_id: int) -> str:
-        return self.tok.token_text(token_id)
+        return f"token_id:{token_id}" if self.as_ids else self.tok.token_text(token_id)
 
     def chat(self, items: list[TokenLogprob]) -> ChatChoiceLogprobs:
         content = []
@@ -177,7 +181,8 @@ class Serving:
             for i, sp in enumerate(prep.sampling)
         ]
         deadline = time.monotonic() + self.timeout_s
-        fmt = LogprobFormatter(self.engine.tokenizer, prep.logprobs or 0) if prep.logprobs is not None else None
+        fmt = (LogprobFormatter(self.engine.tokenizer, prep.logprobs or 0, prep.tokens_as_ids)
+               if prep.logprobs is not None else None)
 
         if prep.stream:
             runs = await until_disconnect(open_runs(self.engine, self.metrics, requests), receive)

@@ -48,6 +48,7 @@ class PreparedRequest:
     include_usage: bool
     logprobs: int | None  # None: off; k: the chosen token plus the top k
     continuous_usage: bool = False  # `usage` (so far) in every chunk, as vLLM's continuous_usage_stats
+    tokens_as_ids: bool = False  # logprobs name tokens "token_id:{id}" (vLLM's return_tokens_as_token_ids)
     # completions' `echo`: each choice starts with its prompt's text (and, with logprobs, the
     # prompt tokens' logprobs); `prompt_texts[p]` is that text
     echo: bool = False
@@ -259,6 +260,7 @@ def prepare_completion(req: CompletionRequest, tokenizer, max_model_len: int, mo
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         continuous_usage=bool(req.stream_options and req.stream_options.include_usage
                               and req.stream_options.continuous_usage_stats),
+        tokens_as_ids=req.return_tokens_as_token_ids,
         logprobs=req.logprobs,
         echo=req.echo,
         prompt_texts=tuple(texts) if req.echo else (),
@@ -383,6 +385,7 @@ def prepare_chat(req: ChatCompletionRequest, tokenizer, max_model_len: int, mode
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         continuous_usage=bool(req.stream_options and req.stream_options.include_usage
                               and req.stream_options.continuous_usage_stats),
+        tokens_as_ids=req.return_tokens_as_token_ids,
         logprobs=logprobs,
         tool_mode=tool_mode,
     )

@@ -67,3 +67,19 @@ async def test_continue_final_message_and_the_template_options(engine):
         ]:
             assert_error(await c.post("/v1/chat/completions", json=body), 400, param=param)
         assert len(engine.requests) == n
+
+
+async def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(engine):
+    async with client_for(engine) as c:
+        r = await c.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 2,
+                                                       "return_tokens_as_token_ids": True})
+        ids = r.json()["choices"][0]["logprobs"]["content"]
+        named = [int(t["token"].removeprefix("token_id:")) for t in ids]
+        assert engine.tokenizer.decode(named) == r.json()["choices"][0]["message"]["content"]
+        assert all(t["bytes"] == list(t["token"].encode()) and t["top_logprobs"][0]["token"].startswith("token_id:")
+                   for t in ids)
+        r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "logprobs": 1, "echo": True,
+                                                  "return_tokens_as_token_ids": True})
+        lp = r.json()["choices"][0]["logprobs"]
+        assert lp["tokens"][:2] == ["token_id:104", "token_id:105"]  # the echoed prompt "hi" (bytes)
+        assert all(t.startswith("token_id:") for t in lp["tokens"])
