@@ -95,8 +95,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     min_p: float = 0.0
-    # vLLM's too: only these tokens may be sampled (None: all)
+    # vLLM's too: only these tokens may be sampled (None: all); `bad_words` may not be written (a
+    # word's last token is masked where the output ends with the tokens before it); the engine
+    # fills `bad_words_token_ids` from them with its tokenizer, as vLLM does
     allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     # the text: special tokens left out (True) or shown; the stop string, or the text of the EOS or
     # stop token id that ended the output, kept at its end (False: left out, as OpenAI does)
     skip_special_tokens: bool = True
@@ -122,7 +126,7 @@ class SamplingParams:
         samples from (`LLMEngine.adjusted_rows`)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
                     or self.repetition_penalty != 1.0 or self.min_tokens or self.allowed_token_ids is not None
-                    or self.structured_outputs is not None)
+                    or self.bad_words or self.structured_outputs is not None)
 
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -153,6 +157,8 @@ class SamplingParams:
             raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise ConfigError("allowed_token_ids must name at least one token", "allowed_token_ids")
+        if len(self.bad_words) > 100 or any(not w.strip() for w in self.bad_words):
+            raise ConfigError("bad_words takes at most 100 words, none of them empty", "bad_words")
         if len(self.logit_bias) > 300:
             raise ConfigError(f"logit_bias takes at most 300 tokens, got {len(self.logit_bias)}", "logit_bias")
         if any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):

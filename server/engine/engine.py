@@ -38,6 +38,20 @@ from via_sd_kernels.sampling import logits_to_probs, position_uniforms, sample_b
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def bad_words_token_ids(tokenizer, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    """vLLM's tokenization of `bad_words`: each word as written and, where that gives another
+    token sequence of the same length, after a space (a word inside the text)."""
+    out: list[tuple[int, ...]] = []
+    for word in words:
+        bare = tuple(tokenizer.encode(word.lstrip()))
+        if bare:
+            out.append(bare)
+        spaced = tuple(tokenizer.encode(" " + word.lstrip()))
+        if spaced and (not bare or (spaced[0] != bare[0] and len(spaced) == len(bare))):
+            out.append(spaced)
+    return tuple(out)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, *, model: LlamaModel | None = None, tokenizer: Tokenizer | None = None):
         self.config = config
@@ -105,6 +119,8 @@ class LLMEngine:
             raise RequestRejected(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
         if any(not (0 <= t < vocab) for t in sampling.allowed_token_ids or ()):
             raise RequestRejected(f"allowed_token_ids must be in [0, {vocab})", "allowed_token_ids")
+        if sampling.bad_words and not sampling.bad_words_token_ids:
+            sampling = replace(sampling, bad_words_token_ids=bad_words_token_ids(self.tokenizer, sampling.bad_words))
         if n_prompt + sampling.max_tokens > self.max_model_len:
             raise RequestRejected(
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
@@ -382,6 +398,15 @@ class LLMEngine:
                 seen[j + 1:, d] = True
             p = sp.repetition_penalty
             rows = torch.where(seen, torch.where(rows > 0, rows / p, rows * p), rows)
+        if sp.bad_words_token_ids:
+            # row j: a word's last token is out where the output and drafts[:j] end with the rest of it
+            past = seq.output_ids + list(drafts)
+            n_out = seq.num_output
+            for j in range(len(drafts) + 1):
+                for word in sp.bad_words_token_ids:
+                    head = list(word[:-1])
+                    if not head or past[max(0, n_out + j - len(head)):n_out + j] == head:
+                        rows[j, word[-1]] = float("-inf")
         if sp.presence_penalty or sp.frequency_penalty:
             # row j counts the output and drafts[:j]
             out = torch.tensor(seq.output_ids, dtype=torch.long, device=dev)

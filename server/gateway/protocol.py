@@ -145,6 +145,7 @@ class _SamplingFields(LenientModel):
     min_p: float | None = None  # vLLM extension
     min_tokens: int = 0  # vLLM extension
     allowed_token_ids: list[int] | None = None  # vLLM extension
+    bad_words: list[str] | None = None  # vLLM extension
     skip_special_tokens: bool = True  # vLLM extension
     include_stop_str_in_output: bool = False  # vLLM extension
     truncate_prompt_tokens: int | None = None  # vLLM extension: keep the prompt's last k tokens (-1: the context)

@@ -155,6 +155,7 @@ def _sampling(
         min_p=float(req.min_p or 0.0),
         min_tokens=req.min_tokens,
         allowed_token_ids=None if req.allowed_token_ids is None else tuple(req.allowed_token_ids),
+        bad_words=tuple(req.bad_words or ()),
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
         structured_outputs=structured,

@@ -147,6 +147,7 @@ def to_vllm_sampling(sp: SamplingParams, spec_extra: dict, logprobs: int | None)
         min_p=sp.min_p,
         min_tokens=sp.min_tokens,
         allowed_token_ids=None if sp.allowed_token_ids is None else list(sp.allowed_token_ids),
+        bad_words=list(sp.bad_words) or None,
         skip_special_tokens=sp.skip_special_tokens,
         include_stop_str_in_output=sp.include_stop_str_in_output,
         structured_outputs=structured,

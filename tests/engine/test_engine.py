@@ -396,3 +396,27 @@ def test_the_stop_string_or_token_in_the_text_only_when_asked(tiny_model_dir):
     special = eng.tokenizer.decode([eos], skip_special_tokens=False)
     assert text(logit_bias=((eos, 100.0),), ignore_eos=True, max_tokens=3)[0] == ""
     assert text(logit_bias=((eos, 100.0),), ignore_eos=True, max_tokens=3, skip_special_tokens=False)[0] == special * 3
+
+
+@pytest.mark.parametrize("mode", ["off", "binary"])
+def test_bad_words_are_never_written(tiny_model_dir, reference, mode):
+    """vLLM's rule: a bad word's last token is masked wherever the output ends with the tokens
+    before it (a one-token word everywhere); the tiny model's tokens are bytes."""
+    from server.engine.engine import bad_words_token_ids
+
+    eng = make_engine(tiny_model_dir, spec={"mode": mode, "adaptive_draft": False})
+    tok = eng.tokenizer
+    plain = tok.decode(reference[1])
+    word = next(plain[i:i + 3] for i in range(len(plain) - 3) if plain[i:i + 3].strip() == plain[i:i + 3]
+                and len(tok.encode(plain[i:i + 3])) == 3)
+    assert bad_words_token_ids(tok, (word,))[0] == tuple(tok.encode(word))
+    (r,) = generate_checked(eng, [GenerationRequest("w", tuple(PROMPTS[1]), SamplingParams(
+        max_tokens=24, temperature=0.0, ignore_eos=True, bad_words=(word,)), SpecParams(mode=mode))])
+    assert word not in r.text and r.token_ids != reference[1]
+    # the output up to where the word would have been written is the plain one
+    cut = plain.index(word) + 2
+    assert r.text[:cut] == plain[:cut]
+    # a one-token word is out everywhere
+    (one,) = generate_checked(eng, [GenerationRequest("o", tuple(PROMPTS[1]), SamplingParams(
+        max_tokens=24, temperature=0.0, ignore_eos=True, bad_words=(plain[0],)), SpecParams(mode=mode))])
+    assert reference[1][0] not in one.token_ids

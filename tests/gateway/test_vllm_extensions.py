@@ -16,13 +16,15 @@ CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
 async def test_sampling_extensions_reach_the_engine(engine):
     async with client_for(engine) as c:
         r = await c.post("/v1/chat/completions", json={
-            **CHAT, "allowed_token_ids": [97, 98], "skip_special_tokens": False, "include_stop_str_in_output": True})
+            **CHAT, "allowed_token_ids": [97, 98], "skip_special_tokens": False, "include_stop_str_in_output": True,
+            "bad_words": ["foo", "bar baz"]})
         assert r.status_code == 200, r.text
         r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert r.status_code == 200, r.text
     a, b = (q.sampling for q in engine.requests)
     assert (a.allowed_token_ids, a.skip_special_tokens, a.include_stop_str_in_output) == ((97, 98), False, True)
     assert (b.allowed_token_ids, b.skip_special_tokens, b.include_stop_str_in_output) == (None, True, False)
+    assert (a.bad_words, b.bad_words) == (("foo", "bar baz"), ())
 
 
 async def test_truncate_prompt_tokens_keeps_the_prompts_end(engine):
@@ -64,6 +66,7 @@ async def test_continue_final_message_and_the_template_options(engine):
             ({**CHAT, "continue_final_message": True, "add_generation_prompt": False}, "continue_final_message"),
             ({**CHAT, "chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
             ({**CHAT, "allowed_token_ids": []}, "allowed_token_ids"),
+            ({**CHAT, "bad_words": ["ok", " "]}, "bad_words"),
         ]:
             assert_error(await c.post("/v1/chat/completions", json=body), 400, param=param)
         assert len(engine.requests) == n

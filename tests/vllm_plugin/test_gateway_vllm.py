@@ -235,8 +235,9 @@ def test_allowed_token_ids_and_stop_strings_in_the_text_on_vllm(server):
 
 @pytest.mark.parametrize("extra", [{"temperature": 0.8, "seed": 7}, {"logprobs": 2}, {"presence_penalty": 0.5},
                                    {"repetition_penalty": 0.9}, {"min_tokens": 8},
-                                   {"allowed_token_ids": list(range(49152))}],
-                         ids=["sampled", "logprobs", "penalty", "repetition_penalty", "min_tokens", "allowed_token_ids"])
+                                   {"allowed_token_ids": list(range(49152))}, {"bad_words": ["zebra"]}],
+                         ids=["sampled", "logprobs", "penalty", "repetition_penalty", "min_tokens", "allowed_token_ids",
+                              "bad_words"])
 def test_batches_the_slim_tier_cannot_decide_run_no_slim_pass(server, extra):
     """Such a request speculates (vLLM verifies its drafts) but the plugin spends no slim pass
     on it: no row of its batch may take the gate's tokens, so the slim pass would decide nothing."""
