@@ -78,6 +78,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), most likely first
+    rank: int | None = None  # the token's rank in its row (1: the most likely); prompt logprobs only
 
 
 @dataclass(frozen=True)

@@ -313,7 +313,8 @@ class LLMEngine:
                 if upto > lo and len(seq.prompt_logprobs) >= first:
                     ids = torch.tensor(seq.token_ids[lo:upto], device=out.logits.device)
                     rows = out.logits[at + lo - first: at + upto - first]
-                    seq.prompt_logprobs.extend(self._logprobs_of(rows, ids, seq.request.sampling.prompt_logprobs))
+                    seq.prompt_logprobs.extend(self._logprobs_of(rows, ids, seq.request.sampling.prompt_logprobs,
+                                                                 ranks=True))
             if s.decode:
                 keep.append(at + n - 1)
             at += n
@@ -323,14 +324,17 @@ class LLMEngine:
         return dataclasses.replace(out, logits=out.logits[idx], hidden=hidden)
 
     @staticmethod
-    def _logprobs_of(logits: torch.Tensor, ids: torch.Tensor, k: int) -> list[TokenLogprob]:
-        """Each row's log-probability of its token in `ids`, with the row's top k."""
+    def _logprobs_of(logits: torch.Tensor, ids: torch.Tensor, k: int, ranks: bool = False) -> list[TokenLogprob]:
+        """Each row's log-probability of its token in `ids`, with the row's top k (and, with
+        `ranks`, the token's rank: 1 + the tokens more likely than it)."""
         lsm = torch.log_softmax(logits.float(), -1)
-        chosen = lsm.gather(-1, ids.view(-1, 1)).squeeze(-1).tolist()
+        chosen_t = lsm.gather(-1, ids.view(-1, 1))
+        rank = ((lsm > chosen_t).sum(-1) + 1).tolist() if ranks else [None] * len(ids)
+        chosen = chosen_t.squeeze(-1).tolist()
         top_v, top_i = lsm.topk(max(k, 1), -1)
         top_v, top_i = top_v[:, :k].tolist(), top_i[:, :k].tolist()
-        return [TokenLogprob(int(t), float(c), tuple(zip(ti, tv)))
-                for t, c, ti, tv in zip(ids.tolist(), chosen, top_i, top_v)]
+        return [TokenLogprob(int(t), float(c), tuple(zip(ti, tv)), r)
+                for t, c, ti, tv, r in zip(ids.tolist(), chosen, top_i, top_v, rank)]
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor):  # logits [B, V]
         """One new token per sequence; the per-step host sync happens here."""

@@ -150,6 +150,7 @@ class _SamplingFields(LenientModel):
     include_stop_str_in_output: bool = False  # vLLM extension
     truncate_prompt_tokens: int | None = None  # vLLM extension: keep the prompt's last k tokens (-1: the context)
     return_tokens_as_token_ids: bool = False  # vLLM extension: logprobs name tokens "token_id:{id}"
+    prompt_logprobs: int | None = None  # vLLM extension: each prompt token's logprob and rank, with the top k
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None  # vLLM extension
     via_sd: ViaSDOptions | None = None
@@ -239,11 +240,25 @@ class CompletionLogprobs(OpenAIModel):
 FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
+class PromptLogprob(OpenAIModel):
+    """vLLM's entry of `prompt_logprobs`: one token at one prompt position."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's `prompt_logprobs`: null for the first prompt token, then per position {token id: entry}
+# for the prompt's token and the top k there
+PromptLogprobs = list[Union[dict[str, PromptLogprob], None]]
+
+
 class CompletionChoice(OpenAIModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extension
 
 
 class CompletionResponse(OpenAIModel):
@@ -297,6 +312,7 @@ class ChatCompletionResponse(OpenAIModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extension
 
 
 class DeltaMessage(OpenAIModel):

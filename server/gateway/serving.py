@@ -29,6 +29,8 @@ from server.gateway.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    PromptLogprob,
+    PromptLogprobs,
     PromptTokensDetails,
     TopLogprob,
     Usage,
@@ -119,6 +121,10 @@ class LogprobFormatter:
 
     def _text(self, token_id: int) -> str:
         return f"token_id:{token_id}" if self.as_ids else self.tok.token_text(token_id)
+
+    def prompt_entry(self, token_id: int, logprob: float, rank: int | None) -> PromptLogprob:
+        # vLLM floors the logprob at -9999 (JSON has no -inf)
+        return PromptLogprob(logprob=max(logprob, -9999.0), rank=rank, decoded_token=self._text(token_id))
 
     def chat(self, items: list[TokenLogprob]) -> ChatChoiceLogprobs:
         content = []
@@ -218,6 +224,7 @@ class Serving:
                     for i, s in enumerate(states)
                 ],
                 usage=usage,
+                prompt_logprobs=self._prompt_logprobs(prep, 0, states[0]),
             )
         choices = []
         for i, s in enumerate(states):
@@ -227,7 +234,8 @@ class Serving:
                 if fmt:
                     logprobs = fmt.completion(s.logprobs, s, logprobs)
             choices.append(CompletionChoice(index=i, text=text, logprobs=logprobs,
-                                            finish_reason="length" if prep.score_only else s.finish_reason))
+                                            finish_reason="length" if prep.score_only else s.finish_reason,
+                                            prompt_logprobs=self._prompt_logprobs(prep, i // n, s)))
         return CompletionResponse(id=call_id, created=created, model=prep.model, choices=choices, usage=usage)
 
     @staticmethod
@@ -241,6 +249,24 @@ class Serving:
                               finish_reason=state.finish_reason)
         return ChatChoice(index=i, message=AssistantMessage(content=None, tool_calls=calls), logprobs=logprobs,
                           finish_reason="tool_calls")
+
+    def _prompt_logprobs(self, prep: PreparedRequest, p: int, state: ChoiceState) -> PromptLogprobs | None:
+        """vLLM's `prompt_logprobs` of prompt `p`: null for its first token, then per position the
+        prompt token's logprob, rank and text, and the top k there (ranks 1..k)."""
+        k = prep.prompt_logprobs
+        if k is None or state.prompt_logprobs is None:
+            return None
+        fmt = LogprobFormatter(self.engine.tokenizer, k, prep.tokens_as_ids)
+        out: PromptLogprobs = [None]
+        for tid, lp in zip(prep.prompts[p][1:], state.prompt_logprobs[1:]):
+            if lp is None:
+                out.append(None)
+                continue
+            entry = {str(tid): fmt.prompt_entry(tid, lp.logprob, lp.rank)}
+            for rank, (top_id, v) in enumerate(lp.top[:k], 1):
+                entry.setdefault(str(top_id), fmt.prompt_entry(top_id, v, rank))
+            out.append(entry)
+        return out
 
     @staticmethod
     def _echo(prep: PreparedRequest, p: int, state: ChoiceState, fmt) -> tuple[str, CompletionLogprobs | None]:

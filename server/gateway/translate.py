@@ -55,6 +55,7 @@ class PreparedRequest:
     prompt_texts: tuple[str, ...] = ()
     # echo with max_tokens 0: the prompt alone (scored); the engine runs one token, not shown
     score_only: bool = False
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and rank, with the top k
     # chat with a forcing tool_choice: the answer is returned as tool calls
     tool_mode: ToolMode | None = None
 
@@ -71,6 +72,9 @@ def _reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
         raise APIError(400, f"n must be between 1 and {MAX_N}, got {req.n}", param="n")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    if req.stream and req.prompt_logprobs is not None:
+        raise APIError(400, "prompt_logprobs are not available when stream is true (as in vLLM)",
+                       param="prompt_logprobs")
 
 
 def _check_context(
@@ -156,6 +160,7 @@ def _sampling(
         min_tokens=req.min_tokens,
         allowed_token_ids=None if req.allowed_token_ids is None else tuple(req.allowed_token_ids),
         bad_words=tuple(req.bad_words or ()),
+        prompt_logprobs=req.prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
         structured_outputs=structured,
@@ -251,7 +256,8 @@ def prepare_completion(req: CompletionRequest, tokenizer, max_model_len: int, mo
         max_tokens = min(COMPLETION_DEFAULT_MAX_TOKENS, limit)
     sampling = _sampling(req, max_tokens, "max_tokens", req.logprobs, "logprobs", constraint(req))
     if req.echo and req.logprobs is not None:
-        sampling = tuple(replace(sp, prompt_logprobs=req.logprobs) for sp in sampling)
+        # the engine reads the prompt's logprobs once, with the larger top k of the two asks
+        sampling = tuple(replace(sp, prompt_logprobs=max(req.logprobs, req.prompt_logprobs or 0)) for sp in sampling)
     return PreparedRequest(
         model=model,
         prompts=tuple(ids_list),
@@ -262,6 +268,7 @@ def prepare_completion(req: CompletionRequest, tokenizer, max_model_len: int, mo
         continuous_usage=bool(req.stream_options and req.stream_options.include_usage
                               and req.stream_options.continuous_usage_stats),
         tokens_as_ids=req.return_tokens_as_token_ids,
+        prompt_logprobs=req.prompt_logprobs,
         logprobs=req.logprobs,
         echo=req.echo,
         prompt_texts=tuple(texts) if req.echo else (),
@@ -387,6 +394,7 @@ def prepare_chat(req: ChatCompletionRequest, tokenizer, max_model_len: int, mode
         continuous_usage=bool(req.stream_options and req.stream_options.include_usage
                               and req.stream_options.continuous_usage_stats),
         tokens_as_ids=req.return_tokens_as_token_ids,
+        prompt_logprobs=req.prompt_logprobs,
         logprobs=logprobs,
         tool_mode=tool_mode,
     )

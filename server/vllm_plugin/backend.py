@@ -436,5 +436,6 @@ def _logprobs(ids: list[int], lps) -> list[TokenLogprob] | None:
     for tid, d in zip(ids, lps):
         chosen = d.get(tid)
         top = sorted(((t, lp.logprob) for t, lp in d.items()), key=lambda x: -x[1])
-        out.append(TokenLogprob(tid, chosen.logprob if chosen else float("-inf"), tuple(top)))
+        out.append(TokenLogprob(tid, chosen.logprob if chosen else float("-inf"), tuple(top),
+                                getattr(chosen, "rank", None)))
     return out

@@ -172,3 +172,57 @@ async def test_penalties_and_logit_bias_reach_the_engine(engine):
     assert (b.presence_penalty, b.frequency_penalty, b.logit_bias) == (0.0, 2.0, ())
     assert (a.repetition_penalty, a.min_p, a.min_tokens) == (1.2, 0.1, 2)
     assert (b.repetition_penalty, b.min_p, b.min_tokens) == (1.0, 0.0, 0)
+
+
+async def test_prompt_logprobs_are_the_models_with_ranks_on_both_routes(tiny_engine):
+    """vLLM's `prompt_logprobs`: null first, then per prompt position {token id: {logprob, rank,
+    decoded_token}} for the prompt's token (its true rank) and the top k (ranks 1..k)."""
+    from transformers import AutoModelForCausalLM
+
+    folder, config, async_engine = tiny_engine
+    engine = async_engine.EmbeddedAsyncEngine(config)
+    await engine.start()
+    m = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    tok = engine.tokenizer
+
+    def check(ids, plp, k):
+        with torch.inference_mode():
+            lsm = torch.log_softmax(m(torch.tensor([ids])).logits[0].float(), -1)
+        assert len(plp) == len(ids) and plp[0] is None
+        for j in range(1, len(ids)):
+            row, entry = lsm[j - 1], plp[j]
+            mine = entry[str(ids[j])]
+            assert mine["logprob"] == pytest.approx(float(row[ids[j]]), abs=1e-4)
+            assert mine["rank"] == int((row > row[ids[j]]).sum()) + 1
+            assert mine["decoded_token"] == tok.token_text(ids[j])
+            top = row.topk(k).indices.tolist()
+            assert all(entry[str(t)]["rank"] == r for r, t in enumerate(top, 1) if t != ids[j])
+            assert set(entry) == {str(ids[j])} | {str(t) for t in top}
+
+    try:
+        async with client_for(engine, served_model_names=["tiny"]) as c:
+            prompt = [(5 * j) % 250 + 1 for j in range(12)]
+            r = await c.post("/v1/completions", json={"model": "tiny", "prompt": [prompt, prompt[:7]], "max_tokens": 2,
+                                                      "temperature": 0, "prompt_logprobs": 3})
+            assert r.status_code == 200, r.text
+            check(prompt, r.json()["choices"][0]["prompt_logprobs"], 3)
+            check(prompt[:7], r.json()["choices"][1]["prompt_logprobs"], 3)
+            msgs = [{"role": "user", "content": "hello there"}]
+            r = await c.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 2,
+                                                           "prompt_logprobs": 0, "logprobs": True})
+            assert r.status_code == 200, r.text
+            check(tok.apply_chat_template(msgs), r.json()["prompt_logprobs"], 0)
+            assert r.json()["choices"][0]["logprobs"]["content"]  # the output's logprobs as before
+            # without the field, null; streamed, a 400 (as in vLLM)
+            r = await c.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 1})
+            assert r.json()["choices"][0]["prompt_logprobs"] is None
+            r = await c.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 1,
+                                                      "prompt_logprobs": 1, "stream": True})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
+            r = await c.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 1,
+                                                      "prompt_logprobs": 21})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
+        s = engine.stats()
+        assert s.requests_running == 0 and s.kv_cache_usage == 0
+    finally:
+        await engine.shutdown(grace_s=1)

@@ -208,6 +208,20 @@ def test_min_tokens_reaches_vllm(server):
     wait_idle(url, engine)
 
 
+def test_prompt_logprobs_with_ranks_on_vllm(server):
+    url, engine = server
+    ids = httpx.post(url + "/tokenize", json={"prompt": "The capital of France is"}, timeout=30).json()["tokens"]
+    r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": ids, "max_tokens": 1, "temperature": 0,
+                                                  "prompt_logprobs": 2}, timeout=120)
+    assert r.status_code == 200, r.text
+    plp = r.json()["choices"][0]["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    for tid, entry in zip(ids[1:], plp[1:]):
+        assert entry[str(tid)]["rank"] >= 1 and entry[str(tid)]["logprob"] <= 0
+        assert sorted(e["rank"] for t, e in entry.items() if t != str(tid))[:1] in ([1], [2])
+    wait_idle(url, engine)
+
+
 def test_allowed_token_ids_and_stop_strings_in_the_text_on_vllm(server):
     """vLLM's own extensions pass through: every token from `allowed_token_ids` (the plugin runs no
     slim pass for such a batch), and `include_stop_str_in_output` keeps the stop string."""
