@@ -30,6 +30,14 @@ from server.gateway.protocol import (
 )
 
 _REF = "#/components/schemas/{model}"
+# one event of a stream (what schema-driven tools check each parsed event against): `data` is a
+# chunk's JSON text, or `[DONE]` last
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"},
+                   "retry": {"type": "integer"}},
+    "required": ["data"],
+}
 _ERROR_STATUSES = {
     "400": "Invalid request (OpenAI error shape)",
     "401": "Missing or invalid API key",
@@ -71,7 +79,7 @@ def build_openapi(app: FastAPI) -> dict:
         op["requestBody"] = {"required": True, "content": {
             "application/json": {"schema": _schema(request_model, components, "validation")}}}
         ok = _json(_schema(response_model, components, "serialization"), "The completion, or SSE frames when stream is true")
-        ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+        ok["content"]["text/event-stream"] = {"schema": _SSE_EVENT}
         op["responses"] = {"200": ok, **errors}
     models = paths["/v1/models"]["get"]
     models["responses"] = {"200": _json(_schema(ModelList, components, "serialization"), "Served models"),
