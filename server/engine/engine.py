@@ -352,7 +352,7 @@ class LLMEngine:
                 torch.tensor([p.temperature for p in sp], device=dev),
                 torch.tensor([p.top_k for p in sp], device=dev),
                 torch.tensor([p.top_p for p in sp], device=dev),
-                torch.tensor([p.min_p for p in sp], device=dev),
+                torch.tensor([p.min_p for p in sp], device=dev) if any(p.min_p for p in sp) else None,
             )
             # one uniform per request and position, so a seed gives the same text anywhere, whatever
             # the batch and however speculation cut the steps

@@ -385,7 +385,7 @@ class SpecDecoder:
             torch.tensor([p.temperature for p in sp], device=dev).repeat_interleave(rep),
             torch.tensor([p.top_k for p in sp], device=dev).repeat_interleave(rep),
             torch.tensor([p.top_p for p in sp], device=dev).repeat_interleave(rep),
-            torch.tensor([p.min_p for p in sp], device=dev).repeat_interleave(rep),
+            torch.tensor([p.min_p for p in sp], device=dev).repeat_interleave(rep) if any(p.min_p for p in sp) else None,
         )
 
     @staticmethod
