@@ -114,19 +114,19 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    @property
-    def argmax_only(self) -> bool:
-        """Only the argmax of each position's logits is read: greedy, without logprobs (a pass
-        of such requests may read the LM head in fp16, model.GreedyHead)."""
-        return self.greedy and self.logprobs is None and not self.adjusts_logits
+    def argmax_only(self, num_output: int = 0) -> bool:
+        """Only the argmax of each position's logits is read, once the output has `num_output`
+        tokens: greedy, without logprobs, nothing adjusting the logits (a pass of such requests
+        may read the LM head in fp16, model.GreedyHead)."""
+        return self.greedy and self.logprobs is None and not self.adjusts_logits(num_output)
 
-    @property
-    def adjusts_logits(self) -> bool:
-        """Penalties, a logit bias or a structured-output constraint move the logits this request
-        samples from (`LLMEngine.adjusted_rows`)."""
+    def adjusts_logits(self, num_output: int = 0) -> bool:
+        """Penalties, a logit bias, a structured-output constraint, or `min_tokens` not yet reached
+        by an output of `num_output` tokens, move the logits this request samples from
+        (`LLMEngine.adjusted_rows`)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
-                    or self.repetition_penalty != 1.0 or self.min_tokens or self.allowed_token_ids is not None
-                    or self.bad_words or self.structured_outputs is not None)
+                    or self.repetition_penalty != 1.0 or self.min_tokens > num_output
+                    or self.allowed_token_ids is not None or self.bad_words or self.structured_outputs is not None)
 
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:

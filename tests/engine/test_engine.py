@@ -330,6 +330,25 @@ def test_min_tokens_holds_back_eos_stop_token_ids_and_stop_strings(tiny_model_di
     assert gen(max_tokens=4, min_tokens=4, ignore_eos=True).finish_reason == "length"
 
 
+def test_min_tokens_adjusts_only_until_it_is_reached(tiny_model_dir):
+    sp = SamplingParams(max_tokens=20, temperature=0.0, min_tokens=6)
+    assert [sp.adjusts_logits(n) for n in (0, 5, 6, 7)] == [True, True, False, False]
+    assert [sp.argmax_only(n) for n in (5, 6)] == [False, True]
+    assert SamplingParams(max_tokens=20, temperature=0.0, min_tokens=6, logit_bias=((3, 1.0),)).adjusts_logits(9)
+    # past min_tokens, a three_tier request takes the slim tier again (it sits out while rows are masked)
+    forced = {"mode": "three_tier", "accept_threshold": 0.3, "escalate_threshold": 0.1, "bonus_confidence": 0.0,
+              "controller": False, "slim_confidence": 0.0, "adaptive_draft": False}
+    eng = make_engine(tiny_model_dir, spec=forced)
+
+    def slim_passes(min_tokens):
+        (r,) = generate_checked(eng, [GenerationRequest(f"m{min_tokens}", tuple(PROMPTS[0]), SamplingParams(
+            max_tokens=40, temperature=0.0, ignore_eos=True, min_tokens=min_tokens), SpecParams(mode="three_tier"))])
+        assert len(r.token_ids) == 40
+        return r.via_sd.slim_passes
+
+    assert slim_passes(40) == 0 and slim_passes(10) > 0
+
+
 def test_min_p_keeps_only_tokens_near_the_top(tiny_model_dir, reference):
     eng = make_engine(tiny_model_dir, spec={"mode": "off"})
     p = PROMPTS[1]
