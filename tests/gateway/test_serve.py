@@ -139,6 +139,21 @@ def test_missing_vllm_backend_is_a_clear_exit(tmp_path, monkeypatch):
         PluginSettings.from_dict({"full_accept_threshold": 1.5})
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 180.0) -> None:
+    """Until `url`/health answers 200; fails with the server's output if it exits first. Generous:
+    a box busy with other work starts a server (imports, the kernels' load) slowly."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the server did not become healthy"
+        time.sleep(0.05)
+
+
 def test_sigterm_drains_and_exits_zero():
     port = free_port()
     proc = subprocess.Popen(
@@ -149,16 +164,7 @@ def test_sigterm_drains_and_exits_zero():
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become healthy"
-            time.sleep(0.05)
+        wait_healthy(proc, url)
 
         # a streamed request is surely in flight once its first chunk has arrived
         body = {"prompt": "abc", "max_tokens": 120, "temperature": 0, "stream": True}  # ~2 s of fake steps
@@ -204,17 +210,7 @@ def test_run_serve_with_embedded_engine_end_to_end(tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        # generous: a box busy with other work starts a server (imports, the kernels' load) slowly
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become healthy"
-            time.sleep(0.1)
+        wait_healthy(proc, url)
         assert httpx.get(url + "/v1/models", timeout=5).status_code == 401
         r = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}, timeout=5)
         assert [m["id"] for m in r.json()["data"]] == ["tiny"]
