@@ -39,9 +39,9 @@ test-fast: install-test
 	$(PY) -m pytest -q -m "not real_model and not slow and not vllm"
 
 # the README's latest Spec-Bench tables, lossless and with the lossy knobs (50-95 minutes on 2
-# cores; `vllm-env` for the vLLM rows)
+# cores; `vllm-env` for the vLLM rows; mk/llamacpp.mk builds llama.cpp for its rows)
 bench: install
-	$(VENV)/bin/via-sd bench --prompts ../shared/data/spec_bench/question.jsonl --categories mt_bench,translation,summarization,qa,math_reasoning,rag --limit-per-category 10 --max-tokens 128 --modes off,binary,three_tier --drafters ngram,head,self,hybrid --peers hf,hf_pld,vllm,vllm_ngram --repeats 2 --peer-repeats 1 --out benchmarks/results/latest.json
+	$(VENV)/bin/via-sd bench --prompts ../shared/data/spec_bench/question.jsonl --categories mt_bench,translation,summarization,qa,math_reasoning,rag --limit-per-category 10 --max-tokens 128 --modes off,binary,three_tier --drafters ngram,head,self,hybrid --peers hf,hf_pld,vllm,vllm_ngram,llamacpp,llamacpp_pld --repeats 2 --peer-repeats 1 --out benchmarks/results/latest.json
 	$(VENV)/bin/via-sd bench --prompts ../shared/data/spec_bench/question.jsonl --categories mt_bench,translation,summarization,qa,math_reasoning,rag --limit-per-category 10 --max-tokens 128 --modes off,three_tier --drafters hybrid --peers '' --prefill-dtype auto,bfloat16 --sweep f=0.2 --sweep-mode full --repeats 2 --out benchmarks/results/latest_lossy.json
 
 clean:

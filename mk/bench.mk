@@ -5,7 +5,7 @@ BENCH_PROMPTS ?= ../shared/data/spec_bench/question.jsonl
 BENCH_CATEGORIES ?= mt_bench,translation,summarization,qa,math_reasoning,rag
 BENCH_LIMIT ?= 2
 BENCH_MAX_TOKENS ?= 64
-BENCH_PEERS ?= hf,hf_pld,vllm,vllm_ngram,vllm_three_tier
+BENCH_PEERS ?= hf,hf_pld,vllm,vllm_ngram,vllm_three_tier,llamacpp,llamacpp_pld
 BENCH_OUT ?= benchmarks/results
 
 .PHONY: bench-install bench-quick bench-sweep bench-load

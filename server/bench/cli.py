@@ -5,7 +5,7 @@ machine's drift falls on all of them alike), each peer in a process of its own.
 
     via-sd bench --prompts question.jsonl [--categories a,b] [--limit-per-category N]
         [--max-tokens N] [--modes off,binary,three_tier] [--drafters ngram,...]
-        [--peers hf,hf_pld,vllm,vllm_ngram,vllm_three_tier] [--temperature T] [--sweep [SPEC]] --out FILE.json
+        [--peers hf,hf_pld,vllm,vllm_ngram,vllm_three_tier,llamacpp,llamacpp_pld] [--temperature T] [--sweep [SPEC]] --out FILE.json
 
 Writes FILE.json (`{"machine", "model", "command", "date", "settings", "runs", "skipped",
 "sweep"?, "outputs"}`), FILE.outputs.jsonl (one line per run and prompt: the text and token ids),
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="our rows' sampled requests carry no seed, as most API clients send them (peers keep theirs)")
     p.add_argument("--modes", default="off,binary,three_tier", help=f"of {', '.join(SPEC_MODES)}")
     p.add_argument("--drafters", default=None, help=f"of {', '.join(DRAFTERS)}; default: the engine's default drafter")
-    p.add_argument("--peers", default="hf,hf_pld,vllm,vllm_ngram,vllm_three_tier", help=f"of {', '.join(PEERS)}; '' for none")
+    p.add_argument("--peers", default="hf,hf_pld,vllm,vllm_ngram,vllm_three_tier,llamacpp,llamacpp_pld", help=f"of {', '.join(PEERS)}; '' for none")
     p.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens of the hf_pld row")
     p.add_argument("--model", default=None, help="bundled model name or a local folder (default: the bundled model)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every row (default: all cores)")
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompt by prompt in one process")
     p.add_argument("--repeats", type=int, default=1, help="run every row this many times; each prompt keeps its fastest")
     p.add_argument("--peer-repeats", type=int, default=None,
-                   help="runs of the peer rows (hf, vllm); default: --repeats (a peer row takes minutes)")
+                   help="runs of the peer rows (hf, vllm, llamacpp); default: --repeats (a peer row takes minutes)")
     p.add_argument("--sweep", nargs="?", const="default", default=None,
                    help="sweep three_tier settings: 'accept_threshold=0.6,0.8;escalate_threshold=...;slim_confidence=...;"
                         "bonus_confidence=...;gamma=3,5;controller=0;full_accept_threshold=0.1,0.3;lenient_no_repeat=0,4' "
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if not prompts:
         return _die("no prompt selected")
 
-    from server.engine.model_files import prepare_model
+    from server.engine.model_files import model_gguf, prepare_model
     from server.engine.tokenizer import Tokenizer
 
     try:
@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
            # the rows' setting when one is asked for; with both, the +bf16 rows carry their own
            "kv_cache_dtype": args.kv_cache_dtype, "prefill_dtype": prefill_dtypes[0],
            "head_path": heads[0] if heads else None,
+           "gguf": str(model_gguf(args.model) or "") or None,  # for the llama.cpp rows
            "max_model_len": min(model_max, -(-(longest + args.max_tokens + 16) // 256) * 256)}
     vllm_python = find_vllm_python(args.vllm_python)
     out = Path(args.out)

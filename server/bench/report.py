@@ -82,7 +82,7 @@ def build_run(row, result: dict, prompts: list, texts: dict, off_ids: dict | Non
         items.append({**o, "category": p.category, "references": p.references, "text": texts[o["question_id"]]})
     peer = row.kind != "engine"
     run = {"name": row.name, "kind": row.kind}
-    for k in ("mode", "drafter", "params", "prompt_lookup_num_tokens", "speculative_config", "engine"):
+    for k in ("mode", "drafter", "params", "prompt_lookup_num_tokens", "speculative_config", "prompt_lookup", "engine"):
         v = getattr(row, k)
         if v not in (None, {}):
             run[k] = v
@@ -98,8 +98,9 @@ def build_run(row, result: dict, prompts: list, texts: dict, off_ids: dict | Non
             m["quality"] = Q.score(sub, off_ids)
             run["per_category"][cat] = m
     run["load_seconds"] = result.get("load_seconds")
-    if result.get("vllm_version"):
-        run["vllm_version"] = result["vllm_version"]
+    for k in ("vllm_version", "llama_cpp_version"):
+        if result.get(k):
+            run[k] = result[k]
     return run
 
 

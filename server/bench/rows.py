@@ -1,9 +1,11 @@
 """Benchmark rows: which engine modes, drafters and peers run, and their names.
 
 Names (DESIGN.md section 4): `off`; `binary` and `three_tier` with the engine's default drafter,
-`<mode>_<drafter>` with another (`three_tier_head`); peers `hf`, `hf_pld`, `vllm`, `vllm_ngram`, and
-`vllm_three_tier`: our vLLM plugin (server/vllm_plugin) on vLLM's engine, with the same n-gram
-drafts as `vllm_ngram` and the slim tier's skip schedule.
+`<mode>_<drafter>` with another (`three_tier_head`); peers `hf`, `hf_pld`, `vllm`, `vllm_ngram`,
+`vllm_three_tier` (our vLLM plugin, server/vllm_plugin, on vLLM's engine, with the same n-gram
+drafts as `vllm_ngram` and the slim tier's skip schedule), and `llamacpp`, `llamacpp_pld`:
+llama.cpp (through llama-cpp-python) on the model's GGUF file, plain and with its prompt-lookup
+drafts.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from pathlib import Path
 
 from server.engine.config import DRAFTERS, SPEC_MODES, SpecConfig
 
-PEERS = ("hf", "hf_pld", "vllm", "vllm_ngram", "vllm_three_tier")
+PEERS = ("hf", "hf_pld", "vllm", "vllm_ngram", "vllm_three_tier", "llamacpp", "llamacpp_pld")
 # Prompt lookup as Hugging Face documents it; 10 candidate tokens is its suggested setting.
 HF_PLD_TOKENS = 10
 VLLM_NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}
+# llama-cpp-python's prompt-lookup drafter (`LlamaPromptLookupDecoding`) at its defaults
+LLAMACPP_PLD = {"num_pred_tokens": 10, "max_ngram_size": 2}
 
 
 class RowError(ValueError):
@@ -26,13 +30,14 @@ class RowError(ValueError):
 @dataclass(frozen=True)
 class Row:
     name: str
-    kind: str  # "engine" | "hf" | "vllm"
+    kind: str  # "engine" | "hf" | "vllm" | "llamacpp"
     mode: str | None = None  # engine rows: off | binary | three_tier
     drafter: str | None = None
     params: dict = field(default_factory=dict)  # SpecConfig overrides (sweep points)
     prompt_lookup_num_tokens: int | None = None
     speculative_config: dict | None = None
     vllm_kwargs: dict | None = None  # more keyword arguments of vLLM's LLM (the plugin's worker)
+    prompt_lookup: dict | None = None  # llama.cpp rows: LlamaPromptLookupDecoding's arguments
     engine: dict = field(default_factory=dict)  # EngineConfig overrides of an engine row (prefill_dtype)
 
     def to_dict(self) -> dict:
@@ -43,7 +48,7 @@ class Row:
         """Whether this row speculates at all."""
         if self.kind == "engine":
             return self.mode != "off"
-        return bool(self.prompt_lookup_num_tokens or self.speculative_config)
+        return bool(self.prompt_lookup_num_tokens or self.speculative_config or self.prompt_lookup)
 
 
 def parse_list(value: str | None, allowed: tuple[str, ...], flag: str) -> list[str]:
@@ -155,6 +160,10 @@ def build_rows(modes: list[str], drafters: list[str], peers: list[str], *,
         elif p == "vllm_three_tier":
             rows.append(Row("vllm_three_tier", "vllm", speculative_config=dict(VLLM_NGRAM),
                             vllm_kwargs=vllm_plugin_kwargs()))
+        elif p == "llamacpp":
+            rows.append(Row("llamacpp", "llamacpp"))
+        elif p == "llamacpp_pld":
+            rows.append(Row("llamacpp_pld", "llamacpp", prompt_lookup=dict(LLAMACPP_PLD)))
         else:
             raise RowError(f"--peers: unknown {p}; choose from {', '.join(PEERS)}")
     return rows

@@ -1,6 +1,6 @@
 """Benchmark rows in a process of their own: `python -m server.bench.worker JOB.json RESULT.json`.
 
-The job (written by `server.bench.runner`) names one row (`row`: kind engine or hf) or several
+The job (written by `server.bench.runner`) names one row (`row`: kind engine, hf or llamacpp) or several
 engine rows to interleave (`rows`), the model folder, the prompts as token ids and the sampling
 settings. The worker loads the model, runs one warm-up generation per row that is not timed, then
 generates the prompts one at a time at batch 1 (interleaved rows take turns prompt by prompt) and
@@ -225,7 +225,83 @@ def run_hf(job: dict) -> dict:
     return {"load_seconds": load_s, "outputs": outputs, "torch_threads": torch.get_num_threads()}
 
 
-RUNNERS = {"engine": run_engine, "hf": run_hf}
+def run_llamacpp(job: dict) -> dict:
+    """llama.cpp through llama-cpp-python on the model's GGUF file (`job["gguf"]`), with its own
+    arithmetic (the GGUF's quantized blocks against 8-bit activations, not fp32): plain, or with
+    its prompt-lookup drafter (`row["prompt_lookup"]`). The prompt's token ids go in as they are;
+    the context is reset before each prompt (llama-cpp-python would otherwise reuse the K/V of a
+    prefix the previous prompt shared). Each `eval` call is a pass: the prompt's, then one a step
+    (the sampled token and its drafts)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise RuntimeError("llama-cpp-python is not installed (make llamacpp-install)") from None
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    row = job["row"]
+    if not job.get("gguf"):
+        raise RuntimeError("no GGUF file for this model (llama.cpp reads only GGUF; put one *.gguf in the model folder)")
+    threads = job["threads"]
+    lookup = row.get("prompt_lookup")
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=job["max_model_len"], n_batch=512, n_threads=threads,
+                          n_threads_batch=threads, seed=job["seed"], verbose=False,
+                          # drafts are checked against the logits of every position of a pass
+                          logits_all=bool(lookup),
+                          draft_model=LlamaPromptLookupDecoding(**lookup) if lookup else None)
+    load_s = time.perf_counter() - t0
+    calls = [0]
+    inner_eval = llm.eval
+
+    def counted_eval(tokens):
+        calls[0] += 1
+        return inner_eval(tokens)
+
+    llm.eval = counted_eval
+    eos = set(job["eos_token_ids"])
+    temp = job["temperature"]
+    # greedy is llama.cpp's temp 0; sampled: the full distribution at the temperature, as the others
+    kw = {"temp": temp, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0} if temp > 0 else {"temp": 0.0}
+
+    def gen(ids: list[int], max_tokens: int, seed: int) -> tuple[list[int], float | None]:
+        llm.reset()
+        if temp > 0:
+            llm.set_seed(seed)
+        toks: list[int] = []
+        first = None
+        t = time.perf_counter()
+        for tk in llm.generate(ids, reset=True, **kw):
+            if first is None:
+                first = time.perf_counter() - t
+            toks.append(int(tk))
+            if tk in eos or len(toks) >= max_tokens:
+                break
+        return toks, first
+
+    prompts = job["prompts"]
+    gen(prompts[0]["prompt_token_ids"], job["warmup_tokens"], job["seed"])
+    outputs = []
+    with _progress(job, len(prompts)) as bar:
+        for i, p in enumerate(prompts):
+            c0 = calls[0]
+            t = time.perf_counter()
+            toks, first = gen(p["prompt_token_ids"], job["max_tokens"], job["seed"] + i)
+            seconds = time.perf_counter() - t
+            n_calls = calls[0] - c0
+            outputs.append({
+                "question_id": p["question_id"], "token_ids": toks, "seconds": seconds, "ttft": first,
+                "finish_reason": "stop" if toks and toks[-1] in eos else "length",
+                "steps": n_calls, "full_passes": n_calls, "slim_passes": 0,
+                # every pass emits its accepted drafts plus one token
+                "draft_tokens": None, "accepted": max(0, len(toks) - n_calls) if lookup else 0,
+                "tier_accept": 0, "tier_slim": 0, "tier_full": None, "slim_on": 0, "slim_off": 0,
+            })
+            bar.update(1)
+    return {"load_seconds": load_s, "outputs": outputs, "llama_cpp_version": llama_cpp.__version__,
+            "threads": threads}
+
+
+RUNNERS = {"engine": run_engine, "hf": run_hf, "llamacpp": run_llamacpp}
 
 
 def run_job(job: dict) -> dict:

@@ -83,6 +83,20 @@ def bundled_gguf_path() -> Path:
     )
 
 
+def model_gguf(name_or_path: str | os.PathLike | None) -> Path | None:
+    """A GGUF file of the model `prepare_model(name_or_path)` prepares, for engines that read GGUF
+    (llama.cpp): the bundled one for the bundled model, else the only `*.gguf` in a model folder;
+    None when there is none (or several to choose from)."""
+    if not isinstance(name_or_path, os.PathLike) and is_bundled_name(name_or_path):
+        try:
+            return bundled_gguf_path()
+        except ModelFilesError:
+            return None
+    folder = Path(name_or_path).expanduser()
+    found = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    return found[0] if len(found) == 1 else None
+
+
 def is_bundled_name(name: str | None) -> bool:
     return name is None or name.lower() in {a.lower() for a in BUNDLED_ALIASES}
 
