@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if longest + args.max_tokens > model_max:
         return _die(f"the longest prompt has {longest} tokens; with --max-tokens {args.max_tokens} it exceeds the model's "
                     f"{model_max}; lower --max-tokens or drop that category")
+    gguf = model_gguf(args.model)
     job = {"model": str(folder), "prompts": token_prompts, "max_tokens": args.max_tokens,
            "temperature": args.temperature, "seed": args.seed, "unseeded": args.unseeded, "threads": threads,
            "eos_token_ids": eos,
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
            # the rows' setting when one is asked for; with both, the +bf16 rows carry their own
            "kv_cache_dtype": args.kv_cache_dtype, "prefill_dtype": prefill_dtypes[0],
            "head_path": heads[0] if heads else None,
-           "gguf": str(model_gguf(args.model) or "") or None,  # for the llama.cpp rows
+           "gguf": str(gguf) if gguf else None,  # for the llama.cpp rows
            "max_model_len": min(model_max, -(-(longest + args.max_tokens + 16) // 256) * 256)}
     vllm_python = find_vllm_python(args.vllm_python)
     out = Path(args.out)

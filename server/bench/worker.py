@@ -164,6 +164,19 @@ class _FirstTokenTimer:
         pass
 
 
+def _counted_output(p: dict, toks: list[int], seconds: float, ttft: float | None, eos, passes: int,
+                    lookup: bool) -> dict:
+    """A peer's result for prompt `p` whose target passes were counted (`passes`, the prompt's
+    included): with prompt lookup, each pass emits its accepted drafts plus one token."""
+    return {
+        "question_id": p["question_id"], "token_ids": toks, "seconds": seconds, "ttft": ttft,
+        "finish_reason": "stop" if toks and toks[-1] in eos else "length",
+        "steps": passes, "full_passes": passes, "slim_passes": 0,
+        "draft_tokens": None, "accepted": max(0, len(toks) - passes) if lookup else 0,
+        "tier_accept": 0, "tier_slim": 0, "tier_full": None, "slim_on": 0, "slim_off": 0,
+    }
+
+
 def run_hf(job: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -211,16 +224,8 @@ def run_hf(job: dict) -> dict:
                 if tk in eos:
                     toks = toks[: j + 1]
                     break
-            n_calls = calls[0] - c0
-            lookup = bool(row.get("prompt_lookup_num_tokens"))
-            outputs.append({
-                "question_id": p["question_id"], "token_ids": toks, "seconds": seconds, "ttft": timer.first,
-                "finish_reason": "stop" if toks and toks[-1] in eos else "length",
-                "steps": n_calls, "full_passes": n_calls, "slim_passes": 0,
-                # each pass of assisted generation emits its accepted drafts plus one token
-                "draft_tokens": None, "accepted": max(0, len(toks) - n_calls) if lookup else 0,
-                "tier_accept": 0, "tier_slim": 0, "tier_full": None, "slim_on": 0, "slim_off": 0,
-            })
+            outputs.append(_counted_output(p, toks, seconds, timer.first, eos, calls[0] - c0,
+                                           bool(row.get("prompt_lookup_num_tokens"))))
             bar.update(1)
     return {"load_seconds": load_s, "outputs": outputs, "torch_threads": torch.get_num_threads()}
 
@@ -287,15 +292,7 @@ def run_llamacpp(job: dict) -> dict:
             t = time.perf_counter()
             toks, first = gen(p["prompt_token_ids"], job["max_tokens"], job["seed"] + i)
             seconds = time.perf_counter() - t
-            n_calls = calls[0] - c0
-            outputs.append({
-                "question_id": p["question_id"], "token_ids": toks, "seconds": seconds, "ttft": first,
-                "finish_reason": "stop" if toks and toks[-1] in eos else "length",
-                "steps": n_calls, "full_passes": n_calls, "slim_passes": 0,
-                # every pass emits its accepted drafts plus one token
-                "draft_tokens": None, "accepted": max(0, len(toks) - n_calls) if lookup else 0,
-                "tier_accept": 0, "tier_slim": 0, "tier_full": None, "slim_on": 0, "slim_off": 0,
-            })
+            outputs.append(_counted_output(p, toks, seconds, first, eos, calls[0] - c0, bool(lookup)))
             bar.update(1)
     return {"load_seconds": load_s, "outputs": outputs, "llama_cpp_version": llama_cpp.__version__,
             "threads": threads}

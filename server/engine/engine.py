@@ -245,7 +245,7 @@ class LLMEngine:
         if all_chunks:
             start = spec_job.prefix_start(len(full_chunks) + len(plain_chunks)) if spec_job else None
             # greedy requests without logprobs read only the argmax of the full pass's logits
-            argmax_only = all(s.seq.request.sampling.argmax_only(s.seq.num_output) for s in plain + specs) and not any(
+            argmax_only = all(s.seq.argmax_only for s in plain + specs) and not any(
                 s.seq.reads_prompt_logprobs for s in prefills)
             if start is not None:
                 taps = {} if start[2] is None else {"start_taps": start[2]}
@@ -339,7 +339,7 @@ class LLMEngine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor):  # logits [B, V]
         """One new token per sequence; the per-step host sync happens here."""
         raw = logits
-        if any(s.request.sampling.adjusts_logits(s.num_output) for s in seqs):
+        if any(s.adjusts_logits for s in seqs):
             logits = self._adjusted(seqs, logits)
         greedy = all(s.request.sampling.greedy for s in seqs)
         if greedy:
@@ -365,7 +365,7 @@ class LLMEngine:
         """The logits (one row per sequence) with each request's penalties, bias and grammar."""
         logits = logits.clone()
         for b, seq in enumerate(seqs):
-            if seq.request.sampling.adjusts_logits(seq.num_output):
+            if seq.adjusts_logits:
                 logits[b:b + 1] = self.adjusted_rows(seq, [], logits[b:b + 1])
         return logits
 

@@ -79,6 +79,18 @@ class Sequence:
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt
 
     @property
+    def adjusts_logits(self) -> bool:
+        """Its next rows need `LLMEngine.adjusted_rows` (SamplingParams.adjusts_logits at its
+        output length)."""
+        return self.request.sampling.adjusts_logits(self.num_output)
+
+    @property
+    def argmax_only(self) -> bool:
+        """Its next pass needs only each position's argmax (SamplingParams.argmax_only at its
+        output length)."""
+        return self.request.sampling.argmax_only(self.num_output)
+
+    @property
     def request_id(self) -> str:
         return self.request.request_id
 

@@ -201,7 +201,7 @@ class SpecDecoder:
             # controller decides, and only its "no" counts as the slim tier bypassed
             # (penalties, a bias or a grammar adjust the full model's rows only: `adjusted_rows`)
             eligible = (seq.spec.mode == "three_tier" and len(d) > 0 and seq.full_frontier >= seq.num_prompt
-                        and backlog < cfg.max_slim_backlog and not seq.request.sampling.adjusts_logits(seq.num_output))
+                        and backlog < cfg.max_slim_backlog and not seq.adjusts_logits)
             slim = eligible and self.controller.want_slim(seq.controller)
             lookup = drafts.confidence is None or drafts.confidence[i] is None
             span = drafts.spans[i] if lookup and drafts.spans is not None else None
@@ -338,7 +338,7 @@ class SpecDecoder:
         # greedy without logprobs: the slim pass reads the LM head in fp16 like the full pass
         # (model.GreedyHead): its argmax is exact, the other logits the gate reads are within
         # ||h|| * err_j of fp32's, which moves q' by about 0.1% in a tier that is approximate anyway
-        approx = all(p.sched.seq.request.sampling.argmax_only(p.sched.seq.num_output) for p in slim_plans)
+        approx = all(p.sched.seq.argmax_only for p in slim_plans)
         out = eng.runner.forward(chunks, self.slim_route, save_at=save_at, want_hidden=self.drafter.wants_hidden,
                                  argmax_only=approx)
         job.slim_logits = out.logits
@@ -494,7 +494,7 @@ class SpecDecoder:
         results: dict[int, tuple[list[int], dict]] = {}  # plan index -> (tokens, counts)
         vocab = eng.model.cfg.vocab_size
         raw_full = full_logits  # logprobs are the model's
-        adjusted = [p for p in full_plans if p.sched.seq.request.sampling.adjusts_logits(p.sched.seq.num_output)]
+        adjusted = [p for p in full_plans if p.sched.seq.adjusts_logits]
         if adjusted:  # penalties, bias, grammar: each row as if the drafts before it were committed
             full_logits = full_logits.clone()
             for p in adjusted:
