@@ -23,8 +23,12 @@ What it measures (medians; warm-up excluded):
 3. End to end through `LLMEngine` (scheduler, sampler, the spec step) on CUDA: greedy decoding of
    `--max-tokens` tokens after a random 64-token prompt, for 1 and 32 concurrent requests, modes
    `off`, `binary` and `three_tier` with the n-gram drafter, speculating at every batch size
-   (`--spec-max-batch`); tokens/s of the whole run, after an untimed run of the same requests (which
-   captures the CUDA graphs). `--compare-eager` repeats them without CUDA graphs.
+   (`--spec-max-batch`); tokens/s of the whole run, the median of `--repeats` timed runs after an
+   untimed run of the same requests (which captures the CUDA graphs): a shape the warm-up did not
+   meet (a three-tier step exploring the slim tier, say) compiles Triton kernels and captures a
+   graph once, inside one timed run, which the median leaves out (each run's figure is kept too).
+   Per row also: passes and the slim-tier controller's choices per run, graphs captured while
+   timed. `--compare-eager` repeats them without CUDA graphs.
 
 `--device cpu --preset tiny` runs the same script on a small shape as a smoke test.
 """
@@ -246,7 +250,8 @@ def profile_steps(eng, device, steps: int, path: Path) -> None:
 
 
 def end_to_end(model, tokenizer_dir, device, dtype_name, batches, max_tokens, modes, spec_max_batch,
-               profile_dir: Path | None = None, label: str = "", cuda_graphs: bool = True) -> list[dict]:
+               profile_dir: Path | None = None, label: str = "", cuda_graphs: bool = True,
+               repeats: int = 3) -> list[dict]:
     from server.engine.tokenizer import Tokenizer
 
     tok = Tokenizer.from_folder(tokenizer_dir)
@@ -264,21 +269,39 @@ def end_to_end(model, tokenizer_dir, device, dtype_name, batches, max_tokens, mo
                                           SamplingParams(max_tokens=mt, temperature=0.0, ignore_eos=True),
                                           SpecParams(mode=mode)) for i in range(n)]
             eng.generate(reqs("w"))  # warm-up: the same shapes, so CUDA graphs are captured before timing
-            steps0, full0 = eng.stats_.num_steps, eng.stats_.full_passes
-            sync(device)
-            t0 = time.perf_counter()
-            res = eng.generate(reqs("r"))
-            sync(device)
-            wall = time.perf_counter() - t0
-            n = sum(len(r.token_ids) for r in res)
-            assert eng.cache.pool.num_free == eng.cache.pool.num_usable, "blocks leaked"
+            st, graphs = eng.stats_, eng.runner.graphs
+            keys = ("num_steps", "full_passes", "slim_passes", "controller_slim_on", "controller_slim_off")
+            before = {k: getattr(st, k) for k in keys}
+            cap0 = graphs.num_captures if graphs is not None else 0
+            cap_s0 = graphs.capture_seconds if graphs is not None else 0.0
+            walls, n = [], 0
+            # several timed runs: a step shape the warm-up did not meet (a three-tier request's rare
+            # slim-tier exploration, say) captures its graph and compiles its Triton kernels once,
+            # inside one run; the median is the engine once it has met every shape
+            for r in range(repeats):
+                sync(device)
+                t0 = time.perf_counter()
+                res = eng.generate(reqs(f"r{r}."))
+                sync(device)
+                walls.append(time.perf_counter() - t0)
+                n = sum(len(x.token_ids) for x in res)
+                assert eng.cache.pool.num_free == eng.cache.pool.num_usable, "blocks leaked"
+            per_run = {k: round((getattr(st, k) - before[k]) / repeats, 1) for k in keys}
+            wall = statistics.median(walls)
             row = {"mode": mode + label, "concurrency": B, "tokens": n, "seconds": round(wall, 3),
-                   "tok_s": round(n / wall, 1), "steps": eng.stats_.num_steps - steps0,
-                   "tokens_per_seq_step": round(n / B / max(1, eng.stats_.num_steps - steps0), 2),
-                   "full_passes": eng.stats_.full_passes - full0}
+                   "tok_s": round(n / wall, 1), "tok_s_runs": [round(n / w, 1) for w in walls],
+                   "steps": per_run["num_steps"], "tokens_per_seq_step": round(n / B / max(1, per_run["num_steps"]), 2),
+                   # per run; three-tier steps that ran the slim tier / that the controller bypassed it in
+                   **{k: per_run[k] for k in keys[1:]},
+                   # graphs captured inside the timed runs (0: the warm-up captured every shape)
+                   "captures_timed": (graphs.num_captures - cap0) if graphs is not None else None,
+                   "capture_seconds": round((graphs.capture_seconds - cap_s0) if graphs is not None else 0.0, 3)}
             rows.append(row)
             print(f"engine {mode + label:<16} c={B:>3}: {row['tok_s']:>8} tok/s  ({n} tokens, {wall:.2f} s, "
-                  f"{row['steps']} steps)", flush=True)
+                  f"{row['steps']} steps a run, {row['full_passes']} full / {row['slim_passes']} slim passes, slim tier "
+                  f"on/off {row['controller_slim_on']}/{row['controller_slim_off']}, "
+                  f"{row['captures_timed']} captures timed ({row['capture_seconds']} s); runs {row['tok_s_runs']})",
+                  flush=True)
         if profile_dir is not None and mode in (modes[0], "three_tier"):
             profile_steps(eng, device, 16, profile_dir / f"gpu_engine_profile_{mode}.txt")
         del eng
@@ -296,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--modes", default="off,binary,three_tier")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per mode and batch (the median is reported)")
     ap.add_argument("--copy-gib", type=float, default=4.0)
     ap.add_argument("--profile", action="store_true", help="write a torch profiler table of 16 decode steps")
     ap.add_argument("--compare-eager", action="store_true", help="run the modes again without CUDA graphs")
@@ -332,17 +356,17 @@ def main(argv: list[str] | None = None) -> int:
                                   intermediate_size=16)
         e2e = end_to_end(model, folder, device, args.dtype, batches, args.max_tokens,
                          [m for m in args.modes.split(",") if m], args.spec_max_batch,
-                         Path(args.out).parent if args.profile else None)
+                         Path(args.out).parent if args.profile else None, repeats=args.repeats)
         if args.compare_eager and device.type == "cuda":
             e2e += end_to_end(model, folder, device, args.dtype, batches, args.max_tokens,
                               [m for m in args.modes.split(",") if m], args.spec_max_batch, label="+eager",
-                              cuda_graphs=False)
+                              cuda_graphs=False, repeats=args.repeats)
         if args.compare_cudnn and device.type == "cuda":
             import server.engine.model as model_module
 
             model_module.CUDNN_SDPA = True
             e2e += end_to_end(model, folder, device, args.dtype, batches, args.max_tokens, ["off"], args.spec_max_batch,
-                              label="+eager+cudnn_sdpa", cuda_graphs=False)
+                              label="+eager+cudnn_sdpa", cuda_graphs=False, repeats=args.repeats)
             model_module.CUDNN_SDPA = False
     attn = attention_new_shapes(device, dtype) if device.type == "cuda" else {}
     result = {

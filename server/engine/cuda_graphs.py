@@ -31,6 +31,7 @@ the replay writes, so the cache ends as after an eager pass.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,7 @@ class CudaGraphRunner:
         self.pool = None
         self.num_replays = 0
         self.num_captures = 0
+        self.capture_seconds = 0.0  # wall time spent capturing (a new shape's one-off cost)
         self._out: dict[str, torch.Tensor] = {}  # shared output buffers
 
     # ------------------------------------------------------------------ shapes
@@ -204,6 +206,8 @@ class CudaGraphRunner:
             buf["prefix"][: out.prefix_hidden.shape[0]].copy_(out.prefix_hidden)
 
     def _capture(self, g: _Graph, B: int, Q: int, L: int, route, start_sublayer: int, save_at: int | None) -> None:
+        torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
         self._buffers()  # on the current stream, before the warm-up's side stream
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -215,3 +219,5 @@ class CudaGraphRunner:
         with torch.cuda.graph(g.graph, pool=self.pool):
             self._run(g, B, Q, L, route, start_sublayer, save_at)
         self.num_captures += 1
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds += time.perf_counter() - t0

@@ -157,3 +157,35 @@ def test_gpu_head_benchmark_runs_on_the_cpu(tmp_path):
     assert res["shipped_recipe_on_cpu"]["position_epochs"] >= rec["data"]["train_positions"] * rec["training"]["epochs"]
     assert tiny["scaled"]["shipped_train_minutes"] > 0
     assert mod.recipe_steps({"data": {}, "init": {"record": {"data": {"x": 1}}}})[0] == {"data": {"x": 1}}
+
+
+def test_gpu_engine_benchmark_runs_on_the_cpu(tmp_path):
+    """`benchmarks/gpu_engine.py --device cpu --preset tiny`: the GPU script's smoke test; each
+    end-to-end row is the median of its timed runs, with the passes and the slim-tier choices
+    of a run beside it."""
+    import importlib.util
+    import statistics
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_engine.py"
+    spec = importlib.util.spec_from_file_location("gpu_engine_smoke", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "ge.json"
+    assert mod.main(["--device", "cpu", "--preset", "tiny", "--dtype", "float32", "--batches", "1,4", "--gammas", "0,2",
+                     "--iters", "2", "--max-tokens", "16", "--repeats", "3", "--copy-gib", "0.05", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert {(r["batch"], r["route"], r["gamma"]) for r in res["forward"]} == {
+        (b, route, g) for b in (1, 4) for route in ("full", "slim") for g in (0, 2)}
+    rows = {(r["mode"], r["concurrency"]): r for r in res["engine"]}
+    assert set(rows) == {(m, b) for m in ("off", "binary", "three_tier") for b in (1, 4)}
+    for (mode, b), r in rows.items():
+        assert r["tokens"] == 16 * b and len(r["tok_s_runs"]) == 3
+        assert r["tok_s"] == statistics.median(r["tok_s_runs"])
+        assert r["captures_timed"] is None  # no graphs on the CPU
+        if mode == "off":
+            assert r["full_passes"] == r["slim_passes"] == r["controller_slim_on"] == 0
+        else:
+            assert r["full_passes"] + r["slim_passes"] > 0
+            three = r["controller_slim_on"] + r["controller_slim_off"]
+            assert (three > 0) == (mode == "three_tier")
