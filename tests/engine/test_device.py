@@ -132,16 +132,22 @@ def test_train_head_on_cuda_collects_the_cpu_answers_and_saves_a_host_head(tiny_
     assert torch.equal(ids_gpu.cpu(), ids_cpu) and torch.allclose(p_gpu.cpu(), p_cpu, atol=1e-4)
 
 
-def test_gpu_head_benchmark_runs_on_the_cpu(tmp_path):
-    """`benchmarks/gpu_head.py --device cpu --presets tiny`: the GPU script's smoke test, every
-    stage measured and scaled to the shipped recipe."""
+def _benchmark(name: str):
+    """benchmarks/<name>.py loaded as a module, and its path."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_head.py"
-    spec = importlib.util.spec_from_file_location("gpu_head", path)
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_smoke", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod, path
+
+
+def test_gpu_head_benchmark_runs_on_the_cpu(tmp_path):
+    """`benchmarks/gpu_head.py --device cpu --presets tiny`: the GPU script's smoke test, every
+    stage measured and scaled to the shipped recipe."""
+    mod, path = _benchmark("gpu_head")
     out = tmp_path / "gh.json"
     assert mod.main(["--device", "cpu", "--presets", "tiny", "--prompts", "6", "--batches", "8", "--train-steps", "3",
                      "--max-tokens", "12", "--out", str(out)]) == 0
@@ -163,14 +169,9 @@ def test_gpu_engine_benchmark_runs_on_the_cpu(tmp_path):
     """`benchmarks/gpu_engine.py --device cpu --preset tiny`: the GPU script's smoke test; each
     end-to-end row is the median of its timed runs, with the passes and the slim-tier choices
     of a run beside it."""
-    import importlib.util
     import statistics
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_engine.py"
-    spec = importlib.util.spec_from_file_location("gpu_engine_smoke", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod, _ = _benchmark("gpu_engine")
     out = tmp_path / "ge.json"
     assert mod.main(["--device", "cpu", "--preset", "tiny", "--dtype", "float32", "--batches", "1,4", "--gammas", "0,2",
                      "--iters", "2", "--max-tokens", "16", "--repeats", "3", "--copy-gib", "0.05", "--out", str(out)]) == 0
