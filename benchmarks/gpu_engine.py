@@ -272,8 +272,10 @@ def end_to_end(model, tokenizer_dir, device, dtype_name, batches, max_tokens, mo
             st, graphs = eng.stats_, eng.runner.graphs
             keys = ("num_steps", "full_passes", "slim_passes", "controller_slim_on", "controller_slim_off")
             before = {k: getattr(st, k) for k in keys}
-            cap0 = graphs.num_captures if graphs is not None else 0
-            cap_s0 = graphs.capture_seconds if graphs is not None else 0.0
+            def captured() -> tuple[int, float]:  # graphs captured so far, and the seconds it took
+                return (graphs.num_captures, graphs.capture_seconds) if graphs is not None else (0, 0.0)
+
+            cap0 = captured()
             walls, n = [], 0
             # several timed runs: a step shape the warm-up did not meet (a three-tier request's rare
             # slim-tier exploration, say) captures its graph and compiles its Triton kernels once,
@@ -287,6 +289,7 @@ def end_to_end(model, tokenizer_dir, device, dtype_name, batches, max_tokens, mo
                 n = sum(len(x.token_ids) for x in res)
                 assert eng.cache.pool.num_free == eng.cache.pool.num_usable, "blocks leaked"
             per_run = {k: round((getattr(st, k) - before[k]) / repeats, 1) for k in keys}
+            cap1 = captured()
             wall = statistics.median(walls)
             row = {"mode": mode + label, "concurrency": B, "tokens": n, "seconds": round(wall, 3),
                    "tok_s": round(n / wall, 1), "tok_s_runs": [round(n / w, 1) for w in walls],
@@ -294,8 +297,8 @@ def end_to_end(model, tokenizer_dir, device, dtype_name, batches, max_tokens, mo
                    # per run; three-tier steps that ran the slim tier / that the controller bypassed it in
                    **{k: per_run[k] for k in keys[1:]},
                    # graphs captured inside the timed runs (0: the warm-up captured every shape)
-                   "captures_timed": (graphs.num_captures - cap0) if graphs is not None else None,
-                   "capture_seconds": round((graphs.capture_seconds - cap_s0) if graphs is not None else 0.0, 3)}
+                   "captures_timed": cap1[0] - cap0[0] if graphs is not None else None,
+                   "capture_seconds": round(cap1[1] - cap0[1], 3)}
             rows.append(row)
             print(f"engine {mode + label:<16} c={B:>3}: {row['tok_s']:>8} tok/s  ({n} tokens, {wall:.2f} s, "
                   f"{row['steps']} steps a run, {row['full_passes']} full / {row['slim_passes']} slim passes, slim tier "

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="our rows' sampled requests carry no seed, as most API clients send them (peers keep theirs)")
     p.add_argument("--modes", default="off,binary,three_tier", help=f"of {', '.join(SPEC_MODES)}")
     p.add_argument("--drafters", default=None, help=f"of {', '.join(DRAFTERS)}; default: the engine's default drafter")
-    p.add_argument("--peers", default="hf,hf_pld,vllm,vllm_ngram,vllm_three_tier,llamacpp,llamacpp_pld", help=f"of {', '.join(PEERS)}; '' for none")
+    p.add_argument("--peers", default=",".join(PEERS), help=f"of {', '.join(PEERS)} (default: all); '' for none")
     p.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens of the hf_pld row")
     p.add_argument("--model", default=None, help="bundled model name or a local folder (default: the bundled model)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every row (default: all cores)")
