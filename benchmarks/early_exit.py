@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def main() -> None:
         print(" | ".join(str(v) for v in row.values()))
     if args.out:
         Path(args.out).write_text(json.dumps(dict(
-            command=f"python benchmarks/early_exit.py --out {args.out}", outputs=args.outputs, positions=n,
+            command=f"python benchmarks/early_exit.py --out {args.out}", outputs=os.path.relpath(args.outputs), positions=n,
             in_reduced=round(n_in_red / n, 3), reduced_tokens=len(red), readout_saving=head_share,
             confidence=args.confidence, exits=rows), indent=1) + "\n")
 
