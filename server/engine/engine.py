@@ -231,10 +231,8 @@ class LLMEngine:
         full_chunks: list[Chunk] = [Chunk(s.seq.table, s.seq.full_frontier, s.seq.token_ids[s.seq.full_frontier:s.seq.full_frontier + s.num_new],
                                           s.num_new if s.seq.reads_prompt_logprobs else 0) for s in prefills]
         spec_job = self.spec.begin(specs) if specs else None
-        undrafted: list[ScheduledSeq] = []
         if spec_job is not None:  # sequences without a draft this step decode plainly
-            undrafted = spec_job.undrafted
-            plain = plain + undrafted
+            plain = plain + spec_job.undrafted
             if not spec_job.plans:
                 spec_job = None
         plain_chunks = [Chunk(s.seq.table, s.seq.full_frontier, s.seq.token_ids[s.seq.full_frontier:],
@@ -277,8 +275,10 @@ class LLMEngine:
                 committed[s.seq] = ([t], lp)
                 if hidden is not None and s.seq.spec.mode != "off":
                     self.spec.drafter.observe(s.seq, hidden[r:r + 1], [t])
-            for s in undrafted:
-                self.spec.count_plain(s.seq)
+                if s.seq.spec.mode != "off":
+                    # a speculative request's plain step (no draft, a batch too wide to speculate,
+                    # no draft slots, prompt logprobs being read) is still one step and one full pass
+                    self.spec.count_plain(s.seq)
         if spec_job:
             logits = out.logits[len(plain):] if out is not None else None
             hidden = out.hidden[len(plain):] if out is not None and out.hidden.numel() else None

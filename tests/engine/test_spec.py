@@ -192,6 +192,9 @@ def test_wide_batches_decode_plainly_with_the_same_output(tiny_model_dir):
     assert alone.token_ids == off[0].token_ids and alone.via_sd.draft_tokens > 0
     # four sequences decode together until the first ones finish: fewer drafts than alone
     assert wide[0].via_sd.draft_tokens < alone.via_sd.draft_tokens
+    for r in wide + [alone]:  # a plain step of a speculative request is a step and a full pass too
+        u = r.via_sd
+        assert u.steps == u.full_passes == len(r.token_ids) - u.accepted
     assert_pool_full(eng)
 
 
