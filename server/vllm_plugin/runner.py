@@ -413,20 +413,26 @@ class ViaSDRunnerMixin:
 
     def _batch_allows_slim(self) -> bool:
         """Whether any row of this batch may take the gate's tokens instead of the full model's:
-        only in an all-greedy batch without logprobs, penalties, `min_tokens`, `allowed_token_ids`,
-        bad words or grammars (whose tokens the full model's adjusted logits decide), over one
-        KV-cache group."""
+        only in an all-greedy batch without logprobs, penalties, `allowed_token_ids`, bad words or
+        grammars (whose tokens the full model's adjusted logits decide), nor a request still short
+        of its `min_tokens` (vLLM masks the stop tokens until then), over one KV-cache group."""
         sm = self.input_batch.sampling_metadata
         if not sm.all_greedy or sm.max_num_logprobs is not None or not sm.no_penalties:
             return False
         if getattr(sm, "allowed_token_ids_mask", None) is not None or getattr(sm, "bad_words_token_ids", None):
             return False
-        if any(getattr(getattr(self.requests.get(r), "sampling_params", None), "min_tokens", 0)
-               for r in self.input_batch.req_ids):
+        if any(self._short_of_min_tokens(self.requests.get(r)) for r in self.input_batch.req_ids):
             return False
         if getattr(self._vs_sched, "has_structured_output_requests", False):
             return False
         return len(self.kv_cache_config.kv_cache_groups) == 1
+
+    @staticmethod
+    def _short_of_min_tokens(state) -> bool:
+        """The request has fewer outputs than its `min_tokens`: every position of this step may
+        still have its stop tokens masked. From then on nothing is adjusted, as in the engine."""
+        m = getattr(getattr(state, "sampling_params", None), "min_tokens", 0) or 0
+        return m > 0 and len(getattr(state, "output_token_ids", ()) or ()) < m
 
     def _emit_slim(self, plan: _StepPlan):
         from vllm.v1.outputs import SamplerOutput

@@ -208,6 +208,19 @@ def test_min_tokens_reaches_vllm(server):
     wait_idle(url, engine)
 
 
+def test_the_slim_tier_resumes_once_min_tokens_is_reached(server):
+    """A `min_tokens` request keeps its batch off the slim tier only while it is short of the
+    minimum (vLLM masks its stop tokens until then); afterwards the slim pass runs again."""
+    url, engine = server
+    body = {"model": MODEL, "prompt": "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox",
+            "max_tokens": 24, "temperature": 0, "via_sd": {"mode": "three_tier"}}
+    r = httpx.post(url + "/v1/completions", json={**body, "min_tokens": 2}, timeout=120)
+    assert r.status_code == 200, r.text
+    u = r.json()["usage"]
+    assert u["completion_tokens"] >= 2 and u["via_sd"]["slim_passes"] > 0, u
+    wait_idle(url, engine)
+
+
 def test_prompt_logprobs_with_ranks_on_vllm(server):
     url, engine = server
     ids = httpx.post(url + "/tokenize", json={"prompt": "The capital of France is"}, timeout=30).json()["tokens"]
@@ -242,7 +255,7 @@ def test_allowed_token_ids_and_stop_strings_in_the_text_on_vllm(server):
 
 
 @pytest.mark.parametrize("extra", [{"temperature": 0.8, "seed": 7}, {"logprobs": 2}, {"presence_penalty": 0.5},
-                                   {"repetition_penalty": 0.9}, {"min_tokens": 8},
+                                   {"repetition_penalty": 0.9}, {"min_tokens": 24},
                                    {"allowed_token_ids": list(range(49152))}, {"bad_words": ["zebra"]}],
                          ids=["sampled", "logprobs", "penalty", "repetition_penalty", "min_tokens", "allowed_token_ids",
                               "bad_words"])
