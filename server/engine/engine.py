@@ -273,9 +273,9 @@ class LLMEngine:
                 s.seq.full_frontier = s.seq.num_tokens
                 s.seq.slim_frontier = s.seq.full_frontier
                 committed[s.seq] = ([t], lp)
-                if hidden is not None and s.seq.spec.mode != "off":
-                    self.spec.drafter.observe(s.seq, hidden[r:r + 1], [t])
                 if s.seq.spec.mode != "off":
+                    if hidden is not None:
+                        self.spec.drafter.observe(s.seq, hidden[r:r + 1], [t])
                     # a speculative request's plain step (no draft, a batch too wide to speculate,
                     # no draft slots, prompt logprobs being read) is still one step and one full pass
                     self.spec.count_plain(s.seq)

@@ -13,6 +13,7 @@ import torch
 
 from server.engine.api import GenerationRequest
 from server.engine.config import ConfigError, SamplingParams, SpecParams
+from tests.bench import BENCHMARKS, load_script
 from tests.engine.helpers import assert_pool_full, greedy_requests, make_engine
 
 PROMPTS = [[random.Random(50 + i).randrange(256) for _ in range(6 + 9 * i)] for i in range(6)]
@@ -132,22 +133,10 @@ def test_train_head_on_cuda_collects_the_cpu_answers_and_saves_a_host_head(tiny_
     assert torch.equal(ids_gpu.cpu(), ids_cpu) and torch.allclose(p_gpu.cpu(), p_cpu, atol=1e-4)
 
 
-def _benchmark(name: str):
-    """benchmarks/<name>.py loaded as a module, and its path."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_smoke", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod, path
-
-
 def test_gpu_head_benchmark_runs_on_the_cpu(tmp_path):
     """`benchmarks/gpu_head.py --device cpu --presets tiny`: the GPU script's smoke test, every
     stage measured and scaled to the shipped recipe."""
-    mod, path = _benchmark("gpu_head")
+    mod = load_script("gpu_head")
     out = tmp_path / "gh.json"
     assert mod.main(["--device", "cpu", "--presets", "tiny", "--prompts", "6", "--batches", "8", "--train-steps", "3",
                      "--max-tokens", "12", "--out", str(out)]) == 0
@@ -156,7 +145,7 @@ def test_gpu_head_benchmark_runs_on_the_cpu(tmp_path):
     assert tiny["collect"][0]["answers"] == 24 and tiny["collect"][0]["positions"] > 24
     assert tiny["train"]["ms_per_step"] > 0 and tiny["draft"]["host_ms"] > 0 and tiny["draft"]["decode_ms"] > 0
     # the shipped head's cost sums every step of its making (a continued head keeps its init's record)
-    rec = json.loads((path.parents[1] / "server/engine/assets/SmolLM2-135M-Instruct.head.json").read_text())
+    rec = json.loads((BENCHMARKS.parent / "server/engine/assets/SmolLM2-135M-Instruct.head.json").read_text())
     steps = mod.recipe_steps(rec)
     assert steps[-1] is rec and res["shipped_recipe_on_cpu"]["steps"] == len(steps)
     assert res["shipped_recipe_on_cpu"]["answers"] == sum(r["data"]["answers"] for r in steps)
@@ -171,7 +160,7 @@ def test_gpu_engine_benchmark_runs_on_the_cpu(tmp_path):
     of a run beside it."""
     import statistics
 
-    mod, _ = _benchmark("gpu_engine")
+    mod = load_script("gpu_engine")
     out = tmp_path / "ge.json"
     assert mod.main(["--device", "cpu", "--preset", "tiny", "--dtype", "float32", "--batches", "1,4", "--gammas", "0,2",
                      "--iters", "2", "--max-tokens", "16", "--repeats", "3", "--copy-gib", "0.05", "--out", str(out)]) == 0
