@@ -273,12 +273,12 @@ class LLMEngine:
                 s.seq.full_frontier = s.seq.num_tokens
                 s.seq.slim_frontier = s.seq.full_frontier
                 committed[s.seq] = ([t], lp)
-                if s.seq.spec.mode != "off":
-                    if hidden is not None:
-                        self.spec.drafter.observe(s.seq, hidden[r:r + 1], [t])
-                    # a speculative request's plain step (no draft, a batch too wide to speculate,
-                    # no draft slots, prompt logprobs being read) is still one step and one full pass
-                    self.spec.count_plain(s.seq)
+                if hidden is not None and s.seq.spec.mode != "off":
+                    self.spec.drafter.observe(s.seq, hidden[r:r + 1], [t])
+                # every plain step (an `off` request's, or a speculative request's without a draft,
+                # in a batch too wide to speculate, without draft slots, or reading prompt logprobs)
+                # is one step and one full pass, so full passes per token read 1.0 for `off` traffic
+                self.spec.count_plain(s.seq)
         if spec_job:
             logits = out.logits[len(plain):] if out is not None else None
             hidden = out.hidden[len(plain):] if out is not None and out.hidden.numel() else None

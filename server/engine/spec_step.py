@@ -248,8 +248,8 @@ class SpecDecoder:
         return job
 
     def count_plain(self, seq: Sequence) -> None:
-        """A step of a speculative request that had no draft to verify and decoded plainly: what a
-        verification step without drafts would have counted."""
+        """A plain decode step (an `off` request's, or a speculative request's without a draft to
+        verify): one step and one full pass, what a verification step without drafts counts."""
         seq.usage.steps += 1
         seq.usage.full_passes += 1
         self.engine.stats_.full_passes += 1

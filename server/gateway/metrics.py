@@ -7,7 +7,8 @@ Histograms are observed by the gateway, once per finished request.
 Counters (the exposition appends `_total`):
     via_sd_tier_decisions_total{tier="accept|slim|full"}  draft positions decided by each tier
     via_sd_draft_tokens_total                           draft tokens proposed
-    via_sd_verifier_passes_total{verifier="slim|full"}  verifier passes, per sequence
+    via_sd_verifier_passes_total{verifier="slim|full"}  verifier passes, per sequence (a plain decode
+                                                        step, `off` requests' included, is a full pass)
     via_sd_generation_tokens_total, via_sd_prompt_tokens_total
     via_sd_controller_slim_steps_total{state="on|off"}  speculative steps with / without the slim tier
     via_sd_preemptions_total

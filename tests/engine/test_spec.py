@@ -30,6 +30,9 @@ def test_binary_greedy_equals_off(tiny_model_dir, drafter):
     assert [r.token_ids for r in batched] == [r.token_ids for r in off]
     drafted = sum(r.via_sd.draft_tokens for r in batched)
     assert drafted > 0
+    for r in off:  # a plain request: one step and one full pass a token, nothing drafted
+        u = r.via_sd
+        assert u.steps == u.full_passes == len(r.token_ids) and u.draft_tokens == u.slim_passes == 0
     for r in batched:
         u = r.via_sd
         assert u.slim_passes == 0 and u.full_passes == u.steps
