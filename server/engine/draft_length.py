@@ -33,16 +33,24 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
-# r(n) = 1 + PRIOR_SLOPE (n - 1) until measured: between a weight-bound pass (0) and this CPU's
-# packed passes (~0.15)
+# r(n) = 1 + slope (n - 1) until measured. On the CPU boxes a verified token adds 0.16-0.23 of a
+# one-token pass (its fp32 multiply-adds at the two cores' peak: `benchmarks/step_phases.py`, passes
+# by size); elsewhere between a weight-bound pass (0) and that
 PRIOR_SLOPE = 0.1
+CPU_PRIOR_SLOPE = 0.2
 MIN_SAMPLES = 3  # passes of a size before its EWMA enters the fit
 
 
-def prior_relative(tokens: int) -> float:
+def prior_slope(device_type: str) -> float:
+    """The prior cost line's slope for a device type ("cpu", "cuda", ...)."""
+    return CPU_PRIOR_SLOPE if device_type == "cpu" else PRIOR_SLOPE
+
+
+def prior_relative(tokens: int, slope: float = PRIOR_SLOPE) -> float:
     """The prior cost line, in plain decode steps: what `PassCosts.relative` gives before any
-    measurement (for requests whose steps must not depend on timings)."""
-    return 1.0 + PRIOR_SLOPE * (tokens - 1)
+    measurement (for requests whose steps must not depend on timings: a fixed line per device
+    type, never the measured one)."""
+    return 1.0 + slope * (tokens - 1)
 
 
 class PassCosts:

@@ -25,7 +25,7 @@ from server.engine.api import (
     TokenLogprob,
 )
 from server.engine.config import PREFILL_DTYPES, ConfigError, EngineConfig
-from server.engine.draft_length import PassCosts
+from server.engine.draft_length import PassCosts, prior_slope
 from server.engine.kv_cache import Chunk, KVCache
 from server.engine.model import ForwardOutput, LlamaModel
 from server.engine.runner import ModelRunner
@@ -89,7 +89,7 @@ class LLMEngine:
         self.stats_ = EngineStats()
         from server.engine.spec_step import SpecDecoder
 
-        self.pass_costs = PassCosts()  # seconds of one-sequence decode passes by size (draft_length)
+        self.pass_costs = PassCosts(prior_slope=prior_slope(self.device.type))  # one-sequence decode passes by size
         self.spec = SpecDecoder(self)
 
     @staticmethod

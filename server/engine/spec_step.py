@@ -32,7 +32,8 @@ import torch
 
 from server.engine.api import TokenLogprob
 from server.engine.controller import SlimController
-from server.engine.draft_length import AcceptanceEstimate, LookupAcceptance, best_length, best_lengths, prior_relative
+from server.engine.draft_length import (AcceptanceEstimate, LookupAcceptance, best_length, best_lengths, prior_relative,
+                                         prior_slope)
 from server.engine.drafters import DraftBatch, make_drafter
 from server.engine.kv_cache import Chunk
 from server.engine.scheduler import ScheduledSeq
@@ -84,7 +85,7 @@ def _fixed_path(seq: Sequence) -> bool:
     verified and on which steps ran the slim tier; elsewhere those follow measured pass costs and
     engine-wide estimates (lookup keep rates, the controller's prior), and a seed would not repeat
     its text. So its drafts are cut by its own keep rates against the prior cost line
-    (`draft_length.prior_relative`) and its controller starts from nothing. (Binary verification
+    (`draft_length.prior_relative`, the device type's fixed line) and its controller starts from nothing. (Binary verification
     needs no such care: with the coupled randoms every token it emits is its row's sample,
     whatever the drafts.)"""
     return seq.seed is not None and seq.request.sampling.seed is not None and seq.spec.mode == "three_tier"
@@ -312,7 +313,8 @@ class SpecDecoder:
         # line, alone (`_fixed_path`); the others' by measured costs, the batch together
         fixed = [_fixed_path(s.seq) for s in scheduled]
         shared = [i for i, f in enumerate(fixed) if not f]
-        keep = [best_length(c, prior_relative) if f else 0 for c, f in zip(chances, fixed)]
+        line = functools.partial(prior_relative, slope=prior_slope(self.engine.device.type))
+        keep = [best_length(c, line) if f else 0 for c, f in zip(chances, fixed)]
         for i, n in zip(shared, best_lengths([chances[i] for i in shared], self.engine.pass_costs.relative)):
             keep[i] = n
         for i, (d, n) in enumerate(zip(drafts.tokens, keep)):
