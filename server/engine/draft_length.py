@@ -101,7 +101,7 @@ class PassCosts:
             return this / one
         line = self._line()
         if line is None:
-            return 1.0 + self.prior_slope * (tokens - 1)
+            return prior_relative(tokens, self.prior_slope)
         one, slope = line
         return 1.0 + slope / one * (tokens - 1)
 

@@ -313,7 +313,7 @@ class SpecDecoder:
         # line, alone (`_fixed_path`); the others' by measured costs, the batch together
         fixed = [_fixed_path(s.seq) for s in scheduled]
         shared = [i for i, f in enumerate(fixed) if not f]
-        line = functools.partial(prior_relative, slope=prior_slope(self.engine.device.type))
+        line = functools.partial(prior_relative, slope=prior_slope(self.engine.device.type)) if any(fixed) else None
         keep = [best_length(c, line) if f else 0 for c, f in zip(chances, fixed)]
         for i, n in zip(shared, best_lengths([chances[i] for i in shared], self.engine.pass_costs.relative)):
             keep[i] = n
