@@ -80,6 +80,28 @@ def test_later_requests_start_from_what_the_engine_has_seen():
     assert all(run_from_prior(pays, 40, lambda i: 4, 1.0))
 
 
+def test_a_request_on_its_own_history_starts_from_the_fixed_prior():
+    """A request that must step by its own history (a seeded three-tier one) neither warms up the
+    slim tier nor inherits the engine's estimate: it starts from the fixed prior, whatever the
+    engine has seen, runs binary steps, explores after `max_explore_every // 2` steps, and turns
+    the slim tier on only where its own explorations find that it pays."""
+    ctl = SlimController(0.9, 0.2)
+    st = ctl.new_state(own=True)
+    assert st.value_three == 1.0 / 1.7 and st.value_binary == 1.0 and not st.from_prior
+    on = run(ctl, 64, lambda i: 2, 2.0, st)  # slim: 2 tokens for 1.7 of cost, binary 2
+    assert not any(on[:ctl.max_explore_every // 2]) and 1 <= sum(on) <= 2
+    while ctl.prior.n_three < ctl.prior_steps:  # the engine learns that the slim tier pays
+        run(ctl, 64, lambda i: 6, 1.0, ctl.new_state())
+    assert ctl._preferred(ctl.prior)
+    fixed = ctl.new_state(own=True)
+    assert (fixed.value_three, fixed.value_binary, fixed.last_on) == (1.0 / 1.7, 1.0, False)
+    # where the slim tier pays for the request itself, its first exploration turns it on
+    on = run(ctl, 80, lambda i: 6, 1.0, fixed)
+    first = on.index(True)
+    assert first == ctl.max_explore_every // 2 and sum(on[first:]) >= 0.8 * len(on[first:])
+    assert SlimController(0.9, 0.2, enabled=False).new_state(own=True).value_three is None
+
+
 def test_a_slim_tier_far_from_paying_is_explored_engine_wide_only():
     """Three-tier steps at 2 tokens per 1.7 of cost (1.18 a unit) against binary steps at 2: far
     under the margin. Requests that start from the engine's estimate stop exploring on their own
