@@ -38,6 +38,10 @@ of a binary one) the per-request periods had the slim tier on for 1-2% of the st
 Spec-Bench requests, each such step a slim pass wasted; the engine-wide period keeps that under
 0.5% and still notices text where the slim tier pays (its explorations feed the estimate).
 
+A request whose steps must not depend on what the engine served before (a seeded three-tier
+one: its text follows its steps) cannot start from the engine's estimate. It starts from a fixed
+prior instead (`fixed_state`): the slim tier off, and explored after 48 steps, not warmed up.
+
 Example: slim_cost 0.8, prefix share 0.1. Three-tier steps that escalate 90% of the time and
 commit 1.3 tokens cost 0.8 + 0.9 * 0.9 = 1.61 -> 0.81 tokens per unit; binary steps committing
 1.25 tokens cost 1 -> 1.25 tokens per unit: the controller bypasses the slim tier.

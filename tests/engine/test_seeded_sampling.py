@@ -48,17 +48,24 @@ def test_binary_samples_the_tokens_off_samples(real_model_dir, temperature):
     assert len({tuple(t) for t in ref}) == len(ref)
 
 
-@pytest.mark.parametrize("mode", ["binary", "three_tier"])
-def test_a_seed_repeats_its_text_on_an_engine_that_has_learned_since(real_model_dir, mode):
-    eng = make_engine(real_model_dir, spec={"mode": mode, "drafter": "ngram"})
+@pytest.mark.parametrize("mode,controller", [("binary", True), ("three_tier", True), ("three_tier", False)])
+def test_a_seed_repeats_its_text_on_an_engine_that_has_learned_since(real_model_dir, mode, controller):
+    """With the controller on, a seeded three-tier request starts from the fixed prior (binary
+    steps until it explores, after 48); with it off, every drafted step runs the slim tier, so the
+    lossy tiers decide tokens of the seeded requests themselves."""
+    eng = make_engine(real_model_dir, spec={"mode": mode, "drafter": "ngram", "controller": controller})
     first = _tokens(eng, _requests(eng, "a"))
+    seeded_slim = eng.stats_.tier_accept + eng.stats_.tier_slim
     # other traffic in between moves the engine-wide estimates and pass costs
     _tokens(eng, _requests(eng, "x", temperature=0.0))
     assert _tokens(eng, _requests(eng, "b")) == first
     st = eng.stats_
     assert st.accepted_tokens > 0
     if mode == "three_tier":
-        assert st.tier_accept > 0  # the lossy tier ran: the path mattered
+        if controller:
+            assert seeded_slim == 0  # the fixed prior: no warm-up of the slim tier
+        else:
+            assert st.tier_accept > 0 and seeded_slim > 0  # the lossy tiers decided seeded tokens
 
 
 def test_binary_seeded_output_does_not_depend_on_the_batch(tiny_model_dir):
