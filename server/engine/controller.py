@@ -97,7 +97,7 @@ class SlimController:
         if p.n_three < self.prior_steps or p.n_binary < self.prior_steps:
             return ControllerState()
         return ControllerState(value_three=p.value_three, value_binary=p.value_binary, n_three=self.warmup,
-                               n_binary=self.warmup, explore_every=max(self.explore_every, self.max_explore_every // 2),
+                               n_binary=self.warmup, explore_every=self._started_period(),
                                last_on=self._preferred(p), from_prior=True)
 
     def fixed_state(self) -> ControllerState:
@@ -112,7 +112,11 @@ class SlimController:
         on the bundled model, where it does not pay, against 0.4% from this prior."""
         return ControllerState(value_three=1.0 / max(self.slim_cost + 1.0 - self.prefix_share, 1e-6),
                                value_binary=1.0, n_three=self.warmup, n_binary=self.warmup,
-                               explore_every=max(self.explore_every, self.max_explore_every // 2), last_on=False)
+                               explore_every=self._started_period(), last_on=False)
+
+    def _started_period(self) -> int:
+        """The first exploration period of a request that starts without a warm-up."""
+        return max(self.explore_every, self.max_explore_every // 2)
 
     def _deciding(self, st: ControllerState) -> ControllerState:
         """The estimate a request's choice is made from: its own, or the engine's once it started
