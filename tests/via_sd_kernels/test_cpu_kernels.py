@@ -46,6 +46,37 @@ def test_skinny_linear_rows_are_bitwise_independent_of_batch_size():
     assert torch.equal(cpu.skinny_linear(x[3:8], w), whole[3:8])
 
 
+def _lane_tree(lanes: list[float]) -> float:
+    """The kernel's fixed reduction of 16 fp32 lanes: halves, quarters, then (0 + 2) + (1 + 3)."""
+    s = torch.tensor(lanes, dtype=torch.float32)
+    t8 = s[:8] + s[8:]
+    t4 = t8[:4] + t8[4:]
+    return ((t4[0] + t4[2]) + (t4[1] + t4[3])).item()
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 9])
+def test_skinny_linear_sums_its_lanes_in_one_fixed_order(M):
+    """One 16-wide step along K (K = 16, x of ones), so each lane holds one weight exactly and the
+    output is the lane reduction alone. The weights mix 2^25 with small integers, so that other
+    orders (sequential, pairwise neighbours) round to other values: the order a verified token's
+    logits share with plain decoding's is pinned for every tile shape."""
+    g = torch.Generator().manual_seed(M)
+    big = float(2**25)
+    rows = []
+    for _ in range(37):
+        lanes = [float(v) for v in torch.randint(-7, 8, (16,), generator=g)]
+        for i in torch.randperm(16, generator=g)[:4].tolist():
+            lanes[i] = big if i % 2 else -big
+        rows.append(lanes)
+    w = torch.tensor(rows, dtype=torch.float32)
+    expected = torch.tensor([_lane_tree(r) for r in rows])
+    sequential = torch.tensor([float(torch.tensor(r).cumsum(0)[-1]) for r in rows])
+    assert not torch.equal(expected, sequential)  # the weights do tell orders apart
+    out = cpu.skinny_linear(torch.ones(M, 16), w)
+    for m in range(M):
+        assert torch.equal(out[m], expected)
+
+
 @pytest.mark.parametrize("M", [1, 3, 6, 33])
 @pytest.mark.parametrize("K", [576, 600])
 def test_skinny_linear_fp16_weights_are_widened_exactly(M, K):
