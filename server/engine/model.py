@@ -54,6 +54,9 @@ GREEDY_HEAD = os.environ.get("VIA_SD_GREEDY_HEAD", "1") != "0"
 # which decode-sized passes read instead: bitwise the same values at a fifth (a quarter) of the
 # bytes (via_sd_kernels/cpu/blocks.py). VIA_SD_PACKED_WEIGHTS=0 reads the fp32 matrices always.
 PACKED_WEIGHTS = os.environ.get("VIA_SD_PACKED_WEIGHTS", "1") != "0"
+# Q4_1 layer matrices are read four rows interleaved (blocks.interleave_q4_1: the same values, one
+# load and fewer instructions per block); VIA_SD_INTERLEAVED_Q4=0 reads GGUF's layout.
+INTERLEAVED_Q4 = os.environ.get("VIA_SD_INTERLEAVED_Q4", "1") != "0"
 # Finding the blocks takes ~3 s for the bundled model; the result is kept between loads
 # (`packed_cache_path`). VIA_SD_PACKED_CACHE=0 finds them at every load.
 PACKED_CACHE = os.environ.get("VIA_SD_PACKED_CACHE", "1") != "0"
@@ -190,8 +193,10 @@ class LayerWeights:
     w_gate_up: torch.Tensor  # [2 I, H]
     w_down: torch.Tensor  # [H, I]
     qkv_bias: torch.Tensor | None = None
-    # the same four matrices as Q4_1 blocks, uint8 [N, K / 32 * 20], where they are exactly that
-    # (CPU, PACKED_WEIGHTS); the skinny GEMM reads these, larger passes the fp32 ones
+    # the same four matrices as Q4_1 blocks, where they are exactly that (CPU, PACKED_WEIGHTS):
+    # uint8 [N / 4, K / 32 * 96], four rows interleaved (blocks.interleave_q4_1; [N, K / 32 * 20],
+    # GGUF's layout, where N is not a multiple of 4); the skinny GEMM reads these, larger passes
+    # the fp32 ones
     packed: dict[str, torch.Tensor] = field(default_factory=dict)
 
     PACKABLE = ("wqkv", "wo", "w_gate_up", "w_down")
@@ -365,6 +370,13 @@ class LlamaModel:
             self.lm_head_packed = blocks.pack(self.lm_head)
             if cache is not None:
                 self._save_packed(cache)
+        # the layout the skinny GEMM reads fastest: four rows' blocks interleaved (the same values;
+        # the cache file keeps GGUF's layout, which `blocks.deinterleave_q4_1` gives back)
+        for lw in self.layers:
+            for f, p in lw.packed.items():
+                q = blocks.interleave_q4_1(p, getattr(lw, f).shape[1]) if INTERLEAVED_Q4 else None
+                if q is not None:
+                    lw.packed[f] = q
         n = sum(len(lw.packed) for lw in self.layers)
         head = self.lm_head_packed
         if n or head is not None:

@@ -42,6 +42,13 @@ def blocks_dir(tmp_path, monkeypatch):
     return folder
 
 
+def gguf_layout(lw, f: str) -> torch.Tensor:
+    """A layer's packed matrix in GGUF's layout (the engine reads it four rows interleaved)."""
+    p = lw.packed[f]
+    K = getattr(lw, f).shape[1]
+    return p if p.shape[1] == K // blocks.BLOCK * blocks.Q4_1_BYTES else blocks.deinterleave_q4_1(p, K)
+
+
 def packed_of(m: LlamaModel):
     return [{f: p.clone() for f, p in lw.packed.items()} for lw in m.layers], m.lm_head_packed.clone()
 
@@ -52,6 +59,11 @@ def test_packed_blocks_are_kept_between_loads(blocks_dir, monkeypatch):
     assert [len(p) for p in layers] == [4] * first.cfg.num_layers and head.dtype == torch.int8
     path = packed_cache_path(blocks_dir)
     assert path.is_file() and path.parent.parent == blocks_dir.parent / "cache"
+    saved = load_file(str(path))  # GGUF's layout in the file, whatever the engine reads
+    assert all(torch.equal(saved[f"layers.{i}.{f}"], gguf_layout(lw, f))
+               for i, lw in enumerate(first.layers) for f in lw.packed)
+    assert any(p.shape[1] % 96 == 0 and p.shape[0] * 4 == getattr(lw, f).shape[0]
+               for lw in first.layers for f, p in lw.packed.items())  # and the engine reads them interleaved
 
     def refuse(*a, **k):
         raise AssertionError("the blocks were found again instead of read from the cache")
@@ -98,7 +110,7 @@ def test_changed_weights_miss_the_cache(blocks_dir):
     after = packed_cache_path(blocks_dir)
     assert after != before
     m = LlamaModel.from_folder(blocks_dir)
-    assert torch.equal(m.layers[0].packed["wo"], blocks.pack_q4_1(t["model.layers.0.self_attn.o_proj.weight"]))
+    assert torch.equal(gguf_layout(m.layers[0], "wo"), blocks.pack_q4_1(t["model.layers.0.self_attn.o_proj.weight"]))
     assert after.is_file()
 
 

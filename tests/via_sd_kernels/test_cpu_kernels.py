@@ -358,6 +358,41 @@ def test_skinny_linear_q4_1_is_bitwise_the_fp32_matrix(M, K, N):
     torch.testing.assert_close(cpu.skinny_linear(x, p), F.linear(x, w), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("K", [32, 576, 1536])
+def test_q4_1_interleaving_is_a_permutation_of_the_blocks(K):
+    from via_sd_kernels.cpu import blocks
+
+    p = blocks.pack_q4_1(q4_1_matrix(24, K, torch.Generator().manual_seed(K)))
+    q = blocks.interleave_q4_1(p, K)
+    assert q.dtype == torch.uint8 and q.shape == (6, K // 32 * 96)
+    assert torch.equal(blocks.deinterleave_q4_1(q, K), p)
+    # group 1 (rows 4-7), block 0: byte 4 i + r is row 4 + r's quant byte i; then d and m in fp32
+    g = q[1, :96]
+    for r in range(4):
+        row = p[4 + r, :20]
+        assert torch.equal(g[torch.arange(16) * 4 + r], row[4:20])
+        assert g[64 + 4 * r:68 + 4 * r].view(torch.float32).item() == row[0:2].view(torch.float16).item()
+        assert g[80 + 4 * r:84 + 4 * r].view(torch.float32).item() == row[2:4].view(torch.float16).item()
+    assert blocks.interleave_q4_1(p[:23], K) is None  # rows not a multiple of 4
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 19])
+@pytest.mark.parametrize("K,N", [(576, 132), (1536, 76), (64, 12), (32, 4)])
+def test_skinny_linear_on_interleaved_q4_1_is_bitwise_the_fp32_matrix(M, K, N):
+    """Four rows' blocks interleaved: the same sums as the GGUF layout and the fp32 matrix, for every
+    pass size and tile (8, 4 and 2 rows, and a tail of rows after the last whole tile)."""
+    from via_sd_kernels.cpu import blocks
+
+    g = torch.Generator().manual_seed(M * 11 + K + N)
+    w = q4_1_matrix(N, K, g)
+    x, r = torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
+    q = blocks.interleave_q4_1(blocks.pack_q4_1(w), K)
+    assert torch.equal(cpu.skinny_linear(x, q), cpu.skinny_linear(x, w))
+    assert torch.equal(cpu.skinny_linear(x, q, r), cpu.skinny_linear(x, w, r))
+    for m in range(M):  # each token's row as if alone in its pass
+        assert torch.equal(cpu.skinny_linear(x[m:m + 1], q), cpu.skinny_linear(x, w)[m:m + 1])
+
+
 def test_skinny_linear_rejects_a_q4_1_matrix_of_the_wrong_width():
     from via_sd_kernels.cpu import blocks
 

@@ -96,6 +96,36 @@ def unpack_q4_1(p: torch.Tensor, K: int) -> torch.Tensor:
     return (d[:, None] * q + m[:, None]).reshape(p.shape[0], K)
 
 
+Q4X4_BYTES = 96  # four rows' blocks at one position along K, interleaved (`interleave_q4_1`)
+
+
+def interleave_q4_1(p: torch.Tensor, K: int) -> torch.Tensor | None:
+    """Q4_1 blocks uint8 [N, K / 32 * 20] -> uint8 [N / 4, K / 32 * 96], the layout the skinny GEMM
+    reads fastest (`Q4x4` in decode.cpp), or None when N is not a multiple of 4. For rows 4g..4g+3
+    at one block: 64 bytes whose byte 4 i + r is row r's quant byte i, then the four rows' d and
+    m as fp32 (exactly their fp16 values): the same numbers, so the same sums."""
+    N = p.shape[0]
+    if N % 4 or p.dtype != torch.uint8 or tuple(p.shape) != (N, K // BLOCK * Q4_1_BYTES):
+        return None
+    b = p.reshape(N // 4, 4, K // BLOCK, Q4_1_BYTES)
+    qs = b[..., 4:].permute(0, 2, 3, 1).reshape(N // 4, K // BLOCK, 64)  # [g, block, byte i, row r]
+    d = b[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1).transpose(1, 2)  # [g, block, r]
+    m = b[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1).transpose(1, 2)
+    dm = torch.cat([d, m], dim=-1).reshape(-1).view(torch.uint8).reshape(N // 4, K // BLOCK, 32)
+    return torch.cat([qs, dm], dim=-1).reshape(N // 4, K // BLOCK * Q4X4_BYTES).contiguous()
+
+
+def deinterleave_q4_1(p: torch.Tensor, K: int) -> torch.Tensor:
+    """The inverse of `interleave_q4_1`: GGUF's layout again."""
+    G, KB = p.shape[0], K // BLOCK
+    b = p.reshape(G, KB, Q4X4_BYTES)
+    qs = b[..., :64].reshape(G, KB, 16, 4).permute(0, 3, 1, 2)  # [g, r, block, byte i]
+    f = b[..., 64:].contiguous().view(torch.float32).reshape(G, KB, 2, 4)
+    d = f[:, :, 0].transpose(1, 2).half().reshape(-1).view(torch.uint8).reshape(G, 4, KB, 2)
+    m = f[:, :, 1].transpose(1, 2).half().reshape(-1).view(torch.uint8).reshape(G, 4, KB, 2)
+    return torch.cat([d, m, qs], dim=-1).reshape(4 * G, KB * Q4_1_BYTES).contiguous()
+
+
 def pack_q8_0(w: torch.Tensor) -> torch.Tensor | None:
     """fp32 [N, K] -> int8 [N, K / 32 * 34] that `unpack_q8_0`s to exactly `w`, or None."""
     b = _blocks(w)
