@@ -161,16 +161,23 @@ struct Q4x4Ref {
   int r;  // the row within the group
 };
 
-static inline void dequant(const Q4x4Ref& b, v16& lo, v16& hi) {
 #if defined(__AVX512F__)
-  const __m512 table = _mm512_fmadd_ps(_mm512_set1_ps(b.g->d[b.r]),
+// row r of a group whose 64 quant bytes are loaded in v (the group tile below passes r as a
+// constant, so its shifts are immediates)
+static inline __attribute__((always_inline)) void dequant_row(const Q4x4* g, __m512i v, int r, v16& lo, v16& hi) {
+  const __m512 table = _mm512_fmadd_ps(_mm512_set1_ps(g->d[r]),
                                        _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                       _mm512_set1_ps(b.g->m[b.r]));
-  const __m512i v = _mm512_loadu_si512(b.g->qs);
-  const __m512 l = _mm512_permutexvar_ps(_mm512_srli_epi32(v, unsigned(8 * b.r)), table);
-  const __m512 h = _mm512_permutexvar_ps(_mm512_srli_epi32(v, unsigned(8 * b.r + 4)), table);
+                                       _mm512_set1_ps(g->m[r]));
+  const __m512 l = _mm512_permutexvar_ps(_mm512_srli_epi32(v, unsigned(8 * r)), table);
+  const __m512 h = _mm512_permutexvar_ps(_mm512_srli_epi32(v, unsigned(8 * r + 4)), table);
   __builtin_memcpy(&lo, &l, sizeof(lo));
   __builtin_memcpy(&hi, &h, sizeof(hi));
+}
+#endif
+
+static inline void dequant(const Q4x4Ref& b, v16& lo, v16& hi) {
+#if defined(__AVX512F__)
+  dequant_row(b.g, _mm512_loadu_si512(b.g->qs), b.r, lo, hi);
 #else
   vi16 qi;
   for (int i = 0; i < 16; ++i) qi[i] = b.g->qs[4 * i + b.r];
@@ -179,21 +186,6 @@ static inline void dequant(const Q4x4Ref& b, v16& lo, v16& hi) {
   hi = dv * __builtin_convertvector(qi >> 4, v16) + mv;
 #endif
 }
-
-#if defined(__AVX512F__)
-// row RR of a group whose 64 quant bytes are loaded in v (the tile below walks a group's rows in
-// order, so RR and its shifts are compile-time)
-template <int RR>
-static inline void dequant_row(const Q4x4* g, __m512i v, v16& lo, v16& hi) {
-  const __m512 table = _mm512_fmadd_ps(_mm512_set1_ps(g->d[RR]),
-                                       _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                       _mm512_set1_ps(g->m[RR]));
-  const __m512 l = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * RR), table);
-  const __m512 h = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * RR + 4), table);
-  __builtin_memcpy(&lo, &l, sizeof(lo));
-  __builtin_memcpy(&hi, &h, sizeof(hi));
-}
-#endif
 
 // where (row, block b) of a matrix of blocks is, KB blocks a row
 template <typename W>
@@ -224,76 +216,68 @@ static inline void tile(const float* __restrict__ x, const W* __restrict__ w, fl
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < MB; ++j) acc[r][j] = v16{};
   const int64_t K16 = K & ~int64_t(15);
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<W, Q4x4> && R % 4 == 0) {
-    // whole groups of four interleaved rows (n is a multiple of R): one 64-byte load a group and
-    // block, its four rows dequantized from it in order; the same multiply-adds in the same order
-    const int64_t KB = K / 32;
-    const Q4x4* wg = w + (n >> 2) * KB;  // group g of the tile, block b: wg + g * KB + b
-    const float* xm = x + m * K;
-    auto fmas = [&](int r, const v16& lo, const v16& hi, const float* xb) {
-      for (int j = 0; j < MB; ++j) acc[r][j] = acc[r][j] + lo * load16(xb + j * K);
-      for (int j = 0; j < MB; ++j) acc[r][j] = acc[r][j] + hi * load16(xb + j * K + 16);
-    };
-    if constexpr (MB >= 3) {
-      // software-pipelined as the generic tile below: each row's weights are dequantized before
-      // the previous row's multiply-adds are issued
-      __m512i v = _mm512_loadu_si512(wg->qs);
-      v16 l0, h0;
-      dequant_row<0>(wg, v, l0, h0);
-      for (int64_t b = 0; b < KB; ++b) {
-        const float* xb = xm + 32 * b;
-        for (int g = 0; g < R / 4; ++g) {
-          const Q4x4* blk = wg + g * KB + b;
-          const Q4x4* nxt = g + 1 < R / 4 ? blk + KB : b + 1 < KB ? wg + b + 1 : blk;
-          prefetch_block(w, n + R + 4 * g, b, KB);
-          v16 l1, h1, l2, h2, l3, h3;
-          dequant_row<1>(blk, v, l1, h1);
-          fmas(4 * g, l0, h0, xb);
-          dequant_row<2>(blk, v, l2, h2);
-          fmas(4 * g + 1, l1, h1, xb);
-          dequant_row<3>(blk, v, l3, h3);
-          fmas(4 * g + 2, l2, h2, xb);
-          v = _mm512_loadu_si512(nxt->qs);
-          dequant_row<0>(nxt, v, l0, h0);
-          fmas(4 * g + 3, l3, h3, xb);
-        }
-      }
-    } else {
-      for (int64_t b = 0; b < KB; ++b) {
-        v16 x0[MB], x1[MB];
-        for (int j = 0; j < MB; ++j) {
-          x0[j] = load16(xm + j * K + 32 * b);
-          x1[j] = load16(xm + j * K + 32 * b + 16);
-        }
-        for (int g = 0; g < R / 4; ++g) {
-          const Q4x4* blk = wg + g * KB + b;
-          prefetch_block(w, n + R + 4 * g, b, KB);
-          const __m512i v = _mm512_loadu_si512(blk->qs);
-          v16 lo[4], hi[4];
-          dequant_row<0>(blk, v, lo[0], hi[0]);
-          dequant_row<1>(blk, v, lo[1], hi[1]);
-          dequant_row<2>(blk, v, lo[2], hi[2]);
-          dequant_row<3>(blk, v, lo[3], hi[3]);
-          for (int rr = 0; rr < 4; ++rr) {
-            for (int j = 0; j < MB; ++j) acc[4 * g + rr][j] = acc[4 * g + rr][j] + lo[rr] * x0[j];
-            for (int j = 0; j < MB; ++j) acc[4 * g + rr][j] = acc[4 * g + rr][j] + hi[rr] * x1[j];
-          }
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) {
-        const float s = reduce16(acc[r][j]);
-        const int64_t o = (m + j) * N + n + r;
-        out[o] = res ? res[o] + s : s;
-      }
-    return;
-  }
-#endif
   if constexpr (is_block_v<W>) {
     // the same fused multiply-adds in the same order as fp32 weights: k, then k + 16
     const int64_t KB = K / 32;  // K % 32 == 0 (checked by the caller)
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<W, Q4x4> && R % 4 == 0) {
+      // whole groups of four interleaved rows (n is a multiple of R): one 64-byte load a group and
+      // block, its four rows dequantized from it in order; the same multiply-adds in the same order
+      const Q4x4* wg = w + (n >> 2) * KB;  // group g of the tile, block b: wg + g * KB + b
+      const float* xm = x + m * K;
+      auto fmas = [&](int r, const v16& lo, const v16& hi, const float* xb) {
+        for (int j = 0; j < MB; ++j) acc[r][j] = acc[r][j] + lo * load16(xb + j * K);
+        for (int j = 0; j < MB; ++j) acc[r][j] = acc[r][j] + hi * load16(xb + j * K + 16);
+      };
+      if constexpr (MB >= 3) {
+        // software-pipelined as the generic tile below: each row's weights are dequantized before
+        // the previous row's multiply-adds are issued
+        __m512i v = _mm512_loadu_si512(wg->qs);
+        v16 l0, h0;
+        dequant_row(wg, v, 0, l0, h0);
+        for (int64_t b = 0; b < KB; ++b) {
+          const float* xb = xm + 32 * b;
+          for (int g = 0; g < R / 4; ++g) {
+            const Q4x4* blk = wg + g * KB + b;
+            const Q4x4* nxt = g + 1 < R / 4 ? blk + KB : b + 1 < KB ? wg + b + 1 : blk;
+            prefetch_block(w, n + R + 4 * g, b, KB);
+            v16 l1, h1, l2, h2, l3, h3;
+            dequant_row(blk, v, 1, l1, h1);
+            fmas(4 * g, l0, h0, xb);
+            dequant_row(blk, v, 2, l2, h2);
+            fmas(4 * g + 1, l1, h1, xb);
+            dequant_row(blk, v, 3, l3, h3);
+            fmas(4 * g + 2, l2, h2, xb);
+            v = _mm512_loadu_si512(nxt->qs);
+            dequant_row(nxt, v, 0, l0, h0);
+            fmas(4 * g + 3, l3, h3, xb);
+          }
+        }
+      } else {
+        for (int64_t b = 0; b < KB; ++b) {
+          v16 x0[MB], x1[MB];
+          for (int j = 0; j < MB; ++j) {
+            x0[j] = load16(xm + j * K + 32 * b);
+            x1[j] = load16(xm + j * K + 32 * b + 16);
+          }
+          for (int g = 0; g < R / 4; ++g) {
+            const Q4x4* blk = wg + g * KB + b;
+            prefetch_block(w, n + R + 4 * g, b, KB);
+            const __m512i v = _mm512_loadu_si512(blk->qs);
+            v16 lo[4], hi[4];
+            dequant_row(blk, v, 0, lo[0], hi[0]);
+            dequant_row(blk, v, 1, lo[1], hi[1]);
+            dequant_row(blk, v, 2, lo[2], hi[2]);
+            dequant_row(blk, v, 3, lo[3], hi[3]);
+            for (int rr = 0; rr < 4; ++rr) {
+              for (int j = 0; j < MB; ++j) acc[4 * g + rr][j] = acc[4 * g + rr][j] + lo[rr] * x0[j];
+              for (int j = 0; j < MB; ++j) acc[4 * g + rr][j] = acc[4 * g + rr][j] + hi[rr] * x1[j];
+            }
+          }
+        }
+      }
+    } else
+#endif
     if constexpr (MB >= 3 || std::is_same_v<W, Q8Block>) {
       // Software-pipelined: the next (block, row)'s weights are dequantized before this one's
       // multiply-adds are issued. In program order the other way round, 2 * MB multiply-adds wait
