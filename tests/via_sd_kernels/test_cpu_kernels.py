@@ -376,7 +376,7 @@ def test_q4_1_interleaving_is_a_permutation_of_the_blocks(K):
     assert blocks.interleave_q4_1(p[:23], K) is None  # rows not a multiple of 4
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 19])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 19])
 @pytest.mark.parametrize("K,N", [(576, 132), (1536, 76), (64, 12), (32, 4)])
 def test_skinny_linear_on_interleaved_q4_1_is_bitwise_the_fp32_matrix(M, K, N):
     """Four rows' blocks interleaved: the same sums as the GGUF layout and the fp32 matrix, for every

@@ -354,8 +354,11 @@ static void rows(const float* x, const W* w, float* out, const float* res, int64
                  int64_t n) {
   int64_t m = 0;
   if constexpr (std::is_same_v<W, Q4x4>) {
-    // 4 rows x up to 6 tokens (24 accumulators; 4 x 8 would not fit in registers)
-    for (; M - m > 6; m += 4) tile<R, 4>(x, w, out, res, K, N, n, m);
+    // 4 rows x up to 6 tokens (24 accumulators; 4 x 8 would not fit in registers), so passes of
+    // more than 8 in tiles of 6, each block dequantized once every 6 tokens: 12 and 16 tokens
+    // 1.07x and 1.04x faster than in tiles of 4 (each run against the GGUF layout in its process,
+    // four runs); 7 and 8 tokens read no different, and stay 4 + 3 and 4 + 4
+    for (; M - m > 8; m += 6) tile<R, 6>(x, w, out, res, K, N, n, m);
     switch (M - m) {
       case 5: tile<R, 5>(x, w, out, res, K, N, n, m); return;
       case 6: tile<R, 6>(x, w, out, res, K, N, n, m); return;
