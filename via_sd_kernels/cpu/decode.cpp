@@ -401,7 +401,8 @@ static void skinny(const float* xp, const W* wp, float* op, const float* rp, int
   if (M <= 2) {
     run_rows<8>(xp, wp, op, rp, M, K, N);
   } else if constexpr (is_block_v<W>) {
-    // 4 rows x up to 4 tokens; wider passes 2 rows x all tokens (each block dequantized once)
+    // 4 rows x up to 4 tokens; wider passes 2 rows x tiles of up to 8 tokens (each block
+    // dequantized once a tile); interleaved rows always in whole groups of 4 (rows() tiles tokens)
     if (M <= 4 || std::is_same_v<W, Q4x4>)
       run_rows<4>(xp, wp, op, rp, M, K, N);
     else
