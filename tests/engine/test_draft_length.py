@@ -9,6 +9,7 @@ import torch
 
 from server.engine.draft_length import AcceptanceEstimate, LookupAcceptance, PassCosts, best_length, best_lengths
 from server.engine.drafters.ngram import MAX_SPAN, LookupIndex, ngram_lookup, ngram_match
+from server.engine.kv_cache import Chunk
 from tests.engine.helpers import assert_pool_full, greedy_requests, make_engine
 from tests.engine.test_spec import PROMPTS
 
@@ -261,4 +262,68 @@ def test_steps_without_a_draft_decode_plainly_and_count_their_passes(tiny_model_
     assert [r.token_ids for r in res] == [r.token_ids for r in off] and finished
     assert all(r.via_sd.steps <= len(r.token_ids) for r in res)
     assert sum(r.via_sd.steps for r in res) < sum(len(r.token_ids) for r in res)
+    assert_pool_full(eng)
+
+
+class _Engine:
+    """What DraftPrice reads of an engine: its pass costs, device and speculative settings."""
+
+    def __init__(self, adaptive: bool = True):
+        self.pass_costs = PassCosts(prior_slope=0.2)
+        self.device = torch.device("cpu")
+        self.spec = type("Spec", (), {"adaptive": adaptive})()
+
+
+class _Seq:
+    def __init__(self, rate: float):
+        self.draft_accept = AcceptanceEstimate(kept=rate * 100, checked=100.0, explore_every=4)
+        self.seed = None
+
+
+def test_draft_price_drafts_only_what_pays_for_its_own_forwards():
+    """A draft token that costs a forward of its own pays only if it is likely enough to cover
+    that too: at a price of 0.6 of a pass and verification at 1 + 0.2 per token, a keep rate of
+    0.9 drafts one token (1.9 tokens for 1.8 passes; two give 2.71 for 2.6), 0.5 none (though it
+    would pay for its place in the pass alone) except one token every `explore_every` steps;
+    free drafts at 0.5 pay."""
+    from server.engine.drafters.autoregressive import DraftPrice
+
+    eng = _Engine()
+    price = DraftPrice(eng, prior=0.6)
+    sure, unsure = _Seq(0.9), _Seq(0.5)
+    assert price.lengths([sure], [5]) == [1]
+    assert DraftPrice(eng, prior=0.1).lengths([sure], [5]) == [5]
+    assert [price.lengths([unsure], [5])[0] for _ in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]
+    assert best_length([0.5] * 5, lambda n: 1 + 0.2 * (n - 1)) > 0  # what verification alone would keep
+    assert DraftPrice(eng, prior=0.0).lengths([_Seq(0.5)], [5])[0] > 0
+    assert price.lengths([sure, unsure], [0, 0]) == [0, 0]  # nothing asked, nothing drafted
+    # the measured price: one-token draft forwards over the measured one-token pass
+    for _ in range(5):
+        eng.pass_costs.observe(1, 0.010)
+    price.observe(0.001, [Chunk(None, 0, [7], 1)])
+    price.observe(0.5, [Chunk(None, 0, [7, 8, 9], 1)])  # a forward over unseen tokens: not a price
+    price.observe(0.5, [Chunk(None, 0, [7], 1), Chunk(None, 0, [8], 1)])  # two sequences: neither
+    assert price.relative() == pytest.approx(0.1)
+    assert price.lengths([_Seq(0.5)], [5])[0] > 0  # at 0.1 of a pass, a coin toss pays
+    # verifying every draft (adaptive_draft off) drafts every token asked for
+    assert DraftPrice(_Engine(adaptive=False), prior=10.0).lengths([_Seq(0.0)], [3]) == [3]
+
+
+def test_self_drafts_that_do_not_pay_are_not_drafted_and_binary_stays_lossless(tiny_model_dir):
+    """The `self` drafter at a price no draft can pay drafts only its exploration tokens, and the
+    output is `off`'s either way."""
+    eng = make_engine(tiny_model_dir, spec={"mode": "binary", "drafter": "self"})
+    off = eng.generate(greedy_requests(PROMPTS[:3], 40, mode="off", ignore_eos=True, prefix="o"))
+    drafter = eng.spec.drafter
+    drafter.price.prior, drafter.price.observe = 5.0, lambda seconds, chunks: None
+    one = [eng.generate(greedy_requests([p], 40, mode="binary", ignore_eos=True, prefix=f"b{i}"))[0]
+           for i, p in enumerate(PROMPTS[:3])]
+    assert [r.token_ids for r in one] == [r.token_ids for r in off]
+    drafted = [r.via_sd.draft_tokens for r in one]
+    assert all(0 < d <= 40 // 16 + 1 for d in drafted)  # one token every 16 steps that did not pay
+    drafter.price.prior = 0.0
+    free = [eng.generate(greedy_requests([p], 40, mode="binary", ignore_eos=True, prefix=f"f{i}"))[0]
+            for i, p in enumerate(PROMPTS[:3])]
+    assert [r.token_ids for r in free] == [r.token_ids for r in off]
+    assert sum(r.via_sd.draft_tokens for r in free) > sum(drafted)
     assert_pool_full(eng)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from server.engine.block_pool import BlockTable, OutOfBlocks
-from server.engine.drafters.autoregressive import draft_loop
+from server.engine.drafters.autoregressive import DraftPrice, draft_loop
 from server.engine.drafters.base import DraftBatch, Drafter
 from server.engine.kv_cache import Chunk, KVCache
 from server.engine.model import LlamaModel
@@ -39,6 +39,10 @@ class ModelDrafter(Drafter):
         self.cache = KVCache(self.model.cfg, nb, cfg.block_size, dtype, engine.device)
         self.runner = ModelRunner(self.model, self.cache)
         self.min_confidence = min_confidence
+        # the draft model's parameters over the target's: the price of a draft token until measured
+        params = [sum(m.cfg.sublayer_params()[:2]) * m.cfg.num_layers + m.cfg.sublayer_params()[2]
+                  for m in (self.model, engine.model)]
+        self.price = DraftPrice(engine, params[0] / params[1])
         self.states: dict[int, _State] = {}
 
     def _state(self, seq) -> _State:
@@ -48,6 +52,7 @@ class ModelDrafter(Drafter):
         return st
 
     def propose(self, seqs, max_tokens: list[int]) -> DraftBatch:
+        max_tokens = self.price.lengths(seqs, max_tokens)
         first, keep, limits = [], [], []
         for seq, k in zip(seqs, max_tokens):
             st = self._state(seq)
@@ -69,7 +74,8 @@ class ModelDrafter(Drafter):
             first.append(Chunk(st.table, common, new, 1))
             limits.append(k)
             keep.append(st)
-        drafts = draft_loop(lambda ch: self.runner.forward(ch).logits, first, limits, self.min_confidence)
+        drafts = draft_loop(lambda ch: self.runner.forward(ch).logits, first, limits, self.min_confidence,
+                            timed=self.price.observe)
         for st, d in zip(keep, drafts):
             st.fed.extend(d[:-1])  # the last draft token was never fed
         return DraftBatch(drafts)
