@@ -183,6 +183,11 @@ class ModelConfig:
         fixed = self.vocab_size * h + h
         return attn, mlp, fixed
 
+    def counted_params(self) -> int:
+        """The parameters a full pass reads, as `sublayer_params` counts them."""
+        attn, mlp, fixed = self.sublayer_params()
+        return self.num_layers * (attn + mlp) + fixed
+
 
 @dataclass
 class LayerWeights:

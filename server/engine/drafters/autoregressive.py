@@ -80,8 +80,7 @@ class DraftPrice:
         return self.seconds / one if self.seconds is not None and one else self.prior
 
     def lengths(self, seqs, max_tokens: list[int]) -> list[int]:
-        spec = getattr(self.engine, "spec", None)
-        if spec is None or not spec.adaptive:
+        if not self.engine.spec.adaptive:
             return list(max_tokens)
         from server.engine.spec_step import _fixed_path
 

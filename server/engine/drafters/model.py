@@ -40,9 +40,7 @@ class ModelDrafter(Drafter):
         self.runner = ModelRunner(self.model, self.cache)
         self.min_confidence = min_confidence
         # the draft model's parameters over the target's: the price of a draft token until measured
-        params = [sum(m.cfg.sublayer_params()[:2]) * m.cfg.num_layers + m.cfg.sublayer_params()[2]
-                  for m in (self.model, engine.model)]
-        self.price = DraftPrice(engine, params[0] / params[1])
+        self.price = DraftPrice(engine, self.model.cfg.counted_params() / engine.model.cfg.counted_params())
         self.states: dict[int, _State] = {}
 
     def _state(self, seq) -> _State:
