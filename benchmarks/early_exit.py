@@ -32,7 +32,7 @@ from server.engine.drafters.head import DraftHead, shipped_head_path
 from server.engine.model import ModelConfig
 from server.engine.model_files import prepare_model
 from server.engine.tokenizer import Tokenizer
-from via_sd_kernels.routes import Route, SublayerCosts
+from via_sd_kernels.routes import Route
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -79,7 +79,7 @@ def measure(model, tokenizer, answers: list[dict], questions: dict, reduced: tor
 def table(stats: dict[int, dict[str, int]], mcfg: ModelConfig, reduced_tokens: int) -> list[dict]:
     """One row per exit: its cost (with the whole and the reduced readout) and the shares."""
     attn, mlp, fixed = mcfg.sublayer_params()
-    costs = SublayerCosts(attn=float(attn), mlp=float(mlp), fixed=float(fixed))
+    costs = mcfg.sublayer_costs()
     L = mcfg.num_layers
     head_share = fixed / (fixed + L * (attn + mlp))  # `fixed` is the LM head (the embedding lookup is free)
     rows = []

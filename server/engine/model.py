@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from via_sd_kernels import cpu as cpu_kernels
+from via_sd_kernels.routes import SublayerCosts
 
 log = logging.getLogger("via_sd.engine")
 
@@ -182,6 +183,11 @@ class ModelConfig:
         mlp = 3 * h * self.intermediate_size + h
         fixed = self.vocab_size * h + h
         return attn, mlp, fixed
+
+    def sublayer_costs(self) -> SublayerCosts:
+        """`sublayer_params` as the costs a route is priced by (`Route.cost`)."""
+        attn, mlp, fixed = self.sublayer_params()
+        return SublayerCosts(attn=float(attn), mlp=float(mlp), fixed=float(fixed))
 
     def counted_params(self) -> int:
         """The parameters a full pass reads, as `sublayer_params` counts them."""

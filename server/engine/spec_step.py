@@ -40,7 +40,7 @@ from server.engine.scheduler import ScheduledSeq
 from server.engine.sequence import Sequence
 from via_sd_kernels import SpecMetadata, gate, verify_binary, verify_binary_greedy_host, verify_three_tier
 from via_sd_kernels import lenient as lenient_rule
-from via_sd_kernels.routes import Route, SublayerCosts
+from via_sd_kernels.routes import Route
 from via_sd_kernels.sampling import logits_to_probs, position_noise, position_uniforms, sample_by_uniform, winning_noise
 
 INF = 2.0  # a threshold above every possible ratio
@@ -149,12 +149,11 @@ class SpecDecoder:
         self.slim_route = load_route(path) if path else default_slim_route(mcfg.num_layers)
         if self.slim_route.num_layers != mcfg.num_layers:
             raise ValueError(f"slim route has {self.slim_route.num_layers} layers, the model {mcfg.num_layers}")
-        attn, mlp, fixed = mcfg.sublayer_params()
-        self.costs = SublayerCosts(attn=float(attn), mlp=float(mlp), fixed=float(fixed))
-        self.slim_cost = self.slim_route.cost(self.costs)
+        self.costs = c = mcfg.sublayer_costs()
+        self.slim_cost = self.slim_route.cost(c)
         self.prefix_sublayers = self.slim_route.shared_prefix_sublayers()
-        prefix_layers_cost = (self.prefix_sublayers // 2) * (attn + mlp) + (self.prefix_sublayers % 2) * attn
-        self.prefix_share = prefix_layers_cost / (mcfg.num_layers * (attn + mlp) + fixed)
+        prefix_layers_cost = (self.prefix_sublayers // 2) * (c.attn + c.mlp) + (self.prefix_sublayers % 2) * c.attn
+        self.prefix_share = prefix_layers_cost / mcfg.counted_params()
         self.controller = SlimController(self.slim_cost, self.prefix_share, enabled=cfg.controller)
         self.adaptive = cfg.adaptive_draft and os.environ.get("VIA_SD_ADAPTIVE_DRAFT", "1") != "0"
         self.trimmed = 0  # draft tokens left unverified because they did not pay

@@ -11,7 +11,7 @@ from __future__ import annotations
 from server.engine.drafters.autoregressive import DraftPrice, draft_loop
 from server.engine.drafters.base import DraftBatch, Drafter
 from server.engine.kv_cache import Chunk
-from via_sd_kernels.routes import Route, SublayerCosts
+from via_sd_kernels.routes import Route
 
 
 # more tokens than this not yet seen by the slim route: no draft this step
@@ -45,8 +45,7 @@ class SelfRouteDrafter(Drafter):
             if (self.route.attn[i] and not slim.attn[i]) or (self.route.mlp[i] and not slim.mlp[i]):
                 raise ValueError(f"the draft route must be a subset of the slim route (layer {i})")
         self.min_confidence = min_confidence
-        attn, mlp, fixed = engine.model.cfg.sublayer_params()
-        self.price = DraftPrice(engine, self.route.cost(SublayerCosts(float(attn), float(mlp), float(fixed))))
+        self.price = DraftPrice(engine, self.route.cost(engine.model.cfg.sublayer_costs()))
 
     def propose(self, seqs, max_tokens: list[int]) -> DraftBatch:
         # a sequence whose prompt ends in this step (its last prefill chunk) takes a plain step:
