@@ -357,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep_names = {r.name for r in sweep_rows}
     all_runs = [R.build_run(row, res, prompts, texts[row.name], off_ids) for row, res in results]
     R.add_speedups(all_runs)
+    pairs = R.add_intervals(all_runs, {row.name: res["outputs"] for row, res in results})
     runs = [r for r in all_runs if r["name"] not in sweep_names]
 
     report = {
@@ -375,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "git": git,
         "environment": via_sd_environment(),
         "runs": runs,
+        "three_tier_vs_binary": pairs,
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
     }
     if grid is not None:
@@ -410,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(R.render_markdown(report, [p.name for p in plots]))
 
     print(R.render_table(runs))
+    for line in R.render_intervals(runs, pairs):
+        print(line)
     for s in skipped:
         print(f"skipped {s.name}: {s.reason}")
     if report.get("sweep"):

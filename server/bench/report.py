@@ -15,11 +15,18 @@ Definitions (per run, and per category over that category's prompts):
 - `slim_tier_on`: share of `three_tier` steps with a draft where the controller kept the slim tier.
 - `lenient_share`: share of the generated tokens that are drafts the full model kept by
   `full_accept_threshold` though they were not its own choice (0 with the exact rule; None for peers).
+- `speedup_interval`: a 95% interval for `speedup_vs_off` from a paired bootstrap over the prompts
+  (`ratio_interval`): how far the ratio moves with the choice of prompts. It does not hold what
+  the machine did between runs or processes; the engine's rows take turns prompt by prompt, which
+  is what makes their pairing meaningful, so the peers' intervals are narrower than their truth.
+- `three_tier_vs_binary` (the report's): per drafter, `three_tier`'s tokens/s over `binary`'s on
+  the same prompts, with the same interval.
 """
 
 from __future__ import annotations
 
 import math
+import random
 
 from server.bench import quality as Q
 from server.bench.prompts import categories_in_order
@@ -113,6 +120,63 @@ def add_speedups(runs: list[dict]) -> None:
         for cat, m in r["per_category"].items():
             base = off["per_category"].get(cat)
             m["speedup_vs_off"] = _div(m["tokens_per_s"], base["tokens_per_s"]) if base else None
+
+
+def ratio_interval(a: list[dict], b: list[dict], *, level: float = 0.95, resamples: int = 2000,
+                   seed: int = 0) -> tuple[float, float, float] | None:
+    """tokens/s of the per-prompt results `a` over those of `b` on the prompts both ran, and a
+    `level` interval for it: the prompts resampled with replacement `resamples` times (the same
+    draw for both, so a prompt's own length and difficulty cancel out), the ratio of summed tokens
+    over summed seconds each time, the interval's ends at the tails' quantiles. Fixed seed: the
+    same results give the same interval. None without shared prompts or time."""
+    sa = {o["question_id"]: (len(o["token_ids"]), o["seconds"]) for o in a}
+    sb = {o["question_id"]: (len(o["token_ids"]), o["seconds"]) for o in b}
+    ids = [q for q in sa if q in sb]
+
+    def ratio(qs) -> float | None:
+        ta, xa = sum(sa[q][0] for q in qs), sum(sa[q][1] for q in qs)
+        tb, xb = sum(sb[q][0] for q in qs), sum(sb[q][1] for q in qs)
+        return (ta / xa) / (tb / xb) if xa > 0 and xb > 0 and tb > 0 else None
+
+    point = ratio(ids) if ids else None
+    if point is None:
+        return None
+    rng = random.Random(seed)
+    draws = sorted(r for r in (ratio(rng.choices(ids, k=len(ids))) for _ in range(resamples)) if r is not None)
+    tail = (1.0 - level) / 2
+    lo = draws[min(len(draws) - 1, int(tail * len(draws)))]
+    hi = draws[max(0, math.ceil((1.0 - tail) * len(draws)) - 1)]
+    return point, lo, hi
+
+
+def add_intervals(runs: list[dict], outputs: dict[str, list[dict]]) -> list[dict]:
+    """Each run's `speedup_interval` against `off` (where both ran), and the pairs of a
+    `three_tier` run and the `binary` run of the same drafter and settings (names that differ
+    only in the mode's prefix): `[{"three_tier", "binary", "ratio", "interval"}]`."""
+    off = outputs.get("off")
+    for r in runs:
+        iv = ratio_interval(outputs[r["name"]], off) if off is not None and r["name"] in outputs else None
+        r["speedup_interval"] = [iv[1], iv[2]] if iv else None
+    pairs = []
+    names = {r["name"] for r in runs}
+    for r in runs:
+        if r.get("mode") != "three_tier" or not r["name"].startswith("three_tier"):
+            continue
+        other = "binary" + r["name"][len("three_tier"):]
+        if other in names and r["name"] in outputs and other in outputs:
+            iv = ratio_interval(outputs[r["name"]], outputs[other])
+            if iv:
+                pairs.append({"three_tier": r["name"], "binary": other, "ratio": iv[0], "interval": [iv[1], iv[2]]})
+    return pairs
+
+
+def render_intervals(runs: list[dict], pairs: list[dict]) -> list[str]:
+    """Lines for the printed summary: each run's speed-up with its interval, then each pair."""
+    out = [f"{r['name']}: {r['speedup_vs_off']:.3f}x off [{r['speedup_interval'][0]:.3f}, {r['speedup_interval'][1]:.3f}]"
+           for r in runs if r.get("speedup_interval") and r["name"] != "off"]
+    out += [f"{p['three_tier']} / {p['binary']}: {p['ratio']:.3f}x [{p['interval'][0]:.3f}, {p['interval'][1]:.3f}]"
+            for p in pairs]
+    return out
 
 
 # ------------------------------------------------------------------ rendering
@@ -222,6 +286,22 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
             rows.append([r["name"]] + cells)
         if rows:
             out.append(_md_table(["run"] + cats, rows))
+    with_iv = [r for r in runs if r.get("speedup_interval") and r["name"] != "off"]
+    pairs = report.get("three_tier_vs_binary") or []
+    if with_iv or pairs:
+        out += ["", "## Speed-ups with their 95% intervals", "",
+                "Over the prompts, by a paired bootstrap (2,000 resamples, fixed seed); what the machine did "
+                "between processes is not in them, so a peer's interval is narrower than its truth.", ""]
+        if with_iv:
+            out.append(_md_table(["run", "vs `off`", "95% interval"],
+                                 [[r["name"], _f(r["speedup_vs_off"], ".3f") + "x",
+                                   f"{_f(r['speedup_interval'][0], '.3f')} - {_f(r['speedup_interval'][1], '.3f')}"]
+                                  for r in with_iv]))
+        if pairs:
+            out += ["", "`three_tier` against `binary`, the same drafter:", ""]
+            out.append(_md_table(["runs", "ratio", "95% interval"],
+                                 [[f"{p['three_tier']} / {p['binary']}", _f(p["ratio"], ".3f") + "x",
+                                   f"{_f(p['interval'][0], '.3f')} - {_f(p['interval'][1], '.3f')}"] for p in pairs]))
     if report.get("skipped"):
         out += ["", "## Skipped", ""] + [f"- `{s['name']}`: {s['reason']}" for s in report["skipped"]]
     if report.get("sweep"):

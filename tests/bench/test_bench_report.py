@@ -86,6 +86,62 @@ def test_render_table_and_markdown():
     assert "(with local changes)\n- environment: `VIA_SD_HEAD_WEIGHTS=fp16` `VIA_SD_ONEDNN=0`\n" in md
 
 
+def _timed(seconds: dict[int, float], tokens: int = 10) -> list[dict]:
+    return [_out(q, list(range(tokens)), s) for q, s in seconds.items()]
+
+
+def test_a_ratio_interval_is_paired_over_the_prompts():
+    # every prompt twice as fast: whatever prompts a resample draws, the ratio is 2
+    off = _timed({i: 1.0 + i for i in range(20)})
+    fast = _timed({i: (1.0 + i) / 2 for i in range(20)})
+    point, lo, hi = R.ratio_interval(fast, off)
+    assert point == pytest.approx(2.0) and lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+    # half the prompts 1.5x, half 1.0x: the interval holds the point, excludes neither end's
+    # extreme, and is the same on a second call (fixed seed)
+    mixed = _timed({i: (1.0 + i) / (1.5 if i % 2 else 1.0) for i in range(20)})
+    point, lo, hi = R.ratio_interval(mixed, off)
+    assert 1.0 < lo < point < hi < 1.5
+    assert R.ratio_interval(mixed, off) == (point, lo, hi)
+    assert R.ratio_interval(mixed, off, seed=1) != (point, lo, hi)
+    # only the prompts both ran count
+    assert R.ratio_interval(fast[:5], off)[0] == pytest.approx(2.0)
+    assert R.ratio_interval(fast, _timed({99: 1.0})) is None
+
+
+def test_intervals_against_off_and_three_tier_against_binary():
+    off = _timed({i: 1.0 for i in range(10)})
+    outputs = {"off": off, "binary": _timed({i: 0.5 for i in range(10)}),
+               "three_tier": _timed({i: 0.4 for i in range(10)}),
+               "three_tier_hybrid": _timed({i: 0.5 for i in range(10)}),  # no binary_hybrid row
+               "three_tier[f=0.2]": _timed({i: 0.25 for i in range(10)})}
+    prompts = [BenchPrompt(i, "qa", "q") for i in range(10)]
+    texts = {i: "x" for i in range(10)}
+    rows = [Row("off", "engine", mode="off"), Row("binary", "engine", mode="binary", drafter="ngram"),
+            Row("three_tier", "engine", mode="three_tier", drafter="ngram"),
+            Row("three_tier_hybrid", "engine", mode="three_tier", drafter="hybrid"),
+            Row("three_tier[f=0.2]", "engine", mode="three_tier", drafter="ngram")]
+    runs = [R.build_run(row, {"outputs": outputs[row.name]}, prompts, texts, None) for row in rows]
+    R.add_speedups(runs)
+    pairs = R.add_intervals(runs, outputs)
+    by = {r["name"]: r for r in runs}
+    assert by["binary"]["speedup_interval"] == pytest.approx([2.0, 2.0])
+    assert by["three_tier"]["speedup_interval"] == pytest.approx([2.5, 2.5])
+    assert pairs == [{"three_tier": "three_tier", "binary": "binary", "ratio": pytest.approx(1.25),
+                      "interval": pytest.approx([1.25, 1.25])}]
+    lines = R.render_intervals(runs, pairs)
+    assert "three_tier / binary: 1.250x [1.250, 1.250]" in lines
+    report = {"runs": runs, "three_tier_vs_binary": pairs, "machine": {}, "model": "/m", "date": "d", "command": "c",
+              "settings": {"prompts": 10, "max_tokens": 10, "temperature": 0.0}}
+    assert R.render_intervals(runs, pairs)[0] == "binary: 2.000x off [2.000, 2.000]"
+    md = R.render_markdown(report)
+    assert "## Speed-ups with their 95% intervals" in md and "| three_tier / binary | 1.250x | 1.250 - 1.250 |" in md
+    # without `off`, no interval against it
+    runs2 = [{"name": "binary", "mode": "binary"}]
+    assert R.add_intervals(runs2, {"binary": outputs["binary"]}) == [] and runs2[0]["speedup_interval"] is None
+    bare = [{**r, "speedup_interval": None} for r in runs]
+    assert "95% intervals" not in R.render_markdown({**report, "runs": bare, "three_tier_vs_binary": []})
+
+
 def test_reports_record_the_via_sd_switches_set(monkeypatch):
     from server.bench import cli
 
