@@ -94,11 +94,33 @@ def run_engine(job: dict) -> dict:
     return run_engines({**job, "rows": [job["row"]]})["rows"][job["row"]["name"]]
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of `n` rows in which each row takes each place equally often and follows each other
+    row equally often (a Williams design: 0, 1, n-1, 2, n-2, ... shifted by one per order; for odd
+    `n` the reversed orders too, 2n orders in all). A row's time can depend on the row before it
+    (what that one left in the caches and the allocator); rotating one fixed order keeps the same
+    neighbours, so such an effect fell on some rows and not others: in 5- and 9-row runs
+    `three_tier` (always after a `binary` row with the head drafter) read 0.986x `binary` (always
+    after `off`), in a 3-row run 1.003x."""
+    if n <= 1:
+        return [list(range(n))]
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    orders = [[(x + k) % n for x in first] for k in range(n)]
+    return orders + [o[::-1] for o in orders] if n % 2 else orders
+
+
 def run_engines(job: dict) -> dict:
     """Several engine rows in one process, taking turns prompt by prompt: prompt i runs through
-    every row before prompt i+1 runs through any, the rows' order rotated by one each prompt. A
-    drift in the machine's speed (another tenant, the clock) then falls on every row alike, where
-    rows run one after another meet different parts of it. The rows share one copy of the weights
+    every row before prompt i+1 runs through any, in an order that changes each prompt
+    (`balanced_orders`). A drift in the machine's speed (another tenant, the clock) then falls on
+    every row alike, where rows run one after another meet different parts of it, and so does
+    whatever a row's time owes to the row before it. The rows share one copy of the weights
     (the model holds no per-request state); each has its own engine and KV cache.
 
     Returns `{"rows": {name: result}}`, each result `{"ok": true, "outputs": [...], ...}` or
@@ -129,10 +151,10 @@ def run_engines(job: dict) -> dict:
     live = [r for r in rows if r["name"] in engines]
     prompts = job["prompts"]
     label = rows[0]["name"] if len(rows) == 1 else f"{len(live)} rows"
+    orders = balanced_orders(len(live))
     with _progress({**job, "row": {"name": label}}, len(prompts)) as bar:
         for i, p in enumerate(prompts):
-            k = i % max(1, len(live))
-            for row in live[k:] + live[:k]:
+            for row in (live[j] for j in orders[i % len(orders)]):
                 name = row["name"]
                 if not results[name]["ok"]:
                     continue

@@ -195,10 +195,27 @@ def test_interleaved_rows_take_turns_prompt_by_prompt(monkeypatch):
            "seed": 0, "warmup_tokens": 2, "max_tokens": 4, "progress": False,
            "rows": [{"name": n, "mode": "off", "kind": "engine"} for n in ("a", "b", "c")]}
     res = worker.run_engines(job)
-    # every row gets prompt i before any row gets prompt i + 1, the first row rotating
-    assert calls == [(0, "a"), (0, "b"), (0, "c"), (1, "b"), (1, "c"), (1, "a"), (2, "c"), (2, "a"), (2, "b"),
-                     (3, "a"), (3, "b"), (3, "c"), (4, "b"), (4, "c"), (4, "a")]
+    # every row gets prompt i before any row gets prompt i + 1, in the balanced orders
+    orders = worker.balanced_orders(3)
+    assert calls == [(i, "abc"[j]) for i in range(5) for j in orders[i % len(orders)]]
+    assert [n for _, n in calls[:3]] != [n for _, n in calls[3:6]]
     assert all(res["rows"][n]["ok"] and len(res["rows"][n]["outputs"]) == 5 for n in "abc")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9])
+def test_balanced_orders_put_each_row_in_each_place_and_after_each_other_row_equally_often(n):
+    from collections import Counter
+
+    from server.bench.worker import balanced_orders
+
+    orders = balanced_orders(n)
+    assert len(orders) == (2 * n if n % 2 and n > 1 else n)
+    assert all(sorted(o) == list(range(n)) for o in orders)
+    places = Counter((x, k) for o in orders for k, x in enumerate(o))
+    assert set(places.values()) == {len(orders) // n}
+    after = Counter((a, b) for o in orders for a, b in zip(o, o[1:]))
+    if n > 1:
+        assert len(after) == n * (n - 1) and len(set(after.values())) == 1  # every ordered pair, as often
 
 
 class _FakeEngine:
