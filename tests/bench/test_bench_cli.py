@@ -66,6 +66,13 @@ def test_json_contract(bench_run):
     t = runs["three_tier_hybrid"]["tier_rates"]
     assert sum(t.values()) == pytest.approx(1.0) or sum(t.values()) == 0.0
     assert "math_accuracy" in runs["off"]["per_category"]["math_reasoning"]["quality"]
+    # each speed-up's interval holds it; three_tier is paired with binary of its drafter
+    for r in rep["runs"]:
+        lo, hi = r["speedup_interval"]
+        assert lo <= r["speedup_vs_off"] * (1 + 1e-9) and r["speedup_vs_off"] <= hi * (1 + 1e-9)
+    (pair,) = rep["three_tier_vs_binary"]
+    assert pair["three_tier"] == "three_tier_hybrid" and pair["binary"] == "binary_hybrid"
+    assert pair["ratio"] == pytest.approx(runs["three_tier_hybrid"]["tokens_per_s"] / runs["binary_hybrid"]["tokens_per_s"])
 
 
 def test_outputs_file_has_every_run_and_prompt(bench_run):
