@@ -412,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(R.render_markdown(report, [p.name for p in plots]))
 
     print(R.render_table(runs))
-    for line in R.render_intervals(runs, pairs):
+    shown = {r["name"] for r in runs}
+    for line in R.render_intervals(runs + [r for r in all_runs if r["name"] not in shown], pairs):
         print(line)
     for s in skipped:
         print(f"skipped {s.name}: {s.reason}")

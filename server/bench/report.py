@@ -15,7 +15,8 @@ Definitions (per run, and per category over that category's prompts):
 - `slim_tier_on`: share of `three_tier` steps with a draft where the controller kept the slim tier.
 - `lenient_share`: share of the generated tokens that are drafts the full model kept by
   `full_accept_threshold` though they were not its own choice (0 with the exact rule; None for peers).
-- `speedup_interval`: a 95% interval for `speedup_vs_off` from a paired bootstrap over the prompts
+- `speedup_interval` (each run and each sweep point): a 95% interval for `speedup_vs_off` from a
+  paired bootstrap over the prompts
   (`ratio_interval`): how far the ratio moves with the choice of prompts. It does not hold what
   the machine did between runs or processes; the engine's rows take turns prompt by prompt, which
   is what makes their pairing meaningful, so the peers' intervals are narrower than their truth.
@@ -307,12 +308,14 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
     if report.get("sweep"):
         sw = report["sweep"]
         out += ["", "## Threshold sweep (three_tier)", ""]
-        rows = [[p["name"], _f(p["tokens_per_s"], ".1f"), _f(p.get("speedup_vs_off")), _f(p.get("mean_accepted_tokens")),
+        rows = [[p["name"], _f(p["tokens_per_s"], ".1f"), _f(p.get("speedup_vs_off")),
+                 f"{_f(p['speedup_interval'][0])} - {_f(p['speedup_interval'][1])}" if p.get("speedup_interval") else "-",
+                 _f(p.get("mean_accepted_tokens")),
                  _f(p.get("lenient_share")), _f(p["quality"].get("match_off")), _f(p["quality"].get("prefix_agreement")),
                  _f(p["quality"].get("bleu"), ".1f"), _f(p["quality"].get("rouge_l"), ".1f"),
                  _f(p["quality"].get("math_accuracy")), _f(p["quality"].get("repetition")),
                  "yes" if p.get("pareto") else ""] for p in sw["points"]]
-        out.append(_md_table(["setting", "tok/s", "speedup", "tok/step", "lenient", "=off", "prefix agreement", "BLEU",
+        out.append(_md_table(["setting", "tok/s", "speedup", "95% interval", "tok/step", "lenient", "=off", "prefix agreement", "BLEU",
                               "ROUGE-L", "math", "rep-4", "frontier"], rows))
         if sw.get("best"):
             out += ["", f"Best setting (fastest with {sw['quality_key']} >= {sw['min_quality']}): `{sw['best']['name']}` "

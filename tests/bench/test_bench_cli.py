@@ -284,7 +284,7 @@ def test_a_sweep_of_the_full_models_threshold(tiny_model_dir, tmp_path):
     assert pts[1.0]["lenient_share"] == 0.0
 
 
-def test_a_sweep_with_bf16_prompts_runs_each_point_both_ways(tiny_model_dir, tmp_path):
+def test_a_sweep_with_bf16_prompts_runs_each_point_both_ways(tiny_model_dir, tmp_path, capfd):
     """`--prefill-dtype auto,bfloat16` with `--sweep`: every point also as <point>+bf16 (its
     prompts in bf16), so a lossy point can be measured beside fp32 `off` with both knobs."""
     rc, rep = _run(tiny_model_dir, tmp_path, ["--modes", "off,three_tier", "--drafters", "ngram",
@@ -299,6 +299,14 @@ def test_a_sweep_with_bf16_prompts_runs_each_point_both_ways(tiny_model_dir, tmp
     assert pts["three_tier[f=0]+bf16"]["acceptance_rate"] == 1.0
     lines = [json.loads(x) for x in (tmp_path / "swbf.outputs.jsonl").read_text().splitlines()]
     assert {x["run"] for x in lines} == {"off", "off+bf16"} | set(pts)
+    # each point's speed-up has its interval, in the JSON, the Markdown table and the printed lines
+    printed = capfd.readouterr().out
+    md = (tmp_path / "swbf.md").read_text().split("## Threshold sweep")[1]
+    for name, p in pts.items():
+        lo, hi = p["speedup_interval"]
+        assert lo <= p["speedup_vs_off"] * (1 + 1e-9) and p["speedup_vs_off"] <= hi * (1 + 1e-9)
+        assert f"{name}: {p['speedup_vs_off']:.3f}x off [{lo:.3f}, {hi:.3f}]" in printed
+        assert f"| {name} | {p['tokens_per_s']:.1f} | {p['speedup_vs_off']:.2f} | {lo:.2f} - {hi:.2f} |" in md
 
 
 def test_draft_head_flag_reaches_the_head_rows(tiny_model_dir, tmp_path):
