@@ -412,8 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(R.render_markdown(report, [p.name for p in plots]))
 
     print(R.render_table(runs))
-    shown = {r["name"] for r in runs}
-    for line in R.render_intervals(runs + [r for r in all_runs if r["name"] not in shown], pairs):
+    for line in R.render_intervals(runs + [r for r in all_runs if r["name"] in sweep_names], pairs):
         print(line)
     for s in skipped:
         print(f"skipped {s.name}: {s.reason}")

@@ -187,6 +187,11 @@ def _f(v, fmt: str = ".2f", none: str = "-") -> str:
     return format(v, fmt)
 
 
+def _iv(iv: list[float] | None, fmt: str = ".3f") -> str:
+    """An interval's ends as a table cell, '-' without one."""
+    return f"{_f(iv[0], fmt)} - {_f(iv[1], fmt)}" if iv else "-"
+
+
 COLUMNS = ("run", "tok/s", "speedup", "tok/step", "accept/slim/full", "slim on", "full/tok", "lenient", "=off", "BLEU",
            "ROUGE-L", "math", "rep-4")
 
@@ -296,20 +301,20 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
         if with_iv:
             out.append(_md_table(["run", "vs `off`", "95% interval"],
                                  [[r["name"], _f(r["speedup_vs_off"], ".3f") + "x",
-                                   f"{_f(r['speedup_interval'][0], '.3f')} - {_f(r['speedup_interval'][1], '.3f')}"]
+                                   _iv(r["speedup_interval"])]
                                   for r in with_iv]))
         if pairs:
             out += ["", "`three_tier` against `binary`, the same drafter:", ""]
             out.append(_md_table(["runs", "ratio", "95% interval"],
                                  [[f"{p['three_tier']} / {p['binary']}", _f(p["ratio"], ".3f") + "x",
-                                   f"{_f(p['interval'][0], '.3f')} - {_f(p['interval'][1], '.3f')}"] for p in pairs]))
+                                   _iv(p["interval"])] for p in pairs]))
     if report.get("skipped"):
         out += ["", "## Skipped", ""] + [f"- `{s['name']}`: {s['reason']}" for s in report["skipped"]]
     if report.get("sweep"):
         sw = report["sweep"]
         out += ["", "## Threshold sweep (three_tier)", ""]
         rows = [[p["name"], _f(p["tokens_per_s"], ".1f"), _f(p.get("speedup_vs_off")),
-                 f"{_f(p['speedup_interval'][0])} - {_f(p['speedup_interval'][1])}" if p.get("speedup_interval") else "-",
+                 _iv(p.get("speedup_interval"), ".2f"),
                  _f(p.get("mean_accepted_tokens")),
                  _f(p.get("lenient_share")), _f(p["quality"].get("match_off")), _f(p["quality"].get("prefix_agreement")),
                  _f(p["quality"].get("bleu"), ".1f"), _f(p["quality"].get("rouge_l"), ".1f"),
