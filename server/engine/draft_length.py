@@ -11,9 +11,17 @@ buy is the tokens the step commits, 1 + the expected run of accepted drafts:
 with a_i the chance that draft i is accepted once drafts 1 .. i-1 were. The step keeps the n that
 maximises E(n) / r(n + 1), which is 0 (a plain step) when no draft is likely enough.
 
-* `PassCosts` measures r: the seconds of every one-sequence decode-sized full pass, by its
-  token count, the median of the latest 15 each, and a least-squares line through them, weighted
-  by how often each size ran (a prior slope until two sizes have been seen a few times).
+* `PassCosts` measures r: every one-sequence decode-sized full pass is timed with its token
+  count and the context it attends to. A pass's seconds grow with its context as much as with its
+  width (this CPU, hybrid drafts over 48 Spec-Bench prompts: one token 5.9 ms under 200 positions,
+  8.7 ms at 800-1,600), while its cost relative to a one-token pass at the same context barely
+  moves (four tokens 1.47x, 1.37x, 1.43x there). So one-token passes give a base line, seconds
+  against context, and each wider pass is kept as its ratio to that line at its own context; r(n)
+  is the median of the latest such ratios of size n, and a line through those where a size has
+  not run (a prior slope until one-token passes and a wider size have been seen a few times).
+  Medians of raw seconds by size, as before, mixed contexts: lookup drafts are long in rag and
+  summarization answers, whose passes read ~1,000 positions, so r(3) read 1.1 or 2.0 by which
+  prompts had run last, and the draft lengths cut by it moved with it.
 * `LookupAcceptance` estimates a for prompt-lookup drafts from the span of the match they copy
   (`drafters.ngram.ngram_match`), engine-wide: per span and draft position, discounted counts of
   drafts kept over drafts checked. Replaying the `off` answers of the 60 Spec-Bench prompts, the
@@ -38,7 +46,7 @@ from dataclasses import dataclass
 # by size); elsewhere between a weight-bound pass (0) and that
 PRIOR_SLOPE = 0.1
 CPU_PRIOR_SLOPE = 0.2
-MIN_SAMPLES = 3  # passes of a size before its EWMA enters the fit
+MIN_SAMPLES = 3  # passes of a size before its median counts
 
 
 def prior_slope(device_type: str) -> float:
@@ -54,56 +62,88 @@ def prior_relative(tokens: int, slope: float = PRIOR_SLOPE) -> float:
 
 
 class PassCosts:
-    def __init__(self, max_tokens: int = 64, keep: int = 15, prior_slope: float = PRIOR_SLOPE):
+    """Relative pass costs r(n) from timed one-sequence passes (module docstring)."""
+
+    def __init__(self, max_tokens: int = 64, keep: int = 31, prior_slope: float = PRIOR_SLOPE):
         self.prior_slope = prior_slope
-        self.samples: list[deque] = [deque(maxlen=keep) for _ in range(max_tokens + 1)]
-        self.count = [0] * (max_tokens + 1)
-        self._fit: tuple[float, float] | None = None  # (cost of 1 token, cost per extra token)
+        self.keep = keep
+        self.reset(max_tokens)
+
+    def reset(self, max_tokens: int | None = None) -> None:
+        """Forget every measurement (back to the prior line)."""
+        n = max_tokens if max_tokens is not None else len(self.samples) - 1
+        # per size: (context, seconds) of the latest passes
+        self.samples: list[deque] = [deque(maxlen=self.keep) for _ in range(n + 1)]
+        # one-token passes also by context, a power of two a bucket: the base line's points
+        self.ones: dict[int, deque] = {}
+        self.count = [0] * (n + 1)
+        self._table: list[float | None] | None = None  # r(n) where measured, refitted every 16 passes
+        self._slope: float | None = None  # the line through the measured sizes' r(n)
         self._since_fit = 0
 
-    def observe(self, tokens: int, seconds: float) -> None:
+    def observe(self, tokens: int, seconds: float, context: int = 0) -> None:
+        """A timed pass over `tokens` new tokens attending to `context` positions in all."""
         if not 1 <= tokens < len(self.samples) or seconds <= 0:
             return
-        self.samples[tokens].append(seconds)
+        sample = (max(0, context), seconds)
+        self.samples[tokens].append(sample)
+        if tokens == 1:
+            self.ones.setdefault(sample[0].bit_length(), deque(maxlen=self.keep)).append(sample)
         self.count[tokens] += 1
         self._since_fit += 1
-        if self._since_fit >= 16:  # refit now and then: a few hundred microseconds of Python each
-            self._fit, self._since_fit = None, 0
+        # refit now and then (a few hundred microseconds of Python each); at every pass while no
+        # wide size has been measured
+        if self._since_fit >= 16 or self._slope is None:
+            self._table, self._since_fit = None, 0
 
     def seconds(self, tokens: int) -> float | None:
-        """The median of the latest passes over `tokens` tokens (robust to a stray slow pass)."""
+        """The median seconds of the latest passes over `tokens` tokens, whatever their context."""
         s = self.samples[tokens]
-        return statistics.median(s) if len(s) >= MIN_SAMPLES else None
+        return statistics.median(t for _, t in s) if len(s) >= MIN_SAMPLES else None
 
-    def _line(self) -> tuple[float, float] | None:
-        if self._fit is None:
-            pts = [(n, self.seconds(n), min(c, 20)) for n, c in enumerate(self.count) if c >= MIN_SAMPLES]
-            if len(pts) < 2:
-                return None
-            w = sum(p[2] for p in pts)
-            mx = sum(n * c for n, _, c in pts) / w
-            my = sum(s * c for _, s, c in pts) / w
-            sxx = sum(c * (n - mx) ** 2 for n, _, c in pts)
-            slope = max(0.0, sum(c * (n - mx) * (s - my) for n, s, c in pts) / sxx)
-            one = my - slope * (mx - 1)
-            if one <= 0:
-                return None
-            self._fit = (one, slope)
-        return self._fit
+    def base(self) -> tuple[float, float] | None:
+        """A one-token pass's seconds against its context, (at context 0, per position): the
+        least-squares line through the median context and seconds of each context bucket that
+        holds a few one-token passes (the buckets weigh the same, so the latest prompt's contexts
+        do not make the line; a stray slow pass moves no median). Flat with one bucket."""
+        pts = [(statistics.median(c for c, _ in b), statistics.median(t for _, t in b))
+               for b in self.ones.values() if len(b) >= MIN_SAMPLES]
+        if not pts:
+            return None
+        mc = sum(c for c, _ in pts) / len(pts)
+        mt = sum(t for _, t in pts) / len(pts)
+        sxx = sum((c - mc) ** 2 for c, _ in pts)
+        per = max(0.0, sum((c - mc) * (t - mt) for c, t in pts) / sxx) if sxx > 0 else 0.0
+        at0 = mt - per * mc
+        return (at0, per) if at0 > 0 else (mt, 0.0)
+
+    def _fit(self) -> None:
+        table: list[float | None] = [None] * len(self.samples)
+        table[1] = 1.0
+        slope = None
+        line = self.base()
+        if line is not None:
+            at0, per = line
+            pts = []
+            for n in range(2, len(self.samples)):
+                s = self.samples[n]
+                if len(s) >= MIN_SAMPLES:
+                    table[n] = statistics.median(t / (at0 + per * c) for c, t in s)
+                    pts.append((n, table[n], min(self.count[n], 20)))
+            if pts:  # r(n) = 1 + slope (n - 1) through the measured sizes, weighted by how often each ran
+                slope = max(0.0, sum(w * (r - 1) * (n - 1) for n, r, w in pts) / sum(w * (n - 1) ** 2 for n, _, w in pts))
+        self._table, self._slope = table, slope
 
     def relative(self, tokens: int) -> float:
-        """Cost of a pass over `tokens` tokens, in plain decode steps (1 for one token): measured
-        where both sizes have run, else from the line, else from the prior slope."""
-        if tokens == 1:
+        """Cost of a pass over `tokens` tokens, in one-token passes at the same context: measured
+        where that size has run, else from the line through the measured sizes, else the prior."""
+        if tokens <= 1:
             return 1.0
-        one, this = self.seconds(1), self.seconds(tokens) if tokens < len(self.samples) else None
-        if one is not None and this is not None:
-            return this / one
-        line = self._line()
-        if line is None:
-            return prior_relative(tokens, self.prior_slope)
-        one, slope = line
-        return 1.0 + slope / one * (tokens - 1)
+        if self._table is None:
+            self._fit()
+        if tokens < len(self._table) and self._table[tokens] is not None:
+            return self._table[tokens]
+        return 1.0 + (self.prior_slope if self._slope is None else self._slope) * (tokens - 1)
 
 
 @dataclass

@@ -259,7 +259,8 @@ class LLMEngine:
                     if out.logits.device.type == "cuda":
                         torch.cuda.synchronize(out.logits.device)
                     # one sequence's decode-sized pass: what a draft token adds to it (draft_length)
-                    self.pass_costs.observe(len(all_chunks[0].token_ids), time.perf_counter() - t0)
+                    one = all_chunks[0]
+                    self.pass_costs.observe(len(one.token_ids), time.perf_counter() - t0, one.start + len(one.token_ids))
         if any(c.num_logits for c in full_chunks) or any(c.num_logits > 1 for c in plain_chunks):
             out = self._take_prompt_logprobs(prefills + plain, full_chunks + plain_chunks, out)
         for s in prefills:

@@ -94,15 +94,47 @@ def test_pass_costs_start_from_the_prior_then_follow_the_measured_passes():
     assert pc.relative(1) == 1.0 and pc.relative(3) == pytest.approx(1.2)
     for _ in range(5):
         for n in (1, 2, 4):
-            pc.observe(n, 0.010 + 0.002 * (n - 1))
+            pc.observe(n, 0.010 + 0.002 * (n - 1), context=100)
     assert pc.relative(2) == pytest.approx(1.2)
     assert pc.relative(4) == pytest.approx(1.6)
     assert pc.relative(6) == pytest.approx(2.0)  # the line through the measured sizes
-    pc.observe(4, 5.0)  # one stray slow pass moves the median of five by nothing
+    pc.observe(4, 5.0, context=100)  # one stray slow pass moves the median of six by nothing
+    pc._table = None  # refitted every 16 passes: now
     assert pc.relative(4) == pytest.approx(1.6)
     pc.observe(0, 1.0)
     pc.observe(10**6, 1.0)  # out of range: ignored
     assert pc.relative(1) == 1.0
+    pc.reset()
+    assert pc.relative(3) == pytest.approx(1.2) and pc.seconds(1) is None
+
+
+def test_pass_costs_compare_each_pass_with_a_one_token_pass_at_its_own_context():
+    """Passes get slower with the context they read. A wide pass is costed against what a
+    one-token pass takes at its context, so where the wide passes ran decides nothing: here
+    two-token passes that all read long contexts cost 1.1 one-token passes, though their seconds
+    are twice those of the one-token passes' median."""
+    def one(ctx):  # a one-token pass: 5 ms plus 5 ms per thousand positions
+        return 0.005 + 0.005 * ctx / 1000
+
+    pc = PassCosts(prior_slope=0.5)
+    for ctx in (50, 60, 70, 80, 90, 100, 110, 120) * 3:  # most one-token passes read short contexts
+        pc.observe(1, one(ctx), context=ctx)
+    for ctx in (1500, 1600, 1700):
+        pc.observe(1, one(ctx), context=ctx)
+    for ctx in (1400, 1500, 1600, 1700, 1800):  # the wide passes, long ones
+        pc.observe(2, 1.1 * one(ctx), context=ctx)
+        pc.observe(3, 1.3 * one(ctx), context=ctx)
+    assert pc.seconds(2) > 1.8 * pc.seconds(1)  # by raw seconds: the contexts, not the width
+    assert pc.relative(2) == pytest.approx(1.1, rel=0.02)
+    assert pc.relative(3) == pytest.approx(1.3, rel=0.02)
+    assert pc.relative(5) == pytest.approx(1.6, rel=0.05)  # unmeasured: the line through 2 and 3
+    at0, per = pc.base()
+    assert at0 == pytest.approx(0.005, rel=0.02) and per == pytest.approx(0.005 / 1000, rel=0.02)
+    # one context bucket alone: a flat base line, its median
+    flat = PassCosts()
+    for _ in range(3):
+        flat.observe(1, 0.010, context=200)
+    assert flat.base() == (pytest.approx(0.010), 0.0)
 
 
 def test_acceptance_estimate_counts_drafts_checked_up_to_the_first_rejection():
@@ -198,10 +230,8 @@ def test_trimmed_drafts_keep_binary_lossless(tiny_model_dir):
     off = eng.generate(greedy_requests(PROMPTS, 32, mode="off", ignore_eos=True, prefix="o"))
     # a machine where every extra token doubles the pass: only sure drafts are verified
     eng.pass_costs.prior_slope = 1.0
-    for s in eng.pass_costs.samples:
-        s.clear()
-    eng.pass_costs.count = [0] * len(eng.pass_costs.count)
-    eng.pass_costs.observe = lambda n, s: None
+    eng.pass_costs.reset()
+    eng.pass_costs.observe = lambda *a: None
     trimmed = eng.generate(greedy_requests(PROMPTS, 32, mode="binary", ignore_eos=True, prefix="t"))
     assert [r.token_ids for r in trimmed] == [r.token_ids for r in off]
     assert eng.spec.trimmed > 0
@@ -242,10 +272,8 @@ def test_steps_without_a_draft_decode_plainly_and_count_their_passes(tiny_model_
     eng = make_engine(tiny_model_dir, spec={"mode": mode, "drafter": "ngram"})
     off = eng.generate(greedy_requests(PROMPTS, 32, mode="off", ignore_eos=True, prefix="o"))
     eng.pass_costs.prior_slope = 100.0  # every draft token would cost a hundred plain steps
-    for s in eng.pass_costs.samples:
-        s.clear()
-    eng.pass_costs.count = [0] * len(eng.pass_costs.count)
-    eng.pass_costs.observe = lambda n, s: None
+    eng.pass_costs.reset()
+    eng.pass_costs.observe = lambda *a: None
     for table in eng.spec.lookup_accepts:
         table.explore_every = 10**9
     finished = []
