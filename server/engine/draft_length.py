@@ -13,15 +13,18 @@ maximises E(n) / r(n + 1), which is 0 (a plain step) when no draft is likely eno
 
 * `PassCosts` measures r: every one-sequence decode-sized full pass is timed with its token
   count and the context it attends to. A pass's seconds grow with its context as much as with its
-  width (this CPU, hybrid drafts over 48 Spec-Bench prompts: one token 5.9 ms under 200 positions,
-  8.7 ms at 800-1,600), while its cost relative to a one-token pass at the same context barely
-  moves (four tokens 1.47x, 1.37x, 1.43x there). So one-token passes give a base line, seconds
-  against context, and each wider pass is kept as its ratio to that line at its own context; r(n)
-  is the median of the latest such ratios of size n, and a line through those where a size has
-  not run (a prior slope until one-token passes and a wider size have been seen a few times).
-  Medians of raw seconds by size, as before, mixed contexts: lookup drafts are long in rag and
-  summarization answers, whose passes read ~1,000 positions, so r(3) read 1.1 or 2.0 by which
-  prompts had run last, and the draft lengths cut by it moved with it.
+  width, while its cost relative to a one-token pass at the same context barely moves (this CPU,
+  hybrid drafts over 48 Spec-Bench prompts, `benchmarks/pass_costs.py`: one token 6.8 ms under
+  200 positions and 9.8 ms at 800-1,600; four tokens 1.43x, 1.45x and 1.36x the one-token pass of
+  their context bin). So one-token passes, kept by context (a bucket per power of two), give a
+  base line of seconds against context, and each wider pass counts as its ratio to that line at
+  its own context: r(n) is the median of the latest 31 such ratios of n tokens, and a line through
+  the measured sizes where a size has not run (a prior slope until one-token passes and a wider
+  size have been seen a few times). The first form of this table, medians of raw seconds by size,
+  mixed contexts:
+  lookup drafts run long in rag and summarization answers, whose passes read ~1,000 positions, so
+  over one run r(4) read anywhere from 1.19 to 2.13 (1.32-1.48 by context) by which prompts had
+  run last, and the draft lengths cut by it moved with it.
 * `LookupAcceptance` estimates a for prompt-lookup drafts from the span of the match they copy
   (`drafters.ngram.ngram_match`), engine-wide: per span and draft position, discounted counts of
   drafts kept over drafts checked. Replaying the `off` answers of the 60 Spec-Bench prompts, the
@@ -85,7 +88,7 @@ class PassCosts:
         """A timed pass over `tokens` new tokens attending to `context` positions in all."""
         if not 1 <= tokens < len(self.samples) or seconds <= 0:
             return
-        sample = (max(0, context), seconds)
+        sample = (max(0, int(context)), seconds)
         self.samples[tokens].append(sample)
         if tokens == 1:
             self.ones.setdefault(sample[0].bit_length(), deque(maxlen=self.keep)).append(sample)
