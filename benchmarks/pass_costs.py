@@ -27,7 +27,7 @@ from collections import deque
 import torch
 
 from server.bench.cli import machine_info
-from server.bench.prompts import SPEC_BENCH_FILE
+from server.bench.prompts import SPEC_BENCH_FILE, read_questions
 from server.bench.report import describe_cpu
 from server.engine.api import GenerationRequest
 from server.engine.config import EngineConfig, SamplingParams, SpecConfig
@@ -127,9 +127,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     eng = LLMEngine(EngineConfig(model=str(prepare_model(None, progress=False)),
                                  spec=SpecConfig(mode=args.mode, drafter=args.drafter)))
-    qs = [json.loads(line) for line in open(SPEC_BENCH_FILE)]
     prompts = [eng.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}])
-               for q in qs[:: args.stride]]
+               for q in read_questions(SPEC_BENCH_FILE)[:: args.stride]]
     t0 = time.perf_counter()
     passes = record(eng, prompts, args.max_tokens)
     print(f"{len(prompts)} prompts, {len(passes)} timed passes, {time.perf_counter() - t0:.1f} s")

@@ -21,10 +21,9 @@ maximises E(n) / r(n + 1), which is 0 (a plain step) when no draft is likely eno
   its own context: r(n) is the median of the latest 31 such ratios of n tokens, and a line through
   the measured sizes where a size has not run (a prior slope until one-token passes and a wider
   size have been seen a few times). The first form of this table, medians of raw seconds by size,
-  mixed contexts:
-  lookup drafts run long in rag and summarization answers, whose passes read ~1,000 positions, so
-  over one run r(4) read anywhere from 1.19 to 2.13 (1.32-1.48 by context) by which prompts had
-  run last, and the draft lengths cut by it moved with it.
+  mixed contexts: lookup drafts run long in rag and summarization answers, whose passes read
+  ~1,000 positions, so over one run r(4) read anywhere from 1.19 to 2.13 (1.32-1.48 by context)
+  by which prompts had run last, and the draft lengths cut by it moved with it.
 * `LookupAcceptance` estimates a for prompt-lookup drafts from the span of the match they copy
   (`drafters.ngram.ngram_match`), engine-wide: per span and draft position, discounted counts of
   drafts kept over drafts checked. Replaying the `off` answers of the 60 Spec-Bench prompts, the
