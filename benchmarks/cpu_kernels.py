@@ -16,7 +16,8 @@
   with its matrices in each form (`VIA_SD_HEAD_WEIGHTS`: fp32, fp16, Q8_0 blocks), the forms
   taking turns over `--rounds` rounds. Median milliseconds.
 - `packed`: every layer matrix of the bundled model through `skinny_linear` once (a forward's
-  matmuls, 210 calls), fp32 against the packed Q4_1 blocks, and the LM head fp32, fp16-read
+  matmuls, 210 calls), fp32 against the packed Q4_1 blocks (GGUF's layout, and four rows
+  interleaved, the engine's), and the LM head fp32, fp16-read
   (`greedy_linear`) and Q8_0, for several tokens per pass. Median milliseconds (the weights do not
   fit in the caches, so each call reads them from memory).
 - `gemm`: the same layer matrices and the LM head, fp32, for the wider passes (a batch of
@@ -158,6 +159,7 @@ def packed(tokens: list[int], reps: int) -> None:
     packs = [blocks.pack_q4_1(w) for w in mats]
     if any(p is None for p in packs):
         raise SystemExit("the bundled model's layer matrices are not all Q4_1 blocks")
+    inter = [blocks.interleave_q4_1(p, w.shape[1]) for w, p in zip(mats, packs)]  # the engine's layout
     head = t["model.embed_tokens.weight"]
     head8, greedy = blocks.pack_q8_0(head), GreedyHead.build(head)
 
@@ -167,7 +169,9 @@ def packed(tokens: list[int], reps: int) -> None:
     for M in tokens:
         fp32 = timed([(lambda x, w=w: k.skinny_linear(x, w), w.shape[1]) for w in mats], M)
         q4 = timed([(lambda x, p=p: k.skinny_linear(x, p), w.shape[1]) for w, p in zip(mats, packs)], M)
-        print(f"layers     {M} tokens: fp32 {fp32:6.2f} ms   Q4_1 {q4:6.2f} ms", flush=True)
+        q4x4 = timed([(lambda x, p=p: k.skinny_linear(x, p), w.shape[1]) for w, p in zip(mats, inter)], M)
+        print(f"layers     {M} tokens: fp32 {fp32:6.2f} ms   Q4_1 {q4:6.2f} ms   Q4_1 interleaved {q4x4:6.2f} ms",
+              flush=True)
         h32 = timed([(lambda x: k.skinny_linear(x, head), 576)], M)
         h16 = timed([(lambda x: greedy.logits(x), 576)], M)
         h8 = timed([(lambda x: k.skinny_linear(x, head8), 576)], M)
