@@ -22,6 +22,10 @@ log = logging.getLogger("via_sd.kernels")
 # tokens/s and 431 against 466 (the skinny GEMM in tiles of 8 tokens against oneDNN's).
 SKINNY_MAX_TOKENS = 16
 
+# Compiler flags added to the host's own (-march=native): the tests build the kernels a second
+# time for another instruction set (`-mno-avx512f`, AVX2's code on an AVX-512 host) and compare sums.
+KERNEL_CFLAGS = os.environ.get("VIA_SD_KERNEL_CFLAGS", "").split()
+
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -43,7 +47,12 @@ def _cpu_tag() -> str:
 def _build_dir() -> Path:
     root = Path(os.environ.get("VIA_SD_KERNEL_CACHE", Path.home() / ".cache" / "via-sd" / "kernels"))
     # -march=native: one build per CPU model and torch version
-    return root / f"torch-{torch.__version__.replace('+', '_')}-{_cpu_tag()}"
+    tag = f"torch-{torch.__version__.replace('+', '_')}-{_cpu_tag()}"
+    if KERNEL_CFLAGS:
+        import hashlib
+
+        tag += "-" + hashlib.sha1(" ".join(KERNEL_CFLAGS).encode()).hexdigest()[:8]
+    return root / tag
 
 
 def _build() -> bool:
@@ -67,7 +76,7 @@ def _build() -> bool:
         cpp_extension.load(
             name="via_sd_cpu_kernels",
             sources=[str(src)],
-            extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
+            extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", *KERNEL_CFLAGS],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             is_python_module=False,
