@@ -217,6 +217,20 @@ static inline void prefetch_block(const Q4x4* w, int64_t row, int64_t b, int64_t
 template <typename W>
 constexpr bool is_block_v = std::is_same_v<W, Q4Block> || std::is_same_v<W, Q8Block> || std::is_same_v<W, Q4x4>;
 
+// A tile's last step for one output: the scalar tail past the 16-lane steps (fp32 and fp16
+// weights; blocks have none), the residual, the store
+template <typename W>
+static inline void store_sum(float s, const float* x, const W* w, float* out, const float* res, int64_t K,
+                             int64_t N, int64_t row, int64_t tok) {
+  if constexpr (!is_block_v<W>) {
+    const W* wr = w + row * K;
+    const float* xr = x + tok * K;
+    for (int64_t k = K & ~int64_t(15); k < K; ++k) s = __builtin_fmaf(float(wr[k]), xr[k], s);
+  }
+  const int64_t o = tok * N + row;
+  out[o] = res ? res[o] + s : s;
+}
+
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #define VIA_SD_AVX2_TILES 1
 // AVX2 hosts (no AVX-512: many laptops, AMD before Zen 4). There a v16 is a pair of 8-lane
@@ -304,18 +318,8 @@ static inline void tile(const float* __restrict__ x, const W* __restrict__ w, fl
           acc[r][j][q & 1] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xq + j * K), acc[r][j][q & 1]);
       }
   }
-  const int64_t K16 = K & ~int64_t(15);
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < MB; ++j) {
-      float s = reduce(acc[r][j][0], acc[r][j][1]);
-      if constexpr (!is_block_v<W>) {
-        const W* wr = w + (n + r) * K;
-        const float* xr = x + (m + j) * K;
-        for (int64_t k = K16; k < K; ++k) s = __builtin_fmaf(float(wr[k]), xr[k], s);
-      }
-      const int64_t o = (m + j) * N + n + r;
-      out[o] = res ? res[o] + s : s;
-    }
+    for (int j = 0; j < MB; ++j) store_sum(reduce(acc[r][j][0], acc[r][j][1]), x, w, out, res, K, N, n + r, m + j);
 }
 
 // R rows, every token: one tile for R = 4 (one token) and 2 (two), tiles of up to 6 tokens for one row
@@ -481,11 +485,7 @@ static inline void tile(const float* __restrict__ x, const W* __restrict__ w, fl
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) {
-        const float s = reduce16(acc[r][j]);
-        const int64_t o = (m + j) * N + n + r;
-        out[o] = res ? res[o] + s : s;
-      }
+      for (int j = 0; j < MB; ++j) store_sum(reduce16(acc[r][j]), x, w, out, res, K, N, n + r, m + j);
   } else {
     for (int64_t k = 0; k < K16; k += 16) {
       v16 xv[MB];
@@ -499,14 +499,7 @@ static inline void tile(const float* __restrict__ x, const W* __restrict__ w, fl
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) {
-        float s = reduce16(acc[r][j]);
-        const W* wr = w + (n + r) * K;
-        const float* xr = x + (m + j) * K;
-        for (int64_t k = K16; k < K; ++k) s = __builtin_fmaf(float(wr[k]), xr[k], s);
-        const int64_t o = (m + j) * N + n + r;
-        out[o] = res ? res[o] + s : s;
-      }
+      for (int j = 0; j < MB; ++j) store_sum(reduce16(acc[r][j]), x, w, out, res, K, N, n + r, m + j);
   }
 }
 
