@@ -57,6 +57,16 @@ static inline v16 load16(const _Float16* p) {
 #endif
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// reduce16's tree on a 16-lane sum kept as two 8-lane halves (lanes 0-7 and 8-15)
+static inline float reduce_halves(__m256 lo, __m256 hi) {
+  const __m256 t8 = _mm256_add_ps(lo, hi);
+  const __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
+  const __m128 u = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+  return _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)));
+}
+#endif
+
 // A fixed-order sum of 16 lanes: halves, quarters, then (0 + 2) + (1 + 3). The AVX-512 path is the
 // same tree in registers (a + b is commutative bitwise): through a stack array the compiler ran it
 // as scalar adds, about a fifth of a 6-token pass's time in the skinny GEMM.
@@ -70,14 +80,10 @@ static inline float reduce16(v16 a) {
   const __m128 u = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));  // [t4[0] + t4[2], t4[1] + t4[3], ...]
   return _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)));
 #elif defined(__AVX2__)
-  // the same tree on the two 8-lane halves
   __m256 l8, h8;
   __builtin_memcpy(&l8, &a, 32);
   __builtin_memcpy(&h8, reinterpret_cast<const char*>(&a) + 32, 32);
-  const __m256 t8 = _mm256_add_ps(l8, h8);
-  const __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
-  const __m128 u = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
-  return _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)));
+  return reduce_halves(l8, h8);
 #else
   float s[16];
   __builtin_memcpy(s, &a, sizeof(s));
@@ -238,18 +244,22 @@ static inline void store_sum(float s, const float* x, const W* w, float* out, co
 // stack on every multiply-add: measured on a Zen 3 host, a one-token pass over the bundled
 // model's layers took 13.8 ms and a three-token one 63 ms. These tiles keep each v16 accumulator
 // as its two halves and at most 12 halves in flight (4 rows x 1 token, 2 x 2, 1 x up to 6). Each
-// lane gets the same fused multiply-adds in the same order as a v16 lane above (along K, 16
+// lane gets the same fused multiply-adds in the same order as a v16 lane below (along K, 16
 // weights at a time, the first 8 in the low half) and the same reduction (reduce16), so the sums
 // are bitwise those of the v16 tiles, and independent of the pass's size and split as they are.
 namespace avx2 {
 
 // 8 weights of row `row` as fp32: chunk q (0-3) of block b (32 weights: q = 0, 1 weights 0-7 and
 // 8-15, q = 2, 3 weights 16-23 and 24-31), or for fp32 / fp16 matrices the 8 at k = 8 q + 32 b
-static inline __m256 chunk(const float* w, int64_t row, int64_t b, int q, int64_t K) {
-  return _mm256_loadu_ps(w + row * K + 32 * b + 8 * q);
+// 8 fp32 values, or 8 fp16 ones widened exactly
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const _Float16* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-static inline __m256 chunk(const _Float16* w, int64_t row, int64_t b, int q, int64_t K) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + row * K + 32 * b + 8 * q)));
+
+template <typename F>  // fp32 or fp16 weights
+static inline __m256 chunk(const F* w, int64_t row, int64_t b, int q, int64_t K) {
+  return load8(w + row * K + 32 * b + 8 * q);
 }
 // Q4_1: d * q + m in one multiply-add, d * q exact: the values dequant() gives
 static inline __m256 chunk(const Q4Block* w, int64_t row, int64_t b, int q, int64_t K) {
@@ -280,18 +290,6 @@ static inline __m256 chunk(const Q4x4* w, int64_t row, int64_t b, int q, int64_t
   return _mm256_fmadd_ps(_mm256_set1_ps(g->d[r]), _mm256_cvtepi32_ps(n), _mm256_set1_ps(g->m[r]));
 }
 
-static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 load8(const _Float16* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-static inline float reduce(__m256 lo, __m256 hi) {
-  const __m256 t8 = _mm256_add_ps(lo, hi);
-  const __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
-  const __m128 u = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
-  return _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)));
-}
-
 // R weight rows x MB tokens, all of K
 template <int R, int MB, typename W>
 static inline void tile(const float* __restrict__ x, const W* __restrict__ w, float* __restrict__ out,
@@ -319,7 +317,7 @@ static inline void tile(const float* __restrict__ x, const W* __restrict__ w, fl
       }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < MB; ++j) store_sum(reduce(acc[r][j][0], acc[r][j][1]), x, w, out, res, K, N, n + r, m + j);
+    for (int j = 0; j < MB; ++j) store_sum(reduce_halves(acc[r][j][0], acc[r][j][1]), x, w, out, res, K, N, n + r, m + j);
 }
 
 // R rows, every token: one tile for R = 4 (one token) and 2 (two), tiles of up to 6 tokens for one row
@@ -978,7 +976,7 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
               }
             }
 #pragma GCC unroll 4
-            for (int k = 0; k < 4; ++k) s16[k0 + k] = avx2::reduce(lo[k], hi[k]);
+            for (int k = 0; k < 4; ++k) s16[k0 + k] = reduce_halves(lo[k], hi[k]);
           }
           v16 sc16 = load16(s16);
 #else
