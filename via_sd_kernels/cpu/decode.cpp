@@ -301,13 +301,14 @@ static inline void tile(const float* __restrict__ x, const W* __restrict__ w, fl
   // blocks: K % 32 == 0 (checked by the caller); fp32 / fp16: 16 weights at a time, then a tail
   const int64_t steps = is_block_v<W> ? K / 32 : K / 16;
   const int chunks = is_block_v<W> ? 4 : 2;
-  // Blocks 2-3 KB ahead asked for in advance: interleaved Q4_1 32 groups ahead, by the first row
-  // of a group (rows 2-4 of one read what it brought in), Q8_0 64 blocks ahead. Timed against no
-  // prefetch in one process, on the Zen 3 host: a forward's matmuls at 1 / 2 tokens 1.12x / 1.05x
-  // faster, 3-6 within noise (4 to 64 groups ahead gave 1.02-1.13x at one token, 32 the most); the
-  // Q8_0 LM head at 1 / 4 tokens 1.19-1.21x / 1.04x (64 to 192 blocks ahead alike).
+  // Blocks 2-3 KB ahead asked for in advance: interleaved Q4_1 32 groups ahead, by the tile that
+  // holds a group's first row (the group's other rows read what it brought in), Q8_0 64 blocks
+  // ahead. Timed against no prefetch in one process, on the Zen 3 host: a forward's matmuls at
+  // 1 / 2 tokens 1.12x / 1.05x faster, 3-6 within noise (4 to 64 groups ahead gave 1.02-1.13x at
+  // one token, 32 the most); the Q8_0 LM head at 1 / 4 tokens 1.19-1.21x / 1.04x (64 to 192
+  // blocks ahead alike).
   constexpr int64_t ahead = std::is_same_v<W, Q4x4> ? 32 : 64;
-  const bool prefetch = (std::is_same_v<W, Q4x4> && (R > 1 || (n & 3) == 0)) || std::is_same_v<W, Q8Block>;
+  const bool prefetch = (std::is_same_v<W, Q4x4> && (n & 3) == 0) || std::is_same_v<W, Q8Block>;
   for (int64_t b = 0; b < steps; ++b) {
     if (prefetch) prefetch_block(w, n, b + ahead, K / 32);
     const int64_t bb = is_block_v<W> ? b : b / 2;  // chunk() counts 32 weights a step
