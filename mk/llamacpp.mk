@@ -1,5 +1,5 @@
 # llama.cpp peer rows of `via-sd bench` (`--peers llamacpp,llamacpp_pld`), through llama-cpp-python
-# in the main venv. PyPI has only its source, so pip compiles llama.cpp (about 3 minutes on 2 cores).
+# in the main venv. PyPI has only its source, so pip compiles llama.cpp (about 5 minutes on 2 cores).
 #   make llamacpp-install
 # The build takes this machine's vector extensions (mk/llamacpp_cmake_args.sh: GGML_NATIVE's set,
 # without AMX, whose ggml kernel crashed on the bundled model's Q4_1 layers on an AMX Xeon), so
