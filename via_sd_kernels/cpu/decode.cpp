@@ -741,6 +741,34 @@ static inline v16 exp16(v16 x) {
   return small ? v16{} : out;
 }
 
+#ifdef VIA_SD_AVX2_TILES
+// exp16's operations on 8 lanes, for paged_attention's softmax on AVX2: each lane's result is
+// the same, and the attention ran 1.1-1.3x faster than with the 16-lane form there (decoding and
+// prefill alike, Zen 3). silu_mul's 16-lane loop stays: on 8 lanes it was 0.8-0.94x.
+typedef float v8f __attribute__((vector_size(32), aligned(4), may_alias));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+static inline v8f exp8(v8f x) {
+  const vi8 small = x < -87.f;
+  x = small ? v8f{} - 87.f : x;
+  const v8f magic = v8f{} + 12582912.f;
+  const v8f n = (x * 1.44269504088896341f + magic) - magic;
+  v8f r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v8f p = v8f{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const v8f y = p * r * r + r + 1.f;
+  const vi8 e = (__builtin_convertvector(n, vi8) + 127) << 23;
+  v8f scale;
+  __builtin_memcpy(&scale, &e, sizeof(scale));
+  const v8f out = y * scale;
+  return small ? v8f{} : out;
+}
+#endif
+
 // Sixteen dot products at once: acc[k] holds key k's 16 partial sums; a tree of lane shuffles
 // adds them so that lane k of the result is key k's score (inputs go in bit-reversed order).
 // Each score's additions are the same whatever the other fifteen keys are.
@@ -1020,6 +1048,33 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
         for (int64_t j = n; j < n16; ++j) p[j] = -INFINITY;
         // the maximum in 16 lanes (a scalar max is a chain of dependent instructions); exact, so
         // the same value whatever the order
+#ifdef VIA_SD_AVX2_TILES
+        // the same sums on 8-lane halves: den's lanes 0-7 and 8-15 as two accumulators
+        __m256 mlo = _mm256_set1_ps(-INFINITY), mhi = mlo;
+        for (int64_t j = 0; j < n16; j += 16) {
+          mlo = _mm256_max_ps(_mm256_loadu_ps(p + j), mlo);
+          mhi = _mm256_max_ps(_mm256_loadu_ps(p + j + 8), mhi);
+        }
+        float mv8[16];
+        _mm256_storeu_ps(mv8, mlo);
+        _mm256_storeu_ps(mv8 + 8, mhi);
+        float mx = -INFINITY;
+        for (int i = 0; i < 16; ++i) mx = mv8[i] > mx ? mv8[i] : mx;
+        v8f dlo{}, dhi{};
+        for (int64_t j = 0; j < n16; j += 16) {
+          v8f xl, xh;
+          __builtin_memcpy(&xl, p + j, sizeof(xl));
+          __builtin_memcpy(&xh, p + j + 8, sizeof(xh));
+          const v8f el = exp8(xl - mx), eh = exp8(xh - mx);
+          __builtin_memcpy(p + j, &el, sizeof(el));
+          __builtin_memcpy(p + j + 8, &eh, sizeof(eh));
+          dlo = dlo + el;
+          dhi = dhi + eh;
+        }
+        v16 den;
+        __builtin_memcpy(&den, &dlo, sizeof(dlo));
+        __builtin_memcpy(reinterpret_cast<char*>(&den) + sizeof(dlo), &dhi, sizeof(dhi));
+#else
         v16 mv = v16{} - INFINITY;
         for (int64_t j = 0; j < n16; j += 16) {
           const v16 x = load16(p + j);
@@ -1033,6 +1088,7 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
           __builtin_memcpy(p + j, &e, sizeof(e));
           den = den + e;
         }
+#endif
         for (int64_t j = n16; j < nmax; ++j) p[j] = 0.f;
         inv[a] = 1.f / reduce16(den);
       }
