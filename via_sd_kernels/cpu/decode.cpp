@@ -718,55 +718,39 @@ static inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// e^x in 16 lanes (Cephes' polynomial, about 1 ulp); 0 below -87. The attention's softmax uses
-// it for every pass size, so a token's weights do not depend on what shares its pass.
-static inline v16 exp16(v16 x) {
-  const vi16 small = x < -87.f;  // lanes that underflow: zero
-  x = small ? v16{} - 87.f : x;
-  const v16 magic = v16{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const v16 n = (x * 1.44269504088896341f + magic) - magic;
-  v16 r = x - n * 0.693359375f;
+// e^x in each lane (Cephes' polynomial, about 1 ulp); 0 below -87. The attention's softmax uses
+// it for every pass size, so a token's weights do not depend on what shares its pass. V: a float
+// vector type, VI: the int32 one of the same lanes.
+template <typename V, typename VI>
+static inline V exp_lanes(V x) {
+  const VI small = x < -87.f;  // lanes that underflow: zero
+  x = small ? V{} - 87.f : x;
+  const V magic = V{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const V n = (x * 1.44269504088896341f + magic) - magic;
+  V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  v16 p = v16{} + 1.9875691500e-4f;
+  V p = V{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const v16 y = p * r * r + r + 1.f;
-  const vi16 e = (__builtin_convertvector(n, vi16) + 127) << 23;
-  v16 scale;
+  const V y = p * r * r + r + 1.f;
+  const VI e = (__builtin_convertvector(n, VI) + 127) << 23;
+  V scale;
   __builtin_memcpy(&scale, &e, sizeof(scale));
-  const v16 out = y * scale;
-  return small ? v16{} : out;
+  const V out = y * scale;
+  return small ? V{} : out;
 }
+static inline v16 exp16(v16 x) { return exp_lanes<v16, vi16>(x); }
 
 #ifdef VIA_SD_AVX2_TILES
-// exp16's operations on 8 lanes, for paged_attention's softmax on AVX2: each lane's result is
-// the same, and the attention ran 1.1-1.3x faster than with the 16-lane form there (decoding and
-// prefill alike, Zen 3). silu_mul's 16-lane loop stays: on 8 lanes it was 0.8-0.94x.
+// The same on 8 lanes, for paged_attention's softmax on AVX2: each lane's result is the same,
+// and the attention ran 1.1-1.3x faster than with the 16-lane form there (decoding and prefill
+// alike, Zen 3). silu_mul's 16-lane loop stays: on 8 lanes it was 0.8-0.94x.
 typedef float v8f __attribute__((vector_size(32), aligned(4), may_alias));
 typedef int32_t vi8 __attribute__((vector_size(32)));
-static inline v8f exp8(v8f x) {
-  const vi8 small = x < -87.f;
-  x = small ? v8f{} - 87.f : x;
-  const v8f magic = v8f{} + 12582912.f;
-  const v8f n = (x * 1.44269504088896341f + magic) - magic;
-  v8f r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  v8f p = v8f{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const v8f y = p * r * r + r + 1.f;
-  const vi8 e = (__builtin_convertvector(n, vi8) + 127) << 23;
-  v8f scale;
-  __builtin_memcpy(&scale, &e, sizeof(scale));
-  const v8f out = y * scale;
-  return small ? v8f{} : out;
-}
+static inline v8f exp8(v8f x) { return exp_lanes<v8f, vi8>(x); }
 #endif
 
 // Sixteen dot products at once: acc[k] holds key k's 16 partial sums; a tree of lane shuffles
