@@ -515,3 +515,53 @@ def test_paged_attention_on_an_fp16_cache_is_the_fp32_kernel_on_the_rounded_valu
     kb, vb = k16.clone(), v16.clone()
     alone = torch.cat([run([t], kb, vb) for t in range(5)])
     assert torch.equal(got, alone) and torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+@pytest.mark.parametrize("nh,nkv,hd", [(9, 3, 64), (4, 2, 24)])
+@pytest.mark.parametrize("half", [False, True])
+def test_paged_attention_over_long_contexts_is_bitwise_the_same_on_either_path(nh, nkv, hd, half):
+    """Past 1,024 positions a pass of few tokens runs in phases split between the threads (scores
+    by blocks of keys, softmax by query, p @ V by column block) instead of one work item per KV
+    head. A token's output must not depend on which path its pass took: a prompt's chunk (70
+    tokens, the item path), the same tokens as a 65-token chunk then a 5-token verification pass
+    (phased), one at a time (phased), and beside another sequence's decode token in one pass."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(13 + hd)
+        P, n0, n1, new = 1536, 1130, 300, 70
+        cos, sin = _rope_tables(hd, P)
+        blocks = torch.randperm(P // 16, generator=g)
+        slots = (blocks[:, None] * 16 + torch.arange(16)).reshape(-1)
+        ctx = torch.zeros(2, n0 + new, dtype=torch.long)
+        ctx[0] = slots[: n0 + new]
+        ctx[1, : n1 + 1] = slots[n0 + new : n0 + new + n1 + 1]
+        kc, vc = torch.randn(P, nkv, hd, generator=g), torch.randn(P, nkv, hd, generator=g)
+        if half:
+            kc, vc = kc.half(), vc.half()
+        qkv = torch.randn(new + 1, (nh + 2 * nkv) * hd, generator=g) * 3
+        positions = torch.cat([torch.arange(n0, n0 + new), torch.tensor([n1])])
+        seqs = torch.tensor([0] * new + [1])
+        where = torch.cat([ctx[0, n0 : n0 + new], ctx[1, n1 : n1 + 1]])
+
+        def run(rows, k, v):
+            idx = torch.tensor(rows)
+            return cpu.paged_attention(qkv[idx], cos, sin, positions[idx], seqs[idx], where[idx], ctx, k, v, nh, nkv,
+                                       1 / math.sqrt(hd))
+
+        caches = [(kc.clone(), vc.clone()) for _ in range(4)]
+        wide = run(list(range(new)), *caches[0])  # items
+        run(list(range(new - 5)), *caches[1])
+        verify = run(list(range(new - 5, new)), *caches[1])  # phased
+        run(list(range(new - 5)), *caches[2])
+        alone = torch.cat([run([t], *caches[2]) for t in range(new - 5, new)])
+        run(list(range(new - 5)), *caches[3])
+        mixed = run([*range(new - 5, new), new], *caches[3])  # two sequences in one phased pass
+        other = run([new], kc.clone(), vc.clone())
+        assert torch.equal(verify, wide[new - 5 :])
+        assert torch.equal(alone, wide[new - 5 :])
+        assert torch.equal(mixed[:5], wide[new - 5 :]) and torch.equal(mixed[5:], other)
+        for k, v in caches[1:]:
+            assert torch.equal(k[ctx[0]], caches[0][0][ctx[0]]) and torch.equal(v[ctx[0]], caches[0][1][ctx[0]])
+    finally:
+        torch.set_num_threads(threads)

@@ -783,6 +783,11 @@ static inline v16 reduce16x16(const v16* a) {
 
 constexpr int64_t QC = 4;  // queries per attention work item
 constexpr int64_t VC = 4;  // 16-float column blocks of V per accumulator pass (hd <= 64 in one)
+// paged_attention's phased path: passes of at most this many tokens whose longest context is at
+// least PHASED_MIN_CONTEXT, scores in units of PHASED_KEYS keys
+constexpr int64_t PHASED_MAX_TOKENS = 64;
+constexpr int64_t PHASED_MIN_CONTEXT = 1024;
+constexpr int64_t PHASED_KEYS = 256;
 
 // silu(g) * u for gu = [g | u] along the last axis: [M, 2I] -> [M, I].
 torch::Tensor silu_mul(const torch::Tensor& gu) {
@@ -946,6 +951,195 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
     t0 = t1;
   }
   const int64_t L16 = (L + 15) & ~int64_t(15);
+  const int64_t hd16 = hd & ~int64_t(15);
+
+  // The pieces of a query's attention. The item loop below and the phased path after it run the
+  // same pieces, so a query's sums are the same whichever path and whatever shares its pass.
+  //
+  // Key rows j0..j0+15 of KV head g (past nmax: row 0, whose scores no query keeps), with the next
+  // block's rows on their way while this one computes (rows are scattered over the cache's blocks,
+  // and a cold layer's context comes from memory).
+  auto key_rows = [&](const int64_t* cs_row, int64_t g, int64_t j0, int64_t nmax, const C** kr) {
+    for (int64_t k = 0; k < 16; ++k) kr[k] = kc + cs_row[j0 + k < nmax ? j0 + k : 0] * row + g * hd;
+    for (int64_t k = 0; k < 16 && j0 + 16 + k < nmax; ++k) {
+      const char* nk = reinterpret_cast<const char*>(kc + cs_row[j0 + 16 + k] * row + g * hd);
+      for (int64_t b = 0; b < hd * int64_t(sizeof(C)); b += 64) __builtin_prefetch(nk + b, 0, 3);
+    }
+  };
+  // One query's scores against 16 key rows, scaled, into dst[0..15].
+  auto scores16 = [&](const float* qv, const C* const* kr, float* dst) {
+#ifdef VIA_SD_AVX2_TILES
+    // 16 v16 accumulators would spill on AVX2: four keys at a time, each as its two halves,
+    // then reduce16's tree per key, which is the tree reduce16x16 adds each key's lanes by
+    float s16[16];
+    for (int64_t k0 = 0; k0 < 16; k0 += 4) {
+      __m256 lo[4], hi[4];
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) lo[k] = hi[k] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < hd16; d += 16) {
+        const __m256 ql = _mm256_loadu_ps(qv + d), qh = _mm256_loadu_ps(qv + d + 8);
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) {
+          lo[k] = _mm256_fmadd_ps(ql, avx2::load8(kr[k0 + k] + d), lo[k]);
+          hi[k] = _mm256_fmadd_ps(qh, avx2::load8(kr[k0 + k] + d + 8), hi[k]);
+        }
+      }
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) s16[k0 + k] = reduce_halves(lo[k], hi[k]);
+    }
+    v16 sc16 = load16(s16);
+#else
+    v16 acc[16];
+    for (int64_t k = 0; k < 16; ++k) acc[k] = v16{};
+    for (int64_t d = 0; d < hd16; d += 16) {
+      const v16 q16 = load16(qv + d);
+      for (int64_t k = 0; k < 16; ++k) acc[k] = acc[k] + q16 * load16(kr[k] + d);
+    }
+    v16 sc16 = reduce16x16(acc);
+#endif
+    if (hd16 < hd) {
+      float tail[16];
+      for (int64_t k = 0; k < 16; ++k) {
+        float t = 0.f;
+        // fused explicitly: the same operations whichever type the cache holds
+        for (int64_t d = hd16; d < hd; ++d) t = std::fma(qv[d], float(kr[k][d]), t);
+        tail[k] = t;
+      }
+      sc16 = sc16 + load16(tail);
+    }
+    sc16 = sc16 * sc;
+    __builtin_memcpy(dst, &sc16, sizeof(sc16));
+  };
+  // Softmax of one query's scores p[0..n) in place, 16 lanes at a time; zero from n to nmax (the
+  // keys its p @ V reads past its context). Returns 1 / the sum.
+  auto softmax_row = [&](float* p, int64_t n, int64_t nmax) -> float {
+    const int64_t n16 = (n + 15) & ~int64_t(15);
+    for (int64_t j = n; j < n16; ++j) p[j] = -INFINITY;
+    // the maximum in 16 lanes (a scalar max is a chain of dependent instructions); exact, so
+    // the same value whatever the order
+#ifdef VIA_SD_AVX2_TILES
+    // the same sums on 8-lane halves: den's lanes 0-7 and 8-15 as two accumulators
+    __m256 mlo = _mm256_set1_ps(-INFINITY), mhi = mlo;
+    for (int64_t j = 0; j < n16; j += 16) {
+      mlo = _mm256_max_ps(_mm256_loadu_ps(p + j), mlo);
+      mhi = _mm256_max_ps(_mm256_loadu_ps(p + j + 8), mhi);
+    }
+    float mv8[16];
+    _mm256_storeu_ps(mv8, mlo);
+    _mm256_storeu_ps(mv8 + 8, mhi);
+    float mx = -INFINITY;
+    for (int i = 0; i < 16; ++i) mx = mv8[i] > mx ? mv8[i] : mx;
+    v8f dlo{}, dhi{};
+    for (int64_t j = 0; j < n16; j += 16) {
+      v8f xl, xh;
+      __builtin_memcpy(&xl, p + j, sizeof(xl));
+      __builtin_memcpy(&xh, p + j + 8, sizeof(xh));
+      const v8f el = exp8(xl - mx), eh = exp8(xh - mx);
+      __builtin_memcpy(p + j, &el, sizeof(el));
+      __builtin_memcpy(p + j + 8, &eh, sizeof(eh));
+      dlo = dlo + el;
+      dhi = dhi + eh;
+    }
+    v16 den;
+    __builtin_memcpy(&den, &dlo, sizeof(dlo));
+    __builtin_memcpy(reinterpret_cast<char*>(&den) + sizeof(dlo), &dhi, sizeof(dhi));
+#else
+    v16 mv = v16{} - INFINITY;
+    for (int64_t j = 0; j < n16; j += 16) {
+      const v16 x = load16(p + j);
+      mv = x > mv ? x : mv;
+    }
+    float mx = -INFINITY;
+    for (int i = 0; i < 16; ++i) mx = mv[i] > mx ? mv[i] : mx;
+    v16 den{};
+    for (int64_t j = 0; j < n16; j += 16) {
+      const v16 e = exp16(load16(p + j) - mx);
+      __builtin_memcpy(p + j, &e, sizeof(e));
+      den = den + e;
+    }
+#endif
+    for (int64_t j = n16; j < nmax; ++j) p[j] = 0.f;
+    return 1.f / reduce16(den);
+  };
+  // p @ V for QC queries (weight rows pr[a], zeros for an absent query: a zero weight adds
+  // nothing, so a query's sums are the ones it would get alone) over keys 0..nmax of KV head g,
+  // NC blocks of 16 columns from c0; query a's columns, times inv[a], go to o[a] + c0 (none where
+  // o[a] is null). The counts are compile-time so that the accumulators stay in registers.
+  auto pv_block = [&](auto nc_tag, const float* const* pr, const int64_t* cs_row, int64_t g, int64_t nmax,
+                      int64_t c0, float* const* o, const float* inv) {
+    constexpr int64_t NC = decltype(nc_tag)::value;
+#ifdef VIA_SD_AVX2_TILES
+    // on AVX2, QC x VC v16 accumulators would spill: one block of 16 columns at a time, each
+    // query's as two halves, the same multiply-adds in the same order
+    for (int64_t c = 0; c < NC; ++c) {
+      const int64_t cc = c0 + 16 * c;
+      __m256 lo[QC], hi[QC];
+#pragma GCC unroll 4
+      for (int64_t a = 0; a < QC; ++a) lo[a] = hi[a] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < nmax; ++j) {
+        const C* vv = vc + cs_row[j] * row + g * hd + cc;
+        if (j + 8 < nmax) __builtin_prefetch(vc + cs_row[j + 8] * row + g * hd + cc, 0, 3);
+        const __m256 vl = avx2::load8(vv), vh = avx2::load8(vv + 8);
+#pragma GCC unroll 4
+        for (int64_t a = 0; a < QC; ++a) {
+          const __m256 pj = _mm256_broadcast_ss(pr[a] + j);
+          lo[a] = _mm256_fmadd_ps(pj, vl, lo[a]);
+          hi[a] = _mm256_fmadd_ps(pj, vh, hi[a]);
+        }
+      }
+      // over all QC, so that every index is a constant and the accumulators stay in registers
+#pragma GCC unroll 4
+      for (int64_t a = 0; a < QC; ++a) {
+        if (!o[a]) continue;
+        const __m256 iv = _mm256_set1_ps(inv[a]);
+        _mm256_storeu_ps(o[a] + cc, _mm256_mul_ps(lo[a], iv));
+        _mm256_storeu_ps(o[a] + cc + 8, _mm256_mul_ps(hi[a], iv));
+      }
+    }
+#else
+    v16 acc[QC][NC];
+    for (int64_t a = 0; a < QC; ++a)
+      for (int64_t c = 0; c < NC; ++c) acc[a][c] = v16{};
+    for (int64_t j = 0; j < nmax; ++j) {
+      const C* vv = vc + cs_row[j] * row + g * hd + c0;
+      if (j + 8 < nmax) {
+        const char* nv = reinterpret_cast<const char*>(vc + cs_row[j + 8] * row + g * hd + c0);
+        for (int64_t b = 0; b < NC * 16 * int64_t(sizeof(C)); b += 64) __builtin_prefetch(nv + b, 0, 3);
+      }
+      v16 vr[NC];
+      for (int64_t c = 0; c < NC; ++c) vr[c] = load16(vv + 16 * c);
+      for (int64_t a = 0; a < QC; ++a) {
+        const float pj = pr[a][j];
+        for (int64_t c = 0; c < NC; ++c) acc[a][c] = acc[a][c] + pj * vr[c];
+      }
+    }
+    for (int64_t a = 0; a < QC; ++a) {
+      if (!o[a]) continue;
+      for (int64_t c = 0; c < NC; ++c) {
+        const v16 r = acc[a][c] * inv[a];
+        __builtin_memcpy(o[a] + c0 + 16 * c, &r, sizeof(r));
+      }
+    }
+#endif
+  };
+  // a head size that is not a multiple of 16: the tail columns one by one
+  auto pv_tail = [&](const float* p, const int64_t* cs_row, int64_t g, int64_t n, float inv, float* o) {
+    for (int64_t i = hd16; i < hd; ++i) {
+      float s = 0.f;
+      for (int64_t j = 0; j < n; ++j) s = std::fma(p[j], float(vc[cs_row[j] * row + g * hd + i]), s);
+      o[i] = s * inv;
+    }
+  };
+  // all of a head size's column blocks for one group of QC queries
+  auto pv_all = [&](const float* const* pr, const int64_t* cs_row, int64_t g, int64_t nmax, float* const* o,
+                    const float* inv) {
+    int64_t c0 = 0;
+#ifndef VIA_SD_AVX2_TILES
+    for (; c0 + 16 * VC <= hd; c0 += 16 * VC) pv_block(std::integral_constant<int64_t, VC>{}, pr, cs_row, g, nmax, c0, o, inv);
+#endif
+    for (; c0 + 16 <= hd; c0 += 16) pv_block(std::integral_constant<int64_t, 1>{}, pr, cs_row, g, nmax, c0, o, inv);
+  };
+
   auto work = [&](int64_t b0, int64_t b1, int64_t step) {
     std::vector<float> pbuf(QC * L16);
     for (int64_t it = b0; it < b1; it += step) {
@@ -966,196 +1160,122 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
         nmax = nctx[a] > nmax ? nctx[a] : nmax;
         qv[a] = qd + (tok[a] * nh + head[a]) * hd;
       }
-      // scores, 16 keys at a time: each K row once for all queries; a query's score sequence is
-      // the same whatever else shares the item
-      const int64_t hd16 = hd & ~int64_t(15);
+      // scores, 16 keys at a time: each K row once for all queries
       for (int64_t j0 = 0; j0 < nmax; j0 += 16) {
         const C* kr[16];
-        for (int64_t k = 0; k < 16; ++k)
-          kr[k] = kc + cs_row[j0 + k < nmax ? j0 + k : 0] * row + item.g * hd;
-        // the next block's keys are on their way while this one computes (rows are scattered
-        // over the cache's blocks, and a cold layer's context comes from memory)
-        for (int64_t k = 0; k < 16 && j0 + 16 + k < nmax; ++k) {
-          const char* nk = reinterpret_cast<const char*>(kc + cs_row[j0 + 16 + k] * row + item.g * hd);
-          for (int64_t b = 0; b < hd * int64_t(sizeof(C)); b += 64) __builtin_prefetch(nk + b, 0, 3);
-        }
-        for (int64_t a = 0; a < nq; ++a) {
-#ifdef VIA_SD_AVX2_TILES
-          // 16 v16 accumulators would spill on AVX2: four keys at a time, each as its two halves,
-          // then reduce16's tree per key, which is the tree reduce16x16 adds each key's lanes by
-          float s16[16];
-          for (int64_t k0 = 0; k0 < 16; k0 += 4) {
-            __m256 lo[4], hi[4];
-#pragma GCC unroll 4
-            for (int k = 0; k < 4; ++k) lo[k] = hi[k] = _mm256_setzero_ps();
-            for (int64_t d = 0; d < hd16; d += 16) {
-              const __m256 ql = _mm256_loadu_ps(qv[a] + d), qh = _mm256_loadu_ps(qv[a] + d + 8);
-#pragma GCC unroll 4
-              for (int k = 0; k < 4; ++k) {
-                lo[k] = _mm256_fmadd_ps(ql, avx2::load8(kr[k0 + k] + d), lo[k]);
-                hi[k] = _mm256_fmadd_ps(qh, avx2::load8(kr[k0 + k] + d + 8), hi[k]);
-              }
-            }
-#pragma GCC unroll 4
-            for (int k = 0; k < 4; ++k) s16[k0 + k] = reduce_halves(lo[k], hi[k]);
-          }
-          v16 sc16 = load16(s16);
-#else
-          v16 acc[16];
-          for (int64_t k = 0; k < 16; ++k) acc[k] = v16{};
-          for (int64_t d = 0; d < hd16; d += 16) {
-            const v16 qd = load16(qv[a] + d);
-            for (int64_t k = 0; k < 16; ++k) acc[k] = acc[k] + qd * load16(kr[k] + d);
-          }
-          v16 sc16 = reduce16x16(acc);
-#endif
-          if (hd16 < hd) {
-            float tail[16];
-            for (int64_t k = 0; k < 16; ++k) {
-              float t = 0.f;
-              // fused explicitly: the same operations whichever type the cache holds
-              for (int64_t d = hd16; d < hd; ++d) t = std::fma(qv[a][d], float(kr[k][d]), t);
-              tail[k] = t;
-            }
-            sc16 = sc16 + load16(tail);
-          }
-          sc16 = sc16 * sc;
-          __builtin_memcpy(pbuf.data() + a * L16 + j0, &sc16, sizeof(sc16));
-        }
+        key_rows(cs_row, item.g, j0, nmax, kr);
+        for (int64_t a = 0; a < nq; ++a) scores16(qv[a], kr, pbuf.data() + a * L16 + j0);
       }
-      // softmax per query over its own context, 16 lanes at a time; lanes past it are zero
-      float inv[QC];
-      for (int64_t a = 0; a < nq; ++a) {
-        float* p = pbuf.data() + a * L16;
-        const int64_t n = nctx[a];
-        const int64_t n16 = (n + 15) & ~int64_t(15);
-        for (int64_t j = n; j < n16; ++j) p[j] = -INFINITY;
-        // the maximum in 16 lanes (a scalar max is a chain of dependent instructions); exact, so
-        // the same value whatever the order
-#ifdef VIA_SD_AVX2_TILES
-        // the same sums on 8-lane halves: den's lanes 0-7 and 8-15 as two accumulators
-        __m256 mlo = _mm256_set1_ps(-INFINITY), mhi = mlo;
-        for (int64_t j = 0; j < n16; j += 16) {
-          mlo = _mm256_max_ps(_mm256_loadu_ps(p + j), mlo);
-          mhi = _mm256_max_ps(_mm256_loadu_ps(p + j + 8), mhi);
-        }
-        float mv8[16];
-        _mm256_storeu_ps(mv8, mlo);
-        _mm256_storeu_ps(mv8 + 8, mhi);
-        float mx = -INFINITY;
-        for (int i = 0; i < 16; ++i) mx = mv8[i] > mx ? mv8[i] : mx;
-        v8f dlo{}, dhi{};
-        for (int64_t j = 0; j < n16; j += 16) {
-          v8f xl, xh;
-          __builtin_memcpy(&xl, p + j, sizeof(xl));
-          __builtin_memcpy(&xh, p + j + 8, sizeof(xh));
-          const v8f el = exp8(xl - mx), eh = exp8(xh - mx);
-          __builtin_memcpy(p + j, &el, sizeof(el));
-          __builtin_memcpy(p + j + 8, &eh, sizeof(eh));
-          dlo = dlo + el;
-          dhi = dhi + eh;
-        }
-        v16 den;
-        __builtin_memcpy(&den, &dlo, sizeof(dlo));
-        __builtin_memcpy(reinterpret_cast<char*>(&den) + sizeof(dlo), &dhi, sizeof(dhi));
-#else
-        v16 mv = v16{} - INFINITY;
-        for (int64_t j = 0; j < n16; j += 16) {
-          const v16 x = load16(p + j);
-          mv = x > mv ? x : mv;
-        }
-        float mx = -INFINITY;
-        for (int i = 0; i < 16; ++i) mx = mv[i] > mx ? mv[i] : mx;
-        v16 den{};
-        for (int64_t j = 0; j < n16; j += 16) {
-          const v16 e = exp16(load16(p + j) - mx);
-          __builtin_memcpy(p + j, &e, sizeof(e));
-          den = den + e;
-        }
-#endif
-        for (int64_t j = n16; j < nmax; ++j) p[j] = 0.f;
-        inv[a] = 1.f / reduce16(den);
-      }
-      // p @ V: each V row once for all queries (a zero weight past a query's context adds
-      // nothing, so its sums are the ones it would get alone). The absent queries of a short
-      // item weigh zero; the counts are compile-time so that the accumulators stay in registers.
+      float inv[QC] = {};
+      for (int64_t a = 0; a < nq; ++a) inv[a] = softmax_row(pbuf.data() + a * L16, nctx[a], nmax);
+      // p @ V: each V row once for all queries
       for (int64_t a = nq; a < QC; ++a) std::fill(pbuf.begin() + a * L16, pbuf.begin() + a * L16 + nmax, 0.f);
-#ifndef VIA_SD_AVX2_TILES
-      auto pv = [&](auto nc_tag, int64_t c0) {
-        constexpr int64_t NC = decltype(nc_tag)::value;
-        v16 acc[QC][NC];
-        for (int64_t a = 0; a < QC; ++a)
-          for (int64_t c = 0; c < NC; ++c) acc[a][c] = v16{};
-        for (int64_t j = 0; j < nmax; ++j) {
-          const C* vv = vc + cs_row[j] * row + item.g * hd + c0;
-          if (j + 8 < nmax) {
-            const char* nv = reinterpret_cast<const char*>(vc + cs_row[j + 8] * row + item.g * hd + c0);
-            for (int64_t b = 0; b < NC * 16 * int64_t(sizeof(C)); b += 64) __builtin_prefetch(nv + b, 0, 3);
-          }
-          v16 vr[NC];
-          for (int64_t c = 0; c < NC; ++c) vr[c] = load16(vv + 16 * c);
-          for (int64_t a = 0; a < QC; ++a) {
-            const float pj = pbuf[a * L16 + j];
-            for (int64_t c = 0; c < NC; ++c) acc[a][c] = acc[a][c] + pj * vr[c];
-          }
-        }
-        for (int64_t a = 0; a < nq; ++a) {
-          float* o = op + tok[a] * nh * hd + head[a] * hd + c0;
-          for (int64_t c = 0; c < NC; ++c) {
-            const v16 r = acc[a][c] * inv[a];
-            __builtin_memcpy(o + 16 * c, &r, sizeof(r));
-          }
-        }
-      };
-#endif
-      int64_t c0 = 0;
-#ifdef VIA_SD_AVX2_TILES
-      // on AVX2, QC x VC v16 accumulators would spill: one block of 16 columns at a time, each
-      // query's as two halves, the same multiply-adds in the same order
-      for (; c0 + 16 <= hd; c0 += 16) {
-        __m256 lo[QC], hi[QC];
-#pragma GCC unroll 4
-        for (int64_t a = 0; a < QC; ++a) lo[a] = hi[a] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < nmax; ++j) {
-          const C* vv = vc + cs_row[j] * row + item.g * hd + c0;
-          if (j + 8 < nmax) __builtin_prefetch(vc + cs_row[j + 8] * row + item.g * hd + c0, 0, 3);
-          const __m256 vl = avx2::load8(vv), vh = avx2::load8(vv + 8);
-#pragma GCC unroll 4
-          for (int64_t a = 0; a < QC; ++a) {
-            const __m256 pj = _mm256_broadcast_ss(&pbuf[a * L16 + j]);
-            lo[a] = _mm256_fmadd_ps(pj, vl, lo[a]);
-            hi[a] = _mm256_fmadd_ps(pj, vh, hi[a]);
-          }
-        }
-        // over all QC, so that every index is a constant and the accumulators stay in registers
-#pragma GCC unroll 4
-        for (int64_t a = 0; a < QC; ++a) {
-          if (a >= nq) break;
-          float* o = op + tok[a] * nh * hd + head[a] * hd + c0;
-          const __m256 iv = _mm256_set1_ps(inv[a]);
-          _mm256_storeu_ps(o, _mm256_mul_ps(lo[a], iv));
-          _mm256_storeu_ps(o + 8, _mm256_mul_ps(hi[a], iv));
-        }
+      const float* pr[QC];
+      float* o[QC];
+      for (int64_t a = 0; a < QC; ++a) {
+        pr[a] = pbuf.data() + a * L16;
+        o[a] = a < nq ? op + tok[a] * nh * hd + head[a] * hd : nullptr;
       }
-#else
-      for (; c0 + 16 * VC <= hd; c0 += 16 * VC) pv(std::integral_constant<int64_t, VC>{}, c0);
-      for (; c0 + 16 <= hd; c0 += 16) pv(std::integral_constant<int64_t, 1>{}, c0);
-#endif
-      // a head size that is not a multiple of 16: the tail columns one by one
-      for (int64_t i = (hd / 16) * 16; i < hd; ++i)
-        for (int64_t a = 0; a < nq; ++a) {
-          float s = 0.f;
-          for (int64_t j = 0; j < nctx[a]; ++j) s = std::fma(pbuf[a * L16 + j], float(vc[cs_row[j] * row + item.g * hd + i]), s);
-          op[tok[a] * nh * hd + head[a] * hd + i] = s * inv[a];
-        }
+      pv_all(pr, cs_row, item.g, nmax, o, inv);
+      for (int64_t a = 0; a < nq; ++a) pv_tail(pr[a], cs_row, item.g, nctx[a], inv[a], o[a]);
     }
   };
   const int64_t n_items = int64_t(items.size());
-  // a parallel region pays off only for long contexts or many tokens
-  if (N * nh * L * hd >= (int64_t(1) << 17) && n_items > 1) {
-    // items dealt out in turn, not in halves: a prefill chunk's items grow with their position,
-    // and contiguous halves would leave one thread the late (long) ones
-    const int64_t T = std::min<int64_t>(at::get_num_threads(), n_items);
+  const int64_t T = std::min<int64_t>(at::get_num_threads(), n_items);
+  int64_t max_ctx = 0;
+  for (int64_t t = 0; t < N; ++t) max_ctx = std::max(max_ctx, posp[t] + 1);
+  if (T > 1 && N <= PHASED_MAX_TOKENS && max_ctx >= PHASED_MIN_CONTEXT && hd >= 16) {
+    // Long contexts, few new tokens (decoding, verification): the items above would be few (one
+    // per KV head for a decode token), so the threads' shares are uneven, and a verification
+    // pass's items each read the whole context again. Instead, three phases, each split evenly
+    // between the threads: the scores by blocks of keys (each K row read once for all of a KV
+    // head's queries), the softmax by query, p @ V by group of QC queries and block of 16
+    // columns. Each query runs the same pieces in the same order as in an item.
+    struct Group { int64_t t0, nq, g, nmax; float* s; };  // a run's queries on one KV head
+    std::vector<Group> groups;
+    int64_t rows = 0;
+    for (int64_t t0 = 0; t0 < N;) {
+      int64_t t1 = t0 + 1, nmax = posp[t0] + 1;
+      while (t1 < N && seqp[t1] == seqp[t0]) nmax = std::max(nmax, posp[t1++] + 1);
+      for (int64_t g = 0; g < nkv; ++g) {
+        groups.push_back({t0, (t1 - t0) * G, g, nmax, nullptr});
+        rows += ((t1 - t0) * G + QC - 1) / QC * QC;
+      }
+      t0 = t1;
+    }
+    std::vector<float> sbuf(rows * L16);  // zeros: the rows of absent queries weigh nothing
+    std::vector<float> invs(rows);
+    struct Unit { int64_t grp, a, c; };  // a: key block or query group (times QC), c: column block
+    std::vector<Unit> score_units, row_units, pv_units;
+    int64_t r0 = 0;
+    for (int64_t i = 0; i < int64_t(groups.size()); ++i) {
+      Group& gr = groups[i];
+      gr.s = sbuf.data() + r0 * L16;
+      for (int64_t j0 = 0; j0 < gr.nmax; j0 += PHASED_KEYS) score_units.push_back({i, j0, 0});
+      for (int64_t a = 0; a < gr.nq; ++a) row_units.push_back({i, a, 0});
+      for (int64_t a0 = 0; a0 < gr.nq; a0 += QC)
+        for (int64_t c0 = 0; c0 < hd16; c0 += 16) pv_units.push_back({i, a0, c0});
+      r0 += (gr.nq + QC - 1) / QC * QC;
+    }
+    auto query = [&](const Group& gr, int64_t a, int64_t& tok, int64_t& head) {
+      tok = gr.t0 + a / G;
+      head = gr.g * G + a % G;
+    };
+    at::parallel_for(0, int64_t(score_units.size()), 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const Group& gr = groups[score_units[u].grp];
+        const int64_t* cs_row = ctxp + seqp[gr.t0] * L;
+        const int64_t j1 = std::min(gr.nmax, score_units[u].a + PHASED_KEYS);
+        for (int64_t j0 = score_units[u].a; j0 < j1; j0 += 16) {
+          const C* kr[16];
+          key_rows(cs_row, gr.g, j0, gr.nmax, kr);
+          for (int64_t a = 0; a < gr.nq; ++a) {
+            int64_t tok, head;
+            query(gr, a, tok, head);
+            scores16(qd + (tok * nh + head) * hd, kr, gr.s + a * L16 + j0);
+          }
+        }
+      }
+    });
+    at::parallel_for(0, int64_t(row_units.size()), 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const Group& gr = groups[row_units[u].grp];
+        const int64_t a = row_units[u].a;
+        int64_t tok, head;
+        query(gr, a, tok, head);
+        invs[(gr.s - sbuf.data()) / L16 + a] = softmax_row(gr.s + a * L16, posp[tok] + 1, gr.nmax);
+      }
+    });
+    at::parallel_for(0, int64_t(pv_units.size()), 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const Group& gr = groups[pv_units[u].grp];
+        const int64_t a0 = pv_units[u].a, c0 = pv_units[u].c;
+        const int64_t* cs_row = ctxp + seqp[gr.t0] * L;
+        const float* pr[QC];
+        float* o[QC];
+        for (int64_t a = 0; a < QC; ++a) {
+          pr[a] = gr.s + (a0 + a) * L16;
+          o[a] = nullptr;
+          if (a0 + a < gr.nq) {
+            int64_t tok, head;
+            query(gr, a0 + a, tok, head);
+            o[a] = op + tok * nh * hd + head * hd;
+          }
+        }
+        const float* inv = invs.data() + (gr.s - sbuf.data()) / L16 + a0;
+        pv_block(std::integral_constant<int64_t, 1>{}, pr, cs_row, gr.g, gr.nmax, c0, o, inv);
+        if (c0 + 16 >= hd16)  // the tail columns once, with the last block
+          for (int64_t a = 0; a < QC && a0 + a < gr.nq; ++a) {
+            int64_t tok, head;
+            query(gr, a0 + a, tok, head);
+            pv_tail(pr[a], cs_row, gr.g, posp[tok] + 1, inv[a], o[a]);
+          }
+      }
+    });
+  } else if (N * nh * L * hd >= (int64_t(1) << 17) && n_items > 1) {
+    // a parallel region pays off only for long contexts or many tokens; items dealt out in turn,
+    // not in halves: a prefill chunk's items grow with their position, and contiguous halves
+    // would leave one thread the late (long) ones
     at::parallel_for(0, T, 1, [&](int64_t w0, int64_t w1) {
       for (int64_t w = w0; w < w1; ++w) work(w, n_items, T);
     });
