@@ -1213,8 +1213,11 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
       gr.s = sbuf.data() + r0 * L16;
       for (int64_t j0 = 0; j0 < gr.nmax; j0 += PHASED_KEYS) score_units.push_back({i, j0, 0});
       for (int64_t a = 0; a < gr.nq; ++a) row_units.push_back({i, a, 0});
-      for (int64_t a0 = 0; a0 < gr.nq; a0 += QC)
-        for (int64_t c0 = 0; c0 < hd16; c0 += 16) pv_units.push_back({i, a0, c0});
+      // query groups innermost: a thread's consecutive units read the same columns of V, which
+      // stay in its L2 (1.03-1.05x for 6-token passes at 1,100-8,000 positions against columns
+      // innermost, paired in one process)
+      for (int64_t c0 = 0; c0 < hd16; c0 += 16)
+        for (int64_t a0 = 0; a0 < gr.nq; a0 += QC) pv_units.push_back({i, a0, c0});
       r0 += (gr.nq + QC - 1) / QC * QC;
     }
     auto query = [&](const Group& gr, int64_t a, int64_t& tok, int64_t& head) {
