@@ -937,19 +937,24 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
   // Work items: (run of consecutive tokens of one sequence, KV head, up to QC of the run's queries
   // on that head). An item reads each K and V row once for all its queries instead of once per
   // query: grouped-query heads and the draft tokens of a verification share their context.
+  struct Run { int64_t t0, nq, nmax; };  // nq: queries per KV head, ordered (token, head)
+  std::vector<Run> runs;
+  int64_t max_ctx = 0;
+  for (int64_t t0 = 0; t0 < N;) {
+    int64_t t1 = t0 + 1, nmax = posp[t0] + 1;
+    while (t1 < N && seqp[t1] == seqp[t0]) nmax = std::max(nmax, posp[t1++] + 1);
+    runs.push_back({t0, (t1 - t0) * G, nmax});
+    max_ctx = std::max(max_ctx, nmax);
+    t0 = t1;
+  }
   struct Item { int64_t t0, nq, g, q0; };
   std::vector<Item> items;
   // QC queries per item: with one token, an item is one KV head's group of query heads (each K/V
   // row read once for the group, measured faster than one query per item despite fewer items)
   const int64_t qc = QC;
-  for (int64_t t0 = 0; t0 < N;) {
-    int64_t t1 = t0 + 1;
-    while (t1 < N && seqp[t1] == seqp[t0]) ++t1;
-    const int64_t nq = (t1 - t0) * G;  // queries of one KV head in this run, ordered (token, head)
+  for (const Run& r : runs)
     for (int64_t g = 0; g < nkv; ++g)
-      for (int64_t q0 = 0; q0 < nq; q0 += qc) items.push_back({t0, nq, g, q0});
-    t0 = t1;
-  }
+      for (int64_t q0 = 0; q0 < r.nq; q0 += qc) items.push_back({r.t0, r.nq, g, q0});
   const int64_t L16 = (L + 15) & ~int64_t(15);
   const int64_t hd16 = hd & ~int64_t(15);
   // how many rows ahead p @ V asks for V: a decode or verification pass reads its context cold
@@ -1151,6 +1156,12 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
     for (; c0 + 16 <= hd; c0 += 16) pv_block(std::integral_constant<int64_t, 1>{}, pr, cs_row, g, nmax, c0, o, inv);
   };
 
+  // query qi of a run starting at token t0, on KV head g: its token and query head
+  auto query = [&](int64_t t0, int64_t g, int64_t qi, int64_t& tok, int64_t& head) {
+    tok = t0 + qi / G;
+    head = g * G + qi % G;
+  };
+
   auto work = [&](int64_t b0, int64_t b1, int64_t step) {
     std::vector<float> pbuf(QC * L16);
     for (int64_t it = b0; it < b1; it += step) {
@@ -1164,9 +1175,7 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
       // zero, so every query's sums are the same as with the run's bound)
       int64_t nmax = 0;
       for (int64_t a = 0; a < nq; ++a) {
-        const int64_t qi = item.q0 + a;
-        tok[a] = item.t0 + qi / G;
-        head[a] = item.g * G + qi % G;
+        query(item.t0, item.g, item.q0 + a, tok[a], head[a]);
         nctx[a] = posp[tok[a]] + 1;
         nmax = nctx[a] > nmax ? nctx[a] : nmax;
         qv[a] = qd + (tok[a] * nh + head[a]) * hd;
@@ -1193,8 +1202,6 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
   };
   const int64_t n_items = int64_t(items.size());
   const int64_t T = std::min<int64_t>(at::get_num_threads(), n_items);
-  int64_t max_ctx = 0;
-  for (int64_t t = 0; t < N; ++t) max_ctx = std::max(max_ctx, posp[t] + 1);
   if (T > 1 && N <= PHASED_MAX_TOKENS && max_ctx >= PHASED_MIN_CONTEXT && hd >= 16) {
     // Long contexts, few new tokens (decoding, verification): the items above would be few (one
     // per KV head for a decode token), so the threads' shares are uneven, and a verification
@@ -1202,26 +1209,21 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
     // between the threads: the scores by blocks of keys (each K row read once for all of a KV
     // head's queries), the softmax by query, p @ V by group of QC queries and block of 16
     // columns. Each query runs the same pieces in the same order as in an item.
-    struct Group { int64_t t0, nq, g, nmax; float* s; };  // a run's queries on one KV head
+    // a run's queries on one KV head; their score rows start at row r0 of sbuf (QC rows a group)
+    struct Group { int64_t t0, nq, g, nmax, r0; };
     std::vector<Group> groups;
     int64_t rows = 0;
-    for (int64_t t0 = 0; t0 < N;) {
-      int64_t t1 = t0 + 1, nmax = posp[t0] + 1;
-      while (t1 < N && seqp[t1] == seqp[t0]) nmax = std::max(nmax, posp[t1++] + 1);
+    for (const Run& r : runs)
       for (int64_t g = 0; g < nkv; ++g) {
-        groups.push_back({t0, (t1 - t0) * G, g, nmax, nullptr});
-        rows += ((t1 - t0) * G + QC - 1) / QC * QC;
+        groups.push_back({r.t0, r.nq, g, r.nmax, rows});
+        rows += (r.nq + QC - 1) / QC * QC;
       }
-      t0 = t1;
-    }
     std::vector<float> sbuf(rows * L16);  // zeros: the rows of absent queries weigh nothing
     std::vector<float> invs(rows);
     struct Unit { int64_t grp, a, c; };  // a: key block or query group (times QC), c: column block
     std::vector<Unit> score_units, row_units, pv_units;
-    int64_t r0 = 0;
     for (int64_t i = 0; i < int64_t(groups.size()); ++i) {
-      Group& gr = groups[i];
-      gr.s = sbuf.data() + r0 * L16;
+      const Group& gr = groups[i];
       for (int64_t j0 = 0; j0 < gr.nmax; j0 += PHASED_KEYS) score_units.push_back({i, j0, 0});
       for (int64_t a = 0; a < gr.nq; ++a) row_units.push_back({i, a, 0});
       // query groups innermost: a thread's consecutive units read the same columns of V, which
@@ -1229,12 +1231,8 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
       // innermost, paired in one process)
       for (int64_t c0 = 0; c0 < hd16; c0 += 16)
         for (int64_t a0 = 0; a0 < gr.nq; a0 += QC) pv_units.push_back({i, a0, c0});
-      r0 += (gr.nq + QC - 1) / QC * QC;
     }
-    auto query = [&](const Group& gr, int64_t a, int64_t& tok, int64_t& head) {
-      tok = gr.t0 + a / G;
-      head = gr.g * G + a % G;
-    };
+    auto srow = [&](const Group& gr, int64_t a) { return sbuf.data() + (gr.r0 + a) * L16; };
     at::parallel_for(0, int64_t(score_units.size()), 1, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {
         const Group& gr = groups[score_units[u].grp];
@@ -1245,8 +1243,8 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
           key_rows(cs_row, gr.g, j0, gr.nmax, kr);
           for (int64_t a = 0; a < gr.nq; ++a) {
             int64_t tok, head;
-            query(gr, a, tok, head);
-            scores16(qd + (tok * nh + head) * hd, kr, gr.s + a * L16 + j0);
+            query(gr.t0, gr.g, a, tok, head);
+            scores16(qd + (tok * nh + head) * hd, kr, srow(gr, a) + j0);
           }
         }
       }
@@ -1256,8 +1254,8 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
         const Group& gr = groups[row_units[u].grp];
         const int64_t a = row_units[u].a;
         int64_t tok, head;
-        query(gr, a, tok, head);
-        invs[(gr.s - sbuf.data()) / L16 + a] = softmax_row(gr.s + a * L16, posp[tok] + 1, gr.nmax);
+        query(gr.t0, gr.g, a, tok, head);
+        invs[gr.r0 + a] = softmax_row(srow(gr, a), posp[tok] + 1, gr.nmax);
       }
     });
     at::parallel_for(0, int64_t(pv_units.size()), 1, [&](int64_t u0, int64_t u1) {
@@ -1268,20 +1266,20 @@ torch::Tensor paged_attention_impl(const torch::Tensor& qkv, const torch::Tensor
         const float* pr[QC];
         float* o[QC];
         for (int64_t a = 0; a < QC; ++a) {
-          pr[a] = gr.s + (a0 + a) * L16;
+          pr[a] = srow(gr, a0 + a);
           o[a] = nullptr;
           if (a0 + a < gr.nq) {
             int64_t tok, head;
-            query(gr, a0 + a, tok, head);
+            query(gr.t0, gr.g, a0 + a, tok, head);
             o[a] = op + tok * nh * hd + head * hd;
           }
         }
-        const float* inv = invs.data() + (gr.s - sbuf.data()) / L16 + a0;
+        const float* inv = invs.data() + gr.r0 + a0;
         pv_block(std::integral_constant<int64_t, 1>{}, pr, cs_row, gr.g, gr.nmax, c0, o, inv);
         if (c0 + 16 >= hd16)  // the tail columns once, with the last block
           for (int64_t a = 0; a < QC && a0 + a < gr.nq; ++a) {
             int64_t tok, head;
-            query(gr, a0 + a, tok, head);
+            query(gr.t0, gr.g, a0 + a, tok, head);
             pv_tail(pr[a], cs_row, gr.g, posp[tok] + 1, inv[a], o[a]);
           }
       }
