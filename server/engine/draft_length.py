@@ -154,13 +154,21 @@ class AcceptanceEstimate:
     were: discounted kept / checked, starting from `prior` over `weight` checked drafts.
 
     A sequence whose drafts stop paying has none verified, so nothing would tell it that they
-    pay again: after `explore_every` such steps in a row one draft token is verified anyway."""
+    pay again: after `explore_every` such steps in a row one draft token is verified anyway.
+
+    A model drafter asks twice in a step: before drafting, at its own price
+    (`drafters.autoregressive.DraftPrice`), and again when verification trims the draft
+    (`SpecDecoder._trim`). Both calls name the step (`at`, the sequence's length), so the token the
+    first call granted is kept by the second, even where a measured verification pass looks too
+    dear for one draft token to pay (a loaded box); before, the second call dropped it and the
+    estimate went unmeasured for `explore_every` explorations in a row."""
 
     kept: float = 1.4
     checked: float = 2.0
     decay: float = 0.9
     explore_every: int = 16
     skipped: int = 0
+    granted_at: int | None = None  # the step (sequence length) whose exploration token was granted
 
     @property
     def rate(self) -> float:
@@ -169,16 +177,20 @@ class AcceptanceEstimate:
     def chances(self, n: int) -> list[float]:
         return [self.rate] * n
 
-    def length(self, n: int, relative_cost) -> int:
+    def length(self, n: int, relative_cost, at: int | None = None) -> int:
         """How many of a draft's n tokens to verify."""
-        return self.explore(best_length(self.chances(n), relative_cost), n)
+        return self.explore(best_length(self.chances(n), relative_cost), n, at)
 
-    def explore(self, keep: int, n: int) -> int:
-        """`keep` of a draft's n tokens pay: that, or 1 where none have paid for a while."""
+    def explore(self, keep: int, n: int, at: int | None = None) -> int:
+        """`keep` of a draft's n tokens pay: that, or 1 where none have paid for a while (or where
+        an earlier call for the same step `at` granted it)."""
         if keep == 0 and n > 0:
+            if at is not None and at == self.granted_at:
+                return 1
             self.skipped += 1
             if self.skipped >= self.explore_every:
                 self.skipped = 0
+                self.granted_at = at
                 return 1
         elif keep:
             self.skipped = 0

@@ -304,7 +304,7 @@ class SpecDecoder:
                 if s.seq.draft_accept is None:
                     s.seq.draft_accept = AcceptanceEstimate()
                 chances.append(s.seq.draft_accept.chances(len(d)))
-                explore.append(s.seq.draft_accept.explore)
+                explore.append(functools.partial(s.seq.draft_accept.explore, at=s.seq.num_tokens))
             else:
                 chances.append(list(conf[: len(d)]))
                 explore.append(None)

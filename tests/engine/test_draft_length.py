@@ -162,6 +162,24 @@ def test_acceptance_estimate_explores_when_its_drafts_stopped_paying():
     assert est.length(3, cost) == 3
 
 
+def test_an_exploration_token_granted_before_drafting_survives_the_trim_of_its_step():
+    """A model drafter's exploration token (granted at its price, before drafting) is asked about
+    again when verification trims the draft, at a cost line where one token does not pay: the
+    same step keeps it, and the counting goes on from there for the steps after."""
+    est = AcceptanceEstimate(kept=0.0, checked=10.0, explore_every=3)
+    dear = lambda n: 1.0 + 2.0 * (n - 1)  # noqa: E731  no draft token pays
+    got = []
+    for at in range(100, 109):
+        n = est.length(4, dear, at=at)  # the drafter's call
+        if n:
+            n = est.length(n, dear, at=at)  # the trim's call, same step
+        got.append(n)
+    assert got == [0, 0, 1, 0, 0, 1, 0, 0, 1]
+    # without the step named, a second call is a step of its own (lookup drafts, other callers)
+    plain = AcceptanceEstimate(kept=0.0, checked=10.0, explore_every=3)
+    assert [plain.length(4, dear) for _ in range(6)] == [0, 0, 1, 0, 0, 1]
+
+
 def ids(*t: int) -> torch.Tensor:
     return torch.tensor(t, dtype=torch.int64)
 
@@ -306,6 +324,16 @@ class _Seq:
     def __init__(self, rate: float):
         self.draft_accept = AcceptanceEstimate(kept=rate * 100, checked=100.0, explore_every=4)
         self.seed = None
+        self.num_tokens = 10
+
+
+def _steps(price, seq: _Seq, n: int) -> list[int]:
+    """`price.lengths` for `seq` over n steps, the sequence one token longer each step."""
+    out = []
+    for _ in range(n):
+        out.append(price.lengths([seq], [5])[0])
+        seq.num_tokens += 1
+    return out
 
 
 def test_draft_price_drafts_only_what_pays_for_its_own_forwards():
@@ -321,7 +349,7 @@ def test_draft_price_drafts_only_what_pays_for_its_own_forwards():
     sure, unsure = _Seq(0.9), _Seq(0.5)
     assert price.lengths([sure], [5]) == [1]
     assert DraftPrice(eng, prior=0.1).lengths([sure], [5]) == [5]
-    assert [price.lengths([unsure], [5])[0] for _ in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]
+    assert _steps(price, unsure, 8) == [0, 0, 0, 1, 0, 0, 0, 1]
     assert best_length([0.5] * 5, lambda n: 1 + 0.2 * (n - 1)) > 0  # what verification alone would keep
     assert DraftPrice(eng, prior=0.0).lengths([_Seq(0.5)], [5])[0] > 0
     assert price.lengths([sure, unsure], [0, 0]) == [0, 0]  # nothing asked, nothing drafted
@@ -344,12 +372,16 @@ def test_self_drafts_that_do_not_pay_are_not_drafted_and_binary_stays_lossless(t
     off = eng.generate(greedy_requests(PROMPTS[:3], 40, mode="off", ignore_eos=True, prefix="o"))
     drafter = eng.spec.drafter
     drafter.price.prior, drafter.price.observe = 5.0, lambda seconds, chunks: None
+    # a verification pass as dear as a loaded box can measure it: even a sure draft token would
+    # not pay for its place in it, so only the exploration tokens are verified
+    eng.pass_costs.relative = lambda tokens: 1.0 + 3.0 * (tokens - 1)
     one = [eng.generate(greedy_requests([p], 40, mode="binary", ignore_eos=True, prefix=f"b{i}"))[0]
            for i, p in enumerate(PROMPTS[:3])]
     assert [r.token_ids for r in one] == [r.token_ids for r in off]
     drafted = [r.via_sd.draft_tokens for r in one]
     assert all(0 < d <= 40 // 16 + 1 for d in drafted)  # one token every 16 steps that did not pay
     drafter.price.prior = 0.0
+    eng.pass_costs.relative = lambda tokens: 1.0 + 0.1 * (tokens - 1)  # and a cheap one: free drafts pay
     free = [eng.generate(greedy_requests([p], 40, mode="binary", ignore_eos=True, prefix=f"f{i}"))[0]
             for i, p in enumerate(PROMPTS[:3])]
     assert [r.token_ids for r in free] == [r.token_ids for r in off]

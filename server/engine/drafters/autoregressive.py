@@ -99,5 +99,5 @@ class DraftPrice:
             else:
                 price, line = measured, self.engine.pass_costs.relative
             n = best_length(est.chances(k), lambda tokens: line(tokens) + (tokens - 1) * price)
-            out.append(est.explore(n, k))
+            out.append(est.explore(n, k, at=seq.num_tokens))
         return out
