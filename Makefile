@@ -7,6 +7,11 @@ PIP_CACHE ?= $(HOME)/.cache/pip
 HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
+# the test files run in TEST_WORKERS processes, each file's tests in one of them (their
+# module-scoped engines load once); most tests leave a core idle (Python, subprocess starts,
+# compiles), so two processes on 2 cores take about two thirds of the time of one
+TEST_WORKERS ?= 2
+PYTEST_WORKERS := -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install install-test serve test test-fast bench clean
 
@@ -32,11 +37,11 @@ serve: install
 
 test: install-test
 	sh tests/gateway/ensure_prometheus.sh
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_WORKERS)
 	$(MAKE) test-vllm
 
 test-fast: install-test
-	$(PY) -m pytest -q -m "not real_model and not slow and not vllm"
+	$(PY) -m pytest -q $(PYTEST_WORKERS) -m "not real_model and not slow and not vllm"
 
 # the README's latest Spec-Bench tables, lossless and with the lossy knobs (50-95 minutes on 2
 # cores; `vllm-env` for the vLLM rows; mk/llamacpp.mk builds llama.cpp for its rows)

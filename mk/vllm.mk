@@ -15,7 +15,7 @@ VLLM_PIP := $(VLLM_VENV)/bin/pip --cache-dir $(PIP_CACHE) --disable-pip-version-
 # (AsyncLLM -> vllm.entrypoints.generate), so the recipe's last step imports everything the
 # backend and the gateway load, and tests/vllm_plugin runs them against these versions.
 VLLM_EXTRA_PINS := fastapi==0.165.0 uvicorn==0.54.0 pydantic==2.14.4 prometheus-client==0.26.0 \
-	httpx==0.28.1 openai==3.57.0 pytest==9.2.0 gguf==0.19.0 pyyaml==6.0.4 jinja2==3.1.6
+	httpx==0.28.1 openai==3.57.0 pytest==9.2.0 pytest-xdist==3.8.0 execnet==2.1.2 gguf==0.19.0 pyyaml==6.0.4 jinja2==3.1.6
 
 .PHONY: vllm-env test-vllm clean-vllm
 
@@ -37,7 +37,7 @@ $(VLLM_VENV)/.installed: mk/vllm.mk pyproject.toml
 vllm-env: $(VLLM_VENV)/.installed
 
 test-vllm: vllm-env
-	$(VLLM_PY) -m pytest -q tests/vllm_plugin
+	$(VLLM_PY) -m pytest -q $(PYTEST_WORKERS) tests/vllm_plugin
 
 clean-vllm:
 	rm -rf $(VLLM_VENV)
