@@ -10,6 +10,17 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_collection_finish(session):
+    """Every test has a node id of its own: pytest-xdist (`make test`) keys tests by node id and
+    runs one of the tests that share one (tests/reliability/conftest.py)."""
+    seen: dict[str, int] = {}
+    for item in session.items:
+        seen[item.nodeid] = seen.get(item.nodeid, 0) + 1
+    shared = sorted(n for n, c in seen.items() if c > 1)
+    if shared:
+        raise pytest.UsageError(f"tests that share a node id (xdist would run one of each): {shared}")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A 4-layer random Llama (hidden 64, byte-level vocab) in a Hugging Face folder."""
