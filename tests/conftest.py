@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -13,10 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def pytest_collection_finish(session):
     """Every test has a node id of its own: pytest-xdist (`make test`) keys tests by node id and
     runs one of the tests that share one (tests/reliability/conftest.py)."""
-    seen: dict[str, int] = {}
-    for item in session.items:
-        seen[item.nodeid] = seen.get(item.nodeid, 0) + 1
-    shared = sorted(n for n, c in seen.items() if c > 1)
+    shared = sorted(n for n, c in Counter(item.nodeid for item in session.items).items() if c > 1)
     if shared:
         raise pytest.UsageError(f"tests that share a node id (xdist would run one of each): {shared}")
 

@@ -160,8 +160,7 @@ class AcceptanceEstimate:
     (`drafters.autoregressive.DraftPrice`), and again when verification trims the draft
     (`SpecDecoder._trim`). Both calls name the step (`at`, the sequence's length), so the token the
     first call granted is kept by the second, even where a measured verification pass looks too
-    dear for one draft token to pay (a loaded box); before, the second call dropped it and the
-    estimate went unmeasured for `explore_every` explorations in a row."""
+    dear for one draft token to pay (a loaded box)."""
 
     kept: float = 1.4
     checked: float = 2.0
