@@ -3,6 +3,7 @@
     python benchmarks/cpu_kernels.py                # all
     python benchmarks/cpu_kernels.py --only attention --contexts 200,800,1600
     python benchmarks/cpu_kernels.py --only packed --tokens 1,2,4,6,8
+    python benchmarks/cpu_kernels.py --only layouts --tokens 1,2,3,4,5,6 --rounds 30
     python benchmarks/cpu_kernels.py --only gemm --gemm-tokens 8,16,32,64,512
 
 - `attention`: `via_sd_cpu::paged_attention` for one layer (SmolLM2-135M's 9 query heads, 3 KV
@@ -20,6 +21,10 @@
   interleaved, the engine's), and the LM head fp32, fp16-read
   (`greedy_linear`) and Q8_0, for several tokens per pass. Median milliseconds (the weights do not
   fit in the caches, so each call reads them from memory).
+- `layouts`: the same layer matrices, GGUF's Q4_1 layout against four rows interleaved, the two
+  taking turns (which goes first alternates) for `--rounds` rounds at each width: median
+  milliseconds of each and the median of the rounds' ratios with its quartiles. The engine reads
+  the interleaved layout below `rows_layout_from()` tokens and GGUF's from there (AVX2 hosts).
 - `gemm`: the same layer matrices and the LM head, fp32, for the wider passes (a batch of
   sequences, a prompt's chunk): torch's `F.linear` (MKL's sgemm in torch's CPU wheels), oneDNN's
   GEMM over the matrices reordered once (`dense_linear`, what the engine runs above
@@ -178,6 +183,42 @@ def packed(tokens: list[int], reps: int) -> None:
         print(f"LM head    {M} tokens: fp32 {h32:6.2f} ms   fp16 read {h16:6.2f} ms   Q8_0 {h8:6.2f} ms", flush=True)
 
 
+def layouts(tokens: list[int], rounds: int) -> None:
+    from safetensors.torch import load_file
+
+    from server.engine.model_files import prepare_model
+    from via_sd_kernels import cpu as k
+    from via_sd_kernels.cpu import blocks
+
+    if not k.available():
+        raise SystemExit("the CPU kernels are not built on this host")
+    t = load_file(str(prepare_model(None, progress=False) / "model.safetensors"))
+    mats = [v for name, v in t.items() if ".layers." in name and v.dim() == 2]
+    gguf = [blocks.pack_q4_1(w) for w in mats]
+    inter = [blocks.interleave_q4_1(p, w.shape[1]) for w, p in zip(mats, gguf)]
+    xs = {(M, K): torch.randn(M, K) for M in tokens for K in {w.shape[1] for w in mats}}
+
+    def once(ps, M: int) -> float:
+        t0 = time.perf_counter()
+        for w, p in zip(mats, ps):
+            k.skinny_linear(xs[M, w.shape[1]], p)
+        return time.perf_counter() - t0
+
+    times = {M: ([], []) for M in tokens}
+    for r in range(rounds):
+        for M in tokens:
+            a, b = (once(gguf, M), once(inter, M)) if r % 2 else (once(inter, M), once(gguf, M))[::-1]
+            times[M][0].append(a)
+            times[M][1].append(b)
+    print(f"kernels read GGUF's layout from {k.rows_layout_from() or 'no'} tokens on this host")
+    for M in tokens:
+        a, b = times[M]
+        q = sorted(x / y for x, y in zip(b, a))
+        print(f"layers {M:2d} tokens: GGUF {statistics.median(a) * 1e3:6.2f} ms   interleaved "
+              f"{statistics.median(b) * 1e3:6.2f} ms   interleaved / GGUF {statistics.median(q):.3f} "
+              f"[{q[len(q) // 4]:.3f}, {q[3 * len(q) // 4]:.3f}]", flush=True)
+
+
 def gemm(tokens: list[int], reps: int) -> None:
     import torch.nn.functional as F
     from safetensors.torch import load_file
@@ -211,12 +252,12 @@ def gemm(tokens: list[int], reps: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["attention", "draft", "packed", "gemm"])
+    ap.add_argument("--only", choices=["attention", "draft", "packed", "layouts", "gemm"])
     ap.add_argument("--tokens", default="1,2,4,6,8")
     ap.add_argument("--gemm-tokens", default="8,16,32,64,512")
     ap.add_argument("--contexts", default="200,800,1600")
     ap.add_argument("--reps", type=int, default=25)
-    ap.add_argument("--rounds", type=int, default=4, help="`draft`: rounds of the weight forms taking turns")
+    ap.add_argument("--rounds", type=int, default=4, help="`draft`, `layouts`: rounds of the forms or layouts taking turns")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -226,6 +267,8 @@ def main() -> None:
         draft(args.reps, args.rounds)
     if args.only in (None, "packed"):
         packed([int(m) for m in args.tokens.split(",")], args.reps)
+    if args.only in (None, "layouts"):
+        layouts([int(m) for m in args.tokens.split(",")], args.rounds)
     if args.only in (None, "gemm"):
         gemm([int(m) for m in args.gemm_tokens.split(",")], args.reps)
 

@@ -209,11 +209,17 @@ class LayerWeights:
     # GGUF's layout, where N is not a multiple of 4); the skinny GEMM reads these, larger passes
     # the fp32 ones
     packed: dict[str, torch.Tensor] = field(default_factory=dict)
+    # and in GGUF's layout too, where the host's kernels read that faster for passes of
+    # `rows_from` tokens or more (cpu_kernels.rows_layout_from: AVX2 hosts, from 3 tokens)
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows_from: int = 0
 
     PACKABLE = ("wqkv", "wo", "w_gate_up", "w_down")
 
-    def small(self, name: str) -> torch.Tensor:
-        """The matrix a decode-sized pass reads: packed when it is, else fp32."""
+    def small(self, name: str, tokens: int = 1) -> torch.Tensor:
+        """The matrix a decode-sized pass of `tokens` tokens reads: packed when it is, else fp32."""
+        if self.rows_from and tokens >= self.rows_from and name in self.rows:
+            return self.rows[name]
         return self.packed.get(name, getattr(self, name))
 
 
@@ -345,7 +351,8 @@ class LlamaModel:
             self.pack_weights(cache=packed_cache)
         slots = [(lw, f) for lw in self.layers for f in self._LAYER_FIELDS if getattr(lw, f) is not None]
         packed = [(lw, f) for lw in self.layers for f in lw.packed]
-        tensors = [getattr(lw, f) for lw, f in slots] + [lw.packed[f] for lw, f in packed]
+        rows = [(lw, f) for lw in self.layers for f in lw.rows]
+        tensors = [getattr(lw, f) for lw, f in slots] + [lw.packed[f] for lw, f in packed] + [lw.rows[f] for lw, f in rows]
         tensors += [self.embed, self.norm, self.lm_head]
         if self.lm_head_packed is not None:
             tensors.append(self.lm_head_packed)
@@ -358,7 +365,9 @@ class LlamaModel:
             setattr(lw, f, t)
         for (lw, f), t in zip(packed, moved[len(slots):]):
             lw.packed[f] = t
-        n = len(slots) + len(packed)
+        for (lw, f), t in zip(rows, moved[len(slots) + len(packed):]):
+            lw.rows[f] = t
+        n = len(slots) + len(packed) + len(rows)
         self.embed, self.norm, self.lm_head = moved[n:n + 3]
         if self.lm_head_packed is not None:
             self.lm_head_packed = moved[n + 3]
@@ -382,12 +391,18 @@ class LlamaModel:
             if cache is not None:
                 self._save_packed(cache)
         # the layout the skinny GEMM reads fastest: four rows' blocks interleaved (the same values;
-        # the cache file keeps GGUF's layout, which `blocks.deinterleave_q4_1` gives back)
+        # the cache file keeps GGUF's layout, which `blocks.deinterleave_q4_1` gives back), and
+        # GGUF's kept beside it where wider passes read that faster (AVX2 hosts; 20% more memory
+        # for a Q4_1 model's layers, 66 MB for the bundled one)
+        rows_from = cpu_kernels.rows_layout_from() if INTERLEAVED_Q4 else 0
         for lw in self.layers:
+            lw.rows, lw.rows_from = {}, rows_from
             for f, p in lw.packed.items():
                 q = blocks.interleave_q4_1(p, getattr(lw, f).shape[1]) if INTERLEAVED_Q4 else None
                 if q is not None:
                     lw.packed[f] = q
+                    if rows_from:
+                        lw.rows[f] = p
         n = sum(len(lw.packed) for lw in self.layers)
         head = self.lm_head_packed
         if n or head is not None:
@@ -741,6 +756,7 @@ class LlamaModel:
         scale = 1.0 / math.sqrt(cfg.head_dim)
         cos, sin = self.rope_tables()
         k = cpu_kernels
+        T = x.shape[0]
         prefix = None
         tapped: list[torch.Tensor] = []
         for i, lw in enumerate(self.layers):
@@ -748,18 +764,18 @@ class LlamaModel:
                 prefix = x
             if 2 * i >= start_sublayer and (route is None or route.attn[i]):
                 if lw.qkv_bias is None:
-                    x = k.attn_block(x, lw.attn_norm, eps, lw.small("wqkv"), lw.small("wo"), cos, sin, batch.positions, batch.token_seq,
+                    x = k.attn_block(x, lw.attn_norm, eps, lw.small("wqkv", T), lw.small("wo", T), cos, sin, batch.positions, batch.token_seq,
                                      batch.slot_mapping, batch.ctx_slots, k_cache[i], v_cache[i], nh, nkv, scale)
                 else:
                     h = k.rms_norm(x, lw.attn_norm, eps)
                     att = k.paged_attention(F.linear(h, lw.wqkv, lw.qkv_bias), cos, sin, batch.positions,
                                             batch.token_seq, batch.slot_mapping, batch.ctx_slots, k_cache[i],
                                             v_cache[i], nh, nkv, scale)
-                    x = k.skinny_linear(att, lw.small("wo"), x)
+                    x = k.skinny_linear(att, lw.small("wo", T), x)
             if save_at is not None and save_at == 2 * i + 1:
                 prefix = x
             if 2 * i + 1 >= start_sublayer and (route is None or route.mlp[i]):
-                x = k.mlp_block(x, lw.mlp_norm, eps, lw.small("w_gate_up"), lw.small("w_down"))
+                x = k.mlp_block(x, lw.mlp_norm, eps, lw.small("w_gate_up", T), lw.small("w_down", T))
             if i in taps:
                 tapped.append(self._tap(x, batch, i, taps, start_sublayer, start_taps))
         if save_at is not None and save_at >= 2 * len(self.layers):

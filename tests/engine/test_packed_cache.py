@@ -4,6 +4,8 @@ finding them."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -125,3 +127,45 @@ def test_an_unwritable_cache_or_a_model_without_blocks_writes_nothing(blocks_dir
     m = LlamaModel.from_folder(random_model)
     assert m.layers[0].packed == {} and m.lm_head_packed is None
     assert not (tmp_path / "cache2").exists()
+
+
+def test_wide_passes_read_ggufs_rows_where_the_kernels_read_them_faster(blocks_dir, monkeypatch):
+    """Where the host's kernels read GGUF's layout faster from some width on (AVX2 hosts, from 3
+    tokens), the layers keep it beside the interleaved one and passes that wide read it: the same
+    values, so every logprob is bitwise the one the interleaved layout gives."""
+    from server.engine.model import LayerWeights
+    from tests.engine.helpers import assert_pool_full, greedy_requests, make_engine
+
+    flags = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
+    avx2_only = " avx2" in flags and " fma" in flags and " avx512f" not in flags
+    assert cpu_kernels.rows_layout_from() == (3 if avx2_only else 0)
+    monkeypatch.setattr(cpu_kernels, "rows_layout_from", lambda: 3)  # on every host
+    read = []
+    small = LayerWeights.small
+
+    def spy(self, name, tokens=1):
+        w = small(self, name, tokens)
+        read.append((tokens, "rows" if w is self.rows.get(name) else "interleaved" if w is self.packed.get(name) else "fp32"))
+        return w
+
+    monkeypatch.setattr(LayerWeights, "small", spy)
+    eng = make_engine(blocks_dir)
+    for lw in eng.model.layers:
+        assert lw.rows_from == 3 and lw.rows.keys() == lw.packed.keys() == set(LayerWeights.PACKABLE)
+        for f in lw.rows:
+            assert torch.equal(lw.rows[f], gguf_layout(lw, f)) and lw.packed[f].shape[1] % 96 == 0
+    prompts = [[5, 9, 14, 3, 22, 7, 11, 30][: n] for n in (2, 5, 8)]  # prompts of 2, 5 and 8 tokens
+    both = {}
+    for rows_from in (3, 0):
+        for lw in eng.model.layers:
+            lw.rows_from = rows_from
+        read.clear()
+        # one request at a time: its decode steps are one-token passes, its prompt one pass
+        both[rows_from] = [eng.generate(greedy_requests([p], 6, mode="off", prefix=f"w{rows_from}.{i}", logprobs=3))[0]
+                           for i, p in enumerate(prompts)]
+        assert_pool_full(eng)
+        wide = {r for t, r in read if t >= 3}
+        assert {r for t, r in read if t < 3} == {"interleaved"}
+        assert wide == ({"rows"} if rows_from else {"interleaved"})
+    for a, b in zip(both[3], both[0]):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs and a.logprobs

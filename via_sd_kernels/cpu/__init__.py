@@ -119,6 +119,12 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | Non
     return torch.ops.via_sd_cpu.skinny_linear(x, w, residual)
 
 
+def rows_layout_from() -> int:
+    """The fewest tokens from which a pass reads Q4_1 matrices faster in GGUF's layout than four
+    rows interleaved (0: never; requires `available()`)."""
+    return int(torch.ops.via_sd_cpu.rows_layout_from())
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.via_sd_cpu.rms_norm(x, w, eps)
 

@@ -1590,7 +1590,23 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> head_draft(
   return {idt, prt, kv_new};
 }
 
+// The fewest tokens a pass must have for the skinny GEMM to read a Q4_1 matrix faster in GGUF's
+// layout (one row's 20-byte blocks after another) than four rows interleaved; 0: never. On AVX2
+// hosts passes of 3 tokens and more run one row at a time, and there the interleaved layout took
+// 1.09-1.18x GGUF's time at 3-6 tokens; at one and two tokens, which read four and two interleaved
+// rows at a time, 0.94x and 1.00x (the bundled model's layers, the layouts taking turns in one
+// process, Zen 3: `benchmarks/cpu_kernels.py --only layouts`). A shift by a constant instead of a
+// count in a register did not close the gap. The AVX-512 tiles read whole interleaved groups.
+int64_t rows_layout_from() {
+#ifdef VIA_SD_AVX2_TILES
+  return 3;
+#else
+  return 0;
+#endif
+}
+
 TORCH_LIBRARY(via_sd_cpu, m) {
+  m.def("rows_layout_from() -> int", &rows_layout_from);
   m.def("skinny_linear(Tensor x, Tensor w, Tensor? residual=None) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("silu_mul(Tensor gu) -> Tensor");
