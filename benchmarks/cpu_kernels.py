@@ -149,10 +149,11 @@ def _timed_set(calls, M: int, reps: int, warm: bool = False) -> float:
     return statistics.median(ts) * 1e3
 
 
-def packed(tokens: list[int], reps: int) -> None:
+def _bundled_layers():
+    """The bundled model's tensors, its layer matrices (fp32), and those as Q4_1 blocks in GGUF's
+    layout and four rows interleaved (the engine's layout for one- and two-token passes)."""
     from safetensors.torch import load_file
 
-    from server.engine.model import GreedyHead
     from server.engine.model_files import prepare_model
     from via_sd_kernels import cpu as k
     from via_sd_kernels.cpu import blocks
@@ -164,7 +165,16 @@ def packed(tokens: list[int], reps: int) -> None:
     packs = [blocks.pack_q4_1(w) for w in mats]
     if any(p is None for p in packs):
         raise SystemExit("the bundled model's layer matrices are not all Q4_1 blocks")
-    inter = [blocks.interleave_q4_1(p, w.shape[1]) for w, p in zip(mats, packs)]  # the engine's layout
+    inter = [blocks.interleave_q4_1(p, w.shape[1]) for w, p in zip(mats, packs)]
+    return t, mats, packs, inter
+
+
+def packed(tokens: list[int], reps: int) -> None:
+    from server.engine.model import GreedyHead
+    from via_sd_kernels import cpu as k
+    from via_sd_kernels.cpu import blocks
+
+    t, mats, packs, inter = _bundled_layers()
     head = t["model.embed_tokens.weight"]
     head8, greedy = blocks.pack_q8_0(head), GreedyHead.build(head)
 
@@ -184,18 +194,9 @@ def packed(tokens: list[int], reps: int) -> None:
 
 
 def layouts(tokens: list[int], rounds: int) -> None:
-    from safetensors.torch import load_file
-
-    from server.engine.model_files import prepare_model
     from via_sd_kernels import cpu as k
-    from via_sd_kernels.cpu import blocks
 
-    if not k.available():
-        raise SystemExit("the CPU kernels are not built on this host")
-    t = load_file(str(prepare_model(None, progress=False) / "model.safetensors"))
-    mats = [v for name, v in t.items() if ".layers." in name and v.dim() == 2]
-    gguf = [blocks.pack_q4_1(w) for w in mats]
-    inter = [blocks.interleave_q4_1(p, w.shape[1]) for w, p in zip(mats, gguf)]
+    _, mats, gguf, inter = _bundled_layers()
     xs = {(M, K): torch.randn(M, K) for M in tokens for K in {w.shape[1] for w in mats}}
 
     def once(ps, M: int) -> float:
