@@ -183,7 +183,7 @@ class SpecDecoder:
             left = seq.request.sampling.max_tokens - seq.num_output - 1  # the last token comes free
             room = eng.max_model_len - seq.num_tokens - 1
             max_tokens.append(max(0, min(seq.spec.num_draft_tokens, left, room, s.lookahead, share)))
-        drafts: DraftBatch = self.drafter.propose([s.seq for s in scheduled], max_tokens)
+        drafts: DraftBatch = self.drafter.propose([s.seq for s in scheduled], max_tokens, self._trim_line(scheduled))
         self._fit_grammars(scheduled, drafts)
         self._trim(scheduled, drafts)
         plans: list[_SeqPlan] = []
@@ -281,6 +281,16 @@ class SpecDecoder:
             drafts.tokens[i] = d[:n]
         if drafts.draft_probs is not None:
             drafts.draft_probs = drafts.draft_probs[torch.tensor(rows, dtype=torch.long)]
+
+    def _trim_line(self, scheduled: list[ScheduledSeq]):
+        """The cost line `_trim` will cut a lone sequence's confident drafts by (`best_length`),
+        for the drafter to stop where nothing more would be kept; None for a batch (trimmed
+        together, `best_lengths`) or without trimming."""
+        if not self.adaptive or len(scheduled) != 1:
+            return None
+        if _fixed_path(scheduled[0].seq):
+            return functools.partial(prior_relative, slope=prior_slope(self.engine.device.type))
+        return self.engine.pass_costs.relative
 
     def _trim(self, scheduled: list[ScheduledSeq], drafts: DraftBatch) -> None:
         """Keep each sequence's leading drafts that pay for their place in the full pass, the

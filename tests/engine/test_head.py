@@ -55,7 +55,8 @@ def engine_with_head(model_dir, head_path, mode="binary", **kw) -> LLMEngine:
     # every draft verified: the random tiny head's drafts are too unlikely to pay for their place
     # (draft_length), and these tests are about drafting
     kw.setdefault("adaptive_draft", False)
-    spec = SpecConfig(mode=mode, drafter="head", head_path=str(head_path), spec_max_batch=10**6, **kw)
+    kw.setdefault("spec_max_batch", 10**6)
+    spec = SpecConfig(mode=mode, drafter="head", head_path=str(head_path), **kw)
     return LLMEngine(EngineConfig(model=str(model_dir), spec=spec, num_blocks=128))
 
 
@@ -205,6 +206,87 @@ def test_kernel_drafting_reuses_the_keys_and_values_it_returned():
     assert torch.equal(kv2, kv[:, c:])
 
 
+def cost_lines():
+    """Relative pass costs r(1) .. r(9): straight lines of several slopes and a measured-looking table."""
+    lines = [[1.0 + a * (n - 1) for n in range(1, 10)] for a in (0.02, 0.12, 0.3, 0.7)]
+    lines.append([1.0, 1.11, 1.23, 1.40, 1.66, 1.87, 2.4, 2.6, 2.9])
+    return lines
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_drafting_stops_where_no_longer_draft_would_be_kept(kernel):
+    """Given the cost line verification trims by, the head stops drafting a row where no longer
+    draft could be kept (`best_length`), even were every later token certain: the drafts it makes
+    are a prefix of the unpriced ones, verification keeps the same number of them, and on some
+    lines it drafts fewer. The kernel stops where the torch ops do."""
+    from server.engine.draft_length import best_length
+
+    if kernel and not cpu_kernels.available():
+        pytest.skip("CPU kernels not built on this host")
+    V, H, W, T, steps = 300, 64, 6, 5, 8
+    embed = torch.randn(V, H) * 3  # sharper distributions: probabilities over the whole range
+    head = random_head(H, V, seed=11, window=W).attach(embed, embed)
+    run = draft if kernel else torch_draft
+    g = torch.Generator().manual_seed(12)
+    shorter = 0
+    for trial in range(12):
+        B = 1 if trial % 3 else 3
+        h = torch.randn(B, T, H, generator=g)
+        tok = torch.randint(0, V, (B, T), generator=g)
+        pos = torch.arange(10, 10 + T).expand(B, T).clone()
+        valid = torch.ones(B, T, dtype=torch.bool)
+        with torch.no_grad():
+            full_ids, full_p = run(head, h, tok, pos, valid, steps, None, 1)
+        for costs in cost_lines():
+            line = costs.__getitem__
+            with torch.no_grad():
+                ids, p = run(head, h, tok, pos, valid, steps, None, 1, costs)
+            S = ids.shape[1]
+            assert 1 <= S <= steps and torch.equal(ids, full_ids[:, :S]) and torch.equal(p, full_p[:, :S])
+            for b in range(B):
+                keep = best_length(full_p[b].tolist(), lambda n: line(n - 1))
+                assert best_length(p[b].tolist(), lambda n: line(n - 1)) == keep <= S, (trial, costs, b)
+            if kernel:
+                with torch.no_grad():
+                    assert torch.equal(torch_draft(head, h, tok, pos, valid, steps, None, 1, costs)[0], ids)
+            shorter += S < steps
+    assert shorter > 10  # the rule cuts drafting short on many of the 60 (draft, line) pairs
+
+
+def test_engine_prices_a_lone_sequences_head_drafts_and_keeps_the_same_ones(tiny_dir, tiny_head_path):
+    """In the engine, a lone speculating sequence's head drafts stop at the line its verification
+    trims by: the same drafts verified and the same text as drafting every token, in fewer head
+    steps."""
+    prompts = [[1, 2, 3, 4, 5], [10, 20, 30], list(range(40, 70))]
+    runs = {}
+    for priced in (True, False):
+        eng = engine_with_head(tiny_dir, tiny_head_path, adaptive_draft=True, spec_max_batch=1, head_min_gain=0.0)
+        # one line for both, not timings; flat, so that the random head's unlikely drafts pay at times
+        eng.pass_costs.relative = lambda n: 1.0 + 0.004 * (n - 1)
+        if not priced:
+            eng.spec._trim_line = lambda scheduled: None
+        steps = []
+
+        def counting(fn):
+            def wrapped(*a, **k):
+                out = fn(*a, **k)
+                steps.append(out[0].shape[1])
+                return out
+            return wrapped
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(head_mod, "kernel_draft", counting(head_mod.kernel_draft))
+            mp.setattr(head_mod, "draft", counting(head_mod.draft))
+            outs = [run_greedy(eng, [p], 24, "binary")[0] for p in prompts]  # one at a time: alone
+        runs[priced] = ([o.token_ids for o in outs], [o.via_sd.draft_tokens for o in outs],
+                        [o.via_sd.accepted for o in outs], sum(steps))
+        pool = eng.cache.pool
+        assert pool.num_free == pool.num_usable
+    assert runs[True][:3] == runs[False][:3]
+    assert sum(runs[True][1]) > 0  # drafts were verified
+    assert runs[True][3] < runs[False][3]  # in fewer head steps
+
+
 def test_save_load_roundtrip(tmp_path):
     V, H = 300, 64
     head = random_head(H, V, seed=2)
@@ -326,17 +408,21 @@ def test_binary_with_head_equals_off(tiny_dir, tiny_head_path):
 
 
 @needs_kernels
-def test_drafter_with_kept_keys_and_values_drafts_as_the_torch_ops(tiny_dir, tiny_head_path, monkeypatch):
+@pytest.mark.parametrize("priced", [False, True])
+def test_drafter_with_kept_keys_and_values_drafts_as_the_torch_ops(tiny_dir, tiny_head_path, monkeypatch, priced):
     """Over a whole generation (windows that fill, slide and take several tokens at once), the
     drafter's kernel path with its kept keys and values proposes what the torch ops propose from
-    the full window."""
+    the full window; priced: one sequence at a time, drafts stopped by the trimming line."""
     prompts = [[1, 2, 3, 4, 5], [10, 20, 30], list(range(40, 70))]
-    eng = engine_with_head(tiny_dir, tiny_head_path)
+    eng = engine_with_head(tiny_dir, tiny_head_path, **(dict(adaptive_draft=True, spec_max_batch=1, head_min_gain=0.0)
+                                                        if priced else {}))
+    if priced:
+        eng.pass_costs.relative = lambda n: 1.0 + 0.004 * (n - 1)
     drafter = eng.spec.drafter
     seen: list[tuple[list[int], list[int]]] = []
     propose = drafter.propose
 
-    def both(seqs, max_tokens):
+    def both(seqs, max_tokens, pass_cost=None):
         states = [s.drafter_state for s in seqs]
         ref = [[] for _ in seqs]
         rows = [i for i, (s, k) in enumerate(zip(seqs, max_tokens)) if k > 0 and isinstance(s.drafter_state, head_mod._HeadState)
@@ -346,16 +432,23 @@ def test_drafter_with_kept_keys_and_values_drafts_as_the_torch_ops(tiny_dir, tin
             h, tok, pos, valid = head_mod.pack_windows([(x.hidden, x.tokens, x.end - 2) for x in st],
                                                        max(len(x.tokens) for x in st))
             ks = torch.tensor([max_tokens[i] for i in rows])
-            ids, probs = torch_draft(drafter.head, h, tok, pos, valid, int(ks.max()), drafter.threshold, drafter.min_tokens)
+            steps = int(ks.max())
+            costs = [pass_cost(n) for n in range(1, steps + 2)] if pass_cost is not None else None
+            ids, probs = torch_draft(drafter.head, h, tok, pos, valid, steps, drafter.threshold, drafter.min_tokens,
+                                     costs)
             n = accepted_lengths(probs, ks, drafter.threshold, drafter.min_tokens)
             for r, i in enumerate(rows):
                 ref[i] = ids[r, : int(n[r])].tolist()
-        out = propose(seqs, max_tokens)
+        out = propose(seqs, max_tokens, pass_cost)
         seen.extend(zip(out.tokens, ref))
         return out
 
     monkeypatch.setattr(drafter, "propose", both)
-    run_greedy(eng, prompts, 40, "binary")
+    if priced:
+        for p in prompts:
+            run_greedy(eng, [p], 40, "binary")
+    else:
+        run_greedy(eng, prompts, 40, "binary")
     assert len(seen) > 20 and sum(1 for a, _ in seen if a) > 10
     assert all(a == b for a, b in seen)
 

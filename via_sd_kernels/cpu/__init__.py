@@ -166,14 +166,16 @@ def mlp_block(x, norm, eps: float, w_gate_up, w_down) -> torch.Tensor:
 
 def head_draft(kv_old, pos_old, valid_old, h, tok, pos, valid, embed, mats, norms, reduced_ids, *, heads: int,
                window: int, steps: int, stop_below: float, min_tokens: int, eps: float,
-               theta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               theta: float, costs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A draft head's chained greedy drafting in one call (server/engine/drafters/head.py `draft`
     states the contract). kv_old [B, To, 2, H]: keys and values of earlier pairs (To may be 0);
     h, tok, pos, valid: the new pairs; mats = (fc, qkv, o, gate_up, down, out_embed), all fp32 or
-    all fp16; norms [3, H]; stop_below < 0 drafts all `steps`.
+    all fp16; norms [3, H]; stop_below < 0 drafts all `steps`; costs: float64 r(1) .. r(steps + 1),
+    or None.
     Returns (ids [B, S], probs [B, S], kv_new [B, Tn, 2, H])."""
     return torch.ops.via_sd_cpu.head_draft(kv_old, pos_old, valid_old, h, tok, pos, valid, embed, *mats, norms,
-                                           reduced_ids, heads, window, steps, stop_below, min_tokens, eps, theta)
+                                           reduced_ids, heads, window, steps, stop_below, min_tokens, eps, theta,
+                                           costs)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -1340,8 +1340,13 @@ torch::Tensor mlp_block(const torch::Tensor& x, const torch::Tensor& norm, doubl
 //   embed [V, H] fp32, fc [H, 2H], qkv [3H, H], o [H, H], gate_up [2F, H], down [H, F],
 //   out_embed [R, H] (all fp32, all fp16, or all Q8_0 blocks, int8 [N, K / 32 * 34]), norms [3, H] (attention, ffn, output), reduced_ids [R].
 // Returns ids [B, S], the head's probability of each [B, S] (S = steps, or fewer once every row
-// has drafted a token below stop_below (< 0: never) and min_tokens are drafted), and kv_new
-// [B, Tn, 2, H], the new pairs' keys and values.
+// has drafted a token below stop_below (< 0: never) or one past which no draft pays, and
+// min_tokens are drafted), and kv_new [B, Tn, 2, H], the new pairs' keys and values.
+// costs (n_costs >= steps + 1 values, or none): r(1), r(2), ... the verification pass's cost by
+// its tokens, which `draft_length.best_length` keeps the n drafts that maximise E(n) / r(n + 1)
+// by. A row stops once no longer draft can beat its best n so far, even were every later token
+// certain: E(m) <= E(n) + run(n) (m - n) for m > n, run the product of its tokens' probabilities.
+// So the drafts it leaves out are ones verification would have cut (head.py `draft`).
 template <typename W>
 struct HeadWeights {
   const float* embed;
@@ -1361,7 +1366,8 @@ template <typename W>
 static HeadDraft head_draft_impl(const HeadWeights<W>& hw, const float* kv_old, const int64_t* pos_old,
                                  const bool* valid_old, int64_t To, const float* hp, const int64_t* tokp,
                                  const int64_t* posp, const bool* validp, int64_t B, int64_t Tn, int64_t steps,
-                                 double stop_below, int64_t min_tokens, float eps, float theta, float* kv_new) {
+                                 double stop_below, int64_t min_tokens, float eps, float theta, float* kv_new,
+                                 const double* costs, int64_t n_costs) {
   const int64_t H = hw.H, F = hw.F, R = hw.R, heads = hw.heads;
   const int64_t hd = H / heads, half = hd / 2, L = To + Tn + steps;
   const float scale = 1.f / std::sqrt(float(hd));
@@ -1479,6 +1485,10 @@ static HeadDraft head_draft_impl(const HeadWeights<W>& hw, const float* kv_old, 
   out.ids.assign(B * steps, 0);
   out.probs.assign(B * steps, 0.f);
   std::vector<uint8_t> alive(B, 1);
+  // per row, for the cost rule: E(n), run(n) (the product of its drafts' probabilities) and the
+  // best E(n) / r(n + 1) so far
+  const bool priced = costs != nullptr && n_costs >= steps + 1;
+  std::vector<double> expect(B, 1.0), chance(B, 1.0), ratio(B, priced ? 1.0 / costs[0] : 0.0);
   std::vector<int64_t> tnew(B);
   int64_t n = To + Tn;
   for (int64_t s = 0; s < steps; ++s) {
@@ -1497,10 +1507,19 @@ static HeadDraft head_draft_impl(const HeadWeights<W>& hw, const float* kv_old, 
       out.ids[b * steps + s] = tnew[b];
       out.probs[b * steps + s] = p;
       if (stop_below >= 0.0) alive[b] = alive[b] && p >= float(stop_below);
+      if (priced) {
+        chance[b] *= std::min(1.0, std::max(0.0, double(p)));
+        expect[b] += chance[b];
+        ratio[b] = std::max(ratio[b], expect[b] / costs[s + 1]);
+        bool pays = false;  // some longer draft could still beat the best (a relative margin: ties draft on)
+        for (int64_t m = s + 2; m <= steps && !pays; ++m)
+          pays = (expect[b] + chance[b] * double(m - s - 1)) / costs[m] > ratio[b] * (1.0 - 1e-9);
+        alive[b] = alive[b] && pays;
+      }
       any = any || alive[b];
     }
     out.done = s + 1;
-    if (s + 1 == steps || (stop_below >= 0.0 && s + 1 >= min_tokens && !any)) break;
+    if (s + 1 == steps || ((stop_below >= 0.0 || priced) && s + 1 >= min_tokens && !any)) break;
     // the drafted token and hn form the next pair of each row: its key, value and query
     fuse_project(hn.data(), tnew.data(), B);
     for (int64_t b = 0; b < B; ++b) {
@@ -1522,8 +1541,16 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> head_draft(
     const torch::Tensor& fc, const torch::Tensor& qkv, const torch::Tensor& o, const torch::Tensor& gate_up,
     const torch::Tensor& down, const torch::Tensor& out_embed, const torch::Tensor& norms,
     const torch::Tensor& reduced_ids, int64_t heads, int64_t window, int64_t steps, double stop_below,
-    int64_t min_tokens, double eps, double theta) {
+    int64_t min_tokens, double eps, double theta, const c10::optional<torch::Tensor>& costs) {
   TORCH_CHECK(h.dim() == 3 && h.scalar_type() == at::kFloat && h.size(1) > 0, "head_draft: h fp32 [B, Tn, H]");
+  torch::Tensor cc;
+  if (costs.has_value()) {
+    cc = costs->contiguous();
+    TORCH_CHECK(cc.scalar_type() == at::kDouble && cc.dim() == 1 && cc.numel() >= steps + 1,
+                "head_draft: costs float64 [steps + 1] or more");
+    const double* c = cc.data_ptr<double>();
+    for (int64_t i = 0; i < cc.numel(); ++i) TORCH_CHECK(c[i] > 0.0, "head_draft: costs positive");
+  }
   const int64_t B = h.size(0), Tn = h.size(1), H = h.size(2);
   TORCH_CHECK(tok.scalar_type() == at::kLong && pos.scalar_type() == at::kLong && valid.scalar_type() == at::kBool &&
               tok.dim() == 2 && tok.size(0) == B && tok.size(1) == Tn && pos.sizes() == tok.sizes() &&
@@ -1575,7 +1602,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> head_draft(
                              norms.data_ptr<float>(), rp, H, F, R, heads, window};
     return head_draft_impl(hw, kvc.data_ptr<float>(), poc.data_ptr<int64_t>(), voc.data_ptr<bool>(), To,
                            hc.data_ptr<float>(), tp, pc.data_ptr<int64_t>(), vc.data_ptr<bool>(), B, Tn, steps,
-                           stop_below, min_tokens, float(eps), float(theta), kv_new.data_ptr<float>());
+                           stop_below, min_tokens, float(eps), float(theta), kv_new.data_ptr<float>(),
+                           cc.defined() ? cc.data_ptr<double>() : nullptr, cc.defined() ? cc.numel() : 0);
   };
   const HeadDraft d = dt == at::kHalf   ? run(static_cast<const _Float16*>(nullptr))
                       : dt == at::kChar ? run(static_cast<const Q8Block*>(nullptr))
@@ -1596,7 +1624,9 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> head_draft(
 // 1.09-1.18x GGUF's time at 3-6 tokens; at one and two tokens, which read four and two interleaved
 // rows at a time, 0.94x and 1.00x (the bundled model's layers, the layouts taking turns in one
 // process, Zen 3: `benchmarks/cpu_kernels.py --only layouts`). A shift by a constant instead of a
-// count in a register did not close the gap. The AVX-512 tiles read whole interleaved groups.
+// count in a register did not close the gap. The AVX-512 tiles read whole interleaved groups, and
+// there the interleaved layout was the faster at every width: 0.78-0.97x GGUF's time at 1-16 tokens
+// (the same command, an Intel Xeon with AVX-512).
 int64_t rows_layout_from() {
 #ifdef VIA_SD_AVX2_TILES
   return 3;
@@ -1623,7 +1653,7 @@ TORCH_LIBRARY(via_sd_cpu, m) {
   m.def("head_draft(Tensor kv_old, Tensor pos_old, Tensor valid_old, Tensor h, Tensor tok, Tensor pos, Tensor valid, "
         "Tensor embed, Tensor fc, Tensor qkv, Tensor o, Tensor gate_up, Tensor down, Tensor out_embed, Tensor norms, "
         "Tensor reduced_ids, int heads, int window, int steps, float stop_below, int min_tokens, float eps, "
-        "float theta) -> (Tensor, Tensor, Tensor)");
+        "float theta, Tensor? costs=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(via_sd_cpu, CPU, m) {

@@ -11,6 +11,11 @@ proposes nothing when the context has no match, a model drafter stops where it i
 (None for a draft that is not a lookup): the engine learns how often drafts after a match of each
 span are accepted (`server.engine.draft_length.LookupAcceptance`).
 
+`pass_cost`, when given, is the relative cost line (r(n): a verification pass over n tokens, in
+one-token passes) by which verification will trim the one sequence of the call
+(`draft_length.best_length`); a drafter that pays for each token it drafts may stop where no
+longer draft could be kept. Drafters that cost nothing per token ignore it.
+
 A drafter with `wants_hidden` gets `observe(seq, hidden [m, H], tokens)` after every step that
 commits tokens for a speculative sequence (plain steps included), before they join the sequence:
 the target's final-norm hidden states that predicted the m committed tokens (from the full pass
@@ -45,7 +50,7 @@ class Drafter(abc.ABC):
     taps: tuple[int, ...] = ()
 
     @abc.abstractmethod
-    def propose(self, seqs: list, max_tokens: list[int]) -> DraftBatch: ...
+    def propose(self, seqs: list, max_tokens: list[int], pass_cost=None) -> DraftBatch: ...
 
     def observe(self, seq, hidden: torch.Tensor | None, tokens: list[int] | None = None) -> None:
         return None

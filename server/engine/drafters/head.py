@@ -14,7 +14,10 @@ embedding restricted to a reduced vocabulary:
 
 Drafting chains it: the predicted hidden state and the drafted token form the next pair, whose
 key and value join the window, for up to γ tokens. The block stops at the first token whose
-probability under the head is below `threshold` (chosen by training, stored with the weights).
+probability under the head is below `threshold` (chosen by training, stored with the weights),
+and, for a sequence speculating alone, where no longer draft could be kept by verification's
+trim (`_Worth`): each token drafted costs a forward of the head, and the trim keeps only those
+that pay for their place in the pass.
 The attention looks back a fixed number of pairs, so drafting needs no KV cache of its own: the
 window's keys are recomputed from the stored pairs at each step (one matmul over at most `window`
 rows) and the drafts' keys live only for the step.
@@ -287,16 +290,46 @@ def _attend(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+class _Worth:
+    """Whether a row's draft could still grow into one that verification keeps.
+
+    Verification keeps the n leading drafts that maximise E(n) / r(n + 1)
+    (`draft_length.best_length`, the drafts' probabilities as their chances), r the pass's cost by
+    its tokens: `costs` = [r(1), ..., r(steps + 1)]. After n drafts with run(n) the product of their
+    probabilities, no later draft lifts the chance of those after it, so E(m) <= E(n) + run(n)
+    (m - n) for m > n; once that bound stays below the best ratio so far at every m <= steps, the
+    drafts still to come would all be cut, and drafting them only costs the head's forwards. The
+    same arithmetic as `best_length` (float64) and the kernel's; ties draft on."""
+
+    def __init__(self, costs: list[float], rows: int):
+        self.costs = costs
+        self.expect = [1.0] * rows
+        self.run = [1.0] * rows
+        self.best = [1.0 / costs[0]] * rows
+
+    def update(self, b: int, s: int, p: float) -> bool:
+        """Row b drafted its token s (0-based) with probability p: whether longer drafts may pay."""
+        c = self.costs
+        self.run[b] *= max(0.0, min(1.0, p))
+        self.expect[b] += self.run[b]
+        self.best[b] = max(self.best[b], self.expect[b] / c[s + 1])
+        return any((self.expect[b] + self.run[b] * (m - s - 1)) / c[m] > self.best[b] * (1.0 - 1e-9)
+                   for m in range(s + 2, len(c)))
+
+
 @torch.no_grad()
 def draft(head: DraftHead, h: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
-          steps: int, stop_below: float | None = None, min_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+          steps: int, stop_below: float | None = None, min_tokens: int = 0,
+          costs: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy chained drafting for a batch.
 
     h [B, T, H], tok [B, T], pos [B, T], valid [B, T]: each row's last pairs (h_i, x_{i+1}), left
     padded (valid False), the newest at index T-1 (which must be valid). Returns the drafted full
     ids [B, S] and the head's probability of each [B, S], S = `steps`, or fewer with `stop_below`:
     drafting ends once every row has drafted a token below that probability (and `min_tokens`),
-    since `accepted_lengths` would cut every row there anyway.
+    since `accepted_lengths` would cut every row there anyway. With `costs` (r(1) .. r(steps + 1),
+    the verification pass's relative cost by its tokens) a row also stops where no longer draft
+    could pay (`_Worth`): what verification of that one row would cut anyway.
 
     On the CPU kernels this is one call (`cpu_kernels.head_draft`, the same arithmetic); the
     torch ops below are the reference and the path elsewhere. With taps, h may be the committed
@@ -306,8 +339,9 @@ def draft(head: DraftHead, h: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor
         B, _, H = h.shape
         none = torch.zeros(B, 0, dtype=torch.int64)
         ids, probs, _ = kernel_draft(head, (h.new_zeros(B, 0, 2, H), none, none.bool()), (h, tok, pos, valid),
-                                     steps, stop_below, min_tokens)
+                                     steps, stop_below, min_tokens, costs)
         return ids, probs
+    worth = _Worth(costs[: steps + 1], h.shape[0]) if costs is not None else None
     z = head.fuse(h, tok)  # [B, T, H]
     q, k, v = head.project(z, pos)
     qpos = pos[:, -1:]  # [B, 1]
@@ -326,8 +360,10 @@ def draft(head: DraftHead, h: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor
             break
         if stop_below is not None:
             alive &= top_p >= stop_below
-            if s + 1 >= min_tokens and not bool(alive.any()):
-                break
+        if worth is not None:
+            alive &= torch.tensor([worth.update(b, s, p) for b, p in enumerate(top_p.tolist())], device=alive.device)
+        if (stop_below is not None or worth is not None) and s + 1 >= min_tokens and not bool(alive.any()):
+            break
         qpos = qpos + 1
         zn = head.fuse(hn, t[:, None])  # [B, 1, H]
         qn, kn, vn = head.project(zn, qpos)
@@ -344,7 +380,8 @@ def kernel_ready(head: DraftHead, h: torch.Tensor) -> bool:
             and head.kernel_mats() is not None)
 
 
-def kernel_draft(head: DraftHead, old, new, steps: int, stop_below: float | None = None, min_tokens: int = 0):
+def kernel_draft(head: DraftHead, old, new, steps: int, stop_below: float | None = None, min_tokens: int = 0,
+                 costs: list[float] | None = None):
     """`draft` in one kernel call (`cpu_kernels.head_draft`, the same arithmetic), with the keys
     and values of pairs drafted for before passed in, not recomputed.
     old = (kv [B, To, 2, H], pos [B, To], valid [B, To]) (To may be 0); new = (h, tok, pos, valid)
@@ -356,7 +393,8 @@ def kernel_draft(head: DraftHead, old, new, steps: int, stop_below: float | None
                                   head.embed, head.kernel_mats(), head.norms(), head.reduced_ids, heads=head.heads,
                                   window=head.window, steps=steps,
                                   stop_below=-1.0 if stop_below is None else float(stop_below),
-                                  min_tokens=min_tokens, eps=EPS, theta=ROPE_THETA)
+                                  min_tokens=min_tokens, eps=EPS, theta=ROPE_THETA,
+                                  costs=None if costs is None else torch.tensor(costs[: steps + 1], dtype=torch.float64))
 
 
 def pack_windows(rows: list[tuple[torch.Tensor, torch.Tensor, int]], T: int):
@@ -472,7 +510,7 @@ class HeadDrafter(Drafter):
         h.out_embed = moved[-1]
 
     @torch.inference_mode()
-    def propose(self, seqs, max_tokens: list[int]) -> DraftBatch:
+    def propose(self, seqs, max_tokens: list[int], pass_cost=None) -> DraftBatch:
         out: list[list[int]] = [[] for _ in seqs]
         rows = [i for i, (s, k) in enumerate(zip(seqs, max_tokens))
                 if k > 0 and isinstance(s.drafter_state, _HeadState) and s.drafter_state.end == s.num_tokens
@@ -481,12 +519,15 @@ class HeadDrafter(Drafter):
             return DraftBatch(out)
         states = [seqs[i].drafter_state for i in rows]
         ks = torch.tensor([max_tokens[i] for i in rows])
+        steps = int(ks.max())
+        # one sequence whose draft verification trims by `pass_cost`: stop where no more would pay
+        costs = [float(pass_cost(n)) for n in range(1, steps + 2)] if pass_cost is not None and len(seqs) == 1 else None
         if kernel_ready(self.head, states[0].hidden):
-            ids, probs = self._draft_cached(states, int(ks.max()))
+            ids, probs = self._draft_cached(states, steps, costs)
         else:
             h, tok, pos, valid = pack_windows([(st.hidden, st.tokens, st.end - 2) for st in states],
                                               max(len(st.tokens) for st in states))
-            ids, probs = draft(self.head, h, tok, pos, valid, int(ks.max()), self.threshold, self.min_tokens)
+            ids, probs = draft(self.head, h, tok, pos, valid, steps, self.threshold, self.min_tokens, costs)
         n = accepted_lengths(probs, ks, self.threshold, self.min_tokens)
         ids_l, n_l, p_l = ids.tolist(), n.tolist(), probs.tolist()  # the one host sync
         conf: list[list[float] | None] = [None] * len(seqs)
@@ -497,7 +538,8 @@ class HeadDrafter(Drafter):
             pace.proposed, pace.proposed_at = tuple(out[i]), seqs[i].num_tokens
         return DraftBatch(out, confidence=conf)
 
-    def _draft_cached(self, states: list[_HeadState], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draft_cached(self, states: list[_HeadState], steps: int,
+                      costs: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`kernel_draft` with each sequence's kept keys and values; keeps those of its new pairs
         but the newest."""
         H = self.head.hidden
@@ -515,7 +557,7 @@ class HeadDrafter(Drafter):
         new = pack_windows([(st.hidden[c:], st.tokens[c:], st.end - 2) for st, c in zip(states, cached)],
                            max(len(st.tokens) - c for st, c in zip(states, cached)))
         ids, probs, kv_new = kernel_draft(self.head, (kv_old, pos_old, valid_old), new, steps, self.threshold,
-                                          self.min_tokens)
+                                          self.min_tokens, costs)
         Tn = kv_new.shape[1]
         for r, (st, c) in enumerate(zip(states, cached)):
             fresh = kv_new[r, Tn - (len(st.tokens) - c): Tn - 1]  # the new pairs but the newest

@@ -51,7 +51,7 @@ class HybridDrafter(Drafter):
         self.lookups = 0  # steps drafted by lookup, and by the head: what the mix was
         self.head_calls = 0
 
-    def propose(self, seqs, max_tokens: list[int]) -> DraftBatch:
+    def propose(self, seqs, max_tokens: list[int], pass_cost=None) -> DraftBatch:
         out: list[list[int]] = [[] for _ in seqs]
         spans: list[int | None] = [None] * len(seqs)
         rest = []
@@ -67,7 +67,8 @@ class HybridDrafter(Drafter):
         conf: list[list[float] | None] = [None] * len(seqs)  # lookups carry no probability
         if rest and self.head is not None:
             self.head_calls += len(rest)
-            got = self.head.propose([seqs[i] for i in rest], [max_tokens[i] for i in rest])
+            got = self.head.propose([seqs[i] for i in rest], [max_tokens[i] for i in rest],
+                                    pass_cost if len(seqs) == 1 else None)
             for j, (i, toks) in enumerate(zip(rest, got.tokens)):
                 out[i] = toks
                 if got.confidence is not None:

@@ -49,7 +49,7 @@ class ModelDrafter(Drafter):
             st = self.states[id(seq)] = _State(self.cache.new_table())
         return st
 
-    def propose(self, seqs, max_tokens: list[int]) -> DraftBatch:
+    def propose(self, seqs, max_tokens: list[int], pass_cost=None) -> DraftBatch:
         max_tokens = self.price.lengths(seqs, max_tokens)
         first, keep, limits = [], [], []
         for seq, k in zip(seqs, max_tokens):

@@ -90,7 +90,7 @@ class NgramDrafter(Drafter):
             raise ValueError("ngram sizes need 1 <= n_min <= n_max")
         self.n_min, self.n_max = n_min, n_max
 
-    def propose(self, seqs, max_tokens: list[int]) -> DraftBatch:
+    def propose(self, seqs, max_tokens: list[int], pass_cost=None) -> DraftBatch:
         out, spans = [], []
         for seq, k in zip(seqs, max_tokens):
             if k <= 0:

@@ -47,7 +47,7 @@ class SelfRouteDrafter(Drafter):
         self.min_confidence = min_confidence
         self.price = DraftPrice(engine, self.route.cost(engine.model.cfg.sublayer_costs()))
 
-    def propose(self, seqs, max_tokens: list[int]) -> DraftBatch:
+    def propose(self, seqs, max_tokens: list[int], pass_cost=None) -> DraftBatch:
         # a sequence whose prompt ends in this step (its last prefill chunk) takes a plain step:
         # drafting would first run the draft route over the whole chunk (measured: +0.4 s to the
         # first token of a 770-token prompt), while its first draft buys one token at most
