@@ -304,6 +304,12 @@ def test_accepted_lengths_threshold_and_cap():
                           [0.9, 0.9, 0.9, 0.9]])
     assert accepted_lengths(probs, torch.tensor([4, 4, 2]), 0.5, 0).tolist() == [2, 0, 2]
     assert accepted_lengths(probs, torch.tensor([4, 4, 2]), 0.5, 1).tolist() == [2, 1, 2]  # first token always
+    # compared in fp32, as torch and the kernel's stop compare: 0.7's nearest fp32 value lies below
+    # 0.7, and passes a threshold of 0.7
+    p = torch.tensor([[0.7, 0.8]], dtype=torch.float32)
+    assert float(p[0, 0]) < 0.7 and bool(p[0, 0] >= 0.7)
+    assert accepted_lengths(p, torch.tensor([2]), 0.7, 0).tolist() == [2]
+    assert accepted_lengths(torch.tensor([[0.6999, 0.9]]), torch.tensor([2]), 0.7, 0).tolist() == [0]
 
 
 # ------------------------------------------------------------------ reduced vocabulary

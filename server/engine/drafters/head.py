@@ -40,8 +40,10 @@ it sits the sequence out for 1, 2, 4 ... 16 steps (plain decoding), and tries ag
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import struct
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -381,16 +383,17 @@ def kernel_ready(head: DraftHead, h: torch.Tensor) -> bool:
 
 
 def kernel_draft(head: DraftHead, old, new, steps: int, stop_below: float | None = None, min_tokens: int = 0,
-                 costs: list[float] | None = None):
+                 costs: list[float] | None = None, prepared: tuple | None = None):
     """`draft` in one kernel call (`cpu_kernels.head_draft`, the same arithmetic), with the keys
     and values of pairs drafted for before passed in, not recomputed.
     old = (kv [B, To, 2, H], pos [B, To], valid [B, To]) (To may be 0); new = (h, tok, pos, valid)
-    [B, Tn, ...] as `draft` takes them. Returns (ids [B, S], probs [B, S], kv of the new pairs
-    [B, Tn, 2, H])."""
+    [B, Tn, ...] as `draft` takes them; prepared: (`head.kernel_mats()`, `head.norms()`) kept by
+    the caller. Returns (ids [B, S], probs [B, S], kv of the new pairs [B, Tn, 2, H])."""
     kv_old, pos_old, valid_old = old
     h, tok, pos, valid = new
+    mats, norms = prepared if prepared is not None else (head.kernel_mats(), head.norms())
     return cpu_kernels.head_draft(kv_old.contiguous(), pos_old, valid_old, h.float().contiguous(), tok, pos, valid,
-                                  head.embed, head.kernel_mats(), head.norms(), head.reduced_ids, heads=head.heads,
+                                  head.embed, mats, norms, head.reduced_ids, heads=head.heads,
                                   window=head.window, steps=steps,
                                   stop_below=-1.0 if stop_below is None else float(stop_below),
                                   min_tokens=min_tokens, eps=EPS, theta=ROPE_THETA,
@@ -414,13 +417,26 @@ def pack_windows(rows: list[tuple[torch.Tensor, torch.Tensor, int]], T: int):
     return h, tok, pos, valid
 
 
+def accepted_length(probs: list[float], max_tokens: int, threshold: float, min_tokens: int) -> int:
+    """How many leading drafts of one row to propose. The block ends before the first token whose
+    probability is below `threshold` (compared in fp32, as the kernel and torch compare the fp32
+    probabilities), but holds at least `min_tokens`, and at most max_tokens."""
+    t = _fp32(threshold)
+    run = 0
+    while run < len(probs) and probs[run] >= t:
+        run += 1
+    return min(max(run, min_tokens), max_tokens, len(probs))
+
+
 def accepted_lengths(probs: torch.Tensor, max_tokens: torch.Tensor, threshold: float, min_tokens: int) -> torch.Tensor:
-    """How many leading drafts to propose: probs [B, S], max_tokens [B] -> [B]. The block ends
-    before the first token whose probability is below `threshold`, but holds at least
-    `min_tokens`, and at most max_tokens."""
-    S = probs.shape[1]
-    run = (probs >= threshold).long().cumprod(1).sum(1)  # leading confident tokens
-    return torch.minimum(run.clamp(min=min_tokens), max_tokens).clamp(max=S)
+    """`accepted_length` of each row: probs [B, S], max_tokens [B] -> [B]."""
+    return torch.tensor([accepted_length(p, k, threshold, min_tokens)
+                         for p, k in zip(probs.tolist(), max_tokens.tolist())], dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=16)
+def _fp32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 # ---------------------------------------------------------------------------- the drafter
@@ -476,6 +492,9 @@ class HeadDrafter(Drafter):
             lm = emb if tied else lm.float().cpu()
         self.head.attach(emb, lm)
         self._to_huge_pages()
+        # the kernel's matrices and norms, fixed from here on: gathered once, not at every draft
+        mats = self.head.kernel_mats() if cpu_kernels.available() else None
+        self._prepared = (mats, self.head.norms()) if mats is not None else None
         self.threshold = float(threshold if threshold is not None else self.info.get("threshold", DEFAULT_THRESHOLD))
         self.min_tokens = int(min_tokens if min_tokens is not None else self.info.get("min_tokens", 1))
         if min_gain is None:  # VIA_SD_HEAD_MIN_GAIN overrides the configuration, for comparisons
@@ -518,22 +537,22 @@ class HeadDrafter(Drafter):
         if not rows:
             return DraftBatch(out)
         states = [seqs[i].drafter_state for i in rows]
-        ks = torch.tensor([max_tokens[i] for i in rows])
-        steps = int(ks.max())
+        ks = [max_tokens[i] for i in rows]
+        steps = max(ks)
         # one sequence whose draft verification trims by `pass_cost`: stop where no more would pay
         costs = [float(pass_cost(n)) for n in range(1, steps + 2)] if pass_cost is not None and len(seqs) == 1 else None
-        if kernel_ready(self.head, states[0].hidden):
+        if self._prepared is not None and HEAD_KERNEL:  # `kernel_ready`, its checks made once
             ids, probs = self._draft_cached(states, steps, costs)
         else:
             h, tok, pos, valid = pack_windows([(st.hidden, st.tokens, st.end - 2) for st in states],
                                               max(len(st.tokens) for st in states))
             ids, probs = draft(self.head, h, tok, pos, valid, steps, self.threshold, self.min_tokens, costs)
-        n = accepted_lengths(probs, ks, self.threshold, self.min_tokens)
-        ids_l, n_l, p_l = ids.tolist(), n.tolist(), probs.tolist()  # the one host sync
+        ids_l, p_l = ids.tolist(), probs.tolist()  # the one host sync
         conf: list[list[float] | None] = [None] * len(seqs)
         for r, i in enumerate(rows):
-            out[i] = ids_l[r][: n_l[r]]
-            conf[i] = p_l[r][: n_l[r]]
+            n = accepted_length(p_l[r], ks[r], self.threshold, self.min_tokens)
+            out[i] = ids_l[r][:n]
+            conf[i] = p_l[r][:n]
             pace = seqs[i].drafter_state.pace
             pace.proposed, pace.proposed_at = tuple(out[i]), seqs[i].num_tokens
         return DraftBatch(out, confidence=conf)
@@ -544,20 +563,30 @@ class HeadDrafter(Drafter):
         but the newest."""
         H = self.head.hidden
         cached = [0 if st.kv is None else min(len(st.kv), len(st.tokens) - 1) for st in states]
-        To = max(cached)
-        kv_old = torch.zeros(len(states), To, 2, H)
-        pos_old = torch.zeros(len(states), To, dtype=torch.int64)
-        valid_old = torch.zeros(len(states), To, dtype=torch.bool)
-        for r, (st, c) in enumerate(zip(states, cached)):
-            if c:
-                kv_old[r, To - c:] = st.kv[:c]
-                first = st.end - 1 - len(st.tokens)  # position of the window's oldest pair
-                pos_old[r, To - c:] = torch.arange(first, first + c)
-                valid_old[r, To - c:] = True
-        new = pack_windows([(st.hidden[c:], st.tokens[c:], st.end - 2) for st, c in zip(states, cached)],
-                           max(len(st.tokens) - c for st, c in zip(states, cached)))
-        ids, probs, kv_new = kernel_draft(self.head, (kv_old, pos_old, valid_old), new, steps, self.threshold,
-                                          self.min_tokens, costs)
+        if len(states) == 1:  # one sequence (the usual step): its tensors as they are, no padding
+            st, c = states[0], cached[0]
+            first = st.end - 1 - len(st.tokens)  # position of the window's oldest pair
+            n = len(st.tokens) - c
+            old = (st.kv[:c].unsqueeze(0) if c else torch.zeros(1, 0, 2, H),
+                   torch.arange(first, first + c).unsqueeze(0), torch.ones(1, c, dtype=torch.bool))
+            new = (st.hidden[c:].unsqueeze(0), st.tokens[c:].unsqueeze(0),
+                   torch.arange(st.end - 1 - n, st.end - 1).unsqueeze(0), torch.ones(1, n, dtype=torch.bool))
+        else:
+            To = max(cached)
+            kv_old = torch.zeros(len(states), To, 2, H)
+            pos_old = torch.zeros(len(states), To, dtype=torch.int64)
+            valid_old = torch.zeros(len(states), To, dtype=torch.bool)
+            for r, (st, c) in enumerate(zip(states, cached)):
+                if c:
+                    kv_old[r, To - c:] = st.kv[:c]
+                    first = st.end - 1 - len(st.tokens)  # position of the window's oldest pair
+                    pos_old[r, To - c:] = torch.arange(first, first + c)
+                    valid_old[r, To - c:] = True
+            old = (kv_old, pos_old, valid_old)
+            new = pack_windows([(st.hidden[c:], st.tokens[c:], st.end - 2) for st, c in zip(states, cached)],
+                               max(len(st.tokens) - c for st, c in zip(states, cached)))
+        ids, probs, kv_new = kernel_draft(self.head, old, new, steps, self.threshold, self.min_tokens, costs,
+                                          self._prepared)
         Tn = kv_new.shape[1]
         for r, (st, c) in enumerate(zip(states, cached)):
             fresh = kv_new[r, Tn - (len(st.tokens) - c): Tn - 1]  # the new pairs but the newest
