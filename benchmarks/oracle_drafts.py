@@ -47,7 +47,7 @@ class OracleDrafter(Drafter):
         self.rng = random.Random(seed)
         self.proposed = self.right = self.steps = 0
 
-    def propose(self, seqs, max_tokens: list[int]) -> DraftBatch:
+    def propose(self, seqs, max_tokens: list[int], pass_cost=None) -> DraftBatch:
         out = []
         self.steps += len(seqs)
         for s, k in zip(seqs, max_tokens):
