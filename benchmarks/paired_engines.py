@@ -33,9 +33,63 @@ from server.engine.engine import LLMEngine
 from server.engine.model_files import prepare_model
 
 
+CHANGES = ("rows", "head-pricing")
+
+
+def pair(model_dir, change: str, mode: str, drafter: str, **engine_kw) -> tuple[LLMEngine, LLMEngine]:
+    """Engines A (as loaded) and B (without `change`) over `model_dir`."""
+    if change not in CHANGES:
+        raise ValueError(f"change: one of {CHANGES}")
+
+    def engine(changed: bool) -> LLMEngine:
+        eng = LLMEngine(EngineConfig(model=str(model_dir), spec=SpecConfig(mode=mode, drafter=drafter), **engine_kw))
+        if not changed and change == "rows":
+            for lw in eng.model.layers:
+                lw.rows_from = 0
+        if not changed and change == "head-pricing":
+            eng.spec._trim_line = lambda scheduled: None
+        return eng
+
+    return engine(True), engine(False)
+
+
+def run_once(eng: LLMEngine, tag: str, prompt, max_tokens: int, mode: str) -> tuple[float, int, list[int]]:
+    """One greedy request alone: (seconds, steps, output ids)."""
+    t = time.perf_counter()
+    seq = eng.add_request(GenerationRequest(tag, tuple(prompt), SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, ignore_eos=True), SpecParams(mode=mode)))
+    steps = 0
+    while eng.has_unfinished():
+        eng.step()
+        steps += 1
+    return time.perf_counter() - t, steps, list(seq.output_ids)
+
+
+def paired(a: LLMEngine, b: LLMEngine, prompts, max_tokens: int, mode: str, rounds: int = 2, warm: int = 2) -> dict:
+    """Each prompt on both engines, which goes first alternating, after `warm` prompts on each;
+    stops if they write different tokens. Returns both engines' seconds and steps, and B's time
+    over A's per prompt and round."""
+    for i, p in enumerate(prompts[:warm]):
+        run_once(a, f"wa{i}", p, max_tokens, mode), run_once(b, f"wb{i}", p, max_tokens, mode)
+    secs, steps, ratios = [0.0, 0.0], [0, 0], []
+    for r in range(rounds):
+        for i, p in enumerate(prompts):
+            first = (i + r) % 2
+            out = {}
+            for which in (first, 1 - first):
+                out[which] = run_once((a, b)[which], f"r{r}.{which}.{i}", p, max_tokens, mode)
+            if out[0][2] != out[1][2]:
+                raise SystemExit(f"prompt {i}: the two engines wrote different tokens")
+            for w in (0, 1):
+                secs[w] += out[w][0]
+                steps[w] += out[w][1]
+            ratios.append(out[1][0] / out[0][0])
+    return {"seconds": secs, "steps": steps, "ratios": ratios}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--change", choices=["rows", "head-pricing"], default="rows")
+    ap.add_argument("--change", choices=CHANGES, default="rows")
     ap.add_argument("--mode", default="binary")
     ap.add_argument("--drafter", default="hybrid")
     ap.add_argument("--prompts", type=int, default=12)
@@ -43,49 +97,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-
-    def engine(changed: bool) -> LLMEngine:
-        eng = LLMEngine(EngineConfig(model=str(prepare_model(None, progress=False)),
-                                     spec=SpecConfig(mode=args.mode, drafter=args.drafter)))
-        if not changed and args.change == "rows":
-            for lw in eng.model.layers:
-                lw.rows_from = 0
-        if not changed and args.change == "head-pricing":
-            eng.spec._trim_line = lambda scheduled: None
-        return eng
-
-    a, b = engine(True), engine(False)
+    a, b = pair(prepare_model(None, progress=False), args.change, args.mode, args.drafter)
     if args.change == "rows":
         print(f"GGUF's layout from {a.model.layers[0].rows_from or 'no'} tokens in A", flush=True)
     qs = [json.loads(line) for line in open(SPEC_BENCH_FILE)]
     ps = [a.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}])
           for q in qs[::10][: args.prompts]]
-
-    def run(eng: LLMEngine, tag: str, p) -> tuple[float, int, list[int]]:
-        t = time.perf_counter()
-        seq = eng.add_request(GenerationRequest(tag, tuple(p), SamplingParams(
-            max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True), SpecParams(mode=args.mode)))
-        steps = 0
-        while eng.has_unfinished():
-            eng.step()
-            steps += 1
-        return time.perf_counter() - t, steps, list(seq.output_ids)
-
-    for i, p in enumerate(ps[:2]):
-        run(a, f"wa{i}", p), run(b, f"wb{i}", p)
-    secs, steps, ratios = [0.0, 0.0], [0, 0], []
-    for r in range(2):
-        for i, p in enumerate(ps):
-            first = (i + r) % 2
-            out = {}
-            for which in (first, 1 - first):
-                out[which] = run((a, b)[which], f"r{r}.{which}.{i}", p)
-            if out[0][2] != out[1][2]:
-                raise SystemExit(f"prompt {i}: the two engines wrote different tokens")
-            for w in (0, 1):
-                secs[w] += out[w][0]
-                steps[w] += out[w][1]
-            ratios.append(out[1][0] / out[0][0])
+    got = paired(a, b, ps, args.max_tokens, args.mode)
+    secs, steps, ratios = got["seconds"], got["steps"], got["ratios"]
     print(f"{args.change}, {args.mode} {args.drafter}: A {secs[0]:.2f} s {steps[0]} steps, B (without) {secs[1]:.2f} s "
           f"{steps[1]} steps, B / A {secs[1] / secs[0]:.3f}, median prompt {statistics.median(ratios):.3f}")
 
