@@ -75,10 +75,12 @@ async def test_continue_final_message_and_the_template_options(engine):
 async def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(engine):
     async with client_for(engine) as c:
         r = await c.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 2,
-                                                       "return_tokens_as_token_ids": True})
+                                                       "return_tokens_as_token_ids": True, "seed": 3})
         ids = r.json()["choices"][0]["logprobs"]["content"]
         named = [int(t["token"].removeprefix("token_id:")) for t in ids]
-        assert engine.tokenizer.decode(named) == r.json()["choices"][0]["message"]["content"]
+        # the ids name every token; the text leaves out a character the last tokens leave unfinished
+        # (as vLLM's detokenizer does), which decoding the ids alone shows as U+FFFD
+        assert engine.tokenizer.decode(named).removesuffix("\ufffd") == r.json()["choices"][0]["message"]["content"]
         assert all(t["bytes"] == list(t["token"].encode()) and t["top_logprobs"][0]["token"].startswith("token_id:")
                    for t in ids)
         r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "logprobs": 1, "echo": True,
