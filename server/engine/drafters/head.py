@@ -404,6 +404,10 @@ def pack_windows(rows: list[tuple[torch.Tensor, torch.Tensor, int]], T: int):
     """`draft`'s inputs from per-row pairs: rows of (hidden [n, H], tokens [n], position of the
     newest pair), n <= T, left padded to T -> (h [B, T, H], tok [B, T], pos [B, T], valid [B, T])."""
     B, H = len(rows), rows[0][0].shape[-1]
+    if B == 1 and len(rows[0][1]) == T:  # one full row (the usual step): views, nothing copied
+        hr, tr, last = rows[0]
+        return (hr.unsqueeze(0), tr.unsqueeze(0), torch.arange(last - T + 1, last + 1).unsqueeze(0),
+                torch.ones(1, T, dtype=torch.bool))
     h = torch.zeros(B, T, H)
     tok = torch.zeros(B, T, dtype=torch.int64)
     valid = torch.zeros(B, T, dtype=torch.bool)
@@ -415,6 +419,26 @@ def pack_windows(rows: list[tuple[torch.Tensor, torch.Tensor, int]], T: int):
         valid[r, T - n:] = True
         pos[r] = torch.arange(last - T + 1, last + 1)
     return h, tok, pos, valid
+
+
+def _pack_kept(rows: list[tuple[torch.Tensor | None, int, int]], H: int):
+    """`kernel_draft`'s `old` from per-row kept keys and values: rows of (kv [>= c, 2, H] or None,
+    position of the row's oldest pair, c pairs kept), left padded to the longest ->
+    (kv [B, To, 2, H], pos [B, To], valid [B, To])."""
+    if len(rows) == 1:  # one row: its tensors as they are, nothing padded
+        kv, first, c = rows[0]
+        return (kv[:c].unsqueeze(0) if c else torch.zeros(1, 0, 2, H), torch.arange(first, first + c).unsqueeze(0),
+                torch.ones(1, c, dtype=torch.bool))
+    B, To = len(rows), max(c for _, _, c in rows)
+    kv_old = torch.zeros(B, To, 2, H)
+    pos_old = torch.zeros(B, To, dtype=torch.int64)
+    valid_old = torch.zeros(B, To, dtype=torch.bool)
+    for r, (kv, first, c) in enumerate(rows):
+        if c:
+            kv_old[r, To - c:] = kv[:c]
+            pos_old[r, To - c:] = torch.arange(first, first + c)
+            valid_old[r, To - c:] = True
+    return kv_old, pos_old, valid_old
 
 
 def accepted_length(probs: list[float], max_tokens: int, threshold: float, min_tokens: int) -> int:
@@ -563,28 +587,9 @@ class HeadDrafter(Drafter):
         but the newest."""
         H = self.head.hidden
         cached = [0 if st.kv is None else min(len(st.kv), len(st.tokens) - 1) for st in states]
-        if len(states) == 1:  # one sequence (the usual step): its tensors as they are, no padding
-            st, c = states[0], cached[0]
-            first = st.end - 1 - len(st.tokens)  # position of the window's oldest pair
-            n = len(st.tokens) - c
-            old = (st.kv[:c].unsqueeze(0) if c else torch.zeros(1, 0, 2, H),
-                   torch.arange(first, first + c).unsqueeze(0), torch.ones(1, c, dtype=torch.bool))
-            new = (st.hidden[c:].unsqueeze(0), st.tokens[c:].unsqueeze(0),
-                   torch.arange(st.end - 1 - n, st.end - 1).unsqueeze(0), torch.ones(1, n, dtype=torch.bool))
-        else:
-            To = max(cached)
-            kv_old = torch.zeros(len(states), To, 2, H)
-            pos_old = torch.zeros(len(states), To, dtype=torch.int64)
-            valid_old = torch.zeros(len(states), To, dtype=torch.bool)
-            for r, (st, c) in enumerate(zip(states, cached)):
-                if c:
-                    kv_old[r, To - c:] = st.kv[:c]
-                    first = st.end - 1 - len(st.tokens)  # position of the window's oldest pair
-                    pos_old[r, To - c:] = torch.arange(first, first + c)
-                    valid_old[r, To - c:] = True
-            old = (kv_old, pos_old, valid_old)
-            new = pack_windows([(st.hidden[c:], st.tokens[c:], st.end - 2) for st, c in zip(states, cached)],
-                               max(len(st.tokens) - c for st, c in zip(states, cached)))
+        old = _pack_kept([(st.kv, st.end - 1 - len(st.tokens), c) for st, c in zip(states, cached)], H)
+        new = pack_windows([(st.hidden[c:], st.tokens[c:], st.end - 2) for st, c in zip(states, cached)],
+                           max(len(st.tokens) - c for st, c in zip(states, cached)))
         ids, probs, kv_new = kernel_draft(self.head, old, new, steps, self.threshold, self.min_tokens, costs,
                                           self._prepared)
         Tn = kv_new.shape[1]
