@@ -18,6 +18,12 @@ class Tokenizer:
         self._tok = hf_tokenizer
         self.eos_token_ids = eos_token_ids
         self.vocab_size = len(hf_tokenizer)
+        # transformers' decode of a fast tokenizer is the tokenizers library's, followed by a clean-up
+        # of spaces where the tokenizer asks for one. Without that clean-up, decode calls the library
+        # itself (transformers converted the ids one by one first: half of a decode's time) and text
+        # can be decoded a window at a time (IncrementalDetokenizer)
+        backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        self._backend = None if getattr(hf_tokenizer, "clean_up_tokenization_spaces", False) else backend
 
     @classmethod
     def from_folder(cls, path: str | Path, extra_eos: tuple[int, ...] = ()) -> "Tokenizer":
@@ -42,7 +48,16 @@ class Tokenizer:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if self._backend is not None:
+            return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def decodes_in_windows(self) -> bool:
+        """Whether the text of ids[:b] is that of ids[:a] followed by what a window ids[p:b] adds
+        to ids[p:a], wherever ids[:a]'s text ends on a whole character (p <= a <= b): true of the
+        tokenizers library's decoders, not of a clean-up of spaces around the joint."""
+        return self._backend is not None
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None, add_special_tokens: bool = False,
@@ -97,15 +112,19 @@ class IncrementalDetokenizer:
         self.emitted = 0  # characters of `text` already returned
         self.stopped = False
         self._max_stop = max((len(s) for s in stop), default=0)
+        # windowed decoding (Tokenizer.decodes_in_windows), as vLLM's detokenizer does: `_done` is
+        # the text of ids[:_read], which ends on a whole character; a step decodes ids[_prefix:]
+        # and ids[_prefix:_read] and appends the difference, instead of decoding every id again
+        self._windows = bool(getattr(tokenizer, "decodes_in_windows", False))
+        self._prefix = self._read = 0
+        self._done = ""
 
     def add(self, new_ids: list[int]) -> str:
         """Append tokens; return the new text that is safe to emit."""
         if self.stopped:
             return ""
         self.ids.extend(new_ids)
-        full = self.tok.decode(self.ids, skip_special_tokens=self.skip_special)
-        if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more tokens
-            full = full.rstrip("\ufffd")
+        full = self._decoded()
         self.text = full
         if self.stop and self._stop_floor is None and len(self.ids) > self.min_tokens:
             self._stop_floor = len(self.tok.decode(self.ids[: self.min_tokens], skip_special_tokens=self.skip_special)
@@ -122,6 +141,20 @@ class IncrementalDetokenizer:
         if self.stop:  # hold back a tail that could still become a stop string
             return self._take(max(self.emitted, len(full) - (self._max_stop - 1)))
         return self._take(len(full))
+
+    def _decoded(self) -> str:
+        """The text of every id so far, less the bytes of an incomplete character at its end."""
+        if not self._windows:
+            full = self.tok.decode(self.ids, skip_special_tokens=self.skip_special)
+            return full.rstrip("\ufffd")  # an incomplete multi-byte character: wait for more tokens
+        before = self.tok.decode(self.ids[self._prefix:self._read], skip_special_tokens=self.skip_special)
+        now = self.tok.decode(self.ids[self._prefix:], skip_special_tokens=self.skip_special)
+        added = now[len(before):]
+        if added and not added.endswith("\ufffd"):
+            self._done += added
+            self._prefix, self._read = self._read, len(self.ids)
+            return self._done
+        return self._done + added.rstrip("\ufffd")
 
     def flush(self) -> str:
         """At the end of a request: whatever was held back."""
