@@ -2,6 +2,7 @@
 
     python benchmarks/paired_engines.py --change rows --mode binary --prompts 12 --max-tokens 128
     python benchmarks/paired_engines.py --change head-pricing --mode binary --drafter head
+    python benchmarks/paired_engines.py --change layers --mode off
 
 Two engines over the bundled model: A as loaded, B without the change:
 
@@ -9,7 +10,9 @@ Two engines over the bundled model: A as loaded, B without the change:
   layout (A: on AVX2 hosts, passes of `via_sd_kernels.cpu.rows_layout_from()` tokens and more read
   GGUF's layout);
 * `head-pricing`: B's draft head drafts until a token falls below its threshold, as before it
-  knew the line its drafts are trimmed by (A stops where no longer draft would be kept).
+  knew the line its drafts are trimmed by (A stops where no longer draft would be kept);
+* `layers`: B's decode passes loop over the layers in Python, two kernel calls a layer (A: one
+  call, `decoder_layers`, for every layer).
 
 Each Spec-Bench prompt (every 10th first turn) runs on both, which goes first alternating, greedy,
 `ignore_eos`, for two rounds after a warm-up of two prompts; the outputs must be identical. Prints
@@ -33,7 +36,7 @@ from server.engine.engine import LLMEngine
 from server.engine.model_files import prepare_model
 
 
-CHANGES = ("rows", "head-pricing")
+CHANGES = ("rows", "head-pricing", "layers")
 
 
 def pair(model_dir, change: str, mode: str, drafter: str, **engine_kw) -> tuple[LLMEngine, LLMEngine]:
@@ -46,8 +49,11 @@ def pair(model_dir, change: str, mode: str, drafter: str, **engine_kw) -> tuple[
         if not changed and change == "rows":
             for lw in eng.model.layers:
                 lw.rows_from = 0
+            eng.model.weights_changed()
         if not changed and change == "head-pricing":
             eng.spec._trim_line = lambda scheduled: None
+        if not changed and change == "layers":
+            eng.model.small_weights = lambda tokens: None  # the layer loop in Python
         return eng
 
     return engine(True), engine(False)

@@ -59,6 +59,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from . import cpu as cpu_kernels
 from ._backend import resolve_backend
 from .gate import TIER_FULL, TIER_UNDECIDED, GateOutput
 from .metadata import SpecMetadata
@@ -236,8 +237,8 @@ def verify_core_torch(
 
     # 1. the test at every draft position (only those in the scan window matter)
     if greedy:
-        slim_am = slim.argmax(-1)  # [T+B]
-        full_am = slim_am if full is slim else full.argmax(-1)  # binary passes q as both
+        slim_am = cpu_kernels.argmax(slim)  # [T+B]; x.argmax(-1), on the calling thread on the CPU
+        full_am = slim_am if full is slim else cpu_kernels.argmax(full)  # binary passes q as both
         acc = torch.where(slim_scan, slim_am[rows], full_am[rows]) == d  # [T]
     else:
         target_d = torch.where(slim_scan, slim[rows, d], full[rows, d]).float()  # [T]

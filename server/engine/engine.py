@@ -33,6 +33,7 @@ from server.engine.scheduler import ScheduledSeq, Scheduler
 from server.engine.sequence import Sequence, Status
 from server.engine.structured import GrammarMasks
 from server.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from via_sd_kernels import cpu as cpu_kernels
 from via_sd_kernels.sampling import logits_to_probs, position_uniforms, sample_by_uniform
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -344,7 +345,7 @@ class LLMEngine:
             logits = self._adjusted(seqs, logits)
         greedy = all(s.request.sampling.greedy for s in seqs)
         if greedy:
-            toks = logits.argmax(-1)
+            toks = cpu_kernels.argmax(logits)
         else:
             sp = [s.request.sampling for s in seqs]
             dev = logits.device

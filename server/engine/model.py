@@ -119,7 +119,7 @@ def _linear_in(ws: dict[str, torch.Tensor], mm=F.linear):
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of a wide pass's rows: one pass over them on the CPU kernels (torch: five ops)."""
+    """RMSNorm of a pass's rows: one pass over them on the CPU kernels (torch: five ops)."""
     return cpu_kernels.rms_norm(x, w, eps) if cpu_kernels.takes(x) else F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
@@ -294,6 +294,40 @@ class LlamaModel:
         self.lm_head_packed: torch.Tensor | None = None  # the LM head as exact GGUF blocks (pack_weights)
         self._wide: dict[torch.dtype, list[dict[str, torch.Tensor]]] = {}  # wide_weights
         self._dense: tuple[list[dict[str, torch.Tensor]], torch.Tensor] | None = None  # dense_weights
+        self._small: dict[int, tuple[list[torch.Tensor], ...] | None] = {}  # small_weights, by pass size
+        self._runs: dict[tuple, list[int]] = {}  # sublayers_run
+
+    def weights_changed(self) -> None:
+        """Say that layer matrices (or which form of them a pass reads) were replaced: the lists
+        that decode passes hand the kernels are gathered again."""
+        self._small = {}
+
+    def small_weights(self, tokens: int) -> tuple[list[torch.Tensor], ...] | None:
+        """The per-layer lists (attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down) that a decode-sized
+        pass of `tokens` tokens reads (LayerWeights.small), gathered once; None when a layer has a
+        qkv bias (the layer loop in Python takes those)."""
+        got = self._small.get(tokens, False)
+        if got is False:
+            got = None
+            if all(lw.qkv_bias is None for lw in self.layers):
+                got = ([lw.attn_norm for lw in self.layers], [lw.small("wqkv", tokens) for lw in self.layers],
+                       [lw.small("wo", tokens) for lw in self.layers], [lw.mlp_norm for lw in self.layers],
+                       [lw.small("w_gate_up", tokens) for lw in self.layers],
+                       [lw.small("w_down", tokens) for lw in self.layers])
+            self._small[tokens] = got
+        return got
+
+    def sublayers_run(self, route, start_sublayer: int) -> list[int]:
+        """1 for each sub-layer (attention 2i, feed-forward 2i + 1) a pass runs, else 0."""
+        key = (route, start_sublayer)
+        run = self._runs.get(key)
+        if run is None:
+            run = []
+            for i in range(len(self.layers)):
+                run.append(int(2 * i >= start_sublayer and (route is None or bool(route.attn[i]))))
+                run.append(int(2 * i + 1 >= start_sublayer and (route is None or bool(route.mlp[i]))))
+            self._runs[key] = run
+        return run
 
     @property
     def device(self) -> torch.device:
@@ -374,6 +408,7 @@ class LlamaModel:
         if greedy is not None:
             greedy.w, greedy.w16 = self.lm_head, moved[-1]
         self.greedy_head = greedy
+        self.weights_changed()
 
     def pack_weights(self, cache: Path | None = None) -> None:
         """Keep every layer matrix that is exactly Q4_1 blocks, and an LM head that is exactly Q4_1
@@ -403,6 +438,7 @@ class LlamaModel:
                     lw.packed[f] = q
                     if rows_from:
                         lw.rows[f] = p
+        self.weights_changed()
         n = sum(len(lw.packed) for lw in self.layers)
         head = self.lm_head_packed
         if n or head is not None:
@@ -732,7 +768,7 @@ class LlamaModel:
     def _head(self, x: torch.Tensor, batch: ForwardBatch, prefix: torch.Tensor | None,
               want_hidden: bool, argmax_only: bool = False, tapped: list[torch.Tensor] = ()) -> ForwardOutput:
         xs = x[batch.logits_index]
-        hidden = F.rms_norm(xs, (xs.shape[-1],), self.norm, self.cfg.rms_norm_eps)
+        hidden = _rms_norm(xs, self.norm, self.cfg.rms_norm_eps)
         if self.lm_head_packed is not None and cpu_kernels.use_for(hidden):
             logits = cpu_kernels.skinny_linear(hidden, self.lm_head_packed)  # exact: the fp32 head's values
         elif argmax_only and self.greedy_head is not None and cpu_kernels.use_for(hidden):
@@ -749,14 +785,21 @@ class LlamaModel:
                        v_cache: list[torch.Tensor], route, start_sublayer: int, save_at: int | None,
                        want_hidden: bool, argmax_only: bool = False, taps: tuple[int, ...] = (),
                        start_taps: torch.Tensor | None = None) -> ForwardOutput:
-        """The same forward for a decode-sized fp32 pass on the CPU kernels: two calls a layer
-        (via_sd_kernels.cpu explains why), each output computed as for any other pass size."""
+        """The same forward for a decode-sized fp32 pass on the CPU kernels: the layers in one call
+        (`decoder_layers`; a layer by two calls, `attn_block` and `mlp_block`, where the pass taps
+        layers or a layer has a qkv bias), each output computed as for any other pass size."""
         cfg = self.cfg
         nh, nkv, eps = cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps
         scale = 1.0 / math.sqrt(cfg.head_dim)
         cos, sin = self.rope_tables()
         k = cpu_kernels
         T = x.shape[0]
+        weights = None if taps else self.small_weights(T)
+        if weights is not None:
+            x, prefix = k.decoder_layers(x, weights, cos, sin, batch.positions, batch.token_seq, batch.slot_mapping,
+                                         batch.ctx_slots, k_cache, v_cache, nh, nkv, scale, eps,
+                                         self.sublayers_run(route, start_sublayer), -1 if save_at is None else save_at)
+            return self._head(x, batch, prefix if save_at is not None else None, want_hidden, argmax_only)
         prefix = None
         tapped: list[torch.Tensor] = []
         for i, lw in enumerate(self.layers):

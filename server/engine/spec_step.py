@@ -39,6 +39,7 @@ from server.engine.kv_cache import Chunk
 from server.engine.scheduler import ScheduledSeq
 from server.engine.sequence import Sequence
 from via_sd_kernels import SpecMetadata, gate, verify_binary, verify_binary_greedy_host, verify_three_tier
+from via_sd_kernels import cpu as cpu_kernels
 from via_sd_kernels import lenient as lenient_rule
 from via_sd_kernels.routes import Route
 from via_sd_kernels.sampling import logits_to_probs, position_noise, position_uniforms, sample_by_uniform, winning_noise
@@ -560,7 +561,7 @@ class SpecDecoder:
         greedy_bin = bin_plans and not job.draft_probs and all(p.sched.seq.request.sampling.greedy for p in bin_plans)
         if greedy_bin:
             # argmax rows and deterministic drafts: the host compares them (one read of the argmaxes)
-            am = full_logits.argmax(-1).tolist()
+            am = cpu_kernels.argmax(full_logits).tolist()
             lenient = self._lenient([(p, full_offsets[p.full_row]) for p in bin_plans], full_logits, self.no_repeat)
             if lenient is not None:
                 # a kept draft counts as the full model's choice; `forced` keeps the count apart

@@ -79,6 +79,41 @@ def test_small_pass_with_a_route_writes_only_its_layers(tiny_model_dir):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("start_sublayer, save_at", [(0, None), (0, 5), (3, 8), (0, 100)])
+def test_layers_in_one_call_are_bitwise_the_layer_by_layer_calls(tiny_model_dir, monkeypatch, start_sublayer,
+                                                                  save_at):
+    """`decoder_layers` runs the layers of a decode-sized pass in one kernel call: its logits,
+    hidden states, saved prefix and cache are those of the loop over attn_block and mlp_block,
+    bit for bit, with a route that skips sub-layers, resuming from a sub-layer and saving one."""
+    from via_sd_kernels.routes import Route
+
+    model = LlamaModel.from_folder(tiny_model_dir)
+    n = model.cfg.num_layers
+    route = Route(num_layers=n, attn=tuple(i % 2 == 0 for i in range(n)), mlp=tuple(i != 1 for i in range(n)))
+    calls = []
+    real = cpu.decoder_layers
+    outs = []
+    for one_call in (True, False):
+        kv, t1, t2 = prefilled_two_tables(model)
+        batch = build_batch([Chunk(t1, 37, [7, 8, 9, 10], 4), Chunk(t2, 11, [12], 1)])
+        start = model.embed[batch.input_ids] * 1.5 if start_sublayer else None
+        if not one_call:
+            monkeypatch.setattr(model, "small_weights", lambda tokens: None)  # the loop in Python
+        monkeypatch.setattr(cpu, "decoder_layers", lambda *a, **k: calls.append(one_call) or real(*a, **k))
+        with torch.inference_mode():
+            out = model.forward(batch, kv.k, kv.v, route, start_sublayer=start_sublayer, start_hidden=start,
+                                save_at=save_at, want_hidden=True)
+        outs.append((out, kv))
+    assert calls == [True]
+    (a, kv_a), (b, kv_b) = outs
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.hidden, b.hidden)
+    assert (a.prefix_hidden is None) == (b.prefix_hidden is None) == (save_at is None)
+    if save_at is not None:
+        assert torch.equal(a.prefix_hidden, b.prefix_hidden)
+    for x, y in zip(kv_a.k + kv_a.v, kv_b.k + kv_b.v):
+        assert torch.equal(x, y)
+
+
 def test_engine_greedy_output_is_the_same_without_the_kernels(tiny_model_dir):
     prompts = [[1, 5, 9, 4, 7], [2, 8, 8, 3], [6] * 12]
     eng = make_engine(tiny_model_dir)

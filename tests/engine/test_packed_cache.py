@@ -159,6 +159,7 @@ def test_wide_passes_read_ggufs_rows_where_the_kernels_read_them_faster(blocks_d
     for rows_from in (3, 0):
         for lw in eng.model.layers:
             lw.rows_from = rows_from
+        eng.model.weights_changed()
         read.clear()
         # one request at a time: its decode steps are one-token passes, its prompt one pass
         both[rows_from] = [eng.generate(greedy_requests([p], 6, mode="off", prefix=f"w{rows_from}.{i}", logprobs=3))[0]

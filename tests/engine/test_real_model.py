@@ -125,12 +125,14 @@ def test_packed_weights_give_the_fp32_models_logprobs_bitwise(off_engine, prompt
     model.lm_head_packed = None
     for lw in model.layers:
         lw.packed = {}
+    model.weights_changed()
     try:
         plain = off_engine.generate(greedy_requests(prompts[:4], 24, mode="off", prefix="f", logprobs=3))
     finally:
         model.lm_head_packed = head
         for lw, p in zip(model.layers, kept):
             lw.packed = p
+        model.weights_changed()
     for a, b in zip(packed, plain):
         assert a.token_ids == b.token_ids
         assert a.logprobs == b.logprobs and a.logprobs

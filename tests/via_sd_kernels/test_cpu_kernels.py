@@ -96,6 +96,39 @@ def test_rms_norm_and_silu_mul_match_torch():
     torch.testing.assert_close(cpu.silu_mul(gu), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("N", [1, 63, 64, 65, 1000, 49152])
+def test_argmax_gives_torchs_index_with_ties_infinities_and_nan(N):
+    """cpu.argmax is x.argmax(-1): the first index of each row's maximum, and a row holding NaN
+    gives its first NaN, wherever in the row (and its 64-wide chunks) they fall."""
+    g = torch.Generator().manual_seed(N)
+    rows = [torch.randn(N, generator=g), torch.full((N,), -math.inf), torch.zeros(N)]
+    x = torch.randn(N, generator=g).round()  # many ties of the maximum
+    rows.append(x)
+    for at in {0, N // 2, N - 1}:
+        y = torch.randn(N, generator=g)
+        y[at] = math.inf
+        rows.append(y)
+        z = torch.randn(N, generator=g)
+        z[at] = math.nan
+        z[N - 1 - at] = math.nan
+        rows.append(z)
+        w = torch.randn(N, generator=g)
+        w[at] = w.max() + 1
+        w[N - 1] = w[at]  # tied with the last element
+        rows.append(w)
+    m = torch.stack(rows)
+    assert torch.equal(cpu.argmax(m), m.argmax(-1))
+    assert torch.equal(cpu.argmax(m[:, :N]), m.argmax(-1))
+    assert cpu.argmax(m).dtype == torch.long
+
+
+def test_argmax_takes_torchs_path_for_what_the_kernels_do_not_take():
+    x = torch.randn(3, 50)
+    assert torch.equal(cpu.argmax(x.double()), x.double().argmax(-1))
+    assert torch.equal(cpu.argmax(x[0]), x[0].argmax(-1))  # one dimension
+    assert torch.equal(cpu.argmax(x.t()), x.t().argmax(-1))  # not contiguous
+
+
 def test_silu_mul_rows_do_not_depend_on_how_many_share_the_call():
     """Rows run in parallel for prefill-sized inputs: each row's values are those it gets alone."""
     g = torch.Generator().manual_seed(2)

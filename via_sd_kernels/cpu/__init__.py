@@ -129,6 +129,14 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.via_sd_cpu.rms_norm(x, w, eps)
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(-1)` of logits [M, N] (the same ids, NaN and ties included): on the calling thread
+    where the kernels take x, which for a decode step's rows is several times faster."""
+    if x.dim() == 2 and x.shape[1] > 0 and takes(x):
+        return torch.ops.via_sd_cpu.argmax_rows(x)
+    return x.argmax(-1)
+
+
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     return torch.ops.via_sd_cpu.silu_mul(gu)
 
@@ -162,6 +170,16 @@ def attn_block(x, norm, eps: float, wqkv, wo, cos, sin, positions, token_seq, sl
 def mlp_block(x, norm, eps: float, w_gate_up, w_down) -> torch.Tensor:
     """x + silu_mul(rms_norm(x) @ w_gate_up^T) @ w_down^T in one call (the same values as the ops)."""
     return torch.ops.via_sd_cpu.mlp_block(x, norm, eps, w_gate_up, w_down)
+
+
+def decoder_layers(x, weights, cos, sin, positions, token_seq, slot_mapping, ctx_slots, k_cache, v_cache,
+                   nh: int, nkv: int, scale: float, eps: float, run: list[int],
+                   save_at: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attn_block` and `mlp_block` over every layer in one call (the same values). weights: the
+    per-layer lists (attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down); run [2L]: 1 where the
+    sub-layer runs. Returns (x after the last layer, x before sub-layer `save_at`, or empty)."""
+    return torch.ops.via_sd_cpu.decoder_layers(x, *weights, cos, sin, positions, token_seq, slot_mapping, ctx_slots,
+                                               k_cache, v_cache, nh, nkv, scale, eps, run, save_at)
 
 
 def head_draft(kv_old, pos_old, valid_old, h, tok, pos, valid, embed, mats, norms, reduced_ids, *, heads: int,

@@ -708,6 +708,45 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
   return out;
 }
 
+// Each row's argmax, as torch.argmax gives it (the first index of the maximum; a row holding NaN:
+// its first NaN), on the calling thread: a greedy step reads one row of 49,152 logits, where
+// torch's argmax took 45-85 us and its parallel region most of that.
+static int64_t argmax_row(const float* x, int64_t n) {
+  float m = -INFINITY;
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t i = 0; i < n; ++i) {
+    m = x[i] > m ? x[i] : m;
+    nan |= x[i] != x[i];
+  }
+  if (nan) {
+    for (int64_t i = 0; i < n; ++i)
+      if (x[i] != x[i]) return i;
+  }
+  constexpr int64_t C = 64;
+  for (int64_t at = 0; at < n; at += C) {
+    const int64_t end = std::min(n, at + C);
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int64_t i = at; i < end; ++i) hit |= x[i] == m;
+    if (hit)
+      for (int64_t i = at; i < end; ++i)
+        if (x[i] == m) return i;
+  }
+  return 0;  // n == 0 is refused below
+}
+
+torch::Tensor argmax_rows(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) > 0, "argmax_rows: fp32 [M, N], N > 0");
+  auto xc = x.contiguous();
+  const int64_t M = xc.size(0), N = xc.size(1);
+  auto out = torch::empty({M}, torch::dtype(torch::kLong));
+  const float* xp = xc.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m) op[m] = argmax_row(xp + m * N, N);
+  return out;
+}
+
 // q . k in 16-wide lanes, then a fixed-order reduction and the scalar tail
 static inline float dot(const float* a, const float* b, int64_t n) {
   const int64_t n16 = n & ~int64_t(15);
@@ -1329,6 +1368,36 @@ torch::Tensor mlp_block(const torch::Tensor& x, const torch::Tensor& norm, doubl
   return skinny_linear(silu_mul(skinny_linear(rms_norm(x, norm, eps), w_gate_up, c10::nullopt)), w_down, x);
 }
 
+// Every decoder layer of a decode-sized pass in one call: the loop of attn_block and mlp_block
+// (the same functions, so the same values bitwise) without a Python call and a dispatch for each
+// of the 2L blocks. run [2L]: 1 where sub-layer s (attention 2i, feed-forward 2i + 1) runs, 0
+// where a route skips it. Returns (x after the last layer, x before sub-layer save_at: the
+// residual stream a later pass resumes from; save_at >= 2L: the last x; < 0: an empty tensor).
+std::tuple<torch::Tensor, torch::Tensor> decoder_layers(
+    const torch::Tensor& x, at::TensorList attn_norm, at::TensorList wqkv, at::TensorList wo, at::TensorList mlp_norm,
+    at::TensorList w_gate_up, at::TensorList w_down, const torch::Tensor& cos, const torch::Tensor& sin,
+    const torch::Tensor& positions, const torch::Tensor& token_seq, const torch::Tensor& slot_mapping,
+    const torch::Tensor& ctx_slots, at::TensorList k_cache, at::TensorList v_cache, int64_t nh, int64_t nkv,
+    double scale, double eps, c10::IntArrayRef run, int64_t save_at) {
+  const int64_t L = int64_t(attn_norm.size());
+  TORCH_CHECK(int64_t(wqkv.size()) == L && int64_t(wo.size()) == L && int64_t(mlp_norm.size()) == L &&
+                  int64_t(w_gate_up.size()) == L && int64_t(w_down.size()) == L && int64_t(k_cache.size()) == L &&
+                  int64_t(v_cache.size()) == L && int64_t(run.size()) == 2 * L,
+              "decoder_layers: one of each per layer, and run [2L]");
+  torch::Tensor h = x, prefix;
+  for (int64_t i = 0; i < L; ++i) {
+    if (save_at == 2 * i) prefix = h;
+    if (run[2 * i])
+      h = attn_block(h, attn_norm[i], eps, wqkv[i], wo[i], cos, sin, positions, token_seq, slot_mapping, ctx_slots,
+                     k_cache[i], v_cache[i], nh, nkv, scale);
+    if (save_at == 2 * i + 1) prefix = h;
+    if (run[2 * i + 1]) h = mlp_block(h, mlp_norm[i], eps, w_gate_up[i], w_down[i]);
+  }
+  if (save_at >= 2 * L) prefix = h;
+  if (!prefix.defined()) prefix = torch::empty({0}, x.options());
+  return {h, prefix};
+}
+
 // The draft head's chained drafting (server/engine/drafters/head.py: `draft` is the contract and
 // the reference), one call per speculative step. Written in torch ops a 5-token draft was ~60
 // small ops per token, 3.4 of its 5.7 ms; here the six fp16 (or fp32) matrix reads are the cost.
@@ -1639,6 +1708,7 @@ TORCH_LIBRARY(via_sd_cpu, m) {
   m.def("rows_layout_from() -> int", &rows_layout_from);
   m.def("skinny_linear(Tensor x, Tensor w, Tensor? residual=None) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("silu_mul(Tensor gu) -> Tensor");
   m.def("rotate_store(Tensor qkv, Tensor cos, Tensor sin, Tensor positions, Tensor slot_mapping, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, int nh, int nkv) -> Tensor");
@@ -1650,6 +1720,10 @@ TORCH_LIBRARY(via_sd_cpu, m) {
         "Tensor positions, Tensor token_seq, Tensor slot_mapping, Tensor ctx_slots, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, int nh, int nkv, float scale) -> Tensor");
   m.def("mlp_block(Tensor x, Tensor norm, float eps, Tensor w_gate_up, Tensor w_down) -> Tensor");
+  m.def("decoder_layers(Tensor x, Tensor[] attn_norm, Tensor[] wqkv, Tensor[] wo, Tensor[] mlp_norm, "
+        "Tensor[] w_gate_up, Tensor[] w_down, Tensor cos, Tensor sin, Tensor positions, Tensor token_seq, "
+        "Tensor slot_mapping, Tensor ctx_slots, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int nh, int nkv, "
+        "float scale, float eps, int[] run, int save_at) -> (Tensor, Tensor)");
   m.def("head_draft(Tensor kv_old, Tensor pos_old, Tensor valid_old, Tensor h, Tensor tok, Tensor pos, Tensor valid, "
         "Tensor embed, Tensor fc, Tensor qkv, Tensor o, Tensor gate_up, Tensor down, Tensor out_embed, Tensor norms, "
         "Tensor reduced_ids, int heads, int window, int steps, float stop_below, int min_tokens, float eps, "
@@ -1659,11 +1733,13 @@ TORCH_LIBRARY(via_sd_cpu, m) {
 TORCH_LIBRARY_IMPL(via_sd_cpu, CPU, m) {
   m.impl("skinny_linear", &skinny_linear);
   m.impl("rms_norm", &rms_norm);
+  m.impl("argmax_rows", &argmax_rows);
   m.impl("silu_mul", &silu_mul);
   m.impl("rotate_store", &rotate_store);
   m.impl("greedy_linear", &greedy_linear);
   m.impl("paged_attention", &paged_attention);
   m.impl("attn_block", &attn_block);
   m.impl("mlp_block", &mlp_block);
+  m.impl("decoder_layers", &decoder_layers);
   m.impl("head_draft", &head_draft);
 }
