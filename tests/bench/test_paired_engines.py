@@ -24,6 +24,13 @@ def test_engine_b_goes_without_the_change_and_both_write_the_same_tokens(tiny_mo
     a, b = mod.pair(tiny_model_dir, "rows", "off", "ngram", num_blocks=128)
     assert all(lw.rows_from == 0 for lw in b.model.layers)
 
+    a, b = mod.pair(tiny_model_dir, "layers", "off", "ngram", num_blocks=128)
+    assert a.model.small_weights(1) is not None and b.model.small_weights(1) is None  # B: the loop in Python
+    got = mod.paired(a, b, PROMPTS, 12, "off", rounds=1, warm=1)
+    assert len(got["ratios"]) == len(PROMPTS)
+    assert_pool_full(a)
+    assert_pool_full(b)
+
 
 def test_different_tokens_stop_the_comparison(tiny_model_dir, monkeypatch):
     mod = load_script("paired_engines")

@@ -1695,7 +1695,10 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> head_draft(
 // process, Zen 3: `benchmarks/cpu_kernels.py --only layouts`). A shift by a constant instead of a
 // count in a register did not close the gap. The AVX-512 tiles read whole interleaved groups, and
 // there the interleaved layout was the faster at every width: 0.78-0.97x GGUF's time at 1-16 tokens
-// (the same command, an Intel Xeon with AVX-512).
+// (the same command, an Intel Xeon with AVX-512). On a Zen 4 EPYC (AVX-512 on 256-bit units) it
+// was 0.95 / 0.84 / 0.91 / 0.97 / 1.00 / 1.03 / 1.02x at 1-6 and 8 tokens: GGUF's layout would save
+// 2-3% of the layer kernels' time on 6-token and wider passes, which greedy steps rarely verify,
+// for 66 MB more memory, so AVX-512 hosts keep the one layout.
 int64_t rows_layout_from() {
 #ifdef VIA_SD_AVX2_TILES
   return 3;
