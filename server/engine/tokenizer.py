@@ -118,6 +118,7 @@ class IncrementalDetokenizer:
         self._windows = bool(getattr(tokenizer, "decodes_in_windows", False))
         self._prefix = self._read = 0
         self._done = ""
+        self._before = ""  # the text of ids[_prefix:_read], decoded once a window
 
     def add(self, new_ids: list[int]) -> str:
         """Append tokens; return the new text that is safe to emit."""
@@ -147,12 +148,12 @@ class IncrementalDetokenizer:
         if not self._windows:
             full = self.tok.decode(self.ids, skip_special_tokens=self.skip_special)
             return full.rstrip("\ufffd")  # an incomplete multi-byte character: wait for more tokens
-        before = self.tok.decode(self.ids[self._prefix:self._read], skip_special_tokens=self.skip_special)
         now = self.tok.decode(self.ids[self._prefix:], skip_special_tokens=self.skip_special)
-        added = now[len(before):]
+        added = now[len(self._before):]
         if added and not added.endswith("\ufffd"):
             self._done += added
             self._prefix, self._read = self._read, len(self.ids)
+            self._before = self.tok.decode(self.ids[self._prefix:self._read], skip_special_tokens=self.skip_special)
             return self._done
         return self._done + added.rstrip("\ufffd")
 
